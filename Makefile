@@ -1,0 +1,50 @@
+# mlxpool — the two commands: `make demo` and `make test`. `make help` lists the rest.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+OPENBLAS := /usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0
+
+help: ## List the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml setup.py $(wildcard native/src/*)
+	@hack/install-system-deps.sh
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[mlx,test]'
+	touch $@
+
+venv: $(STAMP) ## Create .venv and install mlxpool (with its native module) into it
+
+controlplane: ## Build (or reuse) kube-apiserver, kubectl and etcd
+	@hack/build-control-plane.sh
+
+test: venv ## Run every test: unit, native, integration (real apiserver, Redis, agents)
+	@hack/build-control-plane.sh >/dev/null
+	$(PY) -m importlinter.cli lint-imports --config .importlinter 2>/dev/null || $(VENV)/bin/lint-imports --config .importlinter
+	$(MAKE) native-test
+	$(PY) -m pytest
+
+native-test: ## Build and run the C++ weight-manager tests with ASan/UBSan
+	cmake -S native -B build/native-test -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_FLAGS="-fsanitize=address,undefined -fno-omit-frame-pointer" >/dev/null
+	cmake --build build/native-test -j2 >/dev/null
+	cd build/native-test && ctest --output-on-failure
+
+demo: venv ## Bring up control plane, operator, agents and router; apply samples; ask for a completion
+	@hack/build-control-plane.sh >/dev/null
+	$(PY) -m mlxpool.dev.demo
+
+up: venv ## `mlxpool dev up` (leave it running)
+	$(VENV)/bin/mlxpool dev up
+
+down: ## `mlxpool dev down`
+	$(VENV)/bin/mlxpool dev down
+
+clean: ## Remove build outputs and local state (not the cached control plane binaries)
+	rm -rf build .mlxpool .pytest_cache
+
+.PHONY: help venv controlplane test native-test demo up down clean

@@ -1,0 +1,5 @@
+import sys
+
+from mlxpool.cli import main
+
+sys.exit(main())

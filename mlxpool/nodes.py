@@ -1,0 +1,48 @@
+"""The InferenceNode shape: what an agent registers about itself.
+
+The agent writes `spec` (who and where it is) when it registers and `status` (what it
+serves, when it last beat) on every heartbeat; the operator only reads both. Keys are
+camelCase on the wire, as in every Kubernetes object.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+    def to_wire(self) -> dict:
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+class Hardware(_Wire):
+    chip: str = Field(description="e.g. 'Apple M2 Ultra', or the CPU model off a Mac.")
+    memory_bytes: int = Field(ge=0, description="Unified (or system) memory.")
+    cpu_cores: int = Field(ge=1)
+    accelerator: str = Field(description="'metal' on Apple Silicon, 'cpu' elsewhere.")
+    platform: str = Field(description="e.g. 'darwin-arm64', 'linux-x86_64'.")
+
+
+class NodeSpec(_Wire):
+    endpoint: str = Field(description="Base URL of the agent's HTTP API.")
+    hardware: Hardware
+    max_models: int = Field(default=1, ge=1, description="Models the agent may hold at once.")
+
+
+class LoadedModel(_Wire):
+    name: str
+    path: str | None = None
+    memory_bytes: int | None = None
+
+
+class NodeStatus(_Wire):
+    ready: bool = False
+    models: list[LoadedModel] = Field(default_factory=list)
+    heartbeat_time: datetime | None = None
+    free_memory_bytes: int | None = None
+    agent_version: str | None = None
