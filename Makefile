@@ -11,7 +11,7 @@ OPENBLAS := /usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml setup.py $(wildcard native/src/*)
+$(STAMP): pyproject.toml setup.py $(wildcard native/src/*) $(wildcard native/src/*)
 	@hack/install-system-deps.sh
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
@@ -25,9 +25,9 @@ controlplane: ## Build (or reuse) kube-apiserver, kubectl and etcd
 
 test: venv ## Run every test: unit, native, integration (real apiserver, Redis, agents)
 	@hack/build-control-plane.sh >/dev/null
-	$(PY) -m importlinter.cli lint-imports --config .importlinter 2>/dev/null || $(VENV)/bin/lint-imports --config .importlinter
+	$(VENV)/bin/lint-imports .importlinter
 	$(MAKE) native-test
-	$(PY) -m pytest
+	$(VENV)/bin/pytest
 
 native-test: ## Build and run the C++ weight-manager tests with ASan/UBSan
 	cmake -S native -B build/native-test -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_FLAGS="-fsanitize=address,undefined -fno-omit-frame-pointer" >/dev/null

@@ -1,0 +1,65 @@
+"""Load a model directory with mlx-lm: weights, tokenizer, and what we need to know.
+
+Called on the engine thread (all MLX work of a model stays on one thread). Only local
+directories are accepted: an agent never reaches out to a model hub on its own; the
+ModelCache machinery puts files on disk first.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlxpool.agent.engine import blas as _blas  # noqa: F401  (must precede mlx)
+
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+import mlx_lm  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
+from mlx_lm.tokenizer_utils import TokenizerWrapper  # noqa: E402
+
+from mlxpool.agent.engine.interface import ModelInfo  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: nn.Module
+    tokenizer: TokenizerWrapper
+    info: ModelInfo
+
+
+def check_model_dir(path: str | Path) -> Path:
+    """The resolved directory, or ValueError naming what is missing."""
+    directory = Path(path).expanduser().resolve()
+    if not directory.is_dir():
+        raise ValueError(f"model path {str(path)!r} is not a directory")
+    if not (directory / "config.json").is_file():
+        raise ValueError(f"model path {str(path)!r} has no config.json")
+    return directory
+
+
+def load(path: str | Path) -> LoadedModel:
+    directory = check_model_dir(path)
+    started = time.perf_counter()
+    model, tokenizer, config = mlx_lm.load(str(directory), return_config=True)
+    memory = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    info = ModelInfo(path=str(directory), memory_bytes=memory, context_length=_context_length(config))
+    log.info(
+        "model loaded path=%s memory_bytes=%d context_length=%s seconds=%.2f blas=%s device=%s",
+        directory, memory, info.context_length, time.perf_counter() - started,
+        _blas.preloaded or "bundled", mx.default_device(),
+    )
+    return LoadedModel(model, tokenizer, info)
+
+
+def _context_length(config: dict[str, Any]) -> int | None:
+    for key in ("max_position_embeddings", "max_sequence_length", "n_ctx", "seq_length"):
+        value = config.get(key) or config.get("text_config", {}).get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

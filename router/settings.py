@@ -1,0 +1,99 @@
+"""Settings of one router process, grouped by topic, each field documented.
+
+Only data and its validation live here: the CLI (`main`) fills these in, the app
+(`app`) reads them. Nothing here performs I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class PoolRef:
+    """The pool a router serves, as `NAMESPACE/NAME`."""
+
+    namespace: str
+    name: str
+
+    @classmethod
+    def parse(cls, text: str) -> PoolRef:
+        namespace, sep, name = text.partition("/")
+        if not sep or not namespace or not name or "/" in name:
+            raise ValueError(f"pool must be NAMESPACE/NAME, got {text!r}")
+        return cls(namespace, name)
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class TableSourceSettings:
+    """Where the routing table comes from: a ConfigMap through the API server, or a file."""
+
+    pool: PoolRef | None = None
+    """The pool whose ConfigMap `<pool>-routes` is followed; also checked against each table."""
+
+    kubeconfig: Path | None = None
+    """Kubeconfig for the API server; None means in-cluster config, then the default kubeconfig."""
+
+    routes_file: Path | None = None
+    """A routes.json file to follow instead of the API server (re-read when it changes)."""
+
+    file_poll_interval: float = 0.5
+    """Seconds between two reads of `routes_file`."""
+
+    watch_timeout: int = 240
+    """Server-side timeout of one watch request (seconds); the router re-lists after it."""
+
+    backoff_initial: float = 0.5
+    """First delay (seconds) before reconnecting to the API server after an error."""
+
+    backoff_max: float = 30.0
+    """Largest delay (seconds) between two reconnection attempts."""
+
+    def __post_init__(self) -> None:
+        if self.routes_file is None and self.pool is None:
+            raise ValueError("either a pool (NAMESPACE/NAME) or a routes file is required")
+
+
+@dataclass(frozen=True)
+class UpstreamSettings:
+    """How requests reach agents."""
+
+    connect_timeout: float = 2.0
+    """Seconds to open a connection to an agent before failing over to the next one."""
+
+    first_byte_timeout: float = 300.0
+    """Seconds to wait for the first body byte; a non-streamed completion spends its whole
+    generation here, so this is generous. Past it the next candidate is tried."""
+
+    read_timeout: float = 300.0
+    """Seconds of silence tolerated between two chunks once a response is streaming."""
+
+    max_attempts: int = 3
+    """Candidates tried per request (the first plus failovers)."""
+
+    max_connections: int = 1000
+    """Connections the shared HTTP client may hold open to all agents together."""
+
+    max_keepalive_connections: int = 200
+    """Idle connections kept for reuse."""
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        for name in ("connect_timeout", "first_byte_timeout", "read_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+
+
+@dataclass(frozen=True)
+class RouterSettings:
+    """Everything one router process needs."""
+
+    tables: TableSourceSettings
+    upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
+    strategies_file: Path | None = None
+    """YAML file of strategy profiles merged over the built-in ones (see `profiles`)."""
