@@ -7,7 +7,7 @@ it imports MLX. Plain frozen dataclasses: they cross a thread boundary.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -106,7 +106,7 @@ class Engine(Protocol):
         """False once the generation thread has died."""
         ...
 
-    def submit(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+    def submit(self, request: GenerationRequest) -> AsyncGenerator[TokenEvent, None]:
         """Generate for `request`; the last event has a finish reason.
 
         Closing the iterator early (client gone) removes the request from the batch.

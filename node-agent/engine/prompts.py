@@ -29,6 +29,8 @@ class Tokenizer(Protocol):
 
     has_chat_template: bool
 
+    def __len__(self) -> int: ...
+
     def encode(self, text: str) -> list[int]: ...
 
     def apply_chat_template(self, messages: Any, **kwargs: Any) -> list[int]: ...
@@ -45,6 +47,7 @@ class PromptEncoder:
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self._tokenizer = tokenizer
+        self.vocab_size = len(tokenizer)  # type: ignore[arg-type]
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
 
     async def encode_text(self, text: str) -> list[int]:

@@ -1,0 +1,207 @@
+"""The agent process from start to exit: the composition root.
+
+Order of events: bind the socket and serve HTTP (`/health` answers, `/ready` says
+503) → load and warm the model on its engine thread → ready (one log line with the
+URL: `agent ready url=http://HOST:PORT model=NAME`) → register the InferenceNode and
+beat → on SIGTERM/SIGINT: `/ready` 503 and `status.ready=false` at once, new requests
+get 503, in-flight requests finish (up to the drain timeout) → HTTP stops → engine
+stops → exit 0. A second signal skips the wait.
+
+uvicorn's own signal handling is replaced: it re-raises the signal after shutdown
+(so the process would die by SIGTERM, not exit 0) and closes the listener before
+anyone can observe `/ready` turning 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from collections.abc import Awaitable, Iterator
+from typing import TYPE_CHECKING, TypeVar
+
+import uvicorn
+
+from mlxpool.agent import hardware
+from mlxpool.agent.app import create_app
+from mlxpool.agent.config import AgentConfig
+from mlxpool.agent.dataplane import DataPlane
+from mlxpool.agent.engine.prompts import PromptEncoder
+from mlxpool.agent.lifecycle import Lifecycle, Phase
+from mlxpool.agent.metrics import AgentMetrics
+from mlxpool.agent.models import ModelRepository, ServedModel
+from mlxpool.agent.nodeinfo import node_spec, node_status
+from mlxpool.agent.openai_api import now
+from mlxpool.nodes import LoadedModel, NodeStatus
+
+if TYPE_CHECKING:  # imported when used: MLX and the Kubernetes client are heavy
+    from mlxpool.agent.engine.generation import BatchEngine
+    from mlxpool.agent.registration import NodeRegistrar
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+FINAL_STATUS_TIMEOUT_S = 5.0
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield  # AgentRuntime handles signals itself
+
+
+class AgentRuntime:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.lifecycle = Lifecycle()
+        self.models = ModelRepository()
+        self.metrics = AgentMetrics(self.models, self.lifecycle)
+        self.dataplane = DataPlane(self.models, self.lifecycle, config.max_tokens_default)
+        self.app = create_app(self.dataplane, self.metrics)
+        self.url: str | None = None
+        self._signals = 0
+        self._engine: BatchEngine | None = None
+        self._registrar: NodeRegistrar | None = None
+        self._background: list[asyncio.Task] = []
+
+    async def run(self) -> int:
+        """Serve until signalled; the process exit code."""
+        self._stop = asyncio.Event()
+        self._force = asyncio.Event()
+        sock = _bind(self.config.host, self.config.port)
+        self.url = _url(self.config.host, sock.getsockname()[1])
+        # The drain already waits for in-flight requests; uvicorn then only closes what is left.
+        server = _Server(uvicorn.Config(
+            self.app, lifespan="off", log_config=None, access_log=False, timeout_graceful_shutdown=1,
+        ))
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, server, sig)
+        serving = asyncio.create_task(server.serve(sockets=[sock]), name="http-server")
+        try:
+            while not server.started and not serving.done():
+                await asyncio.sleep(0.01)
+            log.info("agent listening url=%s", self.url)
+            if not await self._load_model():
+                return 1
+            if self.lifecycle.phase is Phase.READY:
+                log.info("agent ready url=%s model=%s", self.url, self.config.model_name)
+                await self._register()
+                await self._unless_stopped(asyncio.shield(serving))
+            await self._drain()
+        finally:
+            server.should_exit = True
+            await asyncio.gather(serving, return_exceptions=True)
+            await self._shut_down()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+        log.info("agent stopped url=%s", self.url)
+        return 0
+
+    async def _load_model(self) -> bool:
+        """Load and warm the model; False if it failed (a signal during loading is not a failure)."""
+        from mlxpool.agent.engine.generation import BatchEngine, EngineConfig  # imports MLX
+
+        self.lifecycle.set_phase(Phase.LOADING)
+        config = EngineConfig(max_running=self.config.max_running)
+        self._engine = BatchEngine(str(self.config.model_path), config, name=self.config.model_name)
+        try:
+            info = await self._unless_stopped(self._engine.start())
+        except Exception as exc:
+            log.error("model failed to load path=%s error=%s", self.config.model_path, exc)
+            return False
+        if info is not None:
+            encoder = PromptEncoder(self._engine.tokenizer)
+            self.models.add(ServedModel(self.config.model_name, self._engine, encoder, info, now()))
+            self.lifecycle.set_phase(Phase.READY)
+        return True
+
+    async def _register(self) -> None:
+        reg = self.config.registration
+        if reg is None:
+            return
+        from mlxpool.agent.registration import NodeRegistrar  # imports the Kubernetes client
+
+        hw = await asyncio.to_thread(hardware.detect_hardware)
+        spec = node_spec(reg.advertise_url or self.url or "", hw)
+        self._registrar = NodeRegistrar(reg.kubeconfig, reg.node_name, reg.labels, spec, self._node_status,
+                                        interval=reg.heartbeat_interval)
+        self._background.append(asyncio.create_task(self._registrar.run(), name="heartbeat"))
+
+    async def _drain(self) -> None:
+        self.lifecycle.set_phase(Phase.DRAINING)
+        if self._registrar is not None:  # tell the operator at once, without waiting for it
+            self._background.append(asyncio.create_task(self._registrar.beat(), name="heartbeat-draining"))
+        await self._unless_forced(self.lifecycle.drain(self.config.drain_timeout))
+
+    async def _shut_down(self) -> None:
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        for model in self.models.all():
+            model.encoder.close()
+        if self._engine is not None:
+            await self._engine.stop()
+        self.lifecycle.set_phase(Phase.STOPPED)
+        if self._registrar is not None:  # last word: not ready
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._registrar.beat(), FINAL_STATUS_TIMEOUT_S)
+            await self._registrar.close()
+
+    def _on_signal(self, server: uvicorn.Server, sig: int) -> None:
+        self._signals += 1
+        name = signal.Signals(sig).name
+        if self._signals == 1:
+            log.info("shutdown requested signal=%s in_flight=%d", name, self.lifecycle.in_flight)
+            self._stop.set()
+        else:
+            log.warning("second signal: exiting without waiting signal=%s", name)
+            self._force.set()
+            server.force_exit = True
+
+    async def _unless_stopped(self, work: Awaitable[T]) -> T | None:
+        return await _race(work, self._stop)
+
+    async def _unless_forced(self, work: Awaitable[T]) -> T | None:
+        return await _race(work, self._force)
+
+    async def _node_status(self) -> NodeStatus:
+        free = await asyncio.to_thread(hardware.free_memory_bytes)
+        ready, _ = self.dataplane.readiness()
+        loaded = [LoadedModel(name=m.name, path=m.info.path, memory_bytes=m.info.memory_bytes)
+                  for m in self.models.all()]
+        return node_status(ready, loaded, free)
+
+
+async def _race(work: Awaitable[T], event: asyncio.Event) -> T | None:
+    """`work`'s result, or None if `event` is set first (then `work` is cancelled)."""
+    task = asyncio.ensure_future(work)
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+        if not task.done():
+            task.cancel()
+        await asyncio.gather(task, waiter, return_exceptions=True)
+    return task.result() if not task.cancelled() else None
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def _url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
