@@ -10,9 +10,9 @@ from collections.abc import Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mlxpool.routing import RouteEndpoint
 from mlxpool.router.plugins import Filter, PickRequest
 from mlxpool.router.signals import EndpointSignals
+from mlxpool.routing import RouteEndpoint
 
 
 class ConnectCooldownParams(BaseModel):

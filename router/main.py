@@ -1,1 +1,101 @@
-"""Placeholder."""
+"""`mlxpool router`: parse the command line, build the app, serve it with uvicorn.
+
+Logs `router ready url=http://HOST:PORT` once listening (with the real port when
+`--port 0`), the line harnesses wait for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import socket
+from pathlib import Path
+
+import uvicorn
+
+from mlxpool.router.app import create_app
+from mlxpool.router.settings import PoolRef, RouterSettings, TableSourceSettings, UpstreamSettings
+
+log = logging.getLogger("mlxpool.router")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mlxpool router",
+        description="Serve the OpenAI API of one InferencePool, forwarding to the agents its routing table lists.")
+    source = parser.add_argument_group("routing table (one of)")
+    source.add_argument("--pool", type=_pool_ref, metavar="NAMESPACE/NAME",
+                        help="follow the pool's ConfigMap NAME-routes through the API server")
+    source.add_argument("--kubeconfig", type=Path, help="kubeconfig (default: in-cluster, then ~/.kube/config)")
+    source.add_argument("--routes-file", type=Path, metavar="PATH",
+                        help="follow a routes.json file instead (re-read when it changes)")
+    serve = parser.add_argument_group("serving")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080, help="0 picks a free port")
+    serve.add_argument("--strategies", type=Path, metavar="YAML",
+                       help="strategy profiles added to or replacing the built-in ones")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    upstream = parser.add_argument_group("upstream (agents)")
+    defaults = UpstreamSettings()
+    upstream.add_argument("--max-attempts", type=int, default=defaults.max_attempts,
+                          help="endpoints tried per request, failovers included")
+    upstream.add_argument("--connect-timeout", type=float, default=defaults.connect_timeout, metavar="SECONDS")
+    upstream.add_argument("--first-byte-timeout", type=float, default=defaults.first_byte_timeout, metavar="SECONDS")
+    upstream.add_argument("--read-timeout", type=float, default=defaults.read_timeout, metavar="SECONDS",
+                          help="silence tolerated between two chunks of a streaming answer")
+    return parser
+
+
+def _pool_ref(text: str) -> PoolRef:
+    try:
+        return PoolRef.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def settings_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> RouterSettings:
+    if args.routes_file is None and args.pool is None:
+        parser.error("give --pool NAMESPACE/NAME (with --kubeconfig) or --routes-file PATH")
+    if args.routes_file is not None and args.kubeconfig is not None:
+        parser.error("--routes-file and --kubeconfig exclude each other")
+    if args.kubeconfig is not None and not args.kubeconfig.is_file():
+        parser.error(f"--kubeconfig {args.kubeconfig}: no such file")
+    if args.strategies is not None and not args.strategies.is_file():
+        parser.error(f"--strategies {args.strategies}: no such file")
+    try:
+        return RouterSettings(
+            tables=TableSourceSettings(pool=args.pool, kubeconfig=args.kubeconfig, routes_file=args.routes_file),
+            upstream=UpstreamSettings(max_attempts=args.max_attempts, connect_timeout=args.connect_timeout,
+                                      first_byte_timeout=args.first_byte_timeout, read_timeout=args.read_timeout),
+            strategies_file=args.strategies,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, announcing the bound address once it listens."""
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            host, port = self.servers[0].sockets[0].getsockname()[:2]
+            log.info("router ready url=http://%s:%d", host, port)
+
+
+def main(argv: list[str]) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    settings = settings_from_args(parser, args)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # it logs every forwarded request at INFO
+    try:
+        app = create_app(settings)
+    except ValueError as exc:  # a bad strategies file
+        parser.error(str(exc))
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None, log_level=args.log_level,
+                            access_log=False, lifespan="on", timeout_graceful_shutdown=5)
+    server = _Server(config)
+    asyncio.run(server.serve())
+    return 0 if server.started else 1

@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from mlxpool.routing import RouteEndpoint
 from mlxpool.router.plugins import Filter, PickRequest, Scorer
 from mlxpool.router.signals import EndpointSignals
+from mlxpool.routing import RouteEndpoint
 
 
 @dataclass(frozen=True)
@@ -44,8 +44,9 @@ class Pipeline:
         for weighted in self.scorers:
             scores = weighted.scorer.score(request, survivors, signals)
             if len(scores) != len(survivors) or any(not 0.0 <= s <= 1.0 for s in scores):
-                raise ValueError(f"scorer {weighted.scorer.type_name!r} returned {scores!r} for {len(survivors)} endpoints")
-            totals = [t + weighted.weight * s for t, s in zip(totals, scores)]
+                name = weighted.scorer.type_name
+                raise ValueError(f"scorer {name!r} returned {scores!r} for {len(survivors)} endpoints")
+            totals = [t + weighted.weight * s for t, s in zip(totals, scores, strict=True)]
         order = sorted(range(len(survivors)), key=lambda i: (-totals[i], i))
         ranked = [survivors[i] for i in order]
         for weighted in self.scorers:

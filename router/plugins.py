@@ -19,8 +19,8 @@ from typing import ClassVar
 from pydantic import BaseModel, ConfigDict
 
 from mlxpool.priorities import Priority
-from mlxpool.routing import RouteEndpoint
 from mlxpool.router.signals import EndpointSignals
+from mlxpool.routing import RouteEndpoint
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,9 @@ from collections.abc import Sequence
 
 from pydantic import BaseModel
 
-from mlxpool.routing import RouteEndpoint
 from mlxpool.router.plugins import PickRequest, Scorer, spread
 from mlxpool.router.signals import EndpointSignals
+from mlxpool.routing import RouteEndpoint
 
 
 class WeightedRoundRobinScorer(Scorer):
@@ -47,7 +47,7 @@ class WeightedRoundRobinScorer(Scorer):
 
     def picked(self, request: PickRequest, ranked: Sequence[RouteEndpoint]) -> None:
         grown = self._grown(request.model, ranked)
-        credit = {e.url: c for e, c in zip(ranked, grown)}
+        credit = {e.url: c for e, c in zip(ranked, grown, strict=True)}
         # Endpoints missing from this pick (filtered out) restart from zero later.
         credit[ranked[0].url] -= sum(e.weight for e in ranked)
         self._credit[request.model] = credit

@@ -1,0 +1,164 @@
+"""The router's HTTP app: a factory, a lifespan owning the shared resources, thin routes.
+
+Routes parse, call the `Forwarder`, and wrap its reply; every error the router answers
+itself is a `RouterError` turned into the OpenAI error shape by one handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator, Coroutine
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from mlxpool.router.errors import NoRoutingTable, RouterError, error_body
+from mlxpool.router.forwarding import Forwarder
+from mlxpool.router.metrics import RouterMetrics
+from mlxpool.router.parsing import InferenceRequest, parse_inference_request, upstream_headers
+from mlxpool.router.profiles import Strategies, load_strategies
+from mlxpool.router.relaying import ClientDisconnected, RelayResponse, cancel_on_disconnect
+from mlxpool.router.settings import RouterSettings, TableSourceSettings, UpstreamSettings
+from mlxpool.router.signals import EndpointSignals
+from mlxpool.router.table_files import follow_file
+from mlxpool.router.tables import TableHolder
+
+log = logging.getLogger(__name__)
+
+CLIENT_CLOSED_REQUEST = 499
+"""Status recorded (nginx's convention) when the client left before the agent answered."""
+
+
+def http_client(settings: UpstreamSettings) -> httpx.AsyncClient:
+    """The one client every request to every agent goes through (connection pooling)."""
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(connect=settings.connect_timeout, read=settings.read_timeout,
+                              write=settings.read_timeout, pool=settings.connect_timeout),
+        limits=httpx.Limits(max_connections=settings.max_connections,
+                            max_keepalive_connections=settings.max_keepalive_connections),
+        trust_env=False,  # agents are reached directly, never through an environment proxy
+    )
+
+
+async def table_source(settings: TableSourceSettings, holder: TableHolder,
+                       stack: AsyncExitStack) -> Coroutine[Any, Any, None]:
+    """The coroutine that keeps `holder` current: the routes file, else the pool's ConfigMap."""
+    if settings.routes_file is not None:
+        return follow_file(holder, settings.routes_file, settings.file_poll_interval)
+    # Imported here so that a router following a file never loads the Kubernetes client.
+    from mlxpool.router.table_watching import ConfigMapFollower, open_api_client
+
+    assert settings.pool is not None
+    api = await open_api_client(settings.kubeconfig)
+    stack.push_async_callback(api.close)
+    return ConfigMapFollower(api, holder, settings.pool, settings).run()
+
+
+def create_app(settings: RouterSettings, metrics: RouterMetrics | None = None) -> FastAPI:
+    strategies = Strategies(load_strategies(settings.strategies_file))
+    metrics = metrics if metrics is not None else RouterMetrics()
+    holder = TableHolder(settings.tables.pool)
+    holder.on_accept(metrics.table_accepted)
+    holder.on_result(metrics.table_offered)
+    signals = EndpointSignals()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with AsyncExitStack() as stack:
+            client = await stack.enter_async_context(http_client(settings.upstream))
+            app.state.forwarder = Forwarder(client, holder, strategies, signals, metrics, settings.upstream)
+            task = asyncio.create_task(await table_source(settings.tables, holder, stack), name="routing-table-source")
+            task.add_done_callback(_log_source_end)
+            stack.push_async_callback(_cancel, task)
+            yield
+
+    app = FastAPI(title="mlxpool router", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.holder = holder
+    app.state.metrics = metrics
+    app.state.signals = signals
+
+    @app.exception_handler(RouterError)
+    async def router_error(request: Request, exc: RouterError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        body = error_body(f"{request.method} {request.url.path}: {exc.detail}", "invalid_request_error")
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+    async def proxy(request: Request, path: str) -> Response:
+        forwarder: Forwarder = request.app.state.forwarder
+        inference: InferenceRequest | None = None
+        try:
+            inference = parse_inference_request(await request.body(), request.headers)
+            request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+            headers = upstream_headers(request.headers.items(), request_id)
+            reply = await cancel_on_disconnect(request.receive, forwarder.open(path, inference, headers))
+        except (RouterError, ClientDisconnected) as exc:
+            status = exc.status if isinstance(exc, RouterError) else CLIENT_CLOSED_REQUEST
+            metrics.requests.labels(_model_label(holder, inference), "", str(status)).inc()
+            if isinstance(exc, ClientDisconnected):
+                return Response(status_code=CLIENT_CLOSED_REQUEST)
+            raise
+        return RelayResponse(reply, forwarder.relay(reply, inference.model))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await proxy(request, "/v1/completions")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await proxy(request, "/v1/chat/completions")
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        table = holder.current
+        if table is None:
+            raise NoRoutingTable("no routing table loaded yet")
+        created = int(table.updated.timestamp()) if table.updated else 0
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": created, "owned_by": "mlxpool"} for name in table.models
+        ]}
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        table = holder.current
+        if table is None:
+            return JSONResponse({"status": "waiting", "reason": "no routing table loaded yet"}, status_code=503)
+        return JSONResponse({"status": "ready", "revision": table.revision, "strategy": table.strategy})
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        content, content_type = metrics.render()
+        return Response(content, media_type=content_type)
+
+    return app
+
+
+def _model_label(holder: TableHolder, inference: InferenceRequest | None) -> str:
+    """The model as a metric label, only if the table knows it (client input is unbounded)."""
+    table = holder.current
+    if inference is None or table is None or inference.model not in table.models:
+        return ""
+    return inference.model
+
+
+def _log_source_end(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("routing table source stopped; the table will not change any more",
+                  exc_info=task.exception())
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)

@@ -1,0 +1,207 @@
+"""The data plane: choose candidates for a request, try them in order, relay the answer.
+
+`Forwarder.open` walks the ranked candidates of the table's strategy: a connect error,
+a timeout before the first body byte, a broken connection or a 5xx from an agent moves
+on to the next candidate (at most `max_attempts`). The first body chunk is read before
+a reply is returned, so nothing has reached the client while failover is still
+possible; once `relay` has yielded bytes, an upstream failure is never retried.
+
+No HTTP server types here: `relaying` adapts replies to Starlette responses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import anyio
+import httpx
+
+from mlxpool.router.errors import ModelNotFound, NoHealthyEndpoint, NoRoutingTable, UpstreamUnavailable, error_body
+from mlxpool.router.metrics import RouterMetrics
+from mlxpool.router.parsing import InferenceRequest, downstream_headers
+from mlxpool.router.plugins import PickRequest
+from mlxpool.router.profiles import Strategies
+from mlxpool.router.settings import UpstreamSettings
+from mlxpool.router.signals import EndpointSignals
+from mlxpool.router.tables import TableHolder
+from mlxpool.routing import RouteEndpoint
+
+log = logging.getLogger(__name__)
+
+ENDPOINT_HEADER = "x-mlxpool-endpoint"
+"""Response header naming the node that answered."""
+
+
+@dataclass(eq=False)
+class UpstreamReply:
+    """An agent's answer whose status, headers and first chunk are known; the rest may still stream."""
+
+    endpoint: RouteEndpoint
+    status: int
+    headers: list[tuple[str, str]]
+    first_chunk: bytes
+    response: httpx.Response | None = None
+    chunks: AsyncIterator[bytes] | None = None
+    on_close: Callable[[], None] | None = None
+    _closed: bool = field(default=False, init=False)
+
+    @property
+    def is_sse(self) -> bool:
+        return any(k.lower() == "content-type" and v.startswith("text/event-stream") for k, v in self.headers)
+
+    async def aclose(self) -> None:
+        """Close the upstream stream (idempotent; completes even while being cancelled)."""
+        if self._closed:
+            return
+        self._closed = True
+        with anyio.CancelScope(shield=True):
+            await _close_stream(self.chunks, self.response)
+        if self.on_close is not None:
+            self.on_close()
+
+
+class UpstreamFailure(Exception):
+    """One attempt at one endpoint failed before any byte reached the client."""
+
+    def __init__(self, endpoint: RouteEndpoint, kind: str, detail: str, reply: UpstreamReply | None = None) -> None:
+        super().__init__(f"{endpoint.node}: {detail}")
+        self.endpoint, self.kind, self.detail, self.reply = endpoint, kind, detail, reply
+
+
+class _ServerError(Exception):
+    def __init__(self, response: httpx.Response, body: bytes) -> None:
+        self.response, self.body = response, body
+
+
+class Forwarder:
+    def __init__(self, client: httpx.AsyncClient, holder: TableHolder, strategies: Strategies,
+                 signals: EndpointSignals, metrics: RouterMetrics, settings: UpstreamSettings,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.client = client
+        self.holder = holder
+        self.strategies = strategies
+        self.signals = signals
+        self.metrics = metrics
+        self.settings = settings
+        self.clock = clock
+        holder.on_accept(lambda table: signals.retain(e.url for es in table.models.values() for e in es))
+
+    async def open(self, path: str, request: InferenceRequest, headers: list[tuple[str, str]]) -> UpstreamReply:
+        """Send `request` to the best candidate that answers; raises a `RouterError` when none can."""
+        table = self.holder.current
+        if table is None:
+            raise NoRoutingTable("no routing table loaded yet")
+        if request.model not in table.models:
+            raise ModelNotFound(
+                f"model {request.model!r} is not served by pool {table.namespace}/{table.pool}", param="model")
+        endpoints = table.endpoints_for(request.model)
+        pick = PickRequest(request.model, request.prompt, request.priority, self.clock())
+        ranked = self.strategies.for_name(table.strategy).rank(pick, endpoints, self.signals) if endpoints else []
+        if not ranked:
+            raise NoHealthyEndpoint(
+                f"model {request.model!r} has no healthy endpoint (routing table revision {table.revision})")
+        failures: list[UpstreamFailure] = []
+        for endpoint in ranked[: self.settings.max_attempts]:
+            if failures:
+                self.metrics.failovers.labels(request.model).inc()
+                log.info("failover model=%s from=%s to=%s reason=%s", request.model, failures[-1].endpoint.node,
+                         endpoint.node, failures[-1].detail)
+            try:
+                return await self._attempt(endpoint, path, request, headers)
+            except UpstreamFailure as failure:
+                failures.append(failure)
+        summary = "; ".join(str(f) for f in failures)
+        log.warning("all candidates failed model=%s attempts=%d failures=%s", request.model, len(failures), summary)
+        if failures[-1].reply is not None:
+            return failures[-1].reply  # the last agent answered: its own error tells the client most
+        raise UpstreamUnavailable(f"all {len(failures)} candidate endpoints failed: {summary}")
+
+    async def _attempt(self, endpoint: RouteEndpoint, path: str, request: InferenceRequest,
+                       headers: list[tuple[str, str]]) -> UpstreamReply:
+        self.signals.started(endpoint.url)
+        self.metrics.in_flight.labels(endpoint.node).inc()
+        started = self.clock()
+        response: httpx.Response | None = None
+        chunks: AsyncIterator[bytes] | None = None
+        try:
+            async with asyncio.timeout(self.settings.first_byte_timeout):
+                upstream = self.client.build_request(
+                    "POST", endpoint.url.rstrip("/") + path, content=request.body, headers=headers)
+                response = await self.client.send(upstream, stream=True)
+                self.signals.connected(endpoint.url)
+                if response.status_code >= 500:
+                    raise _ServerError(response, await response.aread())
+                chunks = response.aiter_raw()
+                first_chunk = await anext(chunks, b"")
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                await _close_stream(chunks, response)
+            self._release(endpoint)
+            failure = self._failure(endpoint, exc)
+            if failure is None:
+                raise
+            self.metrics.upstream_errors.labels(endpoint.node, failure.kind).inc()
+            raise failure from exc
+
+        elapsed = self.clock() - started
+        self.metrics.first_byte_seconds.labels(request.model, str(request.stream).lower()).observe(elapsed)
+        if request.stream:
+            self.signals.observe_first_byte(endpoint.url, elapsed)
+        return UpstreamReply(
+            endpoint, response.status_code, [*downstream_headers(response.headers.multi_items()),
+                                             (ENDPOINT_HEADER, endpoint.node)],
+            first_chunk, response, chunks, on_close=lambda: self._release(endpoint))
+
+    def _failure(self, endpoint: RouteEndpoint, exc: BaseException) -> UpstreamFailure | None:
+        """The failover-worthy failure `exc` is, or None for exceptions that must propagate."""
+        if isinstance(exc, _ServerError):
+            status = exc.response.status_code
+            reply = UpstreamReply(endpoint, status, [*downstream_headers(exc.response.headers.multi_items()),
+                                                     (ENDPOINT_HEADER, endpoint.node)], exc.body)
+            return UpstreamFailure(endpoint, "http_5xx", f"HTTP {status}", reply)
+        if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
+            self.signals.connect_failed(endpoint.url, self.clock())
+            return UpstreamFailure(endpoint, "connect", f"cannot connect ({exc.__class__.__name__}: {exc})")
+        if isinstance(exc, (TimeoutError, httpx.TimeoutException)):
+            return UpstreamFailure(endpoint, "timeout", "no response before the first-byte timeout")
+        if isinstance(exc, httpx.HTTPError):
+            return UpstreamFailure(endpoint, "protocol", f"{exc.__class__.__name__}: {exc}")
+        return None
+
+    def _release(self, endpoint: RouteEndpoint) -> None:
+        self.signals.finished(endpoint.url)
+        self.metrics.in_flight.labels(endpoint.node).dec()
+
+    async def relay(self, reply: UpstreamReply, model: str) -> AsyncIterator[bytes]:
+        """The reply's body, chunk by chunk as the agent sends it; closes the upstream at the end."""
+        try:
+            if reply.first_chunk:
+                yield reply.first_chunk
+            if reply.chunks is not None:
+                async for chunk in reply.chunks:
+                    yield chunk
+        except httpx.HTTPError as exc:
+            # Bytes already reached the client: no failover. SSE clients get an error event;
+            # other bodies are cut short, which the client sees as a truncated response.
+            self.metrics.upstream_errors.labels(reply.endpoint.node, "stream").inc()
+            log.warning("upstream broke off mid-response model=%s endpoint=%s error=%r",
+                        model, reply.endpoint.node, exc)
+            if not reply.is_sse:
+                raise
+            message = f"endpoint {reply.endpoint.node} broke off the stream: {exc.__class__.__name__}"
+            yield f"data: {json.dumps(error_body(message, 'upstream_error', code='stream_interrupted'))}\n\n".encode()
+        finally:
+            await reply.aclose()
+            self.metrics.requests.labels(model, reply.endpoint.node, str(reply.status)).inc()
+
+
+async def _close_stream(chunks: AsyncIterator[bytes] | None, response: httpx.Response | None) -> None:
+    if chunks is not None:
+        await chunks.aclose()  # type: ignore[attr-defined]
+    if response is not None:
+        await response.aclose()
