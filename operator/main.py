@@ -1,1 +1,87 @@
-"""Placeholder until the operator lands."""
+"""`mlxpool operator`: parse the command line and run kopf with our handlers.
+
+Always standalone (no peering): deploy one replica with `strategy: Recreate`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+from mlxpool.operator.config import OperatorConfig
+
+LOG_FORMATS = ("plain", "full", "json")
+
+
+def parse_args(argv: list[str]) -> tuple[OperatorConfig, argparse.Namespace]:
+    parser = argparse.ArgumentParser(
+        prog="mlxpool operator",
+        description="Reconcile InferencePools: place them on InferenceNodes, probe the agents, "
+                    "write routing tables and status.",
+    )
+    parser.add_argument("--kubeconfig", type=Path, help="kubeconfig file (default: in-cluster, then $KUBECONFIG)")
+    scope = parser.add_mutually_exclusive_group()
+    scope.add_argument("--namespace", "-n", action="append", dest="namespaces", metavar="NS",
+                       help="reconcile pools in this namespace (repeatable; globs allowed)")
+    scope.add_argument("--all-namespaces", "-A", action="store_true", help="reconcile pools in every namespace (default)")
+    parser.add_argument("--probe-interval", type=_positive, metavar="S",
+                        help="probe every S seconds, overriding each pool's spec.healthCheck.intervalSeconds")
+    parser.add_argument("--probe-timeout", type=_positive, default=OperatorConfig.probe_timeout, metavar="S",
+                        help="seconds an agent has to answer GET /health (default: %(default)s)")
+    parser.add_argument("--node-stale-seconds", type=_positive, default=OperatorConfig.node_stale_after, metavar="S",
+                        help="route no more to nodes whose heartbeat is older (default: %(default)s)")
+    parser.add_argument("--metrics-port", type=int, metavar="N",
+                        help="serve Prometheus /metrics on this port (0: a free one, logged in the ready line)")
+    parser.add_argument("--metrics-address", default=OperatorConfig.metrics_address, metavar="ADDR",
+                        help="address of the metrics endpoint (default: %(default)s)")
+    parser.add_argument("--liveness", metavar="URL", help="kopf liveness endpoint, e.g. http://0.0.0.0:8081/healthz")
+    parser.add_argument("--log-format", choices=LOG_FORMATS, default="full")
+    parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    args = parser.parse_args(argv)
+    config = OperatorConfig(
+        kubeconfig=args.kubeconfig,
+        namespaces=tuple(args.namespaces or ()),
+        probe_interval=args.probe_interval,
+        probe_timeout=args.probe_timeout,
+        node_stale_after=args.node_stale_seconds,
+        metrics_port=args.metrics_port,
+        metrics_address=args.metrics_address,
+        liveness_endpoint=args.liveness,
+    )
+    return config, args
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def main(argv: list[str]) -> int:
+    config, args = parse_args(argv)
+    if config.kubeconfig is not None:
+        # kopf logs in through kubernetes_asyncio's default loader (which handles exec
+        # plugins too), and that reads $KUBECONFIG when imported: set it before importing.
+        os.environ["KUBECONFIG"] = str(config.kubeconfig.resolve())
+
+    import kopf
+
+    from mlxpool.operator import handlers  # noqa: F401  (registers the handlers)
+
+    kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat[args.log_format.upper()])
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per probe otherwise
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)  # one line per liveness probe
+    if not args.verbose:
+        # kopf logs "Handler ... succeeded" for every watch event (node heartbeats included).
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    kopf.run(
+        standalone=True,
+        clusterwide=not config.namespaces,
+        namespaces=config.namespaces,
+        liveness_endpoint=config.liveness_endpoint,
+        memo=kopf.Memo(config=config),
+    )
+    return 0

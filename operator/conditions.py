@@ -1,0 +1,90 @@
+"""Pool conditions (Ready, Progressing, Degraded) in the metav1.Condition shape: pure.
+
+Like apimachinery's `meta.SetStatusCondition`, `lastTransitionTime` moves only when
+a condition's status changes; reason, message and observedGeneration follow the
+latest computation. Equal inputs give equal output, so an unchanged pool produces
+no status write.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+READY, PROGRESSING, DEGRADED = "Ready", "Progressing", "Degraded"
+
+
+def rfc3339(moment: datetime) -> str:
+    """Kubernetes' time format: UTC, whole seconds, `Z` suffix."""
+    return moment.astimezone(timezone.utc).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class PoolHealth:
+    """The counts the conditions are computed from."""
+
+    desired: int
+    placed: int
+    ready: int
+    models_without_endpoints: tuple[str, ...] = ()
+
+
+def set_condition(
+    conditions: Sequence[Mapping],
+    *,
+    type: str,
+    status: bool,
+    reason: str,
+    message: str,
+    generation: int,
+    now: datetime,
+) -> list[dict]:
+    """`conditions` with `type` set; its transition time kept if the status is unchanged."""
+    status_text = "True" if status else "False"
+    previous = next((c for c in conditions if c.get("type") == type), None)
+    since = previous["lastTransitionTime"] if previous and previous.get("status") == status_text else rfc3339(now)
+    updated = {
+        "type": type,
+        "status": status_text,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": since,
+        "observedGeneration": generation,
+    }
+    if previous is None:
+        return [dict(c) for c in conditions] + [updated]
+    return [updated if c.get("type") == type else dict(c) for c in conditions]
+
+
+def pool_conditions(health: PoolHealth, generation: int, previous: Sequence[Mapping], now: datetime) -> list[dict]:
+    """Ready, Progressing and Degraded for a pool, in that order."""
+    result: list[dict] = [dict(c) for c in previous]
+    for type_, status, reason, message in _evaluate(health):
+        result = set_condition(result, type=type_, status=status, reason=reason, message=message,
+                               generation=generation, now=now)
+    order = {READY: 0, PROGRESSING: 1, DEGRADED: 2}
+    return sorted(result, key=lambda c: order.get(c["type"], len(order)))
+
+
+def _evaluate(h: PoolHealth) -> Iterable[tuple[str, bool, str, str]]:
+    if h.desired == 0:
+        yield READY, False, "ScaledToZero", "spec.replicas is 0"
+    elif h.models_without_endpoints:
+        yield READY, False, "NoHealthyEndpoints", f"no healthy endpoint for model(s): {', '.join(h.models_without_endpoints)}"
+    else:
+        yield READY, True, "EndpointsReady", f"{h.ready}/{h.desired} endpoints healthy"
+
+    if h.placed < h.desired:
+        yield PROGRESSING, True, "WaitingForNodes", (
+            f"{h.placed} of {h.desired} replicas placed; waiting for more ready nodes that match "
+            "the nodeSelector and serve the pool's models")
+    else:
+        yield PROGRESSING, False, "PlacementComplete", f"{h.placed} of {h.desired} replicas placed"
+
+    if h.placed < h.desired:
+        yield DEGRADED, True, "InsufficientNodes", f"only {h.placed} of {h.desired} replicas could be placed"
+    elif h.ready < h.placed:
+        yield DEGRADED, True, "EndpointsUnhealthy", f"{h.placed - h.ready} of {h.placed} endpoints fail their health probe"
+    else:
+        yield DEGRADED, False, "AllEndpointsHealthy", f"{h.ready} of {h.placed} endpoints healthy"

@@ -1,0 +1,45 @@
+"""Settings of the operator process, filled from the command line by `main`.
+
+Grouped in one frozen dataclass handed to the kopf handlers through the operator's
+memo. Pool-level settings (probe interval, strategy) live in each pool's spec instead;
+what is here applies to every pool this process reconciles.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    kubeconfig: Path | None = None
+    """Kubeconfig to use; None means in-cluster config, else $KUBECONFIG or ~/.kube/config."""
+
+    namespaces: tuple[str, ...] = ()
+    """Namespaces whose pools to reconcile; empty means every namespace."""
+
+    probe_interval: float | None = None
+    """Seconds between probes of every pool, overriding spec.healthCheck.intervalSeconds.
+
+    None (the default) follows each pool's spec. Fractions are allowed (tests, benchmarks).
+    """
+
+    probe_timeout: float = 0.5
+    """Seconds an endpoint has to answer `GET /health` before it counts as failed."""
+
+    node_stale_after: float = 20.0
+    """Seconds without an InferenceNode heartbeat after which the node is not routed to.
+
+    Agents beat every 5 s; this tolerates a few lost beats. The probe is what reacts
+    fast to a dead agent; staleness catches an agent that answers but lost the API server.
+    """
+
+    metrics_port: int | None = None
+    """Port of the Prometheus `/metrics` endpoint; 0 picks a free one; None disables it."""
+
+    metrics_address: str = "127.0.0.1"
+    """Address the metrics endpoint binds to (the Deployment sets 0.0.0.0)."""
+
+    liveness_endpoint: str | None = None
+    """kopf's liveness endpoint, e.g. `http://0.0.0.0:8081/healthz`; None disables it."""

@@ -1,0 +1,53 @@
+"""The kustomize overlays build and the API server accepts them; the launchd plist parses."""
+
+from __future__ import annotations
+
+import plistlib
+
+import pytest
+import yaml
+
+from mlxpool.dev.controlplane import REPO_ROOT, ControlPlane
+
+pytestmark = pytest.mark.integration
+
+MANIFESTS = REPO_ROOT / "manifests"
+
+
+def test_default_overlay_builds_crds_rbac_and_a_recreate_operator(controlplane: ControlPlane):
+    docs = list(yaml.safe_load_all(controlplane.kubectl("kustomize", str(MANIFESTS / "default")).stdout))
+    kinds = [d["kind"] for d in docs]
+    assert kinds.count("CustomResourceDefinition") == 3
+    assert {"Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment"} <= set(kinds)
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    spec = deployment["spec"]
+    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
+    pod = spec["template"]["spec"]
+    assert pod["serviceAccountName"] == "mlxpool-operator"
+    (container,) = pod["containers"]
+    assert container["args"][0] == "operator" and "--all-namespaces" in container["args"]
+    assert container["image"].startswith("ghcr.io/mlxpool/mlxpool:")
+
+
+def test_default_overlay_is_accepted_by_the_api_server(controlplane: ControlPlane):
+    result = controlplane.kubectl("apply", "-k", str(MANIFESTS / "default"), "--dry-run=server")
+    assert "deployment.apps/mlxpool-operator" in result.stdout
+
+
+def test_deployment_args_parse_with_the_operator_cli(controlplane: ControlPlane):
+    from mlxpool.operator.main import parse_args
+
+    docs = yaml.safe_load_all((MANIFESTS / "default" / "operator.yaml").read_text())
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    config, _ = parse_args(args[1:])
+    assert config.namespaces == () and config.metrics_port == 8080
+    assert config.liveness_endpoint == "http://0.0.0.0:8081/healthz"
+
+
+def test_launchd_plist_runs_the_agent_with_registration():
+    plist = plistlib.loads((MANIFESTS / "launchd" / "dev.mlxpool.agent.plist").read_bytes())
+    assert plist["Label"] == "dev.mlxpool.agent"
+    argv = plist["ProgramArguments"]
+    assert argv[1] == "agent" and "--kubeconfig" in argv and "--model" in argv
+    assert plist["KeepAlive"] is True and plist["RunAtLoad"] is True

@@ -1,0 +1,79 @@
+"""RBAC (manifests/rbac) as the real API server authorizes it: each identity can do
+what its component needs and nothing else we can think of asking for."""
+
+from __future__ import annotations
+
+import pytest
+
+from mlxpool.dev.controlplane import ControlPlane
+
+pytestmark = pytest.mark.integration
+
+# (identity, verb, resource, namespaced?, allowed)
+CASES = [
+    # The operator: pools and caches with status and finalizers, nodes read-only, configmaps, events.
+    ("operator", "list", "inferencepools.mlxpool.dev", True, True),
+    ("operator", "watch", "inferencepools.mlxpool.dev", True, True),
+    ("operator", "patch", "inferencepools.mlxpool.dev", True, True),
+    ("operator", "patch", "inferencepools.mlxpool.dev/status", True, True),
+    ("operator", "update", "inferencepools.mlxpool.dev/finalizers", True, True),
+    ("operator", "watch", "modelcaches.mlxpool.dev", True, True),
+    ("operator", "patch", "modelcaches.mlxpool.dev/status", True, True),
+    ("operator", "watch", "inferencenodes.mlxpool.dev", False, True),
+    ("operator", "get", "inferencenodes.mlxpool.dev/status", False, True),
+    ("operator", "create", "configmaps", True, True),
+    ("operator", "patch", "configmaps", True, True),
+    ("operator", "watch", "configmaps", True, True),
+    ("operator", "create", "events", True, True),
+    ("operator", "watch", "customresourcedefinitions.apiextensions.k8s.io", False, True),
+    ("operator", "watch", "namespaces", False, True),
+    ("operator", "create", "inferencepools.mlxpool.dev", True, False),
+    ("operator", "delete", "inferencepools.mlxpool.dev", True, False),
+    ("operator", "patch", "inferencenodes.mlxpool.dev", False, False),
+    ("operator", "patch", "inferencenodes.mlxpool.dev/status", False, False),
+    ("operator", "get", "secrets", True, False),
+    ("operator", "list", "pods", True, False),
+    ("operator", "create", "deployments.apps", True, False),
+    ("operator", "delete", "customresourcedefinitions.apiextensions.k8s.io", False, False),
+    ("operator", "create", "clusterrolebindings.rbac.authorization.k8s.io", False, False),
+    # The agent: its own InferenceNode, nothing else.
+    ("agent", "create", "inferencenodes.mlxpool.dev", False, True),
+    ("agent", "get", "inferencenodes.mlxpool.dev", False, True),
+    ("agent", "patch", "inferencenodes.mlxpool.dev", False, True),
+    ("agent", "patch", "inferencenodes.mlxpool.dev/status", False, True),
+    ("agent", "delete", "inferencenodes.mlxpool.dev", False, False),
+    ("agent", "list", "inferencenodes.mlxpool.dev", False, False),
+    ("agent", "get", "inferencepools.mlxpool.dev", True, False),
+    ("agent", "get", "configmaps", True, False),
+    ("agent", "get", "secrets", True, False),
+    # The router: follows routing-table ConfigMaps.
+    ("router", "get", "configmaps", True, True),
+    ("router", "list", "configmaps", True, True),
+    ("router", "watch", "configmaps", True, True),
+    ("router", "patch", "configmaps", True, False),
+    ("router", "list", "inferencepools.mlxpool.dev", True, False),
+    ("router", "get", "secrets", True, False),
+]
+
+
+@pytest.mark.parametrize(("identity", "verb", "resource", "namespaced", "allowed"), CASES,
+                         ids=[f"{c[0]}-{c[1]}-{c[2].split('.')[0]}{'/' + c[2].split('/')[1] if '/' in c[2] else ''}"
+                              for c in CASES])
+def test_can_i(controlplane: ControlPlane, identity, verb, resource, namespaced, allowed):
+    scope = ["-n", "default"] if namespaced else []
+    resource, _, subresource = resource.partition("/")  # kubectl reads "res/x" as a name, not a subresource
+    if subresource:
+        scope.append(f"--subresource={subresource}")
+    result = controlplane.kubectl("auth", "can-i", verb, resource, *scope, identity=identity, check=False)
+    assert result.stdout.strip() == ("yes" if allowed else "no"), result.stderr
+
+
+def test_aggregated_roles_exist_per_kind(controlplane: ControlPlane):
+    names = set(controlplane.kubectl("get", "clusterroles", "-l", "app.kubernetes.io/name=mlxpool",
+                                     "-o", "name").stdout.split())
+    for kind in ("inferencepool", "modelcache", "inferencenode"):
+        for level in ("admin", "editor", "viewer"):
+            assert f"clusterrole.rbac.authorization.k8s.io/mlxpool-{kind}-{level}" in names
+    viewers = controlplane.kubectl("get", "clusterroles", "-l", "rbac.authorization.k8s.io/aggregate-to-view=true",
+                                   "-o", "name").stdout.split()
+    assert "clusterrole.rbac.authorization.k8s.io/mlxpool-inferencepool-viewer" in viewers
