@@ -1,0 +1,126 @@
+"""The agent's operations API: the contract between the operator and every node agent.
+
+Inference (`/v1/completions`, ...) is OpenAI's contract; this module fixes the other
+half, the one the operator drives: what a node reports about itself, how a model is
+loaded and unloaded, and how a model is staged into the node's local cache. All of it
+sits under `/v1/node` and requires `Authorization: Bearer <ops token>`; errors are
+JSON `{"error": {"message", "type", "param", "code"}}` with a 4xx status.
+
+| method and path                 | body               | answer                         |
+|---------------------------------|--------------------|--------------------------------|
+| GET    /v1/node                 |                    | 200 NodeReport                 |
+| POST   /v1/node/models          | LoadModelRequest   | 202 ModelState (200 if loaded) |
+| DELETE /v1/node/models/{name}   |                    | 200 ModelState, 404 if unknown |
+| GET    /v1/node/cache           |                    | 200 list[CacheEntry]           |
+| PUT    /v1/node/cache/{key}     | StageRequest       | 202 CacheEntry (idempotent)    |
+| GET    /v1/node/cache/{key}     |                    | 200 CacheEntry, 404 if unknown |
+| DELETE /v1/node/cache/{key}     |                    | 200, 404 if unknown            |
+
+Loading, unloading and staging are asynchronous: the call answers at once and the
+caller polls the state. Repeating a call with the same body is always safe.
+Keys are snake_case here (an HTTP API, not a Kubernetes object).
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from mlxpool.nodes import Hardware
+
+OPS_PREFIX = "/v1/node"
+CACHE_KEY_PATTERN = r"^[a-z0-9]([a-z0-9._-]{0,251}[a-z0-9])?$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelPhase(str, Enum):
+    LOADING = "loading"
+    WARMING = "warming"
+    READY = "ready"
+    UNLOADING = "unloading"
+    FAILED = "failed"
+
+
+class CachePhase(str, Enum):
+    """The per-node phases of a ModelCache, as its status reports them."""
+
+    PENDING = "Pending"
+    DOWNLOADING = "Downloading"
+    VERIFYING = "Verifying"
+    CACHED = "Cached"
+    WARM = "Warm"
+    PINNED = "Pinned"
+    FAILED = "Failed"
+
+
+class LoadModelRequest(_Strict):
+    """Serve `name` from a local directory or from a staged cache entry (exactly one)."""
+
+    name: str = Field(min_length=1, max_length=253)
+    path: str | None = Field(default=None, description="Local model directory.")
+    cache_key: str | None = Field(default=None, pattern=CACHE_KEY_PATTERN,
+                                  description="A cache entry staged with PUT /v1/node/cache/{key}.")
+    warm: bool = Field(default=True, description="Run a warm-up generation before reporting ready.")
+    pin: bool = Field(default=False, description="Keep the weights resident (never evicted).")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> LoadModelRequest:
+        if (self.path is None) == (self.cache_key is None):
+            raise ValueError("exactly one of path and cache_key is required")
+        return self
+
+
+class ModelState(_Strict):
+    name: str
+    phase: ModelPhase
+    path: str | None = None
+    memory_bytes: int | None = None
+    load_time_seconds: float | None = None
+    pinned: bool = False
+    message: str | None = None
+
+
+class StageRequest(_Strict):
+    """Bring a model's files into this node's cache; `source` is file://, http(s):// or hf://."""
+
+    source: str = Field(pattern=r"^(file|https?|hf)://.+$")
+    revision: str | None = None
+    digests: dict[str, str] = Field(default_factory=dict,
+                                    description="sha256 hex per file path relative to the model root.")
+    warm: bool = False
+    pin: bool = False
+
+
+class CacheEntry(_Strict):
+    key: str
+    source: str
+    phase: CachePhase
+    progress: float = Field(default=0.0, ge=0.0, le=1.0)
+    bytes_total: int | None = None
+    bytes_done: int = 0
+    path: str | None = None
+    load_time_seconds: float | None = None
+    message: str | None = None
+
+
+class QueueReport(_Strict):
+    running: int = 0
+    waiting: int = 0
+
+
+class NodeReport(_Strict):
+    """What `GET /v1/node` answers: who the node is, what it holds, how busy it is."""
+
+    name: str
+    endpoint: str
+    hardware: Hardware
+    max_models: int
+    free_memory_bytes: int | None = None
+    models: list[ModelState] = Field(default_factory=list)
+    cache: list[CacheEntry] = Field(default_factory=list)
+    queue: QueueReport = Field(default_factory=QueueReport)
+    agent_version: str
