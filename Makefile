@@ -44,7 +44,20 @@ up: venv ## `mlxpool dev up` (leave it running)
 down: ## `mlxpool dev down`
 	$(VENV)/bin/mlxpool dev down
 
+KUBECTL ?= kubectl
+install: ## Install the CRDs into the cluster of KUBECONFIG
+	$(KUBECTL) apply -k crds
+
+uninstall: ## Remove the CRDs (and every mlxpool object) from the cluster of KUBECONFIG
+	$(KUBECTL) delete -k crds --ignore-not-found
+
+deploy: ## Deploy CRDs, RBAC and the operator (manifests/default) to the cluster of KUBECONFIG
+	$(KUBECTL) apply -k manifests/default
+
+undeploy: ## Remove what `make deploy` created
+	$(KUBECTL) delete -k manifests/default --ignore-not-found
+
 clean: ## Remove build outputs and local state (not the cached control plane binaries)
 	rm -rf build .mlxpool .pytest_cache
 
-.PHONY: help venv controlplane test native-test demo up down clean
+.PHONY: help venv controlplane test native-test demo up down install uninstall deploy undeploy clean
