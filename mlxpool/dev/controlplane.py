@@ -93,6 +93,7 @@ class ControlPlane:
             "--initial-cluster", f"mlxpool-dev=http://{LOOPBACK}:{peer}",
             "--unsafe-no-fsync", "--log-level", "warn",
         ], self.workdir / "etcd.log")
+        etcd.url = self.etcd_url
         self.processes.append(etcd)
         wait_for(lambda: httpx.get(f"{self.etcd_url}/health", timeout=1).json()["health"] == "true",
                  30, "etcd", etcd)
@@ -121,6 +122,7 @@ class ControlPlane:
             "--disable-admission-plugins", "ServiceAccount",
             "--enable-priority-and-fairness=false", "--profiling=false", "--v=1",
         ], self.workdir / "kube-apiserver.log")
+        apiserver.url = self.server
         self.processes.append(apiserver)
         headers = {"Authorization": f"Bearer {self.tokens['admin']}"}
         wait_for(lambda: httpx.get(f"{self.server}/readyz", headers=headers, verify=False, timeout=2).status_code == 200,

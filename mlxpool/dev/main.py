@@ -41,10 +41,10 @@ def _print_status(workdir: Path) -> bool:
     if not rows:
         print(f"no dev stack recorded in {workdir}")
         return False
-    print(f"{'NAME':<16}{'PID':>8}  {'STATE':<9}{'URL':<28}LOG")
+    print(f"{'NAME':<16}{'PID':>8}  {'STATE':<9}{'URL':<30}LOG")
     for r in rows:
         print(f"{r['name']:<16}{r['pid']:>8}  {'running' if r['running'] else 'stopped':<9}"
-              f"{r['url'] or '-':<28}{os.path.relpath(r['log'])}")
+              f"{r['url'] or '-':<30}{os.path.relpath(r['log'])}")
     return all(r["running"] for r in rows)
 
 
