@@ -1,18 +1,26 @@
 """The models this agent serves, by the name clients use in `"model"`.
 
-A `ServedModel` bundles what the data plane needs for one model: its engine, its prompt
-encoder, and facts for `/v1/models` and the InferenceNode status. The repository is the
-seam the model manager (load/unload, eviction, per-model state machine) grows from; for
-now it holds the one model given on the command line.
+The registry the data plane reads: `get(name)` for each request (which also marks
+the model as just used, the clock LRU eviction goes by) and `all()` for
+`/v1/models`, metrics and the InferenceNode status. The model manager
+(`operations.manager`) writes it: a model appears in `all()` once it is ready and
+leaves when its unload begins. While a model is on its way in or out, `get` answers
+503 naming the phase (with Retry-After) rather than 404, so a router retries
+elsewhere instead of concluding the model does not exist; we answer at once rather
+than hold the request, since a load can take minutes.
+
+A `ServedModel` bundles what the data plane needs for one model: its engine, its
+prompt encoder, and facts for `/v1/models` and the InferenceNode status.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 from mlxpool.agent.engine.interface import Engine, ModelInfo
 from mlxpool.agent.engine.prompts import PromptEncoder
-from mlxpool.agent.errors import ModelNotFound
+from mlxpool.agent.errors import ModelNotFound, NotReady
 
 
 @dataclass
@@ -23,29 +31,60 @@ class ServedModel:
     info: ModelInfo
     created: int
     """Unix time the model became servable."""
+    last_used: float = field(default_factory=time.monotonic)
+    """Monotonic time of the last request that named it (or of becoming servable)."""
+
+
+class ModelLoading(NotReady):
+    code = "model_loading"
+
+
+class ModelUnloading(NotReady):
+    code = "model_unloading"
 
 
 class ModelRepository:
     def __init__(self) -> None:
         self._models: dict[str, ServedModel] = {}
+        self._transitions: dict[str, str] = {}
+        """Names on their way in ('loading', 'warming') or out ('unloading'), not servable."""
 
     def add(self, model: ServedModel) -> None:
         if model.name in self._models:
             raise ValueError(f"model {model.name!r} is already served")
+        self._transitions.pop(model.name, None)
         self._models[model.name] = model
 
     def remove(self, name: str) -> ServedModel | None:
         return self._models.pop(name, None)
 
+    def mark(self, name: str, phase: str | None) -> None:
+        """Record that `name` is loading, warming or unloading (None: it is neither)."""
+        if phase is None:
+            self._transitions.pop(name, None)
+        else:
+            self._transitions[name] = phase
+
     def get(self, name: str) -> ServedModel:
-        try:
-            return self._models[name]
-        except KeyError:
-            served = ", ".join(sorted(self._models)) or "none"
-            raise ModelNotFound(f"model {name!r} is not served here (served: {served})", param="model") from None
+        model = self._models.get(name)
+        if model is not None:
+            model.last_used = time.monotonic()
+            return model
+        phase = self._transitions.get(name)
+        if phase == "unloading":
+            raise ModelUnloading(f"model {name!r} is being unloaded from this node", param="model")
+        if phase is not None:
+            raise ModelLoading(f"model {name!r} is {phase} on this node; retry shortly", param="model")
+        served = ", ".join(sorted(self._models)) or "none"
+        raise ModelNotFound(f"model {name!r} is not served here (served: {served})", param="model")
+
+    def find(self, name: str) -> ServedModel | None:
+        """The served model, without counting it as used."""
+        return self._models.get(name)
 
     def all(self) -> list[ServedModel]:
         return list(self._models.values())
 
     def healthy(self) -> bool:
-        return bool(self._models) and all(m.engine.healthy for m in self._models.values())
+        """Every served engine is running (true with none: an empty agent waits to be told what to load)."""
+        return all(m.engine.healthy for m in self._models.values())

@@ -28,10 +28,16 @@ def _start(name: str, label: str, args: list[str], log_dir: Path, timeout: float
     return proc
 
 
-def start_agent(model: Path, log_dir: Path, *, name: str = "agent", kubeconfig: Path | None = None,
+def start_agent(model: Path | None, log_dir: Path, *, name: str = "agent", kubeconfig: Path | None = None,
                 node_name: str | None = None, labels: dict[str, str] | None = None,
-                extra: list[str] = (), timeout: float = 120) -> Process:
-    args = ["--model", str(model), "--host", LOOPBACK, "--port", "0"]
+                ops_token_file: Path | None = None, extra: list[str] = (), timeout: float = 120) -> Process:
+    """An agent serving `model` (or nothing, until told to load one); its cache is its own
+    (`<log_dir>/<name>-cache`): agents sharing one would delete each other's files."""
+    args = ["--host", LOOPBACK, "--port", "0", "--cache-dir", str(log_dir / f"{name}-cache")]
+    if model is not None:
+        args += ["--model", str(model)]
+    if ops_token_file is not None:
+        args += ["--ops-token-file", str(ops_token_file)]
     if kubeconfig is not None:
         args += ["--kubeconfig", str(kubeconfig), "--node-name", node_name or name, "--heartbeat-interval", "1"]
         for k, v in (labels or {}).items():
@@ -50,7 +56,10 @@ def start_router(log_dir: Path, *, pool: str | None = None, kubeconfig: Path | N
     return _start("router", name, [*args, *extra], log_dir, timeout)
 
 
-def start_operator(log_dir: Path, *, kubeconfig: Path, name: str = "operator", extra: list[str] = (),
-                   timeout: float = 60) -> Process:
-    args = ["--kubeconfig", str(kubeconfig), "--metrics-port", "0", *extra]
+def start_operator(log_dir: Path, *, kubeconfig: Path, name: str = "operator",
+                   agent_token_file: Path | None = None, extra: list[str] = (), timeout: float = 60) -> Process:
+    args = ["--kubeconfig", str(kubeconfig), "--metrics-port", "0"]
+    if agent_token_file is not None:
+        args += ["--agent-token-file", str(agent_token_file)]
+    args += extra
     return _start("operator", name, args, log_dir, timeout)

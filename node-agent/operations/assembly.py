@@ -1,0 +1,108 @@
+"""Builds the operations side of an agent from its settings and hands the runtime its pieces.
+
+The runtime (the composition root) calls `Operations.build` with the repository, an
+engine factory and the `multi_model` / `weight_management` sections; it mounts
+`router`, calls `start()` before serving, `load_initial()` for the model named on
+the command line, and `close()` at shutdown. `StatusNudger` turns "a model was
+loaded or unloaded" into one prompt InferenceNode status write, coalescing bursts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import APIRouter
+
+from mlxpool.agent.config import MultiModel, WeightManagement
+from mlxpool.agent.models import ModelRepository
+from mlxpool.agent.operations.manager import Capacity, EngineFactory, ModelManager
+from mlxpool.agent.operations.reports import NodeIdentity, NodeReporter
+from mlxpool.agent.operations.routes import ops_router
+from mlxpool.agent.operations.sources import DEFAULT_HUB_ENDPOINT
+from mlxpool.agent.operations.staging import ModelCacheStore
+from mlxpool.agentapi import LoadModelRequest, ModelState
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CACHE_DIR = Path("~/.cache/mlxpool/models")
+HUB_ENDPOINT_ENV = "HF_ENDPOINT"
+HUB_TOKEN_ENV = "HF_TOKEN"
+
+
+class StatusNudger:
+    """Calls `write` soon after `nudge()`; nudges during a write cause exactly one more write."""
+
+    def __init__(self, write: Callable[[], Awaitable[object]]) -> None:
+        self._write = write
+        self._dirty = False
+        self._task: asyncio.Task | None = None
+
+    def nudge(self) -> None:
+        self._dirty = True
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="status-nudge")
+
+    async def _run(self) -> None:
+        while self._dirty:
+            self._dirty = False
+            await self._write()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+@dataclass
+class Operations:
+    manager: ModelManager
+    cache: ModelCacheStore
+    reporter: NodeReporter
+    router: APIRouter
+
+    @classmethod
+    def build(
+        cls, *, repository: ModelRepository, make_engine: EngineFactory, multi_model: MultiModel,
+        weights: WeightManagement, node_name: str, endpoint: Callable[[], str],
+        on_change: Callable[[], None] | None = None, environ: Mapping[str, str] | None = None,
+    ) -> Operations:
+        env = os.environ if environ is None else environ
+        capacity = Capacity(
+            max_models=multi_model.max_models,
+            budget_bytes=multi_model.memory_budget_bytes or int(multi_model.memory_budget_fraction * physical_memory()),
+            evict=multi_model.eviction == "lru",
+            unload_timeout=multi_model.unload_timeout_seconds,
+        )
+        manager: ModelManager | None = None
+        cache = ModelCacheStore(
+            (weights.cache_dir or DEFAULT_CACHE_DIR).expanduser(),
+            in_use=lambda key: manager.using_cache(key) if manager is not None else [],
+            max_bytes=weights.max_cache_bytes, allow_pin=weights.allow_pin,
+            hub_endpoint=env.get(HUB_ENDPOINT_ENV) or DEFAULT_HUB_ENDPOINT, hub_token=env.get(HUB_TOKEN_ENV) or None,
+        )
+        manager = ModelManager(repository, make_engine, capacity, cache_path=cache.ready_path, on_change=on_change)
+        reporter = NodeReporter(NodeIdentity(node_name, endpoint), manager, cache)
+        return cls(manager, cache, reporter, ops_router(manager, cache, reporter))
+
+    async def start(self) -> None:
+        await self.cache.start()
+
+    async def load_initial(self, name: str, path: Path, warm: bool = True) -> ModelState:
+        """Load the command line's model through the manager, like any other; its settled state."""
+        await self.manager.load(LoadModelRequest(name=name, path=str(path), warm=warm))
+        return await self.manager.wait_settled(name)
+
+    async def close(self) -> None:
+        await self.manager.close()
+        await self.cache.close()
+
+
+def physical_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -1,0 +1,349 @@
+"""The model manager: which models this node serves, each moved through its phases.
+
+Per model a record with its own lock and one state machine:
+
+    loading → warming → ready → unloading → (gone)
+       └──────────┴─→ failed (kept, with its message, until unloaded or loaded again)
+
+`load` answers at once: it decides admission (count and memory budget, evicting the
+least recently used idle unpinned models when `eviction` allows; the pure policy is
+`eviction.admit`), registers the record, and leaves the work to a task: wait for the
+evicted models to go, start an engine (from the factory the runtime passes in, so
+the CLI's model and loaded ones are built the same way), wrap it so in-flight
+requests are counted, and add it to the repository. `unload` takes the model out of
+the repository at once (new requests get 503), waits for its in-flight requests (up
+to `unload_timeout`), then stops the engine, which frees its memory.
+
+Repeating a call is safe: loading a model that is loading or ready from the same
+source returns its state (a changed `pin` applies in place); another source under
+the same name is a 409; a failed model is loaded afresh. What this module does not
+do: HTTP (see `routes`), or fetching files (a `cache_key` is resolved to a directory
+by the cache store).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from mlxpool.agent.engine.interface import Engine, ModelInfo
+from mlxpool.agent.engine.prompts import PromptEncoder
+from mlxpool.agent.errors import InvalidRequest, ModelNotFound
+from mlxpool.agent.models import ModelRepository, ServedModel
+from mlxpool.agent.operations import eviction
+from mlxpool.agent.operations.errors import MaxModelsReached, MemoryBudgetExceeded, ModelConflict, ModelUnloading
+from mlxpool.agent.operations.tracking import TrackedEngine
+from mlxpool.agentapi import LoadModelRequest, ModelPhase, ModelState, QueueReport
+
+log = logging.getLogger(__name__)
+
+WEIGHT_SUFFIXES = (".safetensors", ".npz", ".gguf")
+
+
+class ManagedEngine(Engine, Protocol):
+    """An engine the manager can start and stop (`BatchEngine` is one)."""
+
+    tokenizer: Any
+
+    async def start(self) -> ModelInfo:
+        """Load (and warm, if the factory was asked to) the model; returns once it can serve."""
+        ...
+
+    async def stop(self) -> None:
+        """Stop the engine's thread and release the model's memory."""
+        ...
+
+
+class EngineFactory(Protocol):
+    def __call__(self, path: str, name: str, *, warm: bool,
+                 on_weights_loaded: Callable[[], None]) -> ManagedEngine:
+        """A new, not yet started engine; `on_weights_loaded` may be called from any thread
+        once the weights are in memory and warm-up begins (engines that cannot tell skip it)."""
+        ...
+
+
+@dataclass(frozen=True)
+class Capacity:
+    max_models: int
+    budget_bytes: int | None
+    """Bytes of model weights allowed at once; None: not limited."""
+    evict: bool = True
+    unload_timeout: float = 30.0
+
+
+@dataclass(eq=False)
+class _Record:
+    name: str
+    path: str
+    cache_key: str | None
+    warm: bool
+    pinned: bool
+    estimate_bytes: int
+    phase: ModelPhase = ModelPhase.LOADING
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    engine: ManagedEngine | None = None
+    served: ServedModel | None = None
+    memory_bytes: int | None = None
+    load_time_seconds: float | None = None
+    message: str | None = None
+    task: asyncio.Task | None = None
+    admitted_at: float = field(default_factory=time.monotonic)
+    settled: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when loading ends (ready or failed)."""
+
+    @property
+    def crashed(self) -> bool:
+        """Ready, but its engine's thread has died."""
+        return self.phase is ModelPhase.READY and self.served is not None and not self.served.engine.healthy
+
+    def state(self) -> ModelState:
+        phase, message = self.phase, self.message
+        if self.crashed:
+            phase, message = ModelPhase.FAILED, "the engine stopped unexpectedly (see the agent's log)"
+        return ModelState(
+            name=self.name, phase=phase, path=self.path, memory_bytes=self.memory_bytes or self.estimate_bytes,
+            load_time_seconds=self.load_time_seconds, pinned=self.pinned, message=message,
+        )
+
+    def resident(self) -> eviction.Resident:
+        tracked = self.served.engine if self.served is not None else None
+        busy = self.phase is not ModelPhase.READY or (isinstance(tracked, TrackedEngine) and tracked.busy)
+        last_used = self.served.last_used if self.served is not None else self.admitted_at
+        return eviction.Resident(self.name, self.memory_bytes or self.estimate_bytes, last_used,
+                                 pinned=self.pinned, busy=busy)
+
+
+class ModelManager:
+    def __init__(
+        self, repository: ModelRepository, make_engine: EngineFactory, capacity: Capacity, *,
+        cache_path: Callable[[str], Path] | None = None, on_change: Callable[[], None] | None = None,
+    ) -> None:
+        self.repository = repository
+        self.capacity = capacity
+        self._make_engine = make_engine
+        self._cache_path = cache_path
+        self._on_change = on_change
+        self._records: dict[str, _Record] = {}
+        self._admission = asyncio.Lock()  # one capacity decision at a time
+
+    # ---- reading ----
+
+    def states(self) -> list[ModelState]:
+        return [r.state() for r in sorted(self._records.values(), key=lambda r: r.name)]
+
+    def state(self, name: str) -> ModelState:
+        return self._record(name).state()
+
+    def queue(self) -> QueueReport:
+        stats = [m.engine.stats for m in self.repository.all()]
+        return QueueReport(running=sum(s.running for s in stats), waiting=sum(s.waiting for s in stats))
+
+    def using_cache(self, cache_key: str) -> list[str]:
+        """Models loaded (or loading) from a cache entry: it must not be deleted under them."""
+        return sorted(r.name for r in self._records.values()
+                      if r.cache_key == cache_key and r.phase is not ModelPhase.FAILED)
+
+    # ---- load ----
+
+    async def load(self, request: LoadModelRequest) -> tuple[ModelState, bool]:
+        """Start loading (or confirm) `request.name`; the state and whether it is already ready."""
+        path = await self._resolve(request)
+        async with self._admission:
+            record = self._records.get(request.name)
+            if record is not None and record.crashed:  # clear the dead engine away first
+                self._begin_unload(record, reason="the engine stopped unexpectedly")
+            if record is not None:
+                if record.phase is ModelPhase.UNLOADING:
+                    raise ModelUnloading(f"model {request.name!r} is being unloaded; load it again once it is gone",
+                                         param="name")
+                if record.phase is not ModelPhase.FAILED:
+                    if (record.path, record.cache_key) != (str(path), request.cache_key):
+                        raise ModelConflict(
+                            f"model {request.name!r} is already {record.phase.value} from "
+                            f"{record.cache_key and f'cache entry {record.cache_key}' or record.path}; "
+                            f"unload it first (DELETE /v1/node/models/{request.name})", param="name")
+                    if record.pinned != request.pin:
+                        record.pinned = request.pin
+                        self._changed()
+                    return record.state(), record.phase is ModelPhase.READY
+                self._forget(record)
+            estimate = await asyncio.to_thread(weights_bytes, path)
+            victims = self._admit(request.name, estimate)
+            record = _Record(request.name, str(path), request.cache_key, request.warm, request.pin, estimate)
+            self._records[record.name] = record
+            self.repository.mark(record.name, ModelPhase.LOADING.value)
+            record.task = asyncio.create_task(self._load(record, victims), name=f"load-{record.name}")
+            log.info("model admitted name=%s path=%s estimate_bytes=%d evicting=%s",
+                     record.name, record.path, estimate, ",".join(v.name for v in victims) or "-")
+            self._changed()
+            return record.state(), False
+
+    async def wait_settled(self, name: str) -> ModelState:
+        """Wait until `name` is ready or failed (for the model given on the command line)."""
+        record = self._record(name)
+        await record.settled.wait()
+        return record.state()
+
+    def _admit(self, name: str, estimate: int) -> list[_Record]:
+        residents = [r.resident() for r in self._records.values()
+                     if r.phase in (ModelPhase.LOADING, ModelPhase.WARMING, ModelPhase.READY)]
+        decision = eviction.admit(residents, estimate, max_models=self.capacity.max_models,
+                                  budget_bytes=self.capacity.budget_bytes, evict=self.capacity.evict)
+        if decision.refusal is not None:
+            kind = MaxModelsReached if decision.refusal.shortage is eviction.Shortage.SLOTS else MemoryBudgetExceeded
+            raise kind(f"cannot load {name!r}: {decision.refusal.message}", param="name")
+        victims = [self._records[v] for v in decision.victims]
+        for victim in victims:
+            log.info("model evicted name=%s for=%s", victim.name, name)
+            self._begin_unload(victim, reason=f"evicted to make room for {name}")
+        return victims
+
+    async def _load(self, record: _Record, victims: list[_Record]) -> None:
+        await asyncio.gather(*(v.task for v in victims if v.task is not None), return_exceptions=True)
+        loop = asyncio.get_running_loop()
+
+        def weights_loaded() -> None:
+            loop.call_soon_threadsafe(self._warming, record)
+
+        async with record.lock:
+            started = time.perf_counter()
+            try:
+                record.engine = self._make_engine(record.path, record.name, warm=record.warm,
+                                                  on_weights_loaded=weights_loaded)
+                info = await record.engine.start()
+                encoder = PromptEncoder(record.engine.tokenizer)
+            except asyncio.CancelledError:
+                raise  # an unload cancelled us; it stops the engine
+            except Exception as exc:
+                record.phase = ModelPhase.FAILED
+                record.message = f"load failed: {exc}"
+                self.repository.mark(record.name, None)
+                log.error("model failed to load name=%s path=%s error=%s", record.name, record.path, exc)
+                if record.engine is not None:
+                    await record.engine.stop()
+                    record.engine = None
+                record.settled.set()
+                self._changed()
+                return
+            record.load_time_seconds = round(time.perf_counter() - started, 4)
+            record.memory_bytes = info.memory_bytes
+            record.served = ServedModel(record.name, TrackedEngine(record.engine), encoder, info, int(time.time()))
+            record.phase = ModelPhase.READY
+            record.message = None
+            self.repository.add(record.served)
+            record.settled.set()
+            log.info("model ready name=%s memory_bytes=%d load_time_s=%.2f", record.name, info.memory_bytes,
+                     record.load_time_seconds)
+            self._changed()
+
+    def _warming(self, record: _Record) -> None:
+        if record.phase is ModelPhase.LOADING and record.warm:
+            record.phase = ModelPhase.WARMING
+            self.repository.mark(record.name, ModelPhase.WARMING.value)
+
+    # ---- unload ----
+
+    async def unload(self, name: str) -> ModelState:
+        """Begin unloading `name` (404 if unknown); a failed model is forgotten at once."""
+        record = self._record(name)
+        if record.phase is ModelPhase.FAILED:
+            self._forget(record)
+            self._changed()
+        elif record.phase is not ModelPhase.UNLOADING:
+            self._begin_unload(record, reason="requested")
+        return record.state()
+
+    def _begin_unload(self, record: _Record, reason: str) -> None:
+        prior = record.task
+        record.phase = ModelPhase.UNLOADING
+        record.message = reason
+        self.repository.remove(record.name)
+        self.repository.mark(record.name, ModelPhase.UNLOADING.value)
+        record.task = asyncio.create_task(self._unload(record, prior), name=f"unload-{record.name}")
+        self._changed()
+
+    async def _unload(self, record: _Record, prior: asyncio.Task | None, timeout: float | None = None) -> None:
+        if prior is not None and not prior.done():
+            prior.cancel()
+            await asyncio.gather(prior, return_exceptions=True)
+        async with record.lock:
+            served = record.served
+            if served is not None and isinstance(served.engine, TrackedEngine):
+                grace = self.capacity.unload_timeout if timeout is None else timeout
+                if not await served.engine.wait_idle(grace):
+                    log.warning("unload grace over, stopping anyway name=%s in_flight=%d timeout_s=%.1f",
+                                record.name, served.engine.in_flight, grace)
+            if served is not None:
+                served.encoder.close()
+            if record.engine is not None:
+                await record.engine.stop()
+            record.engine = record.served = None
+        record.settled.set()
+        if self._records.get(record.name) is record:
+            del self._records[record.name]
+            self.repository.mark(record.name, None)
+        log.info("model unloaded name=%s reason=%s", record.name, record.message)
+        self._changed()
+
+    async def close(self) -> None:
+        """Stop every engine now (shutdown: the drain already waited for requests)."""
+        for record in list(self._records.values()):
+            prior = record.task
+            if record.phase is not ModelPhase.UNLOADING:
+                record.phase = ModelPhase.UNLOADING
+                record.message = "the agent is shutting down"
+                self.repository.remove(record.name)
+                record.task = asyncio.create_task(self._unload(record, prior, timeout=0))
+        await asyncio.gather(*(r.task for r in list(self._records.values()) if r.task), return_exceptions=True)
+
+    # ---- helpers ----
+
+    async def _resolve(self, request: LoadModelRequest) -> Path:
+        if request.cache_key is not None:
+            if self._cache_path is None:
+                raise InvalidRequest("cache_key: this agent has no model cache", param="cache_key")
+            return self._cache_path(request.cache_key)
+        assert request.path is not None
+        path = Path(request.path)
+        if not path.is_absolute():
+            raise InvalidRequest(f"path: {request.path!r} must be an absolute path on the node", param="path")
+        problem = await asyncio.to_thread(_model_dir_problem, path)
+        if problem:
+            raise InvalidRequest(f"path: {request.path!r} {problem}", param="path")
+        return path.resolve()
+
+    def _record(self, name: str) -> _Record:
+        record = self._records.get(name)
+        if record is None:
+            known = ", ".join(sorted(self._records)) or "none"
+            raise ModelNotFound(f"model {name!r} is not on this node (models: {known})", param="name")
+        return record
+
+    def _forget(self, record: _Record) -> None:
+        if self._records.get(record.name) is record:
+            del self._records[record.name]
+        self.repository.mark(record.name, None)
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change()
+
+
+def weights_bytes(directory: Path) -> int:
+    """Bytes the model's weights take on disk: the estimate of its memory before it loads."""
+    files = [p for p in directory.rglob("*") if p.is_file()]
+    weights = [p for p in files if p.suffix in WEIGHT_SUFFIXES] or files
+    return sum(p.stat().st_size for p in weights)
+
+
+def _model_dir_problem(path: Path) -> str | None:
+    if not path.is_dir():
+        return "is not a directory"
+    if not (path / "config.json").is_file():
+        return "has no config.json (not a model directory)"
+    return None

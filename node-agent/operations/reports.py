@@ -1,0 +1,49 @@
+"""`GET /v1/node`: who this node is, what it holds, how busy it is (a NodeReport).
+
+Hardware is detected once (it does not change while the agent runs); free memory is
+read on every report. Both read the OS, so they run off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mlxpool import __version__
+from mlxpool.agent import hardware
+from mlxpool.agent.operations.manager import ModelManager
+from mlxpool.agent.operations.staging import ModelCacheStore
+from mlxpool.agentapi import NodeReport
+from mlxpool.nodes import Hardware
+
+
+@dataclass(frozen=True)
+class NodeIdentity:
+    name: str
+    """The InferenceNode name (the host name when the agent does not register)."""
+    endpoint: Callable[[], str]
+    """The URL others reach this agent at (known once the socket is bound)."""
+
+
+class NodeReporter:
+    def __init__(self, identity: NodeIdentity, manager: ModelManager, cache: ModelCacheStore) -> None:
+        self._identity = identity
+        self._manager = manager
+        self._cache = cache
+        self._hardware: Hardware | None = None
+
+    async def hardware(self) -> Hardware:
+        if self._hardware is None:
+            self._hardware = await asyncio.to_thread(hardware.detect_hardware)
+        return self._hardware
+
+    async def report(self) -> NodeReport:
+        hw = await self.hardware()
+        free = await asyncio.to_thread(hardware.free_memory_bytes)
+        return NodeReport(
+            name=self._identity.name, endpoint=self._identity.endpoint(), hardware=hw,
+            max_models=self._manager.capacity.max_models, free_memory_bytes=free,
+            models=self._manager.states(), cache=self._cache.entries(), queue=self._manager.queue(),
+            agent_version=__version__,
+        )

@@ -1,0 +1,84 @@
+"""A model directory's files through the native weight manager, off the event loop.
+
+Warming maps every file and reads one byte per page (after a WILLNEED hint), so the
+first load or request does not wait for the disk; pinning `mlock`s the mappings so
+the kernel keeps them resident. Pinning is refused by the OS when RLIMIT_MEMLOCK is
+too low and the process lacks CAP_IPC_LOCK (Linux) — then `pin` raises `PinRefused`
+whose message says which limit to raise, and nothing stays half-locked.
+A pinned set stays mapped for as long as this object lives: `close()` releases it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import resource
+import time
+from pathlib import Path
+
+from mlxpool import _native
+
+
+class PinRefused(RuntimeError):
+    """The OS would not lock the weights in memory; the message says why."""
+
+
+class WeightFiles:
+    def __init__(self, weights: _native.WeightSet, directory: Path) -> None:
+        self._weights = weights
+        self.directory = directory
+
+    @classmethod
+    async def open(cls, directory: Path) -> WeightFiles:
+        paths = await asyncio.to_thread(_model_files, directory)
+        return cls(await asyncio.to_thread(_native.WeightSet, [str(p) for p in paths]), directory)
+
+    @property
+    def size(self) -> int:
+        return self._weights.size
+
+    @property
+    def pinned(self) -> bool:
+        return self._weights.locked
+
+    async def warm(self) -> float:
+        """Bring every page into memory; the seconds it took."""
+        started = time.perf_counter()
+        await asyncio.to_thread(self._warm)
+        return time.perf_counter() - started
+
+    def _warm(self) -> None:
+        self._weights.prefetch()
+        self._weights.touch()
+
+    async def pin(self) -> None:
+        try:
+            await asyncio.to_thread(self._weights.lock)
+        except OSError as exc:
+            if exc.errno in (errno.EPERM, errno.ENOMEM, errno.EAGAIN):
+                raise PinRefused(refusal_message(exc, self.size)) from None
+            raise
+
+    async def unpin(self) -> None:
+        await asyncio.to_thread(self._weights.unlock)
+
+    async def resident_fraction(self) -> float:
+        return await asyncio.to_thread(self._weights.resident_fraction)
+
+    def close(self) -> None:
+        """Drop the mappings (and with them any lock)."""
+        self._weights = _native.WeightSet([])
+
+
+def refusal_message(exc: OSError, size: int) -> str:
+    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    limit = "unlimited" if soft == resource.RLIM_INFINITY else f"{soft} bytes"
+    return (f"not pinned: the OS refused to lock {size} bytes in memory ({os.strerror(exc.errno or 0)}); "
+            f"RLIMIT_MEMLOCK is {limit}: raise it (ulimit -l, launchd HardResourceLimits/MemoryLock) "
+            "or grant CAP_IPC_LOCK")
+
+
+def _model_files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.rglob("*")
+                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(directory).parts))
