@@ -27,7 +27,15 @@ class PoolHealth:
     desired: int
     placed: int
     ready: int
+    """Placed endpoints that are healthy and serve every pool model."""
     models_without_endpoints: tuple[str, ...] = ()
+    unhealthy: int = 0
+    loading: tuple[str, ...] = ()
+    """`model on node` for every load in progress."""
+    failed: tuple[str, ...] = ()
+    """`model on node: message` for loads that failed on a placed node."""
+    waiting_for: str = ""
+    """Why more nodes cannot be placed (a summary of the exclusion reasons), if fewer are."""
 
 
 def set_condition(
@@ -73,18 +81,45 @@ def _evaluate(h: PoolHealth) -> Iterable[tuple[str, bool, str, str]]:
     elif h.models_without_endpoints:
         yield READY, False, "NoHealthyEndpoints", f"no healthy endpoint for model(s): {', '.join(h.models_without_endpoints)}"
     else:
-        yield READY, True, "EndpointsReady", f"{h.ready}/{h.desired} endpoints healthy"
+        yield READY, True, "EndpointsReady", f"{h.ready}/{h.desired} endpoints serve every model"
 
     if h.placed < h.desired:
         yield PROGRESSING, True, "WaitingForNodes", (
             f"{h.placed} of {h.desired} replicas placed; waiting for more ready nodes that match "
-            "the nodeSelector and serve the pool's models")
+            "the nodeSelector and serve or can load the pool's models" + (f" ({h.waiting_for})" if h.waiting_for else ""))
+    elif h.loading:
+        yield PROGRESSING, True, "LoadingModels", f"loading {_some(h.loading)}"
     else:
         yield PROGRESSING, False, "PlacementComplete", f"{h.placed} of {h.desired} replicas placed"
 
     if h.placed < h.desired:
         yield DEGRADED, True, "InsufficientNodes", f"only {h.placed} of {h.desired} replicas could be placed"
-    elif h.ready < h.placed:
-        yield DEGRADED, True, "EndpointsUnhealthy", f"{h.placed - h.ready} of {h.placed} endpoints fail their health probe"
+    elif h.unhealthy:
+        yield DEGRADED, True, "EndpointsUnhealthy", f"{h.unhealthy} of {h.placed} endpoints fail their health probe"
+    elif h.failed:
+        yield DEGRADED, True, "LoadFailed", f"failed to load {_some(h.failed)}"
     else:
-        yield DEGRADED, False, "AllEndpointsHealthy", f"{h.ready} of {h.placed} endpoints healthy"
+        yield DEGRADED, False, "AllEndpointsHealthy", f"{h.placed - h.unhealthy} of {h.placed} endpoints healthy"
+
+
+def _some(items: Sequence[str], shown: int = 5) -> str:
+    more = f" and {len(items) - shown} more" if len(items) > shown else ""
+    return "; ".join(items[:shown]) + more
+
+
+def node_readiness(*, agent_ready: bool, heartbeat_age: float | None, stale_after: float, probe_healthy: bool,
+                   probe_message: str) -> tuple[bool, str, str]:
+    """The Ready condition the operator writes on an InferenceNode: (status, reason, message).
+
+    Messages carry no changing numbers, so an unchanged verdict never causes a write.
+    The probe adds what the object cannot show: an agent that stopped answering.
+    """
+    if heartbeat_age is None:
+        return False, "NoHeartbeat", "the agent has not sent a heartbeat"
+    if heartbeat_age > stale_after:
+        return False, "HeartbeatStale", f"no heartbeat for more than {stale_after:g}s; no pool routes here"
+    if not agent_ready:
+        return False, "AgentNotReady", "the agent reports it is not ready"
+    if not probe_healthy:
+        return False, "HealthProbeFailed", probe_message or "the agent fails its health probe"
+    return True, "AgentReady", "the agent is ready, beats and answers its health probe"

@@ -7,7 +7,7 @@ what is here applies to every pool this process reconciles.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -43,3 +43,23 @@ class OperatorConfig:
 
     liveness_endpoint: str | None = None
     """kopf's liveness endpoint, e.g. `http://0.0.0.0:8081/healthz`; None disables it."""
+
+    agent_token: str | None = field(default=None, repr=False)
+    """Bearer token for the agents' operations API (`--agent-token-file` or
+    $MLXPOOL_AGENT_TOKEN). Without it the operator routes to what agents already serve
+    but cannot load models or stage caches (agents answer 401/403)."""
+
+    agent_timeout: float = 5.0
+    """Seconds an agent has to answer an operations call."""
+
+    report_interval: float = 5.0
+    """Seconds between `GET /v1/node` reports of an agent (every probe while it loads or stages)."""
+
+    scrape_interval: float = 5.0
+    """Seconds between scrapes of the placed agents' /metrics for the per-pool load gauges."""
+
+    load_retry_after: float = 30.0
+    """Seconds a failed load keeps pools away from that node and model before a retry."""
+
+    resync_interval: float = 10.0
+    """Seconds between passes of a pool or cache when nothing woke it (changes wake it at once)."""

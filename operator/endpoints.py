@@ -1,15 +1,13 @@
 """The endpoints of a pool after placement and probing: data shared by the pure modules.
 
 `tables` turns them into the routing table, `statuses` into the pool status.
-Probing itself (I/O) lives in `probing`, which produces `ProbeResult`s.
+Probing itself (I/O) lives in `probing`, which produces `ProbeResult`s; `placement`
+builds the endpoints from the nodes it chose.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-
-from mlxpool.operator.placement import NodeView
 
 
 @dataclass(frozen=True)
@@ -19,6 +17,8 @@ class ProbeResult:
 
     healthy: bool
     message: str = ""
+    timed_out: bool = False
+    """No answer in time: maybe a dead agent, maybe a busy one (monitors want two in a row)."""
 
 
 NOT_PROBED = ProbeResult(False, "not probed yet")
@@ -26,28 +26,23 @@ NOT_PROBED = ProbeResult(False, "not probed yet")
 
 @dataclass(frozen=True)
 class PlacedEndpoint:
-    """A node chosen for a pool, with the pool models it serves and its last probe."""
+    """A node chosen for a pool: the pool models it serves, those it does not serve yet,
+    and its last probe."""
 
     node: str
     url: str
     models: tuple[str, ...]
     probe: ProbeResult
+    pending: tuple[str, ...] = ()
+    """Pool models this node does not serve yet (loading, or waiting for their copy)."""
+    managed: tuple[str, ...] = ()
+    """Pool models the operator loaded here (it unloads them when no pool needs them)."""
 
     @property
     def healthy(self) -> bool:
         return self.probe.healthy
 
-
-def placed_endpoints(
-    chosen: Sequence[NodeView], model_names: Collection[str], probes: Mapping[str, ProbeResult]
-) -> list[PlacedEndpoint]:
-    """One entry per chosen node (by name), listing only the pool's models it serves."""
-    return [
-        PlacedEndpoint(
-            node=n.name,
-            url=n.endpoint,
-            models=tuple(sorted(n.models & set(model_names))),
-            probe=probes.get(n.name, NOT_PROBED),
-        )
-        for n in sorted(chosen, key=lambda n: n.name)
-    ]
+    @property
+    def ready(self) -> bool:
+        """Healthy and serving every model of the pool."""
+        return self.healthy and not self.pending

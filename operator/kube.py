@@ -1,4 +1,4 @@
-"""The operator's own Kubernetes API calls: the routing-table ConfigMap and pool status.
+"""The operator's own Kubernetes API calls: routing-table ConfigMaps and status writes.
 
 A thin typed layer over kubernetes_asyncio (kopf does the watching). Every write is a
 JSON merge patch or a create, and every request is counted in `metrics.API_REQUESTS`.
@@ -8,6 +8,7 @@ on its own.
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,7 +19,8 @@ from pydantic import ValidationError
 
 from mlxpool.operator import metrics
 from mlxpool.resources import (
-    API_VERSION, GROUP, LABEL_POOL, POOL_KIND, POOL_PLURAL, ROUTES_DATA_KEY, VERSION, routes_configmap_name,
+    API_VERSION, CACHE_PLURAL, GROUP, LABEL_POOL, NODE_PLURAL, POOL_KIND, POOL_PLURAL, ROUTES_DATA_KEY, VERSION,
+    routes_configmap_name,
 )
 from mlxpool.routing import RoutingTable
 
@@ -121,3 +123,40 @@ class KubeClient:
             _content_type=MERGE_PATCH, _request_timeout=REQUEST_TIMEOUT,
         )
         return dict(updated.get("status") or {})
+
+    async def patch_cache_status(self, namespace: str, name: str, status: Mapping) -> dict:
+        """Merge-patch a ModelCache's `status`; returns the stored status."""
+        metrics.API_REQUESTS.labels("patch", "modelcaches/status").inc()
+        updated = await self._custom.patch_namespaced_custom_object_status(
+            GROUP, VERSION, namespace, CACHE_PLURAL, name, {"status": dict(status)},
+            _content_type=MERGE_PATCH, _request_timeout=REQUEST_TIMEOUT,
+        )
+        return dict(updated.get("status") or {})
+
+    async def patch_node_status(self, name: str, status: Mapping) -> None:
+        """Merge-patch the operator's fields (the conditions) of an InferenceNode's status;
+        the agent's own fields are left alone."""
+        metrics.API_REQUESTS.labels("patch", "inferencenodes/status").inc()
+        await self._custom.patch_cluster_custom_object_status(
+            GROUP, VERSION, NODE_PLURAL, name, {"status": dict(status)},
+            _content_type=MERGE_PATCH, _request_timeout=REQUEST_TIMEOUT,
+        )
+
+    async def list_pools(self, namespaces: tuple[str, ...]) -> list[dict]:
+        """Every InferencePool in `namespaces` (all when empty; glob patterns are listed
+        cluster-wide and filtered), for seeding the fleet at start."""
+        plain = [ns for ns in namespaces if not any(c in ns for c in "*?[!")]
+        items: list[dict] = []
+        if namespaces and len(plain) == len(namespaces):
+            for ns in plain:
+                metrics.API_REQUESTS.labels("list", "inferencepools").inc()
+                listed = await self._custom.list_namespaced_custom_object(
+                    GROUP, VERSION, ns, POOL_PLURAL, _request_timeout=REQUEST_TIMEOUT)
+                items += listed.get("items") or []
+            return items
+        metrics.API_REQUESTS.labels("list", "inferencepools").inc()
+        listed = await self._custom.list_cluster_custom_object(GROUP, VERSION, POOL_PLURAL,
+                                                               _request_timeout=REQUEST_TIMEOUT)
+        patterns = namespaces or ("*",)
+        return [i for i in listed.get("items") or []
+                if any(fnmatch.fnmatchcase(i["metadata"]["namespace"], p) for p in patterns)]

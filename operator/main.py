@@ -13,6 +13,7 @@ from pathlib import Path
 from mlxpool.operator.config import OperatorConfig
 
 LOG_FORMATS = ("plain", "full", "json")
+TOKEN_ENV = "MLXPOOL_AGENT_TOKEN"
 
 
 def parse_args(argv: list[str]) -> tuple[OperatorConfig, argparse.Namespace]:
@@ -37,6 +38,18 @@ def parse_args(argv: list[str]) -> tuple[OperatorConfig, argparse.Namespace]:
     parser.add_argument("--metrics-address", default=OperatorConfig.metrics_address, metavar="ADDR",
                         help="address of the metrics endpoint (default: %(default)s)")
     parser.add_argument("--liveness", metavar="URL", help="kopf liveness endpoint, e.g. http://0.0.0.0:8081/healthz")
+    parser.add_argument("--agent-token-file", type=Path, metavar="PATH",
+                        help=f"bearer token for the agents' operations API (default: ${TOKEN_ENV})")
+    parser.add_argument("--agent-timeout", type=_positive, default=OperatorConfig.agent_timeout, metavar="S",
+                        help="seconds an agent has to answer an operations call (default: %(default)s)")
+    parser.add_argument("--report-interval", type=_positive, default=OperatorConfig.report_interval, metavar="S",
+                        help="seconds between GET /v1/node of each agent (default: %(default)s)")
+    parser.add_argument("--scrape-interval", type=_positive, default=OperatorConfig.scrape_interval, metavar="S",
+                        help="seconds between scrapes of placed agents' /metrics (default: %(default)s)")
+    parser.add_argument("--load-retry-seconds", type=_positive, default=OperatorConfig.load_retry_after, metavar="S",
+                        help="seconds before a failed load is tried again on that node (default: %(default)s)")
+    parser.add_argument("--resync-interval", type=_positive, default=OperatorConfig.resync_interval, metavar="S",
+                        help="seconds between passes of an object nothing woke (default: %(default)s)")
     parser.add_argument("--log-format", choices=LOG_FORMATS, default="full")
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
@@ -49,8 +62,26 @@ def parse_args(argv: list[str]) -> tuple[OperatorConfig, argparse.Namespace]:
         metrics_port=args.metrics_port,
         metrics_address=args.metrics_address,
         liveness_endpoint=args.liveness,
+        agent_token=_agent_token(parser, args.agent_token_file),
+        agent_timeout=args.agent_timeout,
+        report_interval=args.report_interval,
+        scrape_interval=args.scrape_interval,
+        load_retry_after=args.load_retry_seconds,
+        resync_interval=args.resync_interval,
     )
     return config, args
+
+
+def _agent_token(parser: argparse.ArgumentParser, path: Path | None) -> str | None:
+    if path is None:
+        return os.environ.get(TOKEN_ENV) or None
+    try:
+        token = path.read_text().strip()
+    except OSError as exc:
+        parser.error(f"--agent-token-file {path}: {exc.strerror}")
+    if not token:
+        parser.error(f"--agent-token-file {path}: the file is empty")
+    return token
 
 
 def _positive(text: str) -> float:

@@ -1,8 +1,9 @@
 """Prometheus metrics of the operator (`--metrics-port`).
 
-The API request counter covers the requests the reconciler makes itself (not kopf's
-watches and finalizer patches): it is what the control-plane benchmark divides by
-reconcile passes to check that unchanged pools cost no writes.
+The API request counter covers the requests the reconcilers make themselves (not
+kopf's watches and finalizer patches): it is what the control-plane benchmark divides
+by reconcile passes to check that unchanged pools cost no writes. The `mlxpool_pool_*`
+gauges are the per-pool load figures autoscalers read (manifests/autoscaling).
 """
 
 from __future__ import annotations
@@ -18,6 +19,16 @@ RECONCILES = Counter(
     "mlxpool_operator_reconciles_total",
     "Reconcile passes of InferencePools, by what they wrote.",
     ["outcome"],  # unchanged | routes | status | routes+status | error
+)
+CACHE_RECONCILES = Counter(
+    "mlxpool_operator_cache_reconciles_total",
+    "Reconcile passes of ModelCaches, by whether they wrote status.",
+    ["outcome"],  # unchanged | status | error
+)
+AGENT_REQUESTS = Counter(
+    "mlxpool_operator_agent_requests_total",
+    "Calls to agents' operations API and /metrics, by operation and HTTP status (or unreachable).",
+    ["operation", "status"],
 )
 PROBE_SECONDS = Histogram(
     "mlxpool_operator_probe_seconds",
@@ -35,6 +46,35 @@ ROUTING_REVISION = Gauge(
     "Routing-table revision of a pool.",
     ["namespace", "pool"],
 )
+
+
+POOL_LABELS = ["namespace", "pool"]
+POOL_QUEUE_DEPTH = Gauge(
+    "mlxpool_pool_queue_depth",
+    "Requests waiting for a batch slot, summed over the pool's endpoints and models.",
+    POOL_LABELS,
+)
+POOL_RUNNING = Gauge(
+    "mlxpool_pool_requests_running",
+    "Requests in the engines' batches, summed over the pool's endpoints and models.",
+    POOL_LABELS,
+)
+POOL_TOKENS_PER_SECOND = Gauge(
+    "mlxpool_pool_generation_tokens_per_second",
+    "Tokens generated per second by the pool's endpoints, between the last two scrapes.",
+    POOL_LABELS,
+)
+POOL_UTILIZATION = Gauge(
+    "mlxpool_pool_utilization",
+    "Share (0-1) of the pool's scraped endpoints with at least one request in their batch.",
+    POOL_LABELS,
+)
+POOL_SCRAPED_ENDPOINTS = Gauge(
+    "mlxpool_pool_scraped_endpoints",
+    "Endpoints of the pool whose /metrics answered at the last scrape.",
+    POOL_LABELS,
+)
+USAGE_GAUGES = (POOL_QUEUE_DEPTH, POOL_RUNNING, POOL_TOKENS_PER_SECOND, POOL_UTILIZATION, POOL_SCRAPED_ENDPOINTS)
 
 
 class MetricsServer:
@@ -55,7 +95,7 @@ class MetricsServer:
 
 
 def forget_pool(namespace: str, pool: str) -> None:
-    for gauge in (READY_ENDPOINTS, ROUTING_REVISION):
+    for gauge in (READY_ENDPOINTS, ROUTING_REVISION, *USAGE_GAUGES):
         try:
             gauge.remove(namespace, pool)
         except KeyError:

@@ -1,17 +1,18 @@
 """Health probes of agents: `GET <endpoint>/health` with a short timeout.
 
-One shared `httpx.AsyncClient`, all of a pass's endpoints probed concurrently. Any
-answer other than 2xx, a refused connection or a timeout makes the endpoint unhealthy
-at once (no failure threshold): the routing table must drop a dead agent within about
-one probe interval. Messages are stable for a repeated failure so they do not cause
-status writes on their own. Deciding what to do with a result is not done here.
+One shared `httpx.AsyncClient` with kept-alive connections. Any answer other than 2xx,
+a refused connection or a timeout makes the probe fail; a timeout is marked as such,
+since a busy agent times out too (the node monitor wants two in a row for those, and
+acts on a refused connection at once: a dead agent leaves the table within about one
+probe interval).
+Only a connection the agent closed under us is retried, at once, on a fresh one.
+Messages are stable for a repeated failure so they do not cause status writes on
+their own. Deciding what to do with a result is not done here.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Mapping
 
 import httpx
 
@@ -34,17 +35,17 @@ class Prober:
             metrics.PROBE_FAILURES.inc()
         return result
 
-    async def probe_all(self, endpoints: Mapping[str, str]) -> dict[str, ProbeResult]:
-        """Probe `{key: endpoint}` concurrently; results under the same keys."""
-        keys = list(endpoints)
-        results = await asyncio.gather(*(self.probe(endpoints[k]) for k in keys))
-        return dict(zip(keys, results))
-
     async def _get(self, endpoint: str) -> ProbeResult:
+        url = endpoint.rstrip("/") + HEALTH_PATH
         try:
-            response = await self._client.get(endpoint.rstrip("/") + HEALTH_PATH, timeout=self._timeout)
+            try:
+                response = await self._client.get(url, timeout=self._timeout)
+            except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError):
+                # A kept-alive connection the agent closed (it restarted, or just died): ask
+                # once more on a fresh one, so the verdict and its message are about the agent.
+                response = await self._client.get(url, timeout=self._timeout)
         except httpx.TimeoutException:
-            return ProbeResult(False, f"no answer to GET {HEALTH_PATH} within {self._timeout:g}s")
+            return ProbeResult(False, f"no answer to GET {HEALTH_PATH} within {self._timeout:g}s", timed_out=True)
         except httpx.ConnectError as exc:
             return ProbeResult(False, f"cannot connect: {exc}")
         except httpx.HTTPError as exc:

@@ -1,24 +1,27 @@
-"""The InferencePool spec as typed values: what the operator reads from a pool.
+"""The specs of InferencePool and ModelCache as typed values: what the operator reads.
 
-The API server has already validated and defaulted the object against the CRD
-(crds/mlxpool.dev_inferencepools.yaml), so these models only give it types and
-Python names; unknown keys are ignored, so an operator older than the CRD still runs.
-The defaults here repeat the CRD's for objects built by hand (tests).
+The API server has already validated and defaulted the objects against the CRDs
+(crds/), so these models only give them types and Python names; unknown keys are
+ignored, so an operator older than the CRD still runs. The defaults here repeat the
+CRDs' for objects built by hand (tests).
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from mlxpool.agentapi import StageRequest
 from mlxpool.priorities import Priority
 from mlxpool.resources import LABEL_POOL
 
 Strategy = Literal["round-robin", "least-loaded", "latency-aware", "prefix-affinity"]
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 SelectorOperator = Literal["In", "NotIn", "Exists", "DoesNotExist"]
+DIGEST_PREFIX = "sha256:"
 
 
 class _Spec(BaseModel):
@@ -28,6 +31,7 @@ class _Spec(BaseModel):
 class ModelRef(_Spec):
     name: str
     source: str | None = None
+    """Where agents get the weights when no ModelCache of the namespace provides the model."""
 
 
 class SelectorRequirement(_Spec):
@@ -80,6 +84,39 @@ class PoolSpec(_Spec):
     def from_body(cls, body: Any) -> PoolSpec:
         """Parse `body["spec"]` of an InferencePool object (a dict or kopf's Body)."""
         return cls.model_validate(dict(body.get("spec") or {}))
+
+
+class CacheSpec(_Spec):
+    model: str | None = None
+    """The name agents serve the model under; None means the ModelCache's own name."""
+    source: str
+    revision: str | None = None
+    digests: dict[str, str] = Field(default_factory=dict)
+    """sha256 per file, `sha256:<hex>` or bare hex (the CRD checks the form)."""
+    node_selector: LabelSelector | None = None
+    warm: bool = False
+    pin: bool = False
+
+    @classmethod
+    def from_body(cls, body: Any) -> CacheSpec:
+        return cls.model_validate(dict(body.get("spec") or {}))
+
+    def model_name(self, object_name: str) -> str:
+        return self.model or object_name
+
+    def stage_request(self) -> StageRequest:
+        """What `PUT /v1/node/cache/{key}` gets: the agent API takes bare sha256 hex."""
+        return StageRequest(
+            source=self.source, revision=self.revision, warm=self.warm, pin=self.pin,
+            digests={path: d.removeprefix(DIGEST_PREFIX) for path, d in sorted(self.digests.items())},
+        )
+
+    def content_id(self) -> str:
+        """Identifies the bytes: source, revision and digests (not warm/pin, which an agent
+        applies to the copy it has). A change gives the cache a new key on the agents."""
+        text = "\n".join([self.source, self.revision or "",
+                          *(f"{p}={d.removeprefix(DIGEST_PREFIX)}" for p, d in sorted(self.digests.items()))])
+        return hashlib.sha256(text.encode()).hexdigest()
 
 
 def pool_selector(pool_name: str) -> str:

@@ -14,7 +14,7 @@ from mlxpool.operator.conditions import PoolHealth, pool_conditions, rfc3339
 from mlxpool.operator.endpoints import PlacedEndpoint
 from mlxpool.operator.specs import PoolSpec, pool_selector
 
-_ENDPOINT_IDENTITY = ("url", "models", "healthy", "message")
+_ENDPOINT_IDENTITY = ("url", "models", "healthy", "message", "pending")
 
 
 def endpoint_entries(endpoints: Sequence[PlacedEndpoint], previous: Sequence[Mapping], now: datetime) -> list[dict]:
@@ -24,6 +24,10 @@ def endpoint_entries(endpoints: Sequence[PlacedEndpoint], previous: Sequence[Map
     entries = []
     for ep in endpoints:
         entry: dict = {"node": ep.node, "url": ep.url, "models": list(ep.models), "healthy": ep.healthy}
+        if ep.pending:
+            entry["pending"] = list(ep.pending)
+        if ep.managed:
+            entry["managedModels"] = list(ep.managed)
         if ep.probe.message:
             entry["message"] = ep.probe.message[:1024]
         old = before.get(ep.node)
@@ -33,13 +37,18 @@ def endpoint_entries(endpoints: Sequence[PlacedEndpoint], previous: Sequence[Map
     return entries
 
 
-def pool_health(spec: PoolSpec, endpoints: Sequence[PlacedEndpoint]) -> PoolHealth:
+def pool_health(spec: PoolSpec, endpoints: Sequence[PlacedEndpoint], *, loading: Sequence[str] = (),
+                failed: Sequence[str] = (), waiting_for: str = "") -> PoolHealth:
     served = {m for e in endpoints if e.healthy for m in e.models}
     return PoolHealth(
         desired=spec.replicas,
         placed=len(endpoints),
-        ready=sum(e.healthy for e in endpoints),
+        ready=sum(e.ready for e in endpoints),
         models_without_endpoints=tuple(m for m in spec.model_names if m not in served),
+        unhealthy=sum(not e.healthy for e in endpoints),
+        loading=tuple(loading),
+        failed=tuple(failed),
+        waiting_for=waiting_for if len(endpoints) < spec.replicas else "",
     )
 
 
@@ -52,13 +61,15 @@ def pool_status(
     routing_revision: int,
     previous: Mapping,
     now: datetime,
+    health: PoolHealth | None = None,
 ) -> dict:
     """The complete status the operator owns for a pool."""
-    health = pool_health(spec, endpoints)
+    health = health or pool_health(spec, endpoints)
     return {
         "observedGeneration": generation,
         "replicas": health.placed,
         "readyReplicas": health.ready,
+        "readySummary": f"{health.ready}/{health.desired}",
         "selector": pool_selector(name),
         "routingRevision": routing_revision,
         "endpoints": endpoint_entries(endpoints, previous.get("endpoints") or [], now),

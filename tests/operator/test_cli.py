@@ -10,19 +10,47 @@ from mlxpool.operator.config import OperatorConfig
 from mlxpool.operator.main import parse_args
 
 
-def test_defaults_reconcile_every_namespace_without_metrics():
+def test_defaults_reconcile_every_namespace_without_metrics(monkeypatch):
+    monkeypatch.delenv("MLXPOOL_AGENT_TOKEN", raising=False)
     config, _ = parse_args([])
     assert config == OperatorConfig()
     assert config.namespaces == () and config.probe_interval is None and config.metrics_port is None
 
 
-def test_flags():
+def test_the_agent_token_comes_from_a_file_or_the_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLXPOOL_AGENT_TOKEN", raising=False)
+    assert parse_args([])[0].agent_token is None
+    monkeypatch.setenv("MLXPOOL_AGENT_TOKEN", "from-env")
+    assert parse_args([])[0].agent_token == "from-env"
+    token = tmp_path / "token"
+    token.write_text("from-file\n")
+    config, _ = parse_args(["--agent-token-file", str(token)])
+    assert config.agent_token == "from-file"
+    assert "from-file" not in repr(config)  # never logged
+
+
+@pytest.mark.parametrize(("content", "message"), [(None, "No such file or directory"), ("\n", "the file is empty")])
+def test_an_unusable_token_file_is_refused(tmp_path, capsys, content, message):
+    token = tmp_path / "token"
+    if content is not None:
+        token.write_text(content)
+    with pytest.raises(SystemExit):
+        parse_args(["--agent-token-file", str(token)])
+    assert message in capsys.readouterr().err
+
+
+def test_flags(monkeypatch):
+    monkeypatch.delenv("MLXPOOL_AGENT_TOKEN", raising=False)
     config, args = parse_args(["--kubeconfig", "/k", "-n", "a", "--namespace", "b", "--probe-interval", "0.5",
                                "--probe-timeout", "0.2", "--node-stale-seconds", "9", "--metrics-port", "0",
-                               "--liveness", "http://127.0.0.1:8081/healthz", "--log-format", "json"])
+                               "--liveness", "http://127.0.0.1:8081/healthz", "--log-format", "json",
+                               "--agent-timeout", "3", "--report-interval", "2", "--scrape-interval", "4",
+                               "--load-retry-seconds", "60", "--resync-interval", "20"])
     assert config == OperatorConfig(kubeconfig=Path("/k"), namespaces=("a", "b"), probe_interval=0.5,
                                     probe_timeout=0.2, node_stale_after=9.0, metrics_port=0,
-                                    liveness_endpoint="http://127.0.0.1:8081/healthz")
+                                    liveness_endpoint="http://127.0.0.1:8081/healthz", agent_timeout=3.0,
+                                    report_interval=2.0, scrape_interval=4.0, load_retry_after=60.0,
+                                    resync_interval=20.0)
     assert args.log_format == "json"
 
 

@@ -43,13 +43,19 @@ def test_set_condition_leaves_other_conditions_alone():
     (PoolHealth(desired=2, placed=2, ready=2), {
         "Ready": ("True", "EndpointsReady"), "Progressing": ("False", "PlacementComplete"),
         "Degraded": ("False", "AllEndpointsHealthy")}),
-    (PoolHealth(desired=2, placed=2, ready=1), {
+    (PoolHealth(desired=2, placed=2, ready=1, unhealthy=1), {
         "Ready": ("True", "EndpointsReady"), "Progressing": ("False", "PlacementComplete"),
         "Degraded": ("True", "EndpointsUnhealthy")}),
+    (PoolHealth(desired=2, placed=2, ready=1, loading=("tiny on b",)), {
+        "Ready": ("True", "EndpointsReady"), "Progressing": ("True", "LoadingModels"),
+        "Degraded": ("False", "AllEndpointsHealthy")}),
+    (PoolHealth(desired=2, placed=2, ready=1, failed=("tiny on b: no memory",)), {
+        "Ready": ("True", "EndpointsReady"), "Progressing": ("False", "PlacementComplete"),
+        "Degraded": ("True", "LoadFailed")}),
     (PoolHealth(desired=3, placed=1, ready=1), {
         "Ready": ("True", "EndpointsReady"), "Progressing": ("True", "WaitingForNodes"),
         "Degraded": ("True", "InsufficientNodes")}),
-    (PoolHealth(desired=2, placed=2, ready=0, models_without_endpoints=("tiny",)), {
+    (PoolHealth(desired=2, placed=2, ready=0, models_without_endpoints=("tiny",), unhealthy=2), {
         "Ready": ("False", "NoHealthyEndpoints"), "Progressing": ("False", "PlacementComplete"),
         "Degraded": ("True", "EndpointsUnhealthy")}),
     (PoolHealth(desired=0, placed=0, ready=0), {

@@ -43,28 +43,71 @@ def test_sample_validates_against_its_crd(controlplane: ControlPlane, sample: Pa
     assert "(server dry run)" in result.stdout
 
 
+SHA = "ab" * 32
+
 INVALID = [
+    # InferencePool
     ("no-models", pool(models=[]), "spec.models in body should have at least 1 items"),
+    ("too-many-models", pool(models=[{"name": f"m{i}"} for i in range(17)]),
+     "spec.models: Too many: 17: must have at most 16 items"),
     ("duplicate-model", pool(models=[{"name": "a"}, {"name": "a"}]), 'spec.models[1]: Duplicate value: {"name":"a"}'),
+    ("model-name-with-space", pool(models=[{"name": "my model"}]), "spec.models[0].name in body should match"),
     ("negative-replicas", pool(replicas=-1), "spec.replicas in body should be greater than or equal to 0"),
+    ("huge-replicas", pool(replicas=5000), "spec.replicas in body should be less than or equal to 1000"),
     ("above-max", pool(replicas=5, maxReplicas=3), "spec.replicas: Invalid value: \"object\": replicas must not exceed maxReplicas"),
     ("below-min", pool(replicas=1, minReplicas=2), "replicas must not be below minReplicas"),
     ("min-above-max", pool(replicas=3, minReplicas=4, maxReplicas=3), "minReplicas must not exceed maxReplicas"),
+    ("zero-max", pool(replicas=0, maxReplicas=0), "spec.maxReplicas in body should be greater than or equal to 1"),
     ("unknown-strategy", pool(routing={"strategy": "random"}), 'spec.routing.strategy: Unsupported value: "random"'),
     ("bad-model-source", pool(models=[{"name": "a", "source": "s3://bucket/a"}]),
      "source must start with file://, http://, https:// or hf://"),
+    ("bad-hf-source", pool(models=[{"name": "a", "source": "hf://just-a-name"}]),
+     "an hf:// source is hf://ORG/REPO or hf://ORG/REPO@REVISION"),
     ("in-without-values", pool(nodeSelector={"matchExpressions": [{"key": "a", "operator": "In"}]}),
      "values must be non-empty for In and NotIn"),
+    ("exists-with-values", pool(nodeSelector={"matchExpressions": [{"key": "a", "operator": "Exists",
+                                                                    "values": ["x"]}]}),
+     "values must be non-empty for In and NotIn, and empty for Exists and DoesNotExist"),
+    ("unknown-selector-operator", pool(nodeSelector={"matchExpressions": [{"key": "a", "operator": "Gt",
+                                                                           "values": ["1"]}]}),
+     'spec.nodeSelector.matchExpressions[0].operator: Unsupported value: "Gt"'),
     ("unknown-priority", pool(scheduling={"tiers": [{"priority": "urgent"}]}),
      'spec.scheduling.tiers[0].priority: Unsupported value: "urgent"'),
+    ("zero-deadline", pool(scheduling={"tiers": [{"priority": "high", "deadlineSeconds": 0}]}),
+     "spec.scheduling.tiers[0].deadlineSeconds in body should be greater than 0"),
+    ("duplicate-tier", pool(scheduling={"tiers": [{"priority": "high"}, {"priority": "high"}]}),
+     'spec.scheduling.tiers[1]: Duplicate value: {"priority":"high"}'),
     ("zero-interval", pool(healthCheck={"intervalSeconds": 0}),
      "spec.healthCheck.intervalSeconds in body should be greater than or equal to 1"),
+    ("slow-interval", pool(healthCheck={"intervalSeconds": 301}),
+     "spec.healthCheck.intervalSeconds in body should be less than or equal to 300"),
     ("unknown-field", pool(replica=2), 'unknown field "spec.replica"'),
+    # ModelCache
+    ("cache-no-source", {**cache(), "spec": {"warm": True}}, "spec.source: Required value"),
     ("cache-bad-source", cache(source="ftp://host/model"), "source must start with file://, http://, https:// or hf://"),
-    ("cache-bad-digest", cache(digests={"model.safetensors": "abc"}), "should match '^[a-f0-9]{64}$'"),
+    ("cache-short-digest", cache(digests={"model.safetensors": "abc"}),
+     "a digest without an algorithm is sha256 and has exactly 64 hex digits"),
+    ("cache-digest-wrong-length-for-algorithm", cache(digests={"model.safetensors": f"sha256:{SHA[:40]}"}),
+     "a sha256 digest has exactly 64 hex digits after 'sha256:'"),
+    ("cache-unknown-digest-algorithm", cache(digests={"model.safetensors": f"md5:{SHA[:32]}"}),
+     "a digest is sha256:<lowercase hex> or the lowercase hex alone"),
+    ("cache-uppercase-digest", cache(digests={"model.safetensors": SHA.upper()}),
+     "a digest is sha256:<lowercase hex> or the lowercase hex alone"),
+    ("cache-revision-on-a-file-source", cache(revision="main"),
+     "revision applies to hf:// sources only"),
+    ("cache-revision-twice", cache(source="hf://org/repo@v1", revision="v2"),
+     "set the revision either in the source (hf://ORG/REPO@REVISION) or in spec.revision, not both"),
+    ("cache-bad-node-selector", cache(nodeSelector={"matchExpressions": [{"key": "a", "operator": "NotIn"}]}),
+     "values must be non-empty for In and NotIn"),
+    # InferenceNode
     ("node-without-endpoint", {**node(), "spec": {"hardware": node()["spec"]["hardware"]}}, "spec.endpoint: Required value"),
     ("node-bad-endpoint", node(endpoint="127.0.0.1:8100"), "spec.endpoint in body should match"),
+    ("node-zero-max-models", node(maxModels=0), "spec.maxModels in body should be greater than or equal to 1"),
 ]
+
+
+def test_the_invalid_table_is_long_enough():
+    assert len(INVALID) >= 20
 
 
 @pytest.mark.parametrize(("obj", "message"), [case[1:] for case in INVALID], ids=[case[0] for case in INVALID])
@@ -72,6 +115,18 @@ def test_invalid_spec_is_rejected_with_a_readable_message(controlplane: ControlP
     result = dry_run_create(controlplane, obj, namespace, check=False)
     assert result.returncode != 0, f"accepted: {result.stdout[:300]}"
     assert message in result.stderr
+
+
+@pytest.mark.parametrize("obj", [
+    cache(digests={"a": SHA, "b": f"sha256:{SHA}"}),
+    cache(source="hf://org/repo", revision="0123abc"),
+    cache(source="hf://org/repo@main"),
+    cache(source="https://models.example.com/tiny", digests={"model.safetensors": SHA}),
+    pool(models=[{"name": "org/model:q4@v1", "source": "hf://org/model@v1"}], replicas=0, minReplicas=0,
+         maxReplicas=1000),
+], ids=["both-digest-forms", "hf-revision", "hf-at-revision", "https", "edge-pool"])
+def test_valid_edge_cases_are_accepted(controlplane: ControlPlane, namespace: str, obj):
+    dry_run_create(controlplane, obj, namespace)
 
 
 def test_defaults_are_filled_in(controlplane: ControlPlane, namespace: str):
@@ -116,12 +171,12 @@ def test_printer_columns_short_names_and_category(controlplane: ControlPlane, na
     controlplane.kubectl("create", "-n", namespace, "-f", "-", input=json.dumps(pool("shown", replicas=2)))
     controlplane.kubectl("create", "-n", namespace, "-f", "-", input=json.dumps(cache(warm=True)))
     header, row = controlplane.kubectl("get", "ipool", "-n", namespace).stdout.splitlines()
-    assert header.split() == ["NAME", "READY", "DESIRED", "MODELS", "STRATEGY", "STATUS", "AGE"]
-    assert row.split()[:4] == ["shown", "2", "tiny", "round-robin"]  # no status yet: READY, STATUS blank
+    assert header.split() == ["NAME", "READY", "MODELS", "STRATEGY", "STATUS", "AGE"]
+    assert row.split()[:3] == ["shown", "tiny", "round-robin"]  # no status yet: READY, STATUS blank
     wide = controlplane.kubectl("get", "ipool", "-n", namespace, "-o", "wide").stdout.splitlines()[0]
-    assert "REVISION" in wide.split()
+    assert {"DESIRED", "REVISION"} <= set(wide.split())
     header = controlplane.kubectl("get", "mcache", "-n", namespace).stdout.splitlines()[0]
-    assert header.split() == ["NAME", "MODEL", "SOURCE", "WARM", "PIN", "STATUS", "AGE"]
+    assert header.split() == ["NAME", "MODEL", "SOURCE", "READY", "WARM", "PIN", "STATUS", "AGE"]
     listed = controlplane.kubectl("get", "mlxpool", "-n", namespace, "-o", "name").stdout.split()
     assert {"inferencepool.mlxpool.dev/shown", "modelcache.mlxpool.dev/c"} <= set(listed)
     header = controlplane.kubectl("get", "inode").stdout.splitlines()

@@ -34,14 +34,23 @@ def test_default_overlay_is_accepted_by_the_api_server(controlplane: ControlPlan
     assert "deployment.apps/mlxpool-operator" in result.stdout
 
 
-def test_deployment_args_parse_with_the_operator_cli(controlplane: ControlPlane):
+def test_deployment_args_parse_with_the_operator_cli(controlplane: ControlPlane, tmp_path):
     from mlxpool.operator.main import parse_args
 
     docs = yaml.safe_load_all((MANIFESTS / "default" / "operator.yaml").read_text())
     (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
-    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
-    config, _ = parse_args(args[1:])
-    assert config.namespaces == () and config.metrics_port == 8080
+    pod = deployment["spec"]["template"]["spec"]
+    args = pod["containers"][0]["args"]
+    # The token is a mounted Secret file; read one from a scratch copy of that path.
+    (token_arg,) = [a for a in args if a.startswith("--agent-token-file=")]
+    mounted = token_arg.split("=", 1)[1]
+    (mount,) = pod["containers"][0]["volumeMounts"]
+    assert mounted.startswith(mount["mountPath"] + "/") and mount["readOnly"]
+    (volume,) = pod["volumes"]
+    assert volume["secret"]["secretName"] == "mlxpool-agent-token"
+    (tmp_path / "token").write_text("t")
+    config, _ = parse_args([a if a != token_arg else f"--agent-token-file={tmp_path / 'token'}" for a in args[1:]])
+    assert config.namespaces == () and config.metrics_port == 8080 and config.agent_token == "t"
     assert config.liveness_endpoint == "http://0.0.0.0:8081/healthz"
 
 

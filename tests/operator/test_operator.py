@@ -142,7 +142,8 @@ def test_scaling_restart_and_no_needless_writes(controlplane, namespace, nodes, 
     nodes.register("a", a.url, free_memory=1 << 30)
     nodes.register("b", b.url, free_memory=2 << 30)
     create_pool(cp, namespace, nodes, replicas=1)
-    operator = run_operator(namespace, "--probe-interval", "0.25", "--metrics-port", "0")
+    # Short probe and resync intervals: many probes and passes in the steady state below.
+    operator = run_operator(namespace, "--probe-interval", "0.25", "--resync-interval", "0.25")
     metrics_url = re.search(r"operator ready url=(http://[0-9.]+:\d+)", operator.log_text()).group(1)
     na, nb = nodes.name("a"), nodes.name("b")
 
@@ -154,7 +155,7 @@ def test_scaling_restart_and_no_needless_writes(controlplane, namespace, nodes, 
         return (get_pool(cp, namespace)["metadata"]["resourceVersion"],
                 get_routes(cp, namespace)[0]["metadata"]["resourceVersion"])
 
-    # Steady state: many probe passes, no write to the pool or its ConfigMap.
+    # Steady state: many probes and passes, no write to the pool or its ConfigMap.
     before, requests_before = versions(), api_requests(metrics_url)
     time.sleep(2.0)  # 8 probe intervals
     assert versions() == before
@@ -172,7 +173,7 @@ def test_scaling_restart_and_no_needless_writes(controlplane, namespace, nodes, 
     # A restarted operator finds everything in place and writes nothing.
     operator.stop()
     before = versions()
-    operator = run_operator(namespace, "--probe-interval", "0.25")
+    operator = run_operator(namespace, "--probe-interval", "0.25", "--resync-interval", "0.25")
     time.sleep(2.0)
     assert versions() == before
 

@@ -11,31 +11,50 @@ pytestmark = pytest.mark.integration
 
 # (identity, verb, resource, namespaced?, allowed)
 CASES = [
-    # The operator: pools and caches with status and finalizers, nodes read-only, configmaps, events.
+    # The operator: pools and caches with status and finalizers, nodes read-only but for their
+    # status (the Ready condition), routing-table configmaps, events. Every integration test in
+    # this folder runs the operator as this identity, which proves the allowed list suffices.
     ("operator", "list", "inferencepools.mlxpool.dev", True, True),
     ("operator", "watch", "inferencepools.mlxpool.dev", True, True),
     ("operator", "patch", "inferencepools.mlxpool.dev", True, True),
     ("operator", "patch", "inferencepools.mlxpool.dev/status", True, True),
     ("operator", "update", "inferencepools.mlxpool.dev/finalizers", True, True),
     ("operator", "watch", "modelcaches.mlxpool.dev", True, True),
+    ("operator", "patch", "modelcaches.mlxpool.dev", True, True),
     ("operator", "patch", "modelcaches.mlxpool.dev/status", True, True),
     ("operator", "watch", "inferencenodes.mlxpool.dev", False, True),
-    ("operator", "get", "inferencenodes.mlxpool.dev/status", False, True),
+    ("operator", "patch", "inferencenodes.mlxpool.dev/status", False, True),
     ("operator", "create", "configmaps", True, True),
     ("operator", "patch", "configmaps", True, True),
     ("operator", "watch", "configmaps", True, True),
     ("operator", "create", "events", True, True),
+    ("operator", "create", "events.events.k8s.io", True, True),
     ("operator", "watch", "customresourcedefinitions.apiextensions.k8s.io", False, True),
     ("operator", "watch", "namespaces", False, True),
+    # ... and nothing more.
     ("operator", "create", "inferencepools.mlxpool.dev", True, False),
     ("operator", "delete", "inferencepools.mlxpool.dev", True, False),
+    ("operator", "update", "inferencepools.mlxpool.dev", True, False),
+    ("operator", "create", "modelcaches.mlxpool.dev", True, False),
+    ("operator", "delete", "modelcaches.mlxpool.dev", True, False),
+    ("operator", "update", "modelcaches.mlxpool.dev/finalizers", True, False),
+    ("operator", "create", "inferencenodes.mlxpool.dev", False, False),
     ("operator", "patch", "inferencenodes.mlxpool.dev", False, False),
-    ("operator", "patch", "inferencenodes.mlxpool.dev/status", False, False),
+    ("operator", "delete", "inferencenodes.mlxpool.dev", False, False),
+    ("operator", "update", "inferencenodes.mlxpool.dev/status", False, False),
+    ("operator", "delete", "configmaps", True, False),
+    ("operator", "update", "configmaps", True, False),
+    ("operator", "delete", "events", True, False),
     ("operator", "get", "secrets", True, False),
+    ("operator", "list", "secrets", True, False),
+    ("operator", "create", "leases.coordination.k8s.io", True, False),
     ("operator", "list", "pods", True, False),
     ("operator", "create", "deployments.apps", True, False),
+    ("operator", "create", "serviceaccounts/token", True, False),
+    ("operator", "impersonate", "users", False, False),
     ("operator", "delete", "customresourcedefinitions.apiextensions.k8s.io", False, False),
     ("operator", "create", "clusterrolebindings.rbac.authorization.k8s.io", False, False),
+    ("operator", "escalate", "clusterroles.rbac.authorization.k8s.io", False, False),
     # The agent: its own InferenceNode, nothing else.
     ("agent", "create", "inferencenodes.mlxpool.dev", False, True),
     ("agent", "get", "inferencenodes.mlxpool.dev", False, True),

@@ -1,8 +1,9 @@
-"""One reconcile pass: what it writes, when it writes nothing, which events it posts.
+"""One pool reconcile pass: what it writes, what it asks agents, when it does nothing.
 
 Faked: the Kubernetes API (an in-memory ConfigMap and status that count requests),
-the prober (a dict of results) and the event sink (a list). The pure modules behind
-the reconciler are the real ones.
+the agents (a recorder answering load/stage/unload calls), the event sink (a list).
+The fleet, placement and every pure module behind the reconciler are the real ones;
+probe results and agent reports are fed to the fleet as the node monitors would.
 """
 
 from __future__ import annotations
@@ -12,12 +13,20 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
+from mlxpool.agentapi import (
+    CacheEntry, CachePhase, LoadModelRequest, ModelPhase, ModelState, NodeReport, StageRequest,
+)
+from mlxpool.nodes import Hardware
+from mlxpool.operator.agentclient import AgentError
 from mlxpool.operator.endpoints import ProbeResult
+from mlxpool.operator.fleet import Fleet
 from mlxpool.operator.placement import NodeView
-from mlxpool.operator.reconciling import PoolReconciler, PoolState
+from mlxpool.operator.reconciling import PoolReconciler, PoolState, seed_fleet
+from mlxpool.operator.sources import CacheRef, source_key
 from mlxpool.routing import RoutingTable
 
 NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
+HW = Hardware(chip="c", memory_bytes=1, cpu_cores=1, accelerator="cpu", platform="p")
 
 
 class FakeKube:
@@ -40,13 +49,24 @@ class FakeKube:
         return dict(self.status)
 
 
-class FakeProber:
+class FakeAgents:
     def __init__(self) -> None:
-        self.down: dict[str, str] = {}
+        self.calls: list[tuple] = []
+        self.refuse: dict[str, AgentError] = {}
 
-    async def probe_all(self, endpoints: Mapping[str, str]) -> dict[str, ProbeResult]:
-        return {k: ProbeResult(False, self.down[url]) if url in self.down else ProbeResult(True)
-                for k, url in endpoints.items()}
+    async def load(self, url: str, request: LoadModelRequest) -> ModelState:
+        self.calls.append(("load", url, request.name, request.path or request.cache_key))
+        if url in self.refuse:
+            raise self.refuse[url]
+        return ModelState(name=request.name, phase=ModelPhase.LOADING)
+
+    async def unload(self, url: str, model: str) -> ModelState:
+        self.calls.append(("unload", url, model))
+        return ModelState(name=model, phase=ModelPhase.UNLOADING)
+
+    async def stage(self, url: str, key: str, request: StageRequest) -> CacheEntry:
+        self.calls.append(("stage", url, key, request.source))
+        return CacheEntry(key=key, source=request.source, phase=CachePhase.DOWNLOADING)
 
 
 class FakeEvents:
@@ -63,100 +83,286 @@ class FakeEvents:
         return [r for _, r, _ in self.posted]
 
 
-def node(name: str, ready: bool = True) -> NodeView:
-    return NodeView(name=name, endpoint=f"http://{name}:8101", labels={}, ready=ready,
-                    heartbeat=NOW - timedelta(seconds=1), free_memory_bytes=0, models=frozenset({"tiny"}))
+def node(name: str, ready: bool = True, models: tuple[str, ...] = ("tiny",), labels: dict | None = None) -> NodeView:
+    return NodeView(name=name, endpoint=f"http://{name}:8101", labels=labels or {}, ready=ready,
+                    heartbeat=NOW - timedelta(seconds=1), free_memory_bytes=0, models=frozenset(models), max_models=4)
 
 
-def pool(replicas: int = 2, generation: int = 1) -> dict:
-    return {"metadata": {"name": "tiny", "namespace": "ns", "uid": "u-1", "generation": generation},
-            "spec": {"models": [{"name": "tiny"}], "replicas": replicas}}
+def report(name: str, models: dict[str, str] | None = None, cache: dict[str, str] | None = None) -> NodeReport:
+    return NodeReport(name=name, endpoint=f"http://{name}:8101", hardware=HW, max_models=4,
+                      free_memory_bytes=8 << 30, agent_version="t",
+                      models=[ModelState(name=m, phase=ModelPhase(p)) for m, p in (models or {}).items()],
+                      cache=[CacheEntry(key=k, source="hf://x", phase=CachePhase(p)) for k, p in (cache or {}).items()])
+
+
+def pool(replicas: int = 2, generation: int = 1, name: str = "tiny", models: list | None = None) -> dict:
+    return {"metadata": {"name": name, "namespace": "ns", "uid": "u-1", "generation": generation},
+            "spec": {"models": models or [{"name": "tiny"}], "replicas": replicas}}
+
+
+class World:
+    def __init__(self) -> None:
+        self.kube, self.agents, self.events = FakeKube(), FakeAgents(), FakeEvents()
+        self.fleet = Fleet(retry_after=30, clock=lambda: 0.0)
+        self.reconciler = PoolReconciler(self.kube, self.agents, self.fleet, stale_after=30, clock=lambda: NOW)
+
+    def add(self, *views: NodeView, reports: bool = False) -> None:
+        for v in views:
+            self.fleet.set_view(v)
+            self.fleet.observe_probe(v.name, ProbeResult(True))
+            if reports:
+                self.fleet.observe_report(v.name, report(v.name))
+
+    async def run(self, body: dict, state: PoolState, caches: Mapping[str, CacheRef] | None = None):
+        return await self.reconciler.reconcile(body, caches or {}, state, self.events)
+
+    def routed(self, model: str = "tiny") -> list[str]:
+        return [e.node for e in self.kube.table.endpoints_for(model)]
 
 
 @pytest.fixture
-def world():
-    kube, prober, events = FakeKube(), FakeProber(), FakeEvents()
-    reconciler = PoolReconciler(kube, prober, stale_after=30, clock=lambda: NOW)
-    return kube, prober, events, reconciler
+def world() -> World:
+    return World()
 
 
 async def test_first_pass_writes_table_and_status_then_nothing(world):
-    kube, prober, events, reconciler = world
+    world.add(node("a"), node("b"))
     state = PoolState()
-    first = await reconciler.reconcile(pool(), [node("a"), node("b")], state, events)
-    assert kube.requests == ["get configmap", "create configmap", "patch status"]
-    assert [e.node for e in kube.table.endpoints_for("tiny")] == ["a", "b"]
-    assert kube.status["readyReplicas"] == 2 and kube.status["routingRevision"] == 1
-    assert first.outcome == "routes+status"
-    assert events.reasons() == ["PlacementChanged"]
+    first = await world.run(pool(), state)
+    assert world.kube.requests == ["get configmap", "create configmap", "patch status"]
+    assert world.routed() == ["a", "b"]
+    assert world.kube.status["readyReplicas"] == 2 and world.kube.status["routingRevision"] == 1
+    assert world.kube.status["readySummary"] == "2/2"
+    assert first.outcome == "routes+status" and first.settled and first.interest == {"a", "b"}
+    assert world.events.reasons() == ["PlacementChanged"]
 
-    kube.requests.clear()
-    again = await reconciler.reconcile(pool(), [node("a"), node("b")], state, events)
-    assert kube.requests == [] and again.outcome == "unchanged"
-    assert events.reasons() == ["PlacementChanged"]
+    world.kube.requests.clear()
+    again = await world.run(pool(), state)
+    assert world.kube.requests == [] and again.outcome == "unchanged" and world.agents.calls == []
+    assert world.events.reasons() == ["PlacementChanged"]
 
 
 async def test_a_failing_probe_drops_the_endpoint_and_warns(world):
-    kube, prober, events, reconciler = world
+    world.add(node("a"), node("b"))
     state = PoolState()
-    await reconciler.reconcile(pool(), [node("a"), node("b")], state, events)
-    kube.requests.clear()
+    await world.run(pool(), state)
+    world.kube.requests.clear()
 
-    prober.down["http://b:8101"] = "cannot connect"
-    await reconciler.reconcile(pool(), [node("a"), node("b")], state, events)
-    assert kube.requests == ["patch configmap", "patch status"]
-    assert [e.node for e in kube.table.models["tiny"]] == ["a"] and kube.table.revision == 2
-    b = next(e for e in kube.status["endpoints"] if e["node"] == "b")
+    world.fleet.observe_probe("b", ProbeResult(False, "cannot connect"))
+    await world.run(pool(), state)
+    assert world.kube.requests == ["patch configmap", "patch status"]
+    assert world.routed() == ["a"] and world.kube.table.revision == 2
+    b = next(e for e in world.kube.status["endpoints"] if e["node"] == "b")
     assert b["healthy"] is False and b["message"] == "cannot connect"
-    assert events.posted[-1] == ("Warning", "EndpointUnhealthy", "b (http://b:8101): cannot connect")
+    assert world.events.posted[-1] == ("Warning", "EndpointUnhealthy", "b (http://b:8101): cannot connect")
 
-    # The same failure again: nothing to write, no second warning.
-    kube.requests.clear()
-    await reconciler.reconcile(pool(), [node("a"), node("b")], state, events)
-    assert kube.requests == [] and events.reasons().count("EndpointUnhealthy") == 1
+    world.kube.requests.clear()
+    await world.run(pool(), state)
+    assert world.kube.requests == [] and world.events.reasons().count("EndpointUnhealthy") == 1
 
-    del prober.down["http://b:8101"]
-    await reconciler.reconcile(pool(), [node("a"), node("b")], state, events)
-    assert kube.table.revision == 3 and events.reasons()[-1] == "EndpointRecovered"
+    world.fleet.observe_probe("b", ProbeResult(True))
+    await world.run(pool(), state)
+    assert world.kube.table.revision == 3 and world.events.reasons()[-1] == "EndpointRecovered"
 
 
 async def test_a_node_that_is_not_ready_drops_out_with_its_reason(world):
-    kube, prober, events, reconciler = world
+    world.add(node("a"), node("b"))
     state = PoolState()
-    await reconciler.reconcile(pool(), [node("a"), node("b")], state, events)
-    await reconciler.reconcile(pool(), [node("a"), node("b", ready=False)], state, events)
-    assert [e["node"] for e in kube.status["endpoints"]] == ["a"]
-    assert kube.status["replicas"] == 1
-    assert events.posted[-1] == ("Normal", "PlacementChanged", "endpoints now: a; removed b (not ready)")
+    await world.run(pool(), state)
+    world.fleet.set_view(node("b", ready=False))
+    await world.run(pool(), state)
+    assert [e["node"] for e in world.kube.status["endpoints"]] == ["a"]
+    assert world.kube.status["replicas"] == 1
+    assert world.events.posted[-1] == ("Normal", "PlacementChanged", "endpoints now: a; removed b (not ready)")
+    progressing = next(c for c in world.kube.status["conditions"] if c["type"] == "Progressing")
+    assert progressing["reason"] == "WaitingForNodes" and "1 node(s): not ready" in progressing["message"]
 
 
 async def test_scaling_observes_the_new_generation(world):
-    kube, prober, events, reconciler = world
+    world.add(node("a"), node("b"))
     state = PoolState()
-    await reconciler.reconcile(pool(replicas=1), [node("a"), node("b")], state, events)
-    assert kube.status["replicas"] == 1
-    await reconciler.reconcile(pool(replicas=2, generation=2), [node("a"), node("b")], state, events)
-    assert kube.status["replicas"] == 2 and kube.status["observedGeneration"] == 2
+    await world.run(pool(replicas=1), state)
+    assert world.kube.status["replicas"] == 1
+    await world.run(pool(replicas=2, generation=2), state)
+    assert world.kube.status["replicas"] == 2 and world.kube.status["observedGeneration"] == 2
 
 
 async def test_a_restarted_operator_rewrites_nothing_and_repeats_no_event(world):
-    kube, prober, events, reconciler = world
-    await reconciler.reconcile(pool(), [node("a"), node("b")], PoolState(), events)
-    kube.requests.clear()
-    events.posted.clear()
+    world.add(node("a"), node("b"))
+    await world.run(pool(), PoolState())
+    world.kube.requests.clear()
+    world.events.posted.clear()
 
-    restarted = PoolState.from_status(kube.status)  # what the daemon starts from
-    await reconciler.reconcile(pool(), [node("a"), node("b")], restarted, events)
-    assert kube.requests == ["get configmap"]
-    assert events.posted == []
+    restarted = PoolState.from_status(world.kube.status)  # what the daemon starts from
+    await world.run(pool(), restarted)
+    assert world.kube.requests == ["get configmap"]
+    assert world.events.posted == []
 
 
 async def test_a_lost_configmap_is_created_again_with_a_higher_revision(world):
-    kube, prober, events, reconciler = world
+    world.add(node("a"))
     state = PoolState()
-    await reconciler.reconcile(pool(), [node("a")], state, events)
+    await world.run(pool(), state)
     state.forget_table()
-    kube.requests.clear()
-    await reconciler.reconcile(pool(), [node("a")], state, events)
-    assert kube.requests == ["create configmap", "patch status"]
-    assert kube.table.revision == 2 and kube.status["routingRevision"] == 2
+    world.kube.requests.clear()
+    await world.run(pool(), state)
+    assert world.kube.requests == ["create configmap", "patch status"]
+    assert world.kube.table.revision == 2 and world.kube.status["routingRevision"] == 2
+
+
+SOURCED = [{"name": "tiny", "source": "file:///models/tiny"}]
+
+
+async def test_models_are_loaded_once_and_routed_when_ready(world):
+    world.add(node("a", models=()), node("b", models=()), reports=True)
+    state = PoolState()
+    result = await world.run(pool(models=SOURCED), state)
+    assert world.agents.calls == [("load", "http://a:8101", "tiny", "/models/tiny"),
+                                  ("load", "http://b:8101", "tiny", "/models/tiny")]
+    assert result.calls == 2 and not result.settled
+    assert world.routed() == [] and world.kube.status["readyReplicas"] == 0
+    conditions = {c["type"]: c for c in world.kube.status["conditions"]}
+    assert conditions["Progressing"]["reason"] == "LoadingModels"
+    assert world.kube.status["endpoints"][0]["pending"] == ["tiny"]
+    assert world.kube.status["endpoints"][0]["managedModels"] == ["tiny"]
+
+    # Loading: a second pass asks for nothing.
+    await world.run(pool(models=SOURCED), state)
+    assert len(world.agents.calls) == 2
+
+    world.fleet.observe_report("a", report("a", {"tiny": "ready"}))
+    world.fleet.observe_report("b", report("b", {"tiny": "ready"}))
+    result = await world.run(pool(models=SOURCED), state)
+    assert world.routed() == ["a", "b"] and result.settled
+    assert world.kube.status["readyReplicas"] == 2 and "pending" not in world.kube.status["endpoints"][0]
+    assert world.events.reasons().count("ModelReady") == 2 and world.events.reasons().count("LoadingModel") == 2
+
+
+async def test_a_restarted_operator_does_not_load_again(world):
+    world.add(node("a", models=()), reports=True)
+    await world.run(pool(replicas=1, models=SOURCED), PoolState())
+    assert len(world.agents.calls) == 1
+    status = world.kube.status
+
+    restarted = World()  # a new process: empty memory, the same agents
+    restarted.kube.status = status
+    restarted.agents = world.agents
+    restarted.reconciler._agents = world.agents
+    seed_fleet(restarted.fleet, ("ns", "tiny"), {**pool(replicas=1, models=SOURCED), "status": status})
+    restarted.add(node("a", models=()))
+    await restarted.run(pool(replicas=1, models=SOURCED), PoolState.from_status(status))
+    assert len(world.agents.calls) == 1  # no report yet: no call at all
+    restarted.fleet.observe_report("a", report("a", {"tiny": "loading"}))
+    await restarted.run(pool(replicas=1, models=SOURCED), PoolState.from_status(status))
+    assert len(world.agents.calls) == 1  # the agent is already loading it
+
+
+async def test_a_refused_load_moves_the_replica_to_another_node(world):
+    world.add(node("a", models=()), node("b", models=()), reports=True)
+    world.agents.refuse["http://a:8101"] = AgentError(507, "not enough free memory")
+    state = PoolState()
+    await world.run(pool(replicas=1, models=SOURCED), state)
+    (failed,) = [e for e in world.events.posted if e[1] == "LoadFailed"]
+    assert failed[0] == "Warning" and "not enough free memory" in failed[2]
+    await world.run(pool(replicas=1, models=SOURCED), state)
+    assert world.agents.calls[-1] == ("load", "http://b:8101", "tiny", "/models/tiny")
+    assert [e["node"] for e in world.kube.status["endpoints"]] == ["b"]
+    assert ("a", "tiny") not in world.fleet.managed
+
+
+async def test_a_remote_source_is_staged_then_loaded_from_the_copy(world):
+    world.add(node("a", models=()), reports=True)
+    models = [{"name": "tiny", "source": "hf://org/tiny"}]
+    key = source_key("hf://org/tiny")
+    state = PoolState()
+    await world.run(pool(replicas=1, models=models), state)
+    assert world.agents.calls == [("stage", "http://a:8101", key, "hf://org/tiny")]
+    assert "tiny on a (staging)" in next(c for c in world.kube.status["conditions"]
+                                         if c["type"] == "Progressing")["message"]
+    await world.run(pool(replicas=1, models=models), state)
+    assert len(world.agents.calls) == 1
+    world.fleet.observe_report("a", report("a", cache={key: "Cached"}))
+    await world.run(pool(replicas=1, models=models), state)
+    assert world.agents.calls[-1] == ("load", "http://a:8101", "tiny", key)
+
+
+async def test_a_model_cache_serves_only_where_its_copy_is(world):
+    ref = CacheRef("ns", "tiny-cache", "tiny", "ns.tiny-cache.abc")
+    world.add(node("a", models=()), node("b", models=()), reports=True)
+    world.fleet.observe_report("b", report("b", cache={ref.key: "Warm"}))
+    state = PoolState()
+    await world.run(pool(replicas=2), state, caches={"tiny": ref})
+    assert world.agents.calls == [("load", "http://b:8101", "tiny", ref.key)]
+    assert [e["node"] for e in world.kube.status["endpoints"]] == ["b"]
+    assert "ModelCache ns/tiny-cache is not staged here" in next(
+        c for c in world.kube.status["conditions"] if c["type"] == "Progressing")["message"]
+
+
+async def test_scaling_down_unloads_what_the_operator_loaded_unless_another_pool_uses_it(world):
+    world.add(node("a", models=()), node("b", models=()), reports=True)
+    state, other = PoolState(), PoolState()
+    await world.run(pool(replicas=2, models=SOURCED), state)
+    for n in "ab":
+        world.fleet.observe_report(n, report(n, {"tiny": "ready"}))
+    await world.run(pool(replicas=2, models=SOURCED), state)
+    # A second pool uses the same model on both nodes (it loaded nothing itself).
+    await world.run(pool(replicas=2, models=SOURCED, name="other"), other)
+    world.agents.calls.clear()
+
+    await world.run(pool(replicas=1, models=SOURCED, generation=2), state)
+    assert world.agents.calls == []  # "other" still uses it
+    await world.run(pool(replicas=1, models=SOURCED, name="other", generation=2), other)
+    (unload,) = world.agents.calls
+    assert unload[0] == "unload" and unload[2] == "tiny"
+    assert world.events.reasons()[-1] == "PlacementChanged" and "UnloadingModel" in world.events.reasons()
+
+
+async def test_a_model_removed_from_the_spec_is_unloaded_in_place(world):
+    world.add(node("a", models=()), reports=True)
+    two = [*SOURCED, {"name": "extra", "source": "file:///models/extra"}]
+    state = PoolState()
+    await world.run(pool(replicas=1, models=two), state)
+    world.fleet.observe_report("a", report("a", {"tiny": "ready", "extra": "ready"}))
+    await world.run(pool(replicas=1, models=two), state)
+    world.agents.calls.clear()
+    await world.run(pool(replicas=1, models=SOURCED, generation=2), state)
+    assert world.agents.calls == [("unload", "http://a:8101", "extra")]
+    assert world.kube.status["endpoints"][0]["models"] == ["tiny"]
+
+
+async def test_models_the_agent_was_started_with_are_never_unloaded(world):
+    world.add(node("a"), reports=False)  # serves tiny from the start; the operator loaded nothing
+    state = PoolState()
+    await world.run(pool(replicas=1), state)
+    await world.run(pool(replicas=0, generation=2), state)
+    assert world.agents.calls == []
+    assert world.fleet.release(("ns", "tiny")) == []
+
+
+async def test_a_restart_before_the_first_probes_keeps_the_recorded_health(world):
+    world.add(node("a"), node("b"))
+    await world.run(pool(), PoolState())
+    status, table = world.kube.status, world.kube.table
+
+    restarted = World()
+    restarted.kube.status, restarted.kube.table = status, table
+    for n in (node("a"), node("b")):
+        restarted.fleet.set_view(n)  # known from the watch, not probed yet
+    await restarted.run(pool(), PoolState.from_status(status))
+    assert restarted.kube.requests == ["get configmap"] and restarted.routed() == ["a", "b"]
+
+    restarted.fleet.observe_probe("a", ProbeResult(False, "cannot connect"))  # the first probe settles it
+    await restarted.run(pool(), PoolState.from_status(status))
+    assert restarted.routed() == ["b"]
+
+
+async def test_an_unload_for_an_agent_that_does_not_answer_is_deferred(world):
+    world.add(node("a", models=()), node("b", models=()), reports=True)
+    state = PoolState()
+    await world.run(pool(replicas=1, models=SOURCED), state)
+    (placed,) = [e["node"] for e in world.kube.status["endpoints"]]
+    world.agents.calls.clear()
+    world.fleet.observe_probe(placed, ProbeResult(False, "cannot connect"))
+    await world.run(pool(replicas=1, models=SOURCED), state)
+    assert [c[0] for c in world.agents.calls] == ["load"]  # the replacement; no unload to a dead agent
+    assert world.fleet.deferred_unloads(placed) == ["tiny"]

@@ -54,7 +54,7 @@ def test_patch_holds_only_changed_fields():
     first = status([ep("a"), ep("b")])
     degraded = status([ep("a"), ep("b", ProbeResult(False, "down"))], previous=first, now=T1, revision=2)
     patch = status_patch(degraded, first)
-    assert set(patch) == {"readyReplicas", "routingRevision", "endpoints", "conditions"}
+    assert set(patch) == {"readyReplicas", "readySummary", "routingRevision", "endpoints", "conditions"}
 
 
 def test_new_generation_is_observed():
@@ -67,3 +67,13 @@ def test_new_generation_is_observed():
 def test_patch_against_an_empty_status_writes_everything():
     desired = status([ep("a")])
     assert status_patch(desired, None) == desired
+
+
+def test_pending_and_managed_models_are_listed_and_count_against_readiness():
+    loading = PlacedEndpoint(node="b", url="http://b", models=(), probe=ProbeResult(True), pending=("tiny",),
+                             managed=("tiny",))
+    result = status([ep("a"), loading])
+    assert (result["replicas"], result["readyReplicas"], result["readySummary"]) == (2, 1, "1/2")
+    assert result["endpoints"][1] == {"node": "b", "url": "http://b", "models": [], "pending": ["tiny"],
+                                      "managedModels": ["tiny"], "healthy": True,
+                                      "lastProbeTime": "2026-01-01T12:00:00Z"}

@@ -1,0 +1,361 @@
+"""Control-plane benchmark: the operator against a real API server and simulated agents.
+
+Starts the local control plane (etcd + kube-apiserver, `mlxpool.dev.controlplane`),
+`--nodes` simulated agents in one process (`bench.simagents`: real HTTP servers on
+loopback answering /health and the operations API without MLX, registering and
+heartbeating their InferenceNodes every 5 s as the agent identity), and the operator
+(its own process, as the operator identity, default settings: 1 s probes). Then:
+
+1. converge: `--pools` InferencePools created at once, each with its own model (loaded
+   by path, 0.5 s per load) on 2 replicas; the time until every pool is Ready with
+   both replicas serving (`converge_100_s` for 100 pools over 50 nodes);
+2. steady state: over one resync interval, the operator's API requests (should be 0)
+   and reconcile passes;
+3. failover: `--kills` times, an agent serving some pools is killed (stops answering,
+   port closed); the time from the kill until no routing table lists it any more,
+   watched through the API server (p50, p99); it is revived and every pool made whole
+   before the next kill.
+Also reported: the operator's own API requests per reconcile pass (its /metrics), the
+load calls it made (exactly one per replica means no duplicates), and the machine's
+load average before anything started (the figures mean little on a busy machine).
+
+Usage: python -m bench.controlplane [--quick] [--pools N] [--nodes N] [--kills N]
+Prints a table, then one JSON line last. `--quick` (8 kills) takes about a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import re
+import ssl
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from mlxpool.dev.controlplane import REPO_ROOT, SYSTEM_NAMESPACE, ControlPlane
+from mlxpool.dev.processes import Process
+from mlxpool.resources import LABEL_POOL, ROUTES_DATA_KEY
+
+NAMESPACE = "bench"
+LABEL = "mlxpool.dev/bench"
+REPLICAS = 2
+STEADY_SECONDS = 10.0
+API_REQUESTS, RECONCILES = "mlxpool_operator_api_requests_total", "mlxpool_operator_reconciles_total"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.controlplane", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer kills (the whole run stays under 5 minutes)")
+    parser.add_argument("--pools", type=int, default=100)
+    parser.add_argument("--nodes", type=int, default=50)
+    parser.add_argument("--kills", type=int, help="agents to kill one after the other (default 20, quick: 8)")
+    parser.add_argument("--load-seconds", type=float, default=0.5)
+    parser.add_argument("--workdir", type=Path, help="keep logs here (default: a temporary directory)")
+    args = parser.parse_args(argv)
+    if args.kills is None:
+        args.kills = 8 if args.quick else 20
+    return args
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (p99 of 20 samples is the largest)."""
+    ordered = sorted(values)
+    return ordered[max(math.ceil(q / 100 * len(ordered)) - 1, 0)]
+
+
+class Api:
+    """The admin's view of the API server, for the benchmark's own reads and writes."""
+
+    def __init__(self, cp: ControlPlane) -> None:
+        verify = ssl.create_default_context(cafile=str(cp.workdir / "certs" / "apiserver.crt"))
+        self.client = httpx.AsyncClient(base_url=cp.server, verify=verify, timeout=30,
+                                        headers={"Authorization": f"Bearer {cp.tokens['admin']}"})
+
+    async def request(self, method: str, url: str, **kwargs) -> httpx.Response:
+        """A request, retried while the API server says 429 (a new CRD's storage initializing)."""
+        for _ in range(50):
+            response = await self.client.request(method, url, **kwargs)
+            if response.status_code != 429:
+                response.raise_for_status()
+                return response
+            await asyncio.sleep(0.2)
+        response.raise_for_status()
+        return response
+
+    async def create_pool(self, index: int) -> None:
+        body = {"apiVersion": "mlxpool.dev/v1alpha1", "kind": "InferencePool",
+                "metadata": {"name": f"pool-{index:03d}", "namespace": NAMESPACE},
+                "spec": {"models": [{"name": f"model-{index:03d}", "source": f"file:///sim/model-{index:03d}"}],
+                         "replicas": REPLICAS, "nodeSelector": {"matchLabels": {LABEL: "true"}}}}
+        await self.request("POST", f"/apis/mlxpool.dev/v1alpha1/namespaces/{NAMESPACE}/inferencepools", json=body)
+
+    async def pools(self) -> list[dict]:
+        response = await self.request("GET", f"/apis/mlxpool.dev/v1alpha1/namespaces/{NAMESPACE}/inferencepools")
+        return response.json()["items"]
+
+    async def node_count(self) -> int:
+        response = await self.request("GET", "/apis/mlxpool.dev/v1alpha1/inferencenodes",
+                                      params={"labelSelector": LABEL})
+        return len(response.json()["items"])
+
+
+def pool_ready(pool: dict) -> bool:
+    status = pool.get("status") or {}
+    ready = next((c for c in status.get("conditions") or [] if c["type"] == "Ready"), {})
+    return (status.get("observedGeneration") == pool["metadata"]["generation"] and ready.get("status") == "True"
+            and status.get("readyReplicas") == pool["spec"]["replicas"])
+
+
+async def until_all_ready(api: Api, count: int, timeout: float) -> float:
+    """Seconds until every pool is Ready (polling the list every 0.2 s)."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        pools = await api.pools()
+        if len(pools) == count and all(map(pool_ready, pools)):
+            return time.monotonic() - started
+        await asyncio.sleep(0.2)
+    pending = [p["metadata"]["name"] for p in await api.pools() if not pool_ready(p)]
+    raise TimeoutError(f"{len(pending)} pools not Ready after {timeout}s: {pending[:5]}")
+
+
+class TableWatch:
+    """Every routing table in the namespace, kept current by a watch; `changed` fires on each event."""
+
+    def __init__(self, api: Api) -> None:
+        self.api = api
+        self.routed: dict[str, set[str]] = {}
+        self.changed = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        listed = await self.api.request("GET", f"/api/v1/namespaces/{NAMESPACE}/configmaps",
+                                        params={"labelSelector": LABEL_POOL})
+        for item in listed.json()["items"]:
+            self._apply(item)
+        self._task = asyncio.create_task(self._watch(listed.json()["metadata"]["resourceVersion"]))
+
+    def _apply(self, cm: dict, deleted: bool = False) -> None:
+        name = cm["metadata"]["name"]
+        if deleted:
+            self.routed.pop(name, None)
+        else:
+            table = json.loads(cm["data"][ROUTES_DATA_KEY])
+            self.routed[name] = {e["node"] for routes in table["models"].values() for e in routes}
+        self.changed.set()
+
+    async def _watch(self, version: str) -> None:
+        params = {"labelSelector": LABEL_POOL, "watch": "true", "resourceVersion": version,
+                  "allowWatchBookmarks": "false"}
+        async with self.api.client.stream("GET", f"/api/v1/namespaces/{NAMESPACE}/configmaps", params=params,
+                                          timeout=httpx.Timeout(30, read=None)) as response:
+            async for line in response.aiter_lines():
+                if line.strip():
+                    event = json.loads(line)
+                    self._apply(event["object"], deleted=event["type"] == "DELETED")
+
+    def listing(self, node: str) -> list[str]:
+        return [t for t, nodes in self.routed.items() if node in nodes]
+
+    async def until_gone(self, node: str, timeout: float) -> float:
+        started = time.monotonic()
+        while self.listing(node):
+            self.changed.clear()
+            remaining = timeout - (time.monotonic() - started)
+            if remaining <= 0:
+                raise TimeoutError(f"{node} still routed by {self.listing(node)[:3]} after {timeout}s")
+            try:
+                await asyncio.wait_for(self.changed.wait(), remaining)
+            except asyncio.TimeoutError:
+                pass
+        return time.monotonic() - started
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+
+def operator_counters(url: str) -> dict[str, float]:
+    """Sums of the operator's counters we report, from its /metrics."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    sums: dict[str, float] = {}
+    for line in text.splitlines():
+        match = re.match(r"^(mlxpool_operator_(?:api_requests|reconciles|cache_reconciles|agent_requests)_total)"
+                         r"(\{[^}]*\})? (\S+)$", line)
+        if match:
+            name, labels, value = match.groups()
+            if name == "mlxpool_operator_reconciles_total" and labels and 'outcome="error"' in labels:
+                sums["errors"] = sums.get("errors", 0) + float(value)
+            if name == "mlxpool_operator_agent_requests_total" and labels and 'operation="load"' in labels:
+                sums["loads"] = sums.get("loads", 0) + float(value)
+            sums[name] = sums.get(name, 0) + float(value)
+    return sums
+
+
+def per_reconcile(before: dict, after: dict) -> float:
+    requests = after.get(API_REQUESTS, 0) - before.get(API_REQUESTS, 0)
+    passes = after.get(RECONCILES, 0) - before.get(RECONCILES, 0)
+    return requests / passes if passes else 0.0
+
+
+def control(url: str, name: str, action: str) -> None:
+    httpx.post(f"{url}/agents/{name}/{action}", json={}, timeout=30).raise_for_status()
+
+
+async def run(args: argparse.Namespace, workdir: Path) -> dict:
+    load_at_start = os.getloadavg()[0]  # before we start anything: is someone else busy?
+    for log in ("simagents.log", "operator.log"):  # logs are appended to: a reused workdir must not mislead
+        (workdir / log).unlink(missing_ok=True)
+    cp = ControlPlane(workdir / "controlplane").start()
+    procs: list[Process] = []
+    try:
+        cp.kubectl("create", "namespace", SYSTEM_NAMESPACE)
+        cp.kubectl("create", "namespace", NAMESPACE)
+        crds = sorted((REPO_ROOT / "crds").glob("*.yaml"))
+        cp.apply(*crds)
+        cp.kubectl("wait", "--for=condition=Established", "--timeout=60s", *[f"-f={c}" for c in crds])
+        cp.kubectl("apply", "-k", str(REPO_ROOT / "manifests" / "rbac"))
+        token = workdir / "ops-token"
+        token.write_text("bench-ops-token")
+
+        sims = Process.start("simagents", [
+            sys.executable, "-m", "bench.simagents", "--count", str(args.nodes), "--prefix", "node",
+            "--kubeconfig", str(cp.kubeconfig("agent")), "--label", f"{LABEL}=true", "--heartbeat-interval", "5",
+            "--ops-token-file", str(token), "--max-models", "8", "--memory-gib", "64", "--model-gib", "2",
+            "--load-seconds", str(args.load_seconds)], workdir / "simagents.log",
+            env={"PYTHONPATH": str(REPO_ROOT)})
+        procs.append(sims)
+        sims_url = sims.wait_for_log(r"simagents ready url=(http://\S+)", 120).group(1)
+        api = Api(cp)
+        while await api.node_count() < args.nodes:
+            await asyncio.sleep(0.2)
+
+        operator = Process.start("operator", [
+            sys.executable, "-m", "mlxpool", "operator", "--kubeconfig", str(cp.kubeconfig("operator")),
+            "--namespace", NAMESPACE, "--metrics-port", "0", "--agent-token-file", str(token),
+            "--log-format", "plain"], workdir / "operator.log")
+        procs.append(operator)
+        metrics_url = operator.wait_for_log(r"operator ready url=(http://[0-9.]+:\d+)", 60).group(1)
+        await asyncio.sleep(2.0)  # every node probed and reported once
+        counters = await measure(api, args, metrics_url, sims_url)
+        await api.client.aclose()
+        return summarize(args, counters, load_at_start)
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+        cp.stop()
+
+
+async def measure(api: Api, args: argparse.Namespace, metrics_url: str, sims_url: str) -> dict:
+    """The three phases; the operator's counters between them, and the measured times."""
+    async def counters() -> dict[str, float]:
+        return await asyncio.to_thread(operator_counters, metrics_url)  # a blocking GET: off the loop
+
+    # 1. Convergence.
+    before = await counters()
+    started = time.monotonic()
+    await asyncio.gather(*(api.create_pool(i) for i in range(args.pools)))
+    await until_all_ready(api, args.pools, timeout=300)
+    converge = time.monotonic() - started
+    converged = await counters()
+    print(f"converged: {args.pools} pools over {args.nodes} nodes in {converge:.2f}s", flush=True)
+
+    # 2. Steady state: once the agents' heartbeats list the new models (5 s), nothing changes,
+    # so nothing should be written. Measured over one resync interval (10 s): every pool
+    # passes once in it, whenever it converged.
+    await asyncio.sleep(6.0)
+    quiet = await counters()
+    await asyncio.sleep(STEADY_SECONDS)
+    steady = await counters()
+
+    # 3. Failover, one agent at a time.
+    watch = TableWatch(api)
+    await watch.start()
+    latencies: list[float] = []
+    victims = iter([f"node-{i:03d}" for i in range(args.nodes)] * 4)  # round-robin over agents serving something
+    for _ in range(args.kills):
+        victim = next(v for v in victims if watch.listing(v))
+        listed_by = len(watch.listing(victim))
+        kill_started = time.monotonic()
+        await asyncio.to_thread(control, sims_url, victim, "kill")
+        await watch.until_gone(victim, timeout=30)
+        latency = time.monotonic() - kill_started  # from before the kill: the kill itself counts
+        latencies.append(latency)
+        print(f"  killed {victim} (in {listed_by} tables): unrouted after {latency:.3f}s", flush=True)
+        await asyncio.to_thread(control, sims_url, victim, "revive")
+        await until_all_ready(api, args.pools, timeout=60)
+    await watch.stop()
+    return {"before": before, "converged": converged, "quiet": quiet, "steady": steady, "end": await counters(),
+            "converge": converge, "latencies": latencies}
+
+
+def summarize(args: argparse.Namespace, m: dict, load_at_start: float) -> dict:
+    before, converged, quiet, steady, end = (m[k] for k in ("before", "converged", "quiet", "steady", "end"))
+    latencies = m["latencies"]
+
+    def rate(name: str) -> float:
+        return round((steady.get(name, 0) - quiet.get(name, 0)) / STEADY_SECONDS, 3)
+
+    return {
+        "pools": args.pools, "nodes": args.nodes, "replicas": REPLICAS, "kills": args.kills,
+        **({"converge_100_s": round(m["converge"], 3)} if args.pools == 100 else {}),
+        "converge_s": round(m["converge"], 3),
+        "failover_p50_s": round(statistics.median(latencies), 3),
+        "failover_p99_s": round(percentile(latencies, 99), 3),
+        "failover_max_s": round(max(latencies), 3),
+        "converge_reconciles": int(converged.get(RECONCILES, 0) - before.get(RECONCILES, 0)),
+        "converge_api_requests_per_reconcile": round(per_reconcile(before, converged), 3),
+        "steady_api_requests_per_s": rate(API_REQUESTS),
+        "steady_reconciles_per_s": rate(RECONCILES),
+        "api_requests_per_reconcile": round(per_reconcile(before, end), 3),
+        "converge_load_calls": int(converged.get("loads", 0) - before.get("loads", 0)),
+        "load_calls_total": int(end.get("loads", 0)),
+        "reconcile_errors": int(end.get("errors", 0)),
+        "load_avg_1m_at_start": round(load_at_start, 2),
+        "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
+    }
+
+
+def print_table(result: dict) -> None:
+    rows = [
+        ("pools / nodes / replicas", f"{result['pools']} / {result['nodes']} / {result['replicas']}"),
+        ("converge (all pools Ready)", f"{result['converge_s']:.2f} s"),
+        ("failover p50 / p99 / max", f"{result['failover_p50_s']:.3f} / {result['failover_p99_s']:.3f} / "
+                                     f"{result['failover_max_s']:.3f} s over {result['kills']} kills"),
+        ("reconcile passes to converge", str(result["converge_reconciles"])),
+        ("API requests per reconcile (converge)", f"{result['converge_api_requests_per_reconcile']:.3f}"),
+        ("API requests per reconcile (whole run)", f"{result['api_requests_per_reconcile']:.3f}"),
+        ("steady state: API requests / s", f"{result['steady_api_requests_per_s']:.2f}"),
+        ("steady state: reconciles / s", f"{result['steady_reconciles_per_s']:.2f}"),
+        ("load calls to converge (expected)", f"{result['converge_load_calls']} ({result['pools'] * result['replicas']})"),
+        ("reconcile errors", str(result["reconcile_errors"])),
+        ("load average (1 min) at start / end", f"{result['load_avg_1m_at_start']} / {result['load_avg_1m_at_end']}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        result = asyncio.run(run(args, args.workdir))
+    else:
+        with tempfile.TemporaryDirectory(prefix="mlxpool-bench-") as tmp:
+            result = asyncio.run(run(args, Path(tmp)))
+    print_table(result)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

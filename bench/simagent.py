@@ -1,0 +1,324 @@
+"""One simulated agent: the agent's HTTP contract without MLX, for control-plane work.
+
+Answers `/health`, `/ready`, `/metrics` (the vLLM-compatible gauges and the
+generated-token counter, from values the test sets) and the whole operations API of
+`mlxpool.agentapi` behind the same bearer-token rules as the real agent (403 when no
+token is configured, 401 for a wrong one). Loading and staging are timed state
+machines: a load goes `loading` -> `ready` after `load_seconds`; a staging goes
+`Downloading` (progress) -> `Verifying` -> `Cached` (-> `Warm`/`Pinned`) over
+`stage_seconds`. `file://` sources are read for real (sizes, sha256 of every file with
+a digest: a mismatch fails naming the file); `http(s)://` sources download the files
+named by the digests (verified) from a real server; `hf://` is simulated. A model
+path or source containing `simulate-failure` fails. Every call is counted, so tests can prove the
+operator repeats nothing. Not a fake of the inference API: no completions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import httpx
+from aiohttp import web
+from pydantic import ValidationError
+
+from mlxpool.agentapi import (
+    CACHE_KEY_PATTERN, OPS_PREFIX, CacheEntry, CachePhase, LoadModelRequest, ModelPhase, ModelState, NodeReport,
+    QueueReport, StageRequest,
+)
+from mlxpool.nodes import Hardware, LoadedModel, NodeStatus
+
+GIB = 1 << 30
+READY_CACHE = {CachePhase.CACHED, CachePhase.WARM, CachePhase.PINNED}
+FAILURE_MARK = "simulate-failure"
+
+
+@dataclass
+class SimSettings:
+    max_models: int = 4
+    memory_bytes: int = 64 * GIB
+    model_bytes: int = 1 * GIB
+    load_seconds: float = 0.5
+    stage_seconds: float = 0.5
+    token: str | None = None
+
+
+@dataclass
+class Usage:
+    running: int = 0
+    waiting: int = 0
+    tokens: int = 0
+
+
+@dataclass
+class SimAgent:
+    name: str
+    port: int
+    settings: SimSettings
+    models: dict[str, ModelState] = field(default_factory=dict)
+    cache: dict[str, CacheEntry] = field(default_factory=dict)
+    stage_requests: dict[str, StageRequest] = field(default_factory=dict)
+    cache_of_model: dict[str, str] = field(default_factory=dict)
+    usage: dict[str, Usage] = field(default_factory=dict)
+    calls: Counter = field(default_factory=Counter)
+    ready: bool = True
+    _tasks: set = field(default_factory=set)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    # -- what the node reports -----------------------------------------------------------
+    def hardware(self) -> Hardware:
+        return Hardware(chip="simulated", memory_bytes=self.settings.memory_bytes, cpu_cores=8,
+                        accelerator="cpu", platform="sim")
+
+    def free_memory(self) -> int:
+        used = sum(m.memory_bytes or 0 for m in self.models.values() if m.phase != ModelPhase.FAILED)
+        return max(self.settings.memory_bytes - used, 0)
+
+    def report(self) -> NodeReport:
+        waiting = sum(u.waiting for u in self.usage.values())
+        running = sum(u.running for u in self.usage.values())
+        return NodeReport(name=self.name, endpoint=self.url, hardware=self.hardware(),
+                          max_models=self.settings.max_models, free_memory_bytes=self.free_memory(),
+                          models=list(self.models.values()), cache=list(self.cache.values()),
+                          queue=QueueReport(running=running, waiting=waiting), agent_version="sim")
+
+    def node_status(self, now) -> NodeStatus:
+        return NodeStatus(ready=self.ready, heartbeat_time=now.replace(microsecond=0),
+                          free_memory_bytes=self.free_memory(), agent_version="sim",
+                          models=[LoadedModel(name=m.name, memory_bytes=m.memory_bytes)
+                                  for m in self.models.values() if m.phase == ModelPhase.READY])
+
+    def preload(self, name: str) -> None:
+        self.models[name] = ModelState(name=name, phase=ModelPhase.READY, path=f"/sim/{name}",
+                                       memory_bytes=self.settings.model_bytes, load_time_seconds=0.0)
+
+    def forget_everything(self) -> None:
+        """What a restarted agent process holds: nothing loaded (its cache dir stays)."""
+        for task in self._tasks:
+            task.cancel()
+        self._tasks.clear()
+        self.models.clear()
+        self.usage.clear()
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- HTTP ----------------------------------------------------------------------------
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._auth])
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/ready", self._ready)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get(OPS_PREFIX, self._node)
+        app.router.add_post(f"{OPS_PREFIX}/models", self._load)
+        app.router.add_delete(f"{OPS_PREFIX}/models/{{name}}", self._unload)
+        app.router.add_get(f"{OPS_PREFIX}/cache", self._cache_list)
+        app.router.add_put(f"{OPS_PREFIX}/cache/{{key}}", self._stage)
+        app.router.add_get(f"{OPS_PREFIX}/cache/{{key}}", self._cache_get)
+        app.router.add_delete(f"{OPS_PREFIX}/cache/{{key}}", self._cache_delete)
+        return app
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler):
+        if request.path.startswith(OPS_PREFIX):
+            if self.settings.token is None:
+                return _error(403, "the operations API is disabled: no ops token is configured", "forbidden")
+            if request.headers.get("Authorization") != f"Bearer {self.settings.token}":
+                return _error(401, "missing or wrong bearer token", "unauthorized")
+        return await handler(request)
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def _ready(self, request: web.Request) -> web.Response:
+        return web.json_response({"ready": self.ready}, status=200 if self.ready else 503)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        lines = []
+        for kind, attr in (("gauge", "running"), ("gauge", "waiting")):
+            name = f"vllm:num_requests_{attr}"
+            lines += [f"# HELP {name} simulated", f"# TYPE {name} {kind}"]
+            lines += [f'{name}{{model_name="{m}"}} {getattr(u, attr)}' for m, u in sorted(self.usage.items())]
+        lines += ["# HELP mlxpool_generation_tokens_total simulated", "# TYPE mlxpool_generation_tokens_total counter"]
+        lines += [f'mlxpool_generation_tokens_total{{model_name="{m}"}} {u.tokens}' for m, u in sorted(self.usage.items())]
+        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+
+    async def _node(self, request: web.Request) -> web.Response:
+        self.calls["report"] += 1
+        return _model(self.report())
+
+    async def _load(self, request: web.Request) -> web.Response:
+        self.calls["load"] += 1
+        try:
+            body = LoadModelRequest.model_validate(await request.json())
+        except (ValidationError, ValueError) as exc:
+            return _error(400, f"invalid load request: {exc}", "invalid_request_error")
+        current = self.models.get(body.name)
+        if current is not None and current.phase != ModelPhase.FAILED:
+            return _model(current, 200 if current.phase == ModelPhase.READY else 202)
+        if body.cache_key is not None:
+            entry = self.cache.get(body.cache_key)
+            if entry is None or entry.phase not in READY_CACHE:
+                return _error(409, f"cache entry {body.cache_key} is not staged here", "conflict", "cache_key")
+        held = sum(m.phase != ModelPhase.FAILED for m in self.models.values())
+        if held >= self.settings.max_models:
+            return _error(409, f"no free model slot ({held} of {self.settings.max_models} in use)", "capacity")
+        if self.free_memory() < self.settings.model_bytes:
+            return _error(507, "not enough free memory for the model", "capacity")
+        state = ModelState(name=body.name, phase=ModelPhase.LOADING, path=body.path or f"/cache/{body.cache_key}",
+                           memory_bytes=self.settings.model_bytes, pinned=body.pin)
+        self.models[body.name] = state
+        if body.cache_key:
+            self.cache_of_model[body.name] = body.cache_key
+        self._spawn(self._finish_load(body))
+        return _model(state, 202)
+
+    async def _finish_load(self, body: LoadModelRequest) -> None:
+        await asyncio.sleep(self.settings.load_seconds)
+        state = self.models.get(body.name)
+        if state is None or state.phase != ModelPhase.LOADING:
+            return
+        if FAILURE_MARK in (body.path or body.cache_key or ""):
+            self.models[body.name] = state.model_copy(update={"phase": ModelPhase.FAILED, "memory_bytes": None,
+                                                              "message": f"cannot load {body.path}: simulated failure"})
+            return
+        self.models[body.name] = state.model_copy(update={"phase": ModelPhase.READY,
+                                                          "load_time_seconds": self.settings.load_seconds})
+        self.usage.setdefault(body.name, Usage())
+
+    async def _unload(self, request: web.Request) -> web.Response:
+        self.calls["unload"] += 1
+        name = request.match_info["name"]
+        state = self.models.get(name)
+        if state is None:
+            return _error(404, f"model {name} is not loaded", "not_found", "name")
+        state = state.model_copy(update={"phase": ModelPhase.UNLOADING})
+        self.models[name] = state
+        self._spawn(self._finish_unload(name))
+        return _model(state)
+
+    async def _finish_unload(self, name: str) -> None:
+        await asyncio.sleep(0.05)
+        if (state := self.models.get(name)) is not None and state.phase == ModelPhase.UNLOADING:
+            del self.models[name]
+            self.usage.pop(name, None)
+            self.cache_of_model.pop(name, None)
+
+    async def _cache_list(self, request: web.Request) -> web.Response:
+        return web.json_response([e.model_dump(mode="json") for e in self.cache.values()])
+
+    async def _stage(self, request: web.Request) -> web.Response:
+        self.calls["stage"] += 1
+        key = request.match_info["key"]
+        if not re.match(CACHE_KEY_PATTERN, key):
+            return _error(400, f"cache key {key!r} must match {CACHE_KEY_PATTERN}", "invalid_request_error", "key")
+        try:
+            body = StageRequest.model_validate(await request.json())
+        except (ValidationError, ValueError) as exc:
+            return _error(400, f"invalid stage request: {exc}", "invalid_request_error")
+        entry = self.cache.get(key)
+        previous = self.stage_requests.get(key)
+        self.stage_requests[key] = body
+        if entry is not None and previous is not None and previous.model_copy(
+                update={"warm": body.warm, "pin": body.pin}) == body:
+            if entry.phase in READY_CACHE:  # same bytes; warm/pin may have changed
+                entry = entry.model_copy(update={"phase": _finished_phase(body)})
+                self.cache[key] = entry
+            return _model(entry, 202)
+        entry = CacheEntry(key=key, source=body.source, phase=CachePhase.PENDING)
+        self.cache[key] = entry
+        self._spawn(self._run_stage(key, body))
+        return _model(entry, 202)
+
+    async def _run_stage(self, key: str, body: StageRequest) -> None:
+        def update(**fields) -> None:
+            self.cache[key] = self.cache[key].model_copy(update=fields)
+
+        try:
+            files = await _fetch(body)
+        except (OSError, httpx.HTTPError, ValueError) as exc:
+            update(phase=CachePhase.FAILED, message=str(exc)[:300])
+            return
+        total = sum(len(data) for data in files.values()) or self.settings.model_bytes
+        steps = 5
+        for step in range(1, steps + 1):
+            await asyncio.sleep(self.settings.stage_seconds / (steps + 1))
+            update(phase=CachePhase.DOWNLOADING, progress=step / steps, bytes_total=total,
+                   bytes_done=total * step // steps)
+        update(phase=CachePhase.VERIFYING)
+        await asyncio.sleep(self.settings.stage_seconds / (steps + 1))
+        for path, digest in body.digests.items():
+            if path not in files:
+                update(phase=CachePhase.FAILED, message=f"{path}: listed in digests but not in the source")
+                return
+            if hashlib.sha256(files[path]).hexdigest() != digest:
+                update(phase=CachePhase.FAILED, message=f"{path}: sha256 mismatch")
+                return
+        update(phase=_finished_phase(body), path=f"/cache/{key}",
+               load_time_seconds=0.01 if body.warm else None)
+
+    async def _cache_get(self, request: web.Request) -> web.Response:
+        self.calls["cache_get"] += 1
+        entry = self.cache.get(request.match_info["key"])
+        if entry is None:
+            return _error(404, f"no cache entry {request.match_info['key']}", "not_found", "key")
+        return _model(entry)
+
+    async def _cache_delete(self, request: web.Request) -> web.Response:
+        self.calls["cache_delete"] += 1
+        key = request.match_info["key"]
+        if key not in self.cache:
+            return _error(404, f"no cache entry {key}", "not_found", "key")
+        users = sorted(m for m, k in self.cache_of_model.items() if k == key and m in self.models)
+        if users:
+            return _error(409, f"cache entry {key} is used by loaded model(s): {', '.join(users)}", "conflict", "key")
+        del self.cache[key]
+        self.stage_requests.pop(key, None)
+        return web.json_response({"deleted": key})
+
+
+def _finished_phase(body: StageRequest) -> CachePhase:
+    if body.warm and body.pin:
+        return CachePhase.PINNED
+    return CachePhase.WARM if body.warm else CachePhase.CACHED
+
+
+async def _fetch(body: StageRequest) -> dict[str, bytes]:
+    """The files a staging brings in (path -> bytes); empty for a simulated source."""
+    if FAILURE_MARK in body.source:
+        raise ValueError(f"{body.source}: simulated download failure")
+    parsed = urlparse(body.source)
+    if parsed.scheme == "file":
+        root = Path(unquote(parsed.path))
+        if not root.is_dir():
+            raise ValueError(f"{root}: no such directory")
+        return await asyncio.to_thread(
+            lambda: {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()})
+    if parsed.scheme in ("http", "https") and body.digests:
+        async with httpx.AsyncClient(trust_env=False, timeout=10) as client:
+            files = {}
+            for path in body.digests:
+                response = await client.get(f"{body.source.rstrip('/')}/{path}")
+                response.raise_for_status()
+                files[path] = response.content
+            return files
+    return {}
+
+
+def _model(model, status: int = 200) -> web.Response:
+    return web.json_response(model.model_dump(mode="json"), status=status)
+
+
+def _error(status: int, message: str, type_: str, param: str | None = None) -> web.Response:
+    return web.json_response({"error": {"message": message, "type": type_, "param": param, "code": None}},
+                             status=status)

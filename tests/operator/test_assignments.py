@@ -1,0 +1,66 @@
+"""The agent calls a pool plans for its chosen nodes (pure)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from mlxpool.agentapi import StageRequest
+from mlxpool.operator.assignments import LoadAction, StageAction, plan, progress
+from mlxpool.operator.endpoints import ProbeResult
+from mlxpool.operator.placement import AgentView, Candidate, NodeView
+from mlxpool.operator.sources import LoadSource
+
+FILE = LoadSource(origin="spec.models[].source", path="/m/x")
+REMOTE = LoadSource(origin="spec.models[].source", cache_key="src-1", stage=StageRequest(source="hf://o/x"))
+CACHED = LoadSource(origin="ModelCache ns/x", cache_key="ns.x.1")
+
+
+def cand(models: dict[str, str] | None = None, cache: dict[str, str] | None = None, healthy: bool = True,
+         failures: dict | None = None, report: bool = True) -> Candidate:
+    node = NodeView(name="n", endpoint="http://n", labels={}, ready=True, heartbeat=datetime.now(timezone.utc),
+                    free_memory_bytes=None, models=frozenset())
+    return Candidate(view=node, agent=AgentView(models=models or {}, cache=cache or {}) if report else None,
+                     probe=ProbeResult(healthy, "" if healthy else "down"), failures=failures or {})
+
+
+def test_a_path_source_is_loaded():
+    (action,) = plan([cand()], ["x"], {"x": FILE})
+    assert isinstance(action, LoadAction) and action.request.path == "/m/x" and action.url == "http://n"
+
+
+def test_nothing_is_asked_of_a_node_that_holds_the_model_in_any_phase():
+    for phase in ("loading", "warming", "ready", "unloading"):
+        assert plan([cand({"x": phase})], ["x"], {"x": FILE}) == []
+
+
+def test_nothing_is_asked_without_a_report_or_a_healthy_probe():
+    assert plan([cand(report=False)], ["x"], {"x": FILE}) == []
+    assert plan([cand(healthy=False)], ["x"], {"x": FILE}) == []
+
+
+def test_a_remote_source_is_staged_first_then_loaded_from_its_copy():
+    (stage,) = plan([cand()], ["x"], {"x": REMOTE})
+    assert isinstance(stage, StageAction) and stage.key == "src-1"
+    assert plan([cand(cache={"src-1": "Downloading"})], ["x"], {"x": REMOTE}) == []
+    (load,) = plan([cand(cache={"src-1": "Cached"})], ["x"], {"x": REMOTE})
+    assert isinstance(load, LoadAction) and load.request.cache_key == "src-1"
+
+
+def test_a_model_cache_copy_is_never_staged_by_a_pool():
+    assert plan([cand()], ["x"], {"x": CACHED}) == []
+    (load,) = plan([cand(cache={"ns.x.1": "Pinned"})], ["x"], {"x": CACHED})
+    assert load.request.cache_key == "ns.x.1"
+
+
+def test_a_failed_model_is_retried_once_the_operator_forgot_the_failure():
+    assert plan([cand({"x": "failed"}, failures={"x": "boom"})], ["x"], {"x": FILE}) == []
+    (retry,) = plan([cand({"x": "failed"})], ["x"], {"x": FILE})
+    assert isinstance(retry, LoadAction)
+
+
+def test_progress_lists_loads_stagings_and_failures():
+    chosen = [cand({"x": "loading", "y": "ready"}, cache={"src-1": "Verifying"}, failures={"w": "no memory"})]
+    sources = {"x": FILE, "y": FILE, "z": REMOTE, "w": FILE}
+    loading, failed = progress(chosen, ["w", "x", "y", "z"], sources)
+    assert loading == ["x on n", "z on n (staging)"]
+    assert failed == ["w on n: no memory"]

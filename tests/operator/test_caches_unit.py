@@ -1,0 +1,184 @@
+"""ModelCache specs, keys, status and one reconcile pass (pure parts, and the reconciler
+with a faked API and faked agents; the fleet is the real one)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from mlxpool.agentapi import CacheEntry, CachePhase, StageRequest
+from mlxpool.operator.caches import cache_status, node_entry
+from mlxpool.operator.caching import CacheReconciler, CacheState
+from mlxpool.operator.conditions import node_readiness
+from mlxpool.operator.endpoints import ProbeResult
+from mlxpool.operator.fleet import Fleet
+from mlxpool.operator.placement import NodeView
+from mlxpool.operator.sources import cache_key
+from mlxpool.operator.specs import CacheSpec
+
+NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
+SHA = "ab" * 32
+
+
+def spec(**kw) -> CacheSpec:
+    return CacheSpec.model_validate({"source": "hf://org/model", **kw})
+
+
+def test_the_agent_gets_bare_sha256_hex_and_the_flags():
+    request = spec(digests={"b": f"sha256:{SHA}", "a": SHA}, warm=True, revision="main").stage_request()
+    assert request == StageRequest(source="hf://org/model", revision="main", digests={"a": SHA, "b": SHA}, warm=True)
+
+
+def test_the_key_follows_the_bytes_not_warm_or_pin():
+    base = cache_key("ns", "c", spec())
+    assert base.startswith("ns.c.") and len(base) == len("ns.c.") + 12
+    assert cache_key("ns", "c", spec(warm=True, pin=True)) == base
+    assert cache_key("ns", "c", spec(digests={"a": SHA})) != base
+    assert cache_key("ns", "c", spec(digests={"a": f"sha256:{SHA}"})) == cache_key("ns", "c", spec(digests={"a": SHA}))
+    assert cache_key("ns", "c", spec(revision="v2")) != base
+    long = cache_key("n" * 63, "c" * 253, spec())
+    assert len(long) <= 253 and long.startswith("mc-")
+
+
+def test_node_entries_mirror_the_agent():
+    entry = CacheEntry(key="k", source="s", phase=CachePhase.DOWNLOADING, progress=0.426, bytes_total=900,
+                       bytes_done=383)
+    assert node_entry("n", entry) == {"node": "n", "phase": "Downloading", "progress": 43, "bytes": 900}
+    assert node_entry("n", None) == {"node": "n", "phase": "Pending"}
+    warm = CacheEntry(key="k", source="s", phase=CachePhase.WARM, progress=1, bytes_done=5, load_time_seconds=0.12345,
+                      message="pinning refused: RLIMIT_MEMLOCK")
+    assert node_entry("n", warm) == {"node": "n", "phase": "Warm", "progress": 100, "bytes": 5,
+                                     "loadTimeSeconds": 0.123, "message": "pinning refused: RLIMIT_MEMLOCK"}
+
+
+@pytest.mark.parametrize(("warm", "phases", "ready", "progressing", "degraded"), [
+    (False, [], ("False", "NoNodes"), ("False", "Complete"), ("False", "NoFailures")),
+    (False, ["Cached", "Warm"], ("True", "Staged"), ("False", "Complete"), ("False", "NoFailures")),
+    (True, ["Cached", "Warm"], ("False", "Staging"), ("True", "Staging"), ("False", "NoFailures")),
+    (False, ["Downloading", "Failed"], ("False", "Staging"), ("True", "Staging"), ("True", "StagingFailed")),
+])
+def test_cache_conditions(warm, phases, ready, progressing, degraded):
+    nodes = [{"node": f"n{i}", "phase": p} for i, p in enumerate(phases)]
+    status = cache_status(spec=spec(warm=warm), key="k", generation=2, nodes=nodes, previous={}, now=NOW)
+    got = {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
+    assert got == {"Ready": ready, "Progressing": progressing, "Degraded": degraded}
+    assert status["cacheKey"] == "k" and status["observedGeneration"] == 2
+
+
+@pytest.mark.parametrize(("age", "ready", "probe", "expected"), [
+    (1, True, True, (True, "AgentReady")),
+    (None, True, True, (False, "NoHeartbeat")),
+    (31, True, True, (False, "HeartbeatStale")),
+    (1, False, True, (False, "AgentNotReady")),
+    (1, True, False, (False, "HealthProbeFailed")),
+])
+def test_node_readiness(age, ready, probe, expected):
+    status, reason, message = node_readiness(agent_ready=ready, heartbeat_age=age, stale_after=30,
+                                             probe_healthy=probe, probe_message="cannot connect" if not probe else "")
+    assert (status, reason) == expected and message
+
+
+class FakeKube:
+    def __init__(self) -> None:
+        self.patches: list[dict] = []
+
+    async def patch_cache_status(self, namespace: str, name: str, status: Mapping) -> dict:
+        self.patches.append(dict(status))
+        return dict(status)
+
+
+class FakeAgents:
+    def __init__(self) -> None:
+        self.entries: dict[tuple[str, str], CacheEntry] = {}
+        self.calls: list[tuple[str, str, str]] = []
+
+    async def cache_entry(self, url: str, key: str) -> CacheEntry | None:
+        self.calls.append(("get", url, key))
+        return self.entries.get((url, key))
+
+    async def stage(self, url: str, key: str, request: StageRequest) -> CacheEntry:
+        self.calls.append(("put", url, key))
+        self.entries[url, key] = CacheEntry(key=key, source=request.source, phase=CachePhase.CACHED)
+        return self.entries[url, key]
+
+    async def delete_cache(self, url: str, key: str) -> bool:
+        self.calls.append(("delete", url, key))
+        return self.entries.pop((url, key), None) is not None
+
+
+class Events:
+    def __init__(self) -> None:
+        self.posted: list[str] = []
+
+    def info(self, reason: str, message: str) -> None:
+        self.posted.append(reason)
+
+    warn = info
+
+
+def node(name: str, age: float = 1) -> NodeView:
+    return NodeView(name=name, endpoint=f"http://{name}", labels={"zone": "a"}, ready=True,
+                    heartbeat=NOW - timedelta(seconds=age), free_memory_bytes=None, models=frozenset())
+
+
+def body(generation: int = 1, status: dict | None = None) -> dict:
+    return {"metadata": {"name": "c", "namespace": "ns", "generation": generation},
+            "spec": {"source": "hf://org/model"}, "status": status or {}}
+
+
+@pytest.fixture
+def parts():
+    fleet, kube, agents = Fleet(), FakeKube(), FakeAgents()
+    for n in ("a", "b"):
+        fleet.set_view(node(n))
+        fleet.observe_probe(n, ProbeResult(True))
+    return fleet, kube, agents, CacheReconciler(kube, agents, fleet, stale_after=30, clock=lambda: NOW)
+
+
+async def test_staged_once_then_only_watched_also_after_a_restart(parts):
+    fleet, kube, agents, reconciler = parts
+    state = CacheState()
+    result = await reconciler.reconcile(body(), state, Events())
+    assert [c[0] for c in agents.calls] == ["get", "put", "get", "put"] and result.done
+    assert result.status["readySummary"] == "2/2"
+    agents.calls.clear()
+    await reconciler.reconcile(body(), state, Events())
+    assert [c[0] for c in agents.calls] == ["get", "get"] and len(kube.patches) == 1
+
+    agents.calls.clear()
+    restarted = CacheState.from_status(result.status)
+    await reconciler.reconcile(body(), restarted, Events())
+    assert [c[0] for c in agents.calls] == ["get", "get"]
+
+    agents.calls.clear()  # a spec change (say, warm) is sent again
+    await reconciler.reconcile(body(generation=2), restarted, Events())
+    assert [c[0] for c in agents.calls] == ["get", "put", "get", "put"]
+
+
+async def test_cleanup_skips_gone_and_stale_nodes_and_keeps_the_rest_pending(parts):
+    fleet, kube, agents, reconciler = parts
+    state = CacheState()
+    await reconciler.reconcile(body(), state, Events())
+    fleet.set_view(node("a", age=300))  # stale: gone for good
+    fleet.set_view(node("c"))           # listed nowhere: not asked
+    agents.calls.clear()
+    assert await reconciler.cleanup(body(status=state.status), Events()) == []
+    assert agents.calls == [("delete", "http://b", state.status["cacheKey"])]
+
+
+async def test_new_bytes_get_a_new_key_and_the_old_copies_go(parts):
+    fleet, kube, agents, reconciler = parts
+    state = CacheState()
+    await reconciler.reconcile(body(), state, Events())
+    old_key = state.status["cacheKey"]
+    agents.calls.clear()
+    changed = body(generation=2)
+    changed["spec"]["source"] = "hf://org/model@v2"
+    await reconciler.reconcile(changed, state, Events())
+    new_key = state.status["cacheKey"]
+    assert new_key != old_key
+    assert sorted(c for c in agents.calls if c[0] != "get") == [
+        ("delete", "http://a", old_key), ("delete", "http://b", old_key),
+        ("put", "http://a", new_key), ("put", "http://b", new_key)]

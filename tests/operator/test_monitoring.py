@@ -1,0 +1,96 @@
+"""Node monitors: probe verdicts (a refused connection at once, timeouts twice in a row),
+deferred unloads, and the InferenceNode's Ready condition. Faked: the prober (a
+script of results), the agents and the API (recorders); the fleet is the real one."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from mlxpool.agentapi import ModelPhase, ModelState
+from mlxpool.operator.agentclient import AgentError
+from mlxpool.operator.endpoints import ProbeResult
+from mlxpool.operator.fleet import Fleet
+from mlxpool.operator.monitoring import NodeMonitors
+from mlxpool.operator.placement import NodeView
+
+UP = ProbeResult(True)
+SLOW = ProbeResult(False, "no answer to GET /health within 0.5s", timed_out=True)
+REFUSED = ProbeResult(False, "cannot connect: refused")
+
+
+class ScriptedProber:
+    def __init__(self, script: list[ProbeResult]) -> None:
+        self.script = script
+        self.done = asyncio.Event()
+
+    async def probe(self, endpoint: str) -> ProbeResult:
+        if len(self.script) == 1:
+            self.done.set()
+        return self.script.pop(0) if len(self.script) > 1 else self.script[0]
+
+
+class Agents:
+    def __init__(self) -> None:
+        self.unloads: list[str] = []
+
+    async def node(self, url: str):
+        raise AgentError(404, "no ops API")
+
+    async def unload(self, url: str, model: str) -> ModelState:
+        self.unloads.append(model)
+        return ModelState(name=model, phase=ModelPhase.UNLOADING)
+
+
+class Kube:
+    def __init__(self) -> None:
+        self.written: list[tuple[str, str]] = []
+
+    async def patch_node_status(self, name: str, status: Mapping) -> None:
+        (condition,) = status["conditions"]
+        self.written.append((condition["status"], condition["reason"]))
+
+
+async def watch(script: list[ProbeResult], age: float = 1.0, fleet: Fleet | None = None):
+    """Run one monitor through `script`; returns the probe results the fleet saw, in order,
+    and the conditions written."""
+    fleet = fleet or Fleet()
+    seen: list[bool] = []
+    fleet.subscribe(lambda node, what: seen.append(fleet.observation(node).probe.healthy) if what == "health" else None)
+    now = datetime.now(timezone.utc)
+    fleet.set_view(NodeView(name="n", endpoint="http://n", labels={}, ready=True, heartbeat=now - timedelta(seconds=age),
+                            free_memory_bytes=None, models=frozenset()))
+    prober, agents, kube = ScriptedProber(script), Agents(), Kube()
+    monitors = NodeMonitors(fleet, prober, agents, kube, default_interval=0.01, override_interval=0.01,
+                            report_interval=60, stale_after=30)
+    monitors.ensure("n")
+    await asyncio.wait_for(prober.done.wait(), 5)
+    await asyncio.sleep(0.05)
+    await monitors.close()
+    return seen, kube.written, agents
+
+
+async def test_one_timeout_is_not_a_verdict_two_are():
+    seen, written, _ = await watch([UP, SLOW, UP, SLOW, SLOW, UP])
+    assert seen == [True, False, True]
+    assert written == [("True", "AgentReady"), ("False", "HealthProbeFailed"), ("True", "AgentReady")]
+
+
+async def test_a_refused_connection_is_a_verdict_at_once():
+    seen, written, _ = await watch([UP, REFUSED, UP])
+    assert seen == [True, False, True]
+
+
+async def test_a_stale_heartbeat_marks_the_node():
+    _, written, _ = await watch([UP], age=300)
+    assert written == [("False", "HeartbeatStale")]
+
+
+async def test_deferred_unloads_happen_when_the_agent_answers_again():
+    fleet = Fleet()
+    fleet.defer_unload("n", "x")
+    _, _, agents = await watch([REFUSED, REFUSED, UP], fleet=fleet)
+    assert agents.unloads == ["x"] and fleet.deferred_unloads("n") == []
