@@ -12,7 +12,7 @@ import signal
 import socket
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -50,12 +50,14 @@ class Process:
     popen: subprocess.Popen
     log_path: Path
     url: str | None = None
-    extra: dict = field(default_factory=dict)
+    log_offset: int = 0
+    """Where this run's output starts in the (appended) log file."""
 
     @classmethod
     def start(cls, name: str, argv: list[str], log_path: Path, env: dict | None = None) -> "Process":
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(log_path, "ab")
+        offset = log.tell()
         try:
             popen = subprocess.Popen(
                 argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -64,7 +66,7 @@ class Process:
             )
         finally:
             log.close()
-        return cls(name, popen, log_path)
+        return cls(name, popen, log_path, log_offset=offset)
 
     @property
     def pid(self) -> int:
@@ -74,8 +76,11 @@ class Process:
         return self.popen.poll() is None
 
     def log_text(self) -> str:
+        """This run's output only (earlier runs' stay above it in the file)."""
         try:
-            return self.log_path.read_text(errors="replace")
+            with open(self.log_path, "rb") as f:
+                f.seek(self.log_offset)
+                return f.read().decode(errors="replace")
         except FileNotFoundError:
             return ""
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -89,11 +90,12 @@ def up(workdir: Path = DEFAULT_WORKDIR, agents: int = 2, pool: str = DEFAULT_POO
         model = workdir / "models" / "tiny"
         if not (model / "model.safetensors").exists():
             make_tiny(model, "tiny")
-        state.add(start_operator(logs, kubeconfig=cp.kubeconfig("operator")))
+        token = ops_token_file(workdir)
+        state.add(start_operator(logs, kubeconfig=cp.kubeconfig("operator"), agent_token_file=token))
         state.save()
         for i in range(agents):
             state.add(start_agent(model, logs, name=f"agent-{i}", kubeconfig=cp.kubeconfig("agent"),
-                                  node_name=f"dev-agent-{i}", labels=AGENT_LABELS))
+                                  node_name=f"dev-agent-{i}", labels=AGENT_LABELS, ops_token_file=token))
             state.save()
         state.add(start_router(logs, pool=pool, kubeconfig=cp.kubeconfig("router")))
         state.save()
@@ -101,6 +103,15 @@ def up(workdir: Path = DEFAULT_WORKDIR, agents: int = 2, pool: str = DEFAULT_POO
         down(workdir)
         raise
     return state
+
+
+def ops_token_file(workdir: Path) -> Path:
+    """The token the operator uses on the agents' operations API (made once, 0600)."""
+    path = workdir / "ops-token"
+    if not path.exists():
+        path.write_text(secrets.token_hex(24))
+        path.chmod(0o600)
+    return path
 
 
 def down(workdir: Path = DEFAULT_WORKDIR) -> list[str]:
