@@ -14,7 +14,9 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
 
 LOOPBACK = "127.0.0.1"
 
@@ -26,15 +28,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(check: Callable[[], bool], timeout: float, what: str, proc: "Process | None" = None) -> None:
-    """Poll `check` until it is true; fail early if `proc` died, naming its log."""
+def wait_for(check: Callable[[], T], timeout: float, what: str, proc: "Process | None" = None) -> T:
+    """Poll `check` until it returns something truthy, and return that; errors raised by
+    `check` count as "not yet". Fails early if `proc` died, naming its log."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and not proc.alive():
             raise RuntimeError(f"{what}: process exited with {proc.popen.returncode}; log tail:\n{proc.log_tail()}")
         try:
-            if check():
-                return
+            if value := check():
+                return value
         except Exception:  # not up yet: any error means "try again"
             pass
         time.sleep(0.1)

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import json
+
 import pytest
 
 from mlxpool.dev.components import start_agent, start_operator, start_router
 from mlxpool.dev.controlplane import ControlPlane
 from mlxpool.dev.processes import Process
+from mlxpool.resources import ROUTES_DATA_KEY, routes_configmap_name
+from mlxpool.routing import RoutingTable
 
 
 @pytest.fixture
@@ -52,3 +56,16 @@ def cleanup_nodes(controlplane: ControlPlane, node_label: dict[str, str]):
     yield
     (key, value), = node_label.items()
     controlplane.kubectl("delete", "inferencenodes", "-l", f"{key}={value}", "--wait=false", check=False)
+
+
+@pytest.fixture
+def routing_table(controlplane: ControlPlane):
+    """`routing_table(namespace, pool)`: the pool's table as the operator wrote it, or None."""
+    def read(namespace: str, pool: str) -> RoutingTable | None:
+        out = controlplane.kubectl("get", "configmap", routes_configmap_name(pool), "-n", namespace,
+                                   "-o", "json", check=False)
+        if out.returncode != 0:
+            return None
+        return RoutingTable.from_json(json.loads(out.stdout)["data"][ROUTES_DATA_KEY])
+
+    return read

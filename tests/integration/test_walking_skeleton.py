@@ -4,7 +4,6 @@ router from real agents, and see an agent's death leave the routing table."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import httpx
@@ -12,8 +11,7 @@ import pytest
 import yaml
 
 from mlxpool.dev.controlplane import REPO_ROOT, ControlPlane
-from mlxpool.resources import ROUTES_DATA_KEY, routes_configmap_name
-from mlxpool.routing import RoutingTable
+from mlxpool.dev.processes import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -29,25 +27,9 @@ def sample_pool(namespace: str, selector: dict[str, str]) -> dict:
     raise AssertionError("manifests/samples has no InferencePool")
 
 
-def routing_table(cp: ControlPlane, namespace: str, pool: str) -> RoutingTable | None:
-    out = cp.kubectl("get", "configmap", routes_configmap_name(pool), "-n", namespace, "-o", "json", check=False)
-    if out.returncode != 0:
-        return None
-    return RoutingTable.from_json(json.loads(out.stdout)["data"][ROUTES_DATA_KEY])
-
-
-def wait_until(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
 @pytest.mark.usefixtures("cleanup_nodes")
 def test_apply_sample_pool_and_complete_through_router(
-    controlplane: ControlPlane, namespace: str, tiny_model: Path, launched, node_label
+    controlplane: ControlPlane, namespace: str, tiny_model: Path, launched, node_label, routing_table
 ):
     pool = sample_pool(namespace, node_label)
     name, model = pool["metadata"]["name"], pool["spec"]["models"][0]["name"]
@@ -69,7 +51,7 @@ def test_apply_sample_pool_and_complete_through_router(
     assert status["readyReplicas"] == 2
     assert sorted(e["url"] for e in status["endpoints"]) == sorted(a.url for a in agents)
 
-    table = wait_until(lambda: routing_table(controlplane, namespace, name), 10, "routing table")
+    table = wait_for(lambda: routing_table(namespace, name), 10, "routing table")
     assert sorted(e.url for e in table.endpoints_for(model)) == sorted(a.url for a in agents)
 
     # Completions through the router, plain and streamed, answered by real agents.
@@ -79,7 +61,7 @@ def test_apply_sample_pool_and_complete_through_router(
         assert r.status_code == 200, r.text
         return r.json()
 
-    first = wait_until(lambda: _try(complete), 20, "a completion through the router")
+    first = wait_for(lambda: _try(complete), 20, "a completion through the router")
     assert first["choices"][0]["text"] and first["usage"]["completion_tokens"] > 0
     with httpx.stream("POST", f"{router.url}/v1/chat/completions", timeout=60, json={
         "model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8, "stream": True,
@@ -91,7 +73,7 @@ def test_apply_sample_pool_and_complete_through_router(
     # Kill one agent: the routing table drops it, and requests keep succeeding.
     agents[0].popen.kill()
     agents[0].popen.wait()
-    wait_until(lambda: (t := routing_table(controlplane, namespace, name)) is not None
+    wait_for(lambda: (t := routing_table(namespace, name)) is not None
                and [e.url for e in t.endpoints_for(model)] == [agents[1].url], 10, "the dead agent to leave the table")
     for _ in range(4):
         assert complete()["choices"][0]["text"]

@@ -1,0 +1,136 @@
+"""The operator driving real agents through their operations API: agents start empty,
+a pool names its model by source, the operator loads it on the chosen nodes, the router
+serves it; a ModelCache is staged over HTTP onto real agents and verified."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import json
+import threading
+from functools import partial
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from mlxpool.dev.controlplane import ControlPlane
+from mlxpool.dev.processes import LOOPBACK
+from mlxpool.dev.processes import wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+
+
+@pytest.fixture
+def ops_token(tmp_path: Path) -> Path:
+    path = tmp_path / "ops-token"
+    path.write_text("integration-ops-token")
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture
+def model_server(tiny_model: Path):
+    """A real HTTP server on loopback serving the tiny model's directory."""
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(tiny_model))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer((LOOPBACK, 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://{LOOPBACK}:{server.server_address[1]}/"
+    server.shutdown()
+    server.server_close()
+
+
+def _empty_agents(launched, controlplane, namespace, node_label, ops_token, n=2):
+    return [
+        launched.agent(None, name=f"agent-{i}", kubeconfig=controlplane.kubeconfig("agent"),
+                       node_name=f"{namespace}-agent-{i}", labels=node_label, ops_token_file=ops_token)
+        for i in range(n)
+    ]
+
+
+@pytest.mark.usefixtures("cleanup_nodes")
+def test_operator_loads_pool_model_on_empty_agents(
+    controlplane: ControlPlane, namespace: str, tiny_model: Path, launched, node_label, ops_token, routing_table
+):
+    launched.operator(kubeconfig=controlplane.kubeconfig("operator"), agent_token_file=ops_token,
+                      extra=["--namespace", namespace])
+    agents = _empty_agents(launched, controlplane, namespace, node_label, ops_token)
+    router = launched.router(pool=f"{namespace}/pool", kubeconfig=controlplane.kubeconfig("router"))
+    pool = {
+        "apiVersion": "mlxpool.dev/v1alpha1", "kind": "InferencePool",
+        "metadata": {"name": "pool", "namespace": namespace},
+        "spec": {"models": [{"name": "tiny", "source": f"file://{tiny_model}"}], "replicas": 2,
+                 "nodeSelector": {"matchLabels": node_label}},
+    }
+    controlplane.kubectl("apply", "-f", "-", input=yaml.safe_dump(pool))
+    controlplane.kubectl("wait", "--for=condition=Ready", "inferencepool/pool", "-n", namespace, "--timeout=90s")
+
+    # Each agent was told to load the model through its own ops API.
+    headers = {"Authorization": f"Bearer {ops_token.read_text()}"}
+    for agent in agents:
+        report = httpx.get(f"{agent.url}/v1/node", headers=headers, timeout=10).json()
+        assert [(m["name"], m["phase"]) for m in report["models"]] == [("tiny", "ready")]
+    # Ready means every model has a healthy endpoint; the second one follows within a probe.
+    wait_for(lambda: (t := routing_table(namespace, "pool")) is not None
+             and sorted(e.url for e in t.endpoints_for("tiny")) == sorted(a.url for a in agents),
+             10, "both agents in the routing table")
+
+    def complete():
+        r = httpx.post(f"{router.url}/v1/completions", timeout=60,
+                       json={"model": "tiny", "prompt": "Hello", "max_tokens": 4})
+        return r.json() if r.status_code == 200 else None
+
+    assert wait_for(complete, 20, "a completion through the router")["usage"]["completion_tokens"] > 0
+
+    # Scaling the pool down unloads the model the operator loaded on the node it left.
+    controlplane.kubectl("scale", "inferencepool/pool", "-n", namespace, "--replicas=1")
+
+    def loaded_counts():
+        counts = [len(httpx.get(f"{a.url}/v1/node", headers=headers, timeout=10).json()["models"]) for a in agents]
+        return sorted(counts) == [0, 1] and counts
+
+    wait_for(loaded_counts, 30, "one agent to unload the model")
+
+
+@pytest.mark.usefixtures("cleanup_nodes")
+def test_modelcache_stages_over_http_on_real_agents(
+    controlplane: ControlPlane, namespace: str, tiny_model: Path, launched, node_label, ops_token, model_server
+):
+    launched.operator(kubeconfig=controlplane.kubeconfig("operator"), agent_token_file=ops_token,
+                      extra=["--namespace", namespace])
+    _empty_agents(launched, controlplane, namespace, node_label, ops_token)
+    files = sorted(p.name for p in tiny_model.iterdir() if p.is_file())
+    digests = {name: hashlib.sha256((tiny_model / name).read_bytes()).hexdigest() for name in files}
+    cache = {
+        "apiVersion": "mlxpool.dev/v1alpha1", "kind": "ModelCache",
+        "metadata": {"name": "tiny", "namespace": namespace},
+        "spec": {"source": model_server, "digests": digests, "warm": True,
+                 "nodeSelector": {"matchLabels": node_label}},
+    }
+    controlplane.kubectl("apply", "-f", "-", input=yaml.safe_dump(cache))
+
+    def phases():
+        obj = json.loads(controlplane.kubectl("get", "modelcache", "tiny", "-n", namespace, "-o", "json").stdout)
+        nodes = (obj.get("status") or {}).get("nodes") or []
+        done = [n for n in nodes if n.get("phase") in ("Warm", "Cached", "Pinned")]
+        return nodes if len(done) == 2 else None
+
+    nodes = wait_for(phases, 60, "both nodes to hold a verified copy")
+    total = sum((tiny_model / f).stat().st_size for f in files)
+    assert all(n["phase"] == "Warm" and n.get("bytes") == total for n in nodes), nodes
+
+    # A wrong digest is reported per node, naming the file.
+    bad = dict(cache, metadata={"name": "bad", "namespace": namespace},
+               spec=dict(cache["spec"], digests={**digests, "config.json": "0" * 64}))
+    controlplane.kubectl("apply", "-f", "-", input=yaml.safe_dump(bad))
+
+    def failed():
+        obj = json.loads(controlplane.kubectl("get", "modelcache", "bad", "-n", namespace, "-o", "json").stdout)
+        nodes = (obj.get("status") or {}).get("nodes") or []
+        return nodes if len(nodes) == 2 and all(n.get("phase") == "Failed" for n in nodes) else None
+
+    for node in wait_for(failed, 60, "the bad digest to fail on both nodes"):
+        assert "config.json" in node.get("message", "")
