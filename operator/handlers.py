@@ -32,7 +32,8 @@ from mlxpool.operator.agentclient import AgentClient
 from mlxpool.operator.caching import CacheReconciler, CacheState
 from mlxpool.operator.config import OperatorConfig
 from mlxpool.operator.fleet import Fleet
-from mlxpool.operator.kube import KubeClient, open_api_client
+from mlxpool.kubeclients import open_api_client
+from mlxpool.operator.kube import KubeClient
 from mlxpool.operator.monitoring import NodeMonitors
 from mlxpool.operator.placement import NodeView
 from mlxpool.operator.probing import Prober

@@ -11,9 +11,8 @@ from __future__ import annotations
 import fnmatch
 import logging
 from collections.abc import Mapping
-from pathlib import Path
 
-from kubernetes_asyncio import client, config
+from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 from pydantic import ValidationError
 
@@ -29,19 +28,6 @@ log = logging.getLogger(__name__)
 MERGE_PATCH = "application/merge-patch+json"
 REQUEST_TIMEOUT = 10.0
 MANAGED_BY = "mlxpool-operator"
-
-
-async def open_api_client(kubeconfig: Path | None) -> client.ApiClient:
-    """An API client from `kubeconfig`, else in-cluster config, else the default kubeconfig."""
-    configuration = client.Configuration()
-    if kubeconfig is not None:
-        await config.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)
-    else:
-        try:
-            config.load_incluster_config(client_configuration=configuration)
-        except config.ConfigException:
-            await config.load_kube_config(client_configuration=configuration)
-    return client.ApiClient(configuration)
 
 
 def routes_configmap(pool: Mapping, table: RoutingTable) -> dict:

@@ -52,7 +52,8 @@ async def table_source(settings: TableSourceSettings, holder: TableHolder,
     if settings.routes_file is not None:
         return follow_file(holder, settings.routes_file, settings.file_poll_interval)
     # Imported here so that a router following a file never loads the Kubernetes client.
-    from mlxpool.router.table_watching import ConfigMapFollower, open_api_client
+    from mlxpool.kubeclients import open_api_client
+    from mlxpool.router.table_watching import ConfigMapFollower
 
     assert settings.pool is not None
     api = await open_api_client(settings.kubeconfig)

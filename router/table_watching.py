@@ -15,11 +15,10 @@ import asyncio
 import logging
 import random
 import time
-from pathlib import Path
 from typing import Any
 
 import aiohttp
-from kubernetes_asyncio import client, config, watch
+from kubernetes_asyncio import client, watch
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from mlxpool.resources import ROUTES_DATA_KEY, routes_configmap_name
@@ -30,19 +29,6 @@ log = logging.getLogger(__name__)
 
 LIST_TIMEOUT = 30.0
 """Seconds for one list request."""
-
-
-async def open_api_client(kubeconfig: Path | None) -> client.ApiClient:
-    """An API client from `kubeconfig`, else in-cluster config, else the default kubeconfig."""
-    configuration = client.Configuration()
-    if kubeconfig is not None:
-        await config.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)
-    else:
-        try:
-            config.load_incluster_config(client_configuration=configuration)
-        except config.ConfigException:
-            await config.load_kube_config(client_configuration=configuration)
-    return client.ApiClient(configuration)
 
 
 class ConfigMapFollower:
