@@ -3,12 +3,26 @@
 Both servers get the same bench-size model (float32, ~25M parameters, made locally),
 the same BLAS (OpenBLAS through LD_PRELOAD; our agent would load it itself anyway) and
 the same client: streaming /v1/completions, temperature 0, 64 output tokens, at 1, 8 and
-32 concurrent clients. The servers run one after the other, never at once, so they do
-not compete for the 2 cores. A warm-up pass at each concurrency runs before the
-measured pass, for both, so first-use kernel compilation is not measured for either.
+32 concurrent clients (closed loop: each client sends its next request when the last
+one ends).
+
+Both servers stay up for the whole run, but only one is driven at a time (an idle
+server uses no CPU), so they never compete for the cores. At each concurrency both
+are warmed up first (first-use kernel compilation is not measured for either), then
+the measured passes alternate between them in ABBA order, each pass sending the same
+prompts to both. Background load on a shared machine drifts over minutes; alternating
+passes makes the drift hit both servers alike instead of whichever happened to run
+second. Warm-up prompts differ from measured ones and measured prompts are distinct,
+so neither server is helped by its prefix cache. Each server keeps one HTTP client
+(keep-alive connections) for the whole run, as a gateway in front of it would; how
+TTFT is measured and connection failures are retried is described in `loadgen`.
 
 Usage: python -m bench.serving [--quick] [--model PATH] [--levels 1,8,32]
-Prints a table per server and level, the ratios ours/theirs, and one JSON line last.
+(--quick: 2 passes, about 2 minutes; the full run: 6 passes, about 5 minutes.)
+Prints a line per server, level and pass, then the merged table per server and level
+(output tok/s, TTFT p50/p99, latency p50/p99, errors), peak RSS, the ratios
+ours/theirs, and one JSON line last (with `ratio_tok_s_c1`, `ratio_tok_s_c8`,
+`ratio_tok_s_c32`).
 """
 
 from __future__ import annotations
@@ -25,13 +39,14 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from bench.loadgen import run_level
+from bench.loadgen import LevelResult, http_client, run_level
 from mlxpool.dev.components import start_agent
 from mlxpool.dev.processes import LOOPBACK, Process, free_port, wait_for
 from mlxpool.tinymodel import make_tiny
 
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
 MODEL_NAME = "bench"
+OURS, THEIRS = "mlxpool", "mlx_lm.server"
 
 
 def blas_env() -> dict:
@@ -70,25 +85,74 @@ def start_theirs(model: Path, logs: Path) -> Process:
 
 
 def model_id(proc: Process, fallback: str) -> str:
-    data = httpx.get(f"{proc.url}/v1/models", timeout=10).json()["data"]
+    """The id the server lists first; `fallback` when it lists none or cannot list.
+
+    mlx_lm.server's /v1/models scans the Hugging Face hub cache and fails (500) when
+    there is none; it serves its --model under the name "default_model" regardless.
+    """
+    try:
+        data = httpx.get(f"{proc.url}/v1/models", timeout=10).json()["data"]
+    except (httpx.HTTPError, ValueError, KeyError):
+        return fallback
     return data[0]["id"] if data else fallback
 
 
-def measure(name: str, proc: Process, model: str, levels: list[int], rounds: int, max_tokens: int,
-            prompts: list[str]) -> dict:
-    out = {}
-    for clients in levels:
-        # Warm-up at this batch size (not measured), then the measured pass.
-        asyncio.run(run_level(proc.url, prompts[::-1], clients, 1, max_tokens, model))
-        level = asyncio.run(run_level(proc.url, prompts, clients, rounds, max_tokens, model))
-        summary = level.summary()
-        out[clients] = summary
-        print(f"  {name:<14} c={clients:<3} {summary['tok_s']:>8.1f} tok/s  ttft p50 {summary['ttft_p50_s']:.3f}s "
-              f"p99 {summary['ttft_p99_s']:.3f}s  latency p50 {summary['latency_p50_s']:.3f}s "
-              f"p99 {summary['latency_p99_s']:.3f}s  errors {summary['errors']}", flush=True)
-        if summary["errors"]:
-            print(f"    first error: {next(r.error for r in level.results if not r.ok)}", flush=True)
-    return out
+def merge(levels: list[LevelResult]) -> LevelResult:
+    """Several passes at one concurrency as one result: all requests, total wall time."""
+    return LevelResult(levels[0].clients, sum(lv.wall_s for lv in levels), [r for lv in levels for r in lv.results])
+
+
+def describe(name: str, clients: int, summary: dict) -> str:
+    return (f"  {name:<14} c={clients:<3} {summary['tok_s']:>8.1f} tok/s  ttft p50 {summary['ttft_p50_s']:.3f}s "
+            f"p99 {summary['ttft_p99_s']:.3f}s  latency p50 {summary['latency_p50_s']:.3f}s "
+            f"p99 {summary['latency_p99_s']:.3f}s  errors {summary['errors']}"
+            + (f"  connect retries {summary['retries']}" if summary["retries"] else "")
+            + (f"  (ttft over {summary['requests'] - summary['errors'] - summary['ttft_excluded']}: "
+               f"{summary['ttft_excluded']} streamed no text before the end)" if summary["ttft_excluded"] else ""))
+
+
+async def measure_all(servers: dict[str, tuple[Process, str]], levels: list[int], passes: int, rounds: int,
+                      max_tokens: int) -> dict[str, dict[int, LevelResult]]:
+    """Every level in turn; one keep-alive client per server for the whole run, as a gateway
+    would hold (a fresh burst of connections per pass would measure accept queues, not serving)."""
+    http = {name: http_client(max(levels)) for name in servers}
+    results: dict[str, dict[int, LevelResult]] = {name: {} for name in servers}
+    try:
+        for i, clients in enumerate(levels):
+            merged = await measure(servers, http, clients, passes, rounds, max_tokens, seed=1000 * i)
+            for name, level in merged.items():
+                results[name][clients] = level
+        return results
+    finally:
+        for client in http.values():
+            await client.aclose()
+
+
+async def measure(servers: dict[str, tuple[Process, str]], http: dict, clients: int, passes: int, rounds: int,
+                  max_tokens: int, seed: int) -> dict[str, LevelResult]:
+    """Warm both up, then `passes` measured passes each, in ABBA order; merged per server.
+
+    A pass sends `rounds` requests per client, at least 8 in all: one client alone needs
+    more requests than 32 do for a figure that holds still.
+    """
+    rounds = max(rounds, 8 // clients)
+    warmup = make_prompts(clients, seed=seed + 1)
+    for name, (proc, model) in servers.items():
+        await run_level(proc.url, warmup, clients, 1, max_tokens, model, client=http[name])
+    names = list(servers)
+    done: dict[str, list[LevelResult]] = {name: [] for name in names}
+    for p in range(passes):
+        prompts = make_prompts(clients * rounds, seed=seed + 100 + p)
+        for name in names if p % 2 == 0 else names[::-1]:
+            proc, model = servers[name]
+            # ABBA runs a server twice in a row at pass boundaries, the second time with its
+            # threads awake and its memory in cache; a short request first makes every
+            # measured pass start that way.
+            await run_level(proc.url, warmup[:1], 1, 1, 8, model, client=http[name])
+            level = await run_level(proc.url, prompts, clients, rounds, max_tokens, model, client=http[name])
+            done[name].append(level)
+            print(describe(name, clients, level.summary()) + f"  (pass {p + 1})", flush=True)
+    return {name: merge(levels) for name, levels in done.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,26 +163,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     args = parser.parse_args(argv)
     levels = [int(x) for x in args.levels.split(",")]
-    rounds = 2 if args.quick else 4
+    passes, rounds = (2, 2) if args.quick else (6, 2)  # requests per client: passes x rounds (c=1: x 8)
     work = Path(tempfile.mkdtemp(prefix="mlxpool-bench-"))
     model = args.model or make_tiny(work / MODEL_NAME, "bench", seed=0)
-    prompts = make_prompts(max(levels) * rounds)
     t0 = time.monotonic()
 
-    results, rss = {}, {}
-    for name, starter in (("mlxpool", start_ours), ("mlx_lm.server", start_theirs)):
-        print(f"{name}: starting on {model}", flush=True)
-        proc = starter(model, work / "logs")
-        try:
-            results[name] = measure(name, proc, model_id(proc, str(model)), levels, rounds, args.max_tokens, prompts)
-            rss[name] = peak_rss_mb(proc.pid)
-        finally:
+    servers: dict[str, tuple[Process, str]] = {}
+    try:
+        for name, starter, fallback in ((OURS, start_ours, MODEL_NAME), (THEIRS, start_theirs, "default_model")):
+            print(f"{name}: starting on {model}", flush=True)
+            proc = starter(model, work / "logs")
+            servers[name] = (proc, model_id(proc, fallback))
+        merged = asyncio.run(measure_all(servers, levels, passes, rounds, args.max_tokens))
+        results: dict[str, dict[int, dict]] = {name: {} for name in servers}
+        for name, per_level in merged.items():
+            for clients, level in per_level.items():
+                results[name][clients] = level.summary()
+                if results[name][clients]["errors"]:
+                    print(f"    {name} c={clients} first error: {next(r.error for r in level.results if not r.ok)}")
+        rss = {name: peak_rss_mb(proc.pid) for name, (proc, _) in servers.items()}
+    finally:
+        for proc, _ in servers.values():
             proc.stop()
-        print(f"  {name} peak RSS {rss[name]} MB", flush=True)
 
-    ours, theirs = results["mlxpool"], results["mlx_lm.server"]
+    print("\nall passes merged:")
+    for name in servers:
+        for c in levels:
+            print(describe(name, c, results[name][c]))
+        print(f"  {name} peak RSS {rss[name]} MB")
+    ours, theirs = results[OURS], results[THEIRS]
     figures: dict = {"bench": "serving", "quick": args.quick, "model_params_m": _params_m(model),
-                     "max_tokens": args.max_tokens, "requests_per_client": rounds,
+                     "max_tokens": args.max_tokens, "passes": passes,
+                     "requests_per_client": {str(c): passes * max(rounds, 8 // c) for c in levels},
                      "peak_rss_mb": rss, "seconds": round(time.monotonic() - t0, 1)}
     print("\nratios (mlxpool / mlx_lm.server):")
     for c in levels:

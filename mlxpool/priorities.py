@@ -1,7 +1,8 @@
 """Request priorities (SLA tiers), shared by the router and the agent's scheduler.
 
 A request names its tier in the body field `priority` or the header `x-priority`.
-Lower `rank` is served first.
+Lower `rank` is served first. A request may also bound how long it waits for a batch
+slot: the body field `deadline_ms` or the header `x-deadline-ms` (milliseconds).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from enum import Enum
 
 PRIORITY_HEADER = "x-priority"
+DEADLINE_HEADER = "x-deadline-ms"
 
 
 class Priority(str, Enum):

@@ -1,41 +1,49 @@
 """The agent's HTTP API: a FastAPI app factory with thin routes.
 
-Routes parse the body (FastAPI + the `openai_api` models), call the data plane, and
-serialize: JSON, or Server-Sent Events (`data: {...}` chunks, then `data: [DONE]`).
-The one HTTP concern handled here is the client going away: the request's generation
-is cancelled at once, freeing its batch slot (streaming: Starlette cancels the body
-on disconnect; non-streaming: a watcher on the ASGI receive channel).
+Routes parse the body (FastAPI + the `openai_api` models) and the headers the data
+plane understands (`x-priority`, `x-deadline-ms`), call the data plane, and
+serialize: JSON, or Server-Sent Events (`sse`). The inference endpoints take the
+optional API key (`auth.require_api_key`); probes and /metrics are open.
+The one HTTP concern handled here is the client going away: the request's
+generation is cancelled at once, freeing its batch slot (streaming: the SSE
+response watches the connection; before the stream starts and for whole responses:
+a watcher on the ASGI receive channel).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-from collections.abc import AsyncIterator, Awaitable
-from contextlib import aclosing
+from collections.abc import Awaitable
 from typing import TypeVar
 
-from fastapi import FastAPI, Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from mlxpool import __version__
 from mlxpool.agent import openai_api as api
-from mlxpool.agent.dataplane import DataPlane
-from mlxpool.agent.errors import EXCEPTION_HANDLERS, AgentError, error_body
+from mlxpool.agent.auth import Credentials, require_api_key
+from mlxpool.agent.dataplane import DataPlane, RequestHints
+from mlxpool.agent.errors import EXCEPTION_HANDLERS, AgentError
 from mlxpool.agent.metrics import AgentMetrics, HttpMetricsMiddleware
+from mlxpool.agent.sse import EventStreamResponse
+from mlxpool.priorities import DEADLINE_HEADER, PRIORITY_HEADER
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T", bound=BaseModel)
+T = TypeVar("T")
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away first"
 
 
-def create_app(dataplane: DataPlane, metrics: AgentMetrics) -> FastAPI:
+def create_app(
+    dataplane: DataPlane, metrics: AgentMetrics, credentials: Credentials | None = None, ops: APIRouter | None = None,
+) -> FastAPI:
     app = FastAPI(title="mlxpool node agent", version=__version__, exception_handlers=EXCEPTION_HANDLERS)
+    app.state.credentials = credentials or Credentials()
+    inference = [Depends(require_api_key)]
     app.add_middleware(HttpMetricsMiddleware, counter=metrics.http_requests)
 
     @app.get("/health")
@@ -54,26 +62,30 @@ def create_app(dataplane: DataPlane, metrics: AgentMetrics) -> FastAPI:
         content, content_type = metrics.render()
         return Response(content, media_type=content_type)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", dependencies=inference)
     async def list_models() -> Response:
         return _json(dataplane.list_models())
 
-    @app.get("/v1/models/{model:path}")
+    @app.get("/v1/models/{model:path}", dependencies=inference)
     async def get_model(model: str) -> Response:
         return _json(api.ModelCard(id=model, created=dataplane.models.get(model).created))
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", dependencies=inference)
     async def completions(body: api.CompletionRequest, request: Request) -> Response:
+        hints = _hints(request)
         if body.stream:
-            return _sse(await dataplane.stream_completion(body))
-        return _json(await _unless_disconnected(request, dataplane.complete(body)))
+            return EventStreamResponse(await _unless_disconnected(request, dataplane.stream_completion(body, hints)))
+        return _json(await _unless_disconnected(request, dataplane.complete(body, hints)))
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", dependencies=inference)
     async def chat_completions(body: api.ChatCompletionRequest, request: Request) -> Response:
+        hints = _hints(request)
         if body.stream:
-            return _sse(await dataplane.stream_chat(body))
-        return _json(await _unless_disconnected(request, dataplane.chat(body)))
+            return EventStreamResponse(await _unless_disconnected(request, dataplane.stream_chat(body, hints)))
+        return _json(await _unless_disconnected(request, dataplane.chat(body, hints)))
 
+    if ops is not None:
+        app.include_router(ops)  # the operations API (/v1/node), behind the ops token
     return app
 
 
@@ -81,22 +93,9 @@ def _json(model: BaseModel) -> Response:
     return Response(model.model_dump_json(), media_type="application/json")
 
 
-def _sse(chunks: AsyncIterator[BaseModel]) -> StreamingResponse:
-    async def events() -> AsyncIterator[str]:
-        # aclosing: on disconnect the cancellation closes the chunk stream right away,
-        # which cancels the request in the engine.
-        async with aclosing(chunks) as stream:  # type: ignore[type-var]
-            try:
-                async for chunk in stream:
-                    yield f"data: {chunk.model_dump_json()}\n\n"
-            except AgentError as exc:  # headers are sent: report the error in-stream
-                yield f"data: {json.dumps(error_body(exc.message, exc.error_type, exc.param, exc.code))}\n\n"
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(
-        events(), media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+def _hints(request: Request) -> RequestHints:
+    headers = request.headers
+    return RequestHints(priority=headers.get(PRIORITY_HEADER), deadline_ms=headers.get(DEADLINE_HEADER))
 
 
 class _ClientGone(AgentError):

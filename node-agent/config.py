@@ -1,9 +1,235 @@
-"""The agent's settings, grouped by topic; built from the command line by `main`."""
+"""The agent's settings: the runtime file (`config/runtime.yaml`), env overrides, CLI flags.
+
+`RuntimeConfig` is the validated file, one pydantic class per section. Unknown keys
+are errors that name the key (`serving.decode_concurency: unknown key`), so a typo
+never silently falls back to a default. `load_runtime_config` reads the file and then
+applies environment overrides named `MLXPOOL_<SECTION>__<KEY>` (nested keys joined
+with `__`, values parsed as YAML scalars: `MLXPOOL_SERVING__DECODE_CONCURRENCY=16`).
+Precedence, strongest first: command-line flags (applied by `main`), environment,
+file, defaults. `config/runtime.yaml` is the documented sample: every key, with its
+default.
+
+`AgentConfig` is what the runtime is built from: the command line's process facts
+(model, address, registration) plus the resolved `RuntimeConfig`.
+"""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from mlxpool.agent.auth import Credentials
+from mlxpool.priorities import Priority
+
+ENV_PREFIX = "MLXPOOL_"
+ENV_NESTING = "__"
+MIB = 1024 * 1024
+
+
+class ConfigError(ValueError):
+    """The runtime configuration is invalid; the message names every bad key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---- sections owned by the serving path ----
+
+
+class ServingConfig(_Section):
+    """The inference engine: batching, prompt cache, defaults."""
+
+    max_tokens_default: int = Field(default=256, ge=1)
+    """Completion tokens when a request names none (capped by the model's context)."""
+    decode_concurrency: int = Field(default=32, ge=1, le=1024)
+    """Sequences decoded together in one batch; more wait in the priority queue."""
+    prefill_concurrency: int = Field(default=8, ge=1, le=1024)
+    """Prompts prefilled together; the rest wait in the priority queue (so a later,
+    more urgent request still goes first)."""
+    prefill_step_size: int = Field(default=2048, ge=16)
+    """Prompt tokens per prefill chunk: long prompts are split so decoding keeps going."""
+    prompt_cache_bytes: int = Field(default=512 * MIB, ge=0)
+    """Byte cap of each model's in-memory prefix (prompt) cache; 0 disables it."""
+    prompt_cache_entries: int = Field(default=64, ge=1)
+    """Cached sequences per model at most (least recently used go first)."""
+    warmup: bool = True
+    """Run a short generation at the batch shapes before reporting ready."""
+    stream_interval_ms: float = Field(default=0.0, ge=0, le=1000)
+    """A streamed request's tokens are written at most this often (its first and last at
+    once): tokens that come faster go out together, in one write and one wake-up of the
+    client. 0 writes every token as it comes."""
+
+
+class AuthConfig(_Section):
+    """Secrets, by file. Without files the environment is used (MLXPOOL_API_KEY, MLXPOOL_OPS_TOKEN)."""
+
+    api_key_file: Path | None = None
+    """API keys for the inference endpoints, one per line; none: those endpoints are open."""
+    ops_token_file: Path | None = None
+    """The bearer token of the operations API (/v1/node); none: that API answers 403."""
+
+
+class TierConfig(_Section):
+    max_waiting: int | None = Field(default=None, ge=0)
+    """Requests of this tier that may wait for a batch slot; more are refused (503 queue_full)."""
+    deadline_seconds: float | None = Field(default=None, gt=0)
+    """Longest wait for a batch slot when the request sets no deadline; past it: 504."""
+
+
+class PriorityScheduling(_Section):
+    """The waiting queue is ordered by priority (critical first), then arrival."""
+
+    default_priority: Priority = Priority.NORMAL
+    """Tier of requests that name none (body `priority` or header `x-priority`)."""
+    tiers: dict[Priority, TierConfig] = Field(default_factory=dict)
+    """Limits per tier; tiers not listed are unlimited and wait without deadline."""
+
+    def tier(self, priority: Priority) -> TierConfig:
+        return self.tiers.get(priority) or TierConfig()
+
+
+# ---- sections owned by other parts of the agent (empty until they implement options) ----
+
+
+class WeightManagement(_Section):
+    """Model files on this node: the cache the operations API stages into, warming, pinning."""
+
+    cache_dir: Path | None = None
+    """Where staged models live (PUT /v1/node/cache/{key}); default ~/.cache/mlxpool/models.
+    `--cache-dir` overrides it."""
+    max_cache_bytes: int | None = Field(default=None, ge=0)
+    """Cap on the bytes of all cache entries; staging past it fails naming the cap. None: no cap."""
+    allow_pin: bool = True
+    """Whether `pin: true` may mlock a cache entry's files. The OS may still refuse (RLIMIT_MEMLOCK
+    without CAP_IPC_LOCK): the entry then stays Warm and its message says so."""
+
+
+class MultiModel(_Section):
+    """Several models per node (POST/DELETE /v1/node/models): capacity and eviction."""
+
+    max_models: int = Field(default=4, ge=1)
+    """Models loaded (or loading) at once; also the InferenceNode's spec.maxModels."""
+    memory_budget_bytes: int | None = Field(default=None, ge=1)
+    """Bytes of model weights this node may hold; unset: memory_budget_fraction of RAM."""
+    memory_budget_fraction: float = Field(default=0.75, gt=0, le=1)
+    """The budget as a fraction of physical memory, when memory_budget_bytes is unset."""
+    eviction: Literal["lru", "none"] = "lru"
+    """When a load does not fit: 'lru' unloads the least recently used idle, unpinned models;
+    'none' refuses the load (409 max_models_reached / 507 memory_budget_exceeded)."""
+    unload_timeout_seconds: float = Field(default=30.0, ge=0)
+    """How long an unload waits for the model's in-flight requests before stopping its engine."""
+
+
+class HorizontalScaling(_Section):
+    """Reserved; no option is implemented yet."""
+
+
+class DistributedCache(_Section):
+    """Reserved; no option is implemented yet."""
+
+
+class RuntimeConfig(_Section):
+    serving: ServingConfig = ServingConfig()
+    auth: AuthConfig = AuthConfig()
+    priority_scheduling: PriorityScheduling = PriorityScheduling()
+    weight_management: WeightManagement = WeightManagement()
+    multi_model: MultiModel = MultiModel()
+    horizontal_scaling: HorizontalScaling = HorizontalScaling()
+    distributed_cache: DistributedCache = DistributedCache()
+
+    def with_overrides(self, section: str, **values: Any) -> RuntimeConfig:
+        """A copy with `values` replacing keys of `section` (None values are skipped), validated."""
+        values = {k: v for k, v in values.items() if v is not None}
+        if not values:
+            return self
+        data = self.model_dump()
+        data[section] = {**data[section], **values}
+        return _validate(data, origins={})
+
+
+def load_runtime_config(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> RuntimeConfig:
+    """The file at `path` (or defaults) with environment overrides applied, validated."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = _read_yaml(Path(path))
+    origins: dict[tuple[str, ...], str] = {}
+    env = os.environ if environ is None else environ
+    for name in sorted(env):
+        if not name.startswith(ENV_PREFIX) or ENV_NESTING not in name:
+            continue
+        keys = tuple(k.lower() for k in name[len(ENV_PREFIX):].split(ENV_NESTING))
+        if any(not k for k in keys):
+            raise ConfigError(f"environment variable {name}: empty key (expected MLXPOOL_<SECTION>__<KEY>)")
+        _set_path(data, keys, _parse_scalar(name, env[name]), name)
+        origins[keys] = name
+    return _validate(data, origins)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _parse_scalar(name: str, text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        raise ConfigError(f"environment variable {name}: cannot parse value {text!r}") from None
+
+
+def _set_path(data: dict[str, Any], keys: tuple[str, ...], value: Any, env_name: str) -> None:
+    node = data
+    for depth, key in enumerate(keys[:-1], start=1):
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            where = ".".join(keys[:depth])
+            raise ConfigError(f"environment variable {env_name}: {where} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def _validate(data: dict[str, Any], origins: dict[tuple[str, ...], str]) -> RuntimeConfig:
+    try:
+        return RuntimeConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError("invalid runtime configuration: " + "; ".join(
+            _describe(error, origins) for error in exc.errors()
+        )) from None
+
+
+def _describe(error: Any, origins: dict[tuple[str, ...], str]) -> str:
+    loc = tuple(str(p) for p in error.get("loc", ()) if p != "[key]")
+    where = ".".join(loc) or "(top level)"
+    # The variable that set this key, or the key's section (an unknown section or key).
+    env = next((v for k, v in origins.items() if loc[: len(k)] == k or k[: len(loc)] == loc), None)
+    if env is not None:
+        where += f" (from {env})"
+    if error.get("type") == "extra_forbidden":
+        return f"{where}: unknown key"
+    return f"{where}: {error.get('msg', 'invalid')}"
+
+
+# ---- what the runtime is built from ----
 
 
 @dataclass(frozen=True)
@@ -21,17 +247,26 @@ class RegistrationConfig:
 
 @dataclass(frozen=True)
 class AgentConfig:
-    model_path: Path
-    model_name: str
+    model_path: Path | None
+    """The model served from the start; None: the agent starts empty (the operations API loads models)."""
+    model_name: str | None
     """The name clients put in `"model"`; defaults to the model directory's name."""
     host: str = "127.0.0.1"
     port: int = 8100
     """0 picks a free port; the ready log line names the real one."""
-    max_tokens_default: int = 256
-    """Completion budget when a request gives no max_tokens (capped by the context)."""
-    max_running: int = 32
-    """Sequences decoded together in one batch."""
     drain_timeout: float = 30.0
     """Seconds a SIGTERM waits for in-flight requests before exiting anyway."""
     registration: RegistrationConfig | None = None
     log_level: str = "INFO"
+    runtime: RuntimeConfig = RuntimeConfig()
+    """The runtime file + environment + command-line overrides, validated."""
+    credentials: Credentials = field(default_factory=Credentials, repr=False)
+    """API keys and the ops token, read from `runtime.auth`'s files or the environment."""
+
+    @property
+    def max_tokens_default(self) -> int:
+        return self.runtime.serving.max_tokens_default
+
+    @property
+    def max_running(self) -> int:
+        return self.runtime.serving.decode_concurrency

@@ -8,6 +8,7 @@ every client library parses our errors like OpenAI's.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Awaitable, Callable
 
 from fastapi import Request
@@ -24,6 +25,8 @@ class AgentError(Exception):
     status_code = 500
     error_type = "server_error"
     code: str | None = None
+    headers: dict[str, str] | None = None
+    """Extra response headers (e.g. Retry-After, WWW-Authenticate)."""
 
     def __init__(self, message: str, *, param: str | None = None) -> None:
         super().__init__(message)
@@ -48,10 +51,28 @@ class NotReady(AgentError):
     status_code = 503
     error_type = "service_unavailable"
     code = "not_ready"
+    headers = {"Retry-After": "1"}
 
 
 class Draining(NotReady):
     code = "draining"
+
+
+class QueueFull(AgentError):
+    """The request's priority tier already has as many requests waiting as allowed."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+    code = "queue_full"
+    headers = {"Retry-After": "1"}
+
+
+class DeadlineExceeded(AgentError):
+    """The request's deadline passed while it waited for a batch slot; it never ran."""
+
+    status_code = 504
+    error_type = "timeout_error"
+    code = "deadline_exceeded"
 
 
 class GenerationFailed(AgentError):
@@ -65,11 +86,10 @@ def error_body(message: str, error_type: str, param: str | None = None, code: st
 
 
 def error_response(error: AgentError) -> JSONResponse:
-    headers = {"Retry-After": "1"} if isinstance(error, NotReady) else None
     return JSONResponse(
         error_body(error.message, error.error_type, error.param, error.code),
         status_code=error.status_code,
-        headers=headers,
+        headers=error.headers,
     )
 
 
@@ -85,14 +105,26 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
         detail = first.get("ctx", {}).get("error", "")
         message = f"the body is not valid JSON: {detail}".rstrip(": ")
         return JSONResponse(error_body(message, "invalid_request_error"), 400)
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    param = ".".join(loc) or None
-    message = first.get("msg", "invalid request")
+    param = _param(first)
+    # A value matching no member of a union fails once per member: report them as one.
+    same = [e for e in exc.errors() if _param(e) == param]
+    message = " or ".join(dict.fromkeys(e.get("msg", "invalid request") for e in same))
     if param:
         message = f"{param}: {message}"
-    if len(exc.errors()) > 1:
-        message += f" (and {len(exc.errors()) - 1} more problem(s))"
+    others = len(exc.errors()) - len(same)
+    if others:
+        message += f" (and {others} more problem(s))"
     return JSONResponse(error_body(message, "invalid_request_error", param), 400)
+
+
+def _param(error: dict) -> str | None:
+    """The field an error is about: its location without the body prefix and union-member tags."""
+    loc = [str(p) for p in error.get("loc", ()) if p != "body" and not _UNION_TAG.match(str(p))]
+    return ".".join(loc) or None
+
+
+# pydantic tags a union member's errors with the member's type ("str", "list[int]", ...).
+_UNION_TAG = re.compile(r"^(str|int|float|bool|none|[a-z-]+\[.*\])$")
 
 
 async def _http_error(_: Request, exc: Exception) -> JSONResponse:

@@ -1,4 +1,8 @@
-"""`mlxpool agent`: parse the command line, set up logging, run the agent until signalled."""
+"""`mlxpool agent`: parse the command line, set up logging, run the agent until signalled.
+
+Settings come from the command line, the environment and the runtime file
+(`--config`, see `config.py`); flags given on the command line win.
+"""
 
 from __future__ import annotations
 
@@ -9,27 +13,55 @@ import os
 import sys
 from pathlib import Path
 
-from mlxpool.agent.config import AgentConfig, RegistrationConfig
+from mlxpool.agent.auth import API_KEY_ENV, OPS_TOKEN_ENV, Credentials
+from mlxpool.agent.config import AgentConfig, RegistrationConfig, RuntimeConfig, load_runtime_config
 from mlxpool.agent.nodeinfo import check_node_name, default_node_name, parse_labels
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+CONFIG_ENV = "MLXPOOL_CONFIG"
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mlxpool agent", description="Serve a model with MLX on this machine.")
-    p.add_argument("--model", required=True, type=Path, help="model directory (config.json, weights, tokenizer)")
+    p.add_argument("--model", type=Path,
+                   help="model directory (config.json, weights, tokenizer) to serve from the start; without it the "
+                        "agent starts empty and loads what the operations API tells it to")
     p.add_argument("--model-name", help="name clients use in 'model' (default: the directory's name)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     p.add_argument("--port", type=int, default=8100,
                    help="port to listen on; 0 picks a free one (default: %(default)s)")
-    p.add_argument("--max-tokens-default", type=_positive_int, default=256,
-                   help="completion tokens when a request names none (default: %(default)s)")
-    p.add_argument("--max-running", type=_positive_int, default=32,
-                   help="sequences decoded together in one batch (default: %(default)s)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds SIGTERM waits for in-flight requests (default: %(default)s)")
     p.add_argument("--log-level", default=os.environ.get("MLXPOOL_LOG_LEVEL", "INFO"),
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--config", type=Path, default=os.environ.get(CONFIG_ENV) or None,
+                   help=f"runtime file (see config/runtime.yaml; default: ${CONFIG_ENV}, else built-in defaults)")
+    # Flags below override the runtime file's keys named in their help (None: not given).
+    serving = p.add_argument_group("serving (override the runtime file's `serving` section)")
+    serving.add_argument("--max-tokens-default", type=_positive_int,
+                         help="serving.max_tokens_default: completion tokens when a request names none")
+    serving.add_argument("--decode-concurrency", "--max-running", dest="decode_concurrency", type=_positive_int,
+                         help="serving.decode_concurrency: sequences decoded together in one batch")
+    serving.add_argument("--prefill-concurrency", type=_positive_int,
+                         help="serving.prefill_concurrency: prompts prefilled together")
+    serving.add_argument("--prefill-step-size", type=_positive_int,
+                         help="serving.prefill_step_size: prompt tokens per prefill chunk")
+    serving.add_argument("--prompt-cache-bytes", type=_non_negative_int,
+                         help="serving.prompt_cache_bytes: byte cap of the prefix cache (0 disables it)")
+    serving.add_argument("--no-warmup", dest="warmup", action="store_const", const=False,
+                         help="serving.warmup=false: report ready without a warm-up generation")
+    serving.add_argument("--stream-interval-ms", type=float,
+                         help="serving.stream_interval_ms: write a stream's tokens at most this often (0: each token)")
+    auth = p.add_argument_group("auth (override the runtime file's `auth` section)")
+    auth.add_argument("--api-key-file", type=Path,
+                      help="auth.api_key_file: API keys for the inference endpoints, one per line "
+                           f"(else ${API_KEY_ENV}; none: open)")
+    auth.add_argument("--ops-token-file", type=Path,
+                      help=f"auth.ops_token_file: bearer token of the operations API (else ${OPS_TOKEN_ENV}; "
+                           "none: that API answers 403)")
+    ops = p.add_argument_group("operations API (override the runtime file's `weight_management` section)")
+    ops.add_argument("--cache-dir", type=Path,
+                     help="weight_management.cache_dir: where staged models live (default ~/.cache/mlxpool/models)")
     reg = p.add_argument_group("registration (only with --kubeconfig)")
     reg.add_argument("--kubeconfig", help="register an InferenceNode in this cluster")
     reg.add_argument("--node-name", help="InferenceNode name (default: the host name)")
@@ -46,9 +78,11 @@ def parse_config(argv: list[str]) -> AgentConfig:
     args = parser.parse_args(argv)
     if not (0 <= args.port <= 65535):
         parser.error(f"--port {args.port} is not a port number")
-    model_path = args.model.expanduser().resolve()
-    if not (model_path / "config.json").is_file():
+    model_path = args.model.expanduser().resolve() if args.model is not None else None
+    if model_path is not None and not (model_path / "config.json").is_file():
         parser.error(f"--model {args.model}: not a model directory (no config.json)")
+    if model_path is None and args.model_name:
+        parser.error("--model-name needs --model")
     if args.heartbeat_interval <= 0 or args.drain_timeout < 0:
         parser.error("--heartbeat-interval must be > 0 and --drain-timeout >= 0")
     registration = None
@@ -66,21 +100,42 @@ def parse_config(argv: list[str]) -> AgentConfig:
         )
     elif args.label or args.node_name or args.advertise_url:
         parser.error("--node-name, --label and --advertise-url need --kubeconfig")
+    try:
+        runtime = _runtime_config(args)
+        credentials = Credentials.load(runtime.auth.api_key_file, runtime.auth.ops_token_file)
+    except ValueError as exc:  # ConfigError included
+        parser.error(str(exc))
     return AgentConfig(
-        model_path=model_path, model_name=args.model_name or model_path.name, host=args.host, port=args.port,
-        max_tokens_default=args.max_tokens_default, max_running=args.max_running,
-        drain_timeout=args.drain_timeout, registration=registration, log_level=args.log_level,
+        model_path=model_path, model_name=args.model_name or (model_path.name if model_path else None),
+        host=args.host, port=args.port,
+        drain_timeout=args.drain_timeout, registration=registration, log_level=args.log_level, runtime=runtime,
+        credentials=credentials,
     )
+
+
+def _runtime_config(args: argparse.Namespace) -> RuntimeConfig:
+    """The runtime file + environment, then the flags given on the command line."""
+    runtime = load_runtime_config(args.config)
+    runtime = runtime.with_overrides(
+        "serving", max_tokens_default=args.max_tokens_default, decode_concurrency=args.decode_concurrency,
+        prefill_concurrency=args.prefill_concurrency, prefill_step_size=args.prefill_step_size,
+        prompt_cache_bytes=args.prompt_cache_bytes, warmup=args.warmup, stream_interval_ms=args.stream_interval_ms,
+    )
+    runtime = runtime.with_overrides("weight_management", cache_dir=args.cache_dir)
+    return runtime.with_overrides("auth", api_key_file=args.api_key_file, ops_token_file=args.ops_token_file)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     config = parse_config(args)
     logging.basicConfig(level=config.log_level, format=LOG_FORMAT, stream=sys.stderr, force=True)
+    from uvicorn.loops.auto import auto_loop_factory  # uvloop when it is installed
+
     from mlxpool.agent.runtime import AgentRuntime
 
     try:
-        return asyncio.run(AgentRuntime(config).run())
+        with asyncio.Runner(loop_factory=auto_loop_factory()) as runner:
+            return runner.run(AgentRuntime(config).run())
     except OSError as exc:  # e.g. the port is taken
         logging.getLogger("mlxpool.agent").error("agent failed to start error=%s", exc)
         return 1
@@ -90,6 +145,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text} is not >= 1")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is not >= 0")
     return value
 
 

@@ -1,36 +1,92 @@
-"""Prometheus metrics of the agent: HTTP traffic and the engines' queues and tokens.
+"""Prometheus metrics of the agent: HTTP traffic, request latencies, the engines' state.
 
-Engine figures are read at scrape time from each engine's `EngineStats` (a custom
-collector), so the engine thread never touches prometheus-client. The queue gauges
-are also exported under vLLM's names (`vllm:num_requests_running`,
-`vllm:num_requests_waiting`), which inference gateways already scrape. Each app has
-its own registry: several agents can live in one test process.
+Three sources:
+- HTTP responses by route and status (`HttpMetricsMiddleware`).
+- Requests as the data plane saw them (`AgentMetrics.request_done`, one call per
+  request at its end): outcome, time to first token, inter-token gaps and end-to-end
+  latency, each by model and priority tier.
+- Engine figures, read at scrape time from each engine's `EngineStats` (a custom
+  collector), so the engine thread never touches prometheus-client: queue depth (also
+  per tier), running sequences, tokens, prompt-cache bytes and hit rate, KV bytes,
+  model memory.
+
+Also exported under vLLM's names, which inference gateways already scrape:
+`vllm:num_requests_running`, `vllm:num_requests_waiting`, and
+`vllm:gpu_cache_usage_perc` — here the prefix cache's bytes over its byte cap, as a
+fraction (0-1, like vLLM's); 0 when the cache is disabled. `vllm:lora_requests_info`
+is deliberately absent: it describes dynamically loaded LoRA adapters, which mlxpool
+does not serve, and gateways only use it for adapter affinity.
+
+Each app has its own registry: several agents can live in one test process.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, disable_created_metrics, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mlxpool.agent.lifecycle import Lifecycle
 from mlxpool.agent.models import ModelRepository
+from mlxpool.priorities import Priority
 
 # `*_created` series double every counter's output and nobody scrapes them here.
 disable_created_metrics()
 
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+INTER_TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
+LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0)
+
 
 class AgentMetrics:
+    """The agent's registry; also the data plane's `RequestObserver`."""
+
     def __init__(self, models: ModelRepository, lifecycle: Lifecycle) -> None:
-        self.registry = CollectorRegistry()
+        self.registry = registry = CollectorRegistry()
+        labels = ["model_name", "priority"]
         self.http_requests = Counter(
             "mlxpool_http_requests", "HTTP requests answered, by route, method and status.",
-            ["endpoint", "method", "status"], registry=self.registry,
+            ["endpoint", "method", "status"], registry=registry,
         )
-        self.registry.register(_EngineCollector(models, lifecycle))
+        self.requests = Counter(
+            "mlxpool_requests", "Generation requests that reached an engine, by outcome "
+            "(stop, length, cancelled, error, queue_full, deadline).", [*labels, "outcome"], registry=registry,
+        )
+        self.ttft = Histogram(
+            "mlxpool_time_to_first_token_seconds", "From the request reaching the data plane to its first token.",
+            labels, buckets=TTFT_BUCKETS, registry=registry,
+        )
+        self.inter_token = Histogram(
+            "mlxpool_inter_token_latency_seconds", "Gaps between a request's consecutive tokens.",
+            labels, buckets=INTER_TOKEN_BUCKETS, registry=registry,
+        )
+        self.latency = Histogram(
+            "mlxpool_e2e_request_latency_seconds", "From the request reaching the data plane to its last token.",
+            labels, buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        registry.register(_EngineCollector(models, lifecycle))
+
+    def request_done(self, model: str, priority: Priority, outcome: str, ttft: float | None,
+                     inter_token: list[float], latency: float) -> None:
+        tier = priority.value
+        self.requests.labels(model, tier, outcome).inc()
+        if ttft is not None:
+            self.ttft.labels(model, tier).observe(ttft)
+            self.latency.labels(model, tier).observe(latency)
+        if inter_token:
+            observe = self.inter_token.labels(model, tier).observe
+            for gap in inter_token:
+                observe(gap)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
@@ -43,31 +99,68 @@ class _EngineCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         label = ["model_name"]
-        running = GaugeMetricFamily("mlxpool_requests_running", "Sequences in the engine's batch.", labels=label)
-        waiting = GaugeMetricFamily("mlxpool_requests_waiting", "Sequences waiting for a batch slot.", labels=label)
-        vllm_running = GaugeMetricFamily("vllm:num_requests_running", "Same as mlxpool_requests_running.", labels=label)
-        vllm_waiting = GaugeMetricFamily("vllm:num_requests_waiting", "Same as mlxpool_requests_waiting.", labels=label)
-        prompt = CounterMetricFamily("mlxpool_prompt_tokens", "Prompt tokens accepted.", labels=label)
-        generated = CounterMetricFamily("mlxpool_generation_tokens", "Tokens generated.", labels=label)
-        steps = CounterMetricFamily("mlxpool_decode_steps", "Batched decode steps.", labels=label)
-        finished = CounterMetricFamily(
-            "mlxpool_requests_finished", "Requests ended, by reason (stop, length, cancelled, error).",
-            labels=[*label, "reason"],
-        )
+
+        def gauge(name: str, doc: str, extra: tuple[str, ...] = ()) -> GaugeMetricFamily:
+            return GaugeMetricFamily(name, doc, labels=[*label, *extra])
+
+        def counter(name: str, doc: str, extra: tuple[str, ...] = ()) -> CounterMetricFamily:
+            return CounterMetricFamily(name, doc, labels=[*label, *extra])
+
+        running = gauge("mlxpool_requests_running", "Sequences in the engine's batch.")
+        waiting = gauge("mlxpool_requests_waiting", "Sequences waiting for a batch slot.")
+        waiting_tier = gauge("mlxpool_requests_waiting_by_priority", "Sequences waiting, by priority tier.",
+                             ("priority",))
+        vllm_running = gauge("vllm:num_requests_running", "Same as mlxpool_requests_running.")
+        vllm_waiting = gauge("vllm:num_requests_waiting", "Same as mlxpool_requests_waiting.")
+        vllm_cache = gauge("vllm:gpu_cache_usage_perc", "Prefix-cache bytes over its byte cap (0-1).")
+        prompt = counter("mlxpool_prompt_tokens", "Prompt tokens of the requests admitted.")
+        cached = counter("mlxpool_prompt_tokens_cached", "Prompt tokens served from the prefix cache.")
+        generated = counter("mlxpool_generation_tokens", "Tokens generated.")
+        steps = counter("mlxpool_decode_steps", "Batched decode steps.")
+        finished = counter("mlxpool_requests_finished",
+                           "Requests ended, by reason (stop, length, cancelled).", ("reason",))
+        rejected = counter("mlxpool_requests_rejected",
+                           "Requests refused without running, by reason (queue_full, deadline).", ("reason",))
+        cache_bytes = gauge("mlxpool_prompt_cache_bytes", "Bytes held by the prefix cache.")
+        cache_cap = gauge("mlxpool_prompt_cache_max_bytes", "The prefix cache's byte cap (0: disabled).")
+        cache_entries = gauge("mlxpool_prompt_cache_entries", "Sequences held by the prefix cache.")
+        lookups = counter("mlxpool_prompt_cache_lookups", "Prefix-cache lookups (one per admitted request).")
+        hits = counter("mlxpool_prompt_cache_hits", "Lookups that reused a cached prefix.")
+        hit_rate = gauge("mlxpool_prompt_cache_hit_rate", "Hits over lookups since start (0 before any lookup).")
+        kv_bytes = gauge("mlxpool_kv_cache_bytes", "Key/value cache bytes of the running batch.")
+        memory = gauge("mlxpool_model_memory_bytes", "Bytes of the model's parameters.")
         for model in self._models.all():
             stats, name = model.engine.stats, [model.name]
             running.add_metric(name, stats.running)
             waiting.add_metric(name, stats.waiting)
+            for tier in Priority:
+                waiting_tier.add_metric([model.name, tier.value], stats.waiting_by_priority.get(tier.value, 0))
             vllm_running.add_metric(name, stats.running)
             vllm_waiting.add_metric(name, stats.waiting)
+            cap = stats.prompt_cache_max_bytes
+            vllm_cache.add_metric(name, min(1.0, stats.prompt_cache_bytes / cap) if cap else 0.0)
             prompt.add_metric(name, stats.prompt_tokens_total)
+            cached.add_metric(name, stats.prompt_tokens_cached_total)
             generated.add_metric(name, stats.generation_tokens_total)
             steps.add_metric(name, stats.decode_steps_total)
             for reason, count in stats.requests_finished_total.items():
                 finished.add_metric([model.name, reason], count)
+            for reason, count in stats.requests_rejected_total.items():
+                rejected.add_metric([model.name, reason], count)
+            cache_bytes.add_metric(name, stats.prompt_cache_bytes)
+            cache_cap.add_metric(name, cap)
+            cache_entries.add_metric(name, stats.prompt_cache_entries)
+            lookups.add_metric(name, stats.prompt_cache_lookups_total)
+            hits.add_metric(name, stats.prompt_cache_hits_total)
+            looked = stats.prompt_cache_lookups_total
+            hit_rate.add_metric(name, stats.prompt_cache_hits_total / looked if looked else 0.0)
+            kv_bytes.add_metric(name, stats.kv_cache_bytes)
+            memory.add_metric(name, model.info.memory_bytes)
         in_flight = GaugeMetricFamily("mlxpool_http_generations_in_flight", "Generation requests being answered.")
         in_flight.add_metric([], self._lifecycle.in_flight)
-        yield from (running, waiting, vllm_running, vllm_waiting, prompt, generated, steps, finished, in_flight)
+        yield from (running, waiting, waiting_tier, vllm_running, vllm_waiting, vllm_cache, prompt, cached,
+                    generated, steps, finished, rejected, cache_bytes, cache_cap, cache_entries, lookups, hits,
+                    hit_rate, kv_bytes, memory, in_flight)
 
 
 class HttpMetricsMiddleware:

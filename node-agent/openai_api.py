@@ -1,22 +1,35 @@
 """OpenAI-compatible wire models: request bodies, responses, stream chunks.
 
 Validation lives here (a bad field becomes a 400 naming it); defaults that depend on
-the agent's configuration (max_tokens) are resolved by the data plane. Unknown fields
-are ignored, as OpenAI-compatible servers do, so clients sending options we do not
-implement yet (logprobs, penalties, seed) still work.
+the agent's configuration (max_tokens, priority, deadline) are resolved by the data
+plane. Unknown fields are ignored, as OpenAI-compatible servers do, so clients that
+send extras (`user`, `metadata`, ...) still work; fields that would change the
+shape of the answer and that we do not implement (`n > 1`, `echo`, `best_of`,
+`suffix`, `tools`, structured `response_format`) are refused with a 400 naming them,
+never silently dropped.
+
+mlxpool extensions: `priority` (an SLA tier, also the `x-priority` header) and
+`deadline_ms` (how long the request may wait for a batch slot, also the
+`x-deadline-ms` header); `top_k`, `min_p` and `repetition_penalty` as vLLM and
+mlx-lm name them. Penalties look at the last 20 tokens (mlx-lm's window), not the
+whole text as OpenAI's do.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mlxpool.priorities import Priority
 
 MAX_STOP_STRINGS = 16
+MAX_TOP_LOGPROBS = 20
+MAX_TOKENS_LIMIT = 1 << 20
+"""Above any context length we serve; a larger max_tokens is a client bug."""
+MAX_LOGIT_BIAS = 300
 
 
 def _omit_none(value: object) -> bool:
@@ -31,14 +44,22 @@ class _GenerationRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=-1, description="0 or -1 disables it.")
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    seed: int | None = Field(default=None, description="Same seed, same prompt and parameters: same tokens.")
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
+    logit_bias: dict[str, float] | None = Field(default=None, description="Token id (as a string) to a bias.")
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=1, description="Only one choice per request is supported.")
     priority: Priority | None = Field(default=None, description="SLA tier; see mlxpool.priorities.")
+    deadline_ms: int | None = Field(default=None, gt=0, description="Longest wait for a batch slot, in ms.")
     user: str | None = None
 
     @field_validator("stop")
@@ -51,6 +72,23 @@ class _GenerationRequest(BaseModel):
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are supported")
         return value
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _check_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is None:
+            return None
+        if len(value) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} biased tokens are supported")
+        for key, bias in value.items():
+            if not key.isdigit():
+                raise ValueError(f"keys must be token ids, got {key!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"biases must be between -100 and 100, got {bias} for token {key}")
+        return value
+
+    def token_biases(self) -> tuple[tuple[int, float], ...]:
+        return tuple((int(k), v) for k, v in (self.logit_bias or {}).items())
+
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:
             return ()
@@ -59,13 +97,26 @@ class _GenerationRequest(BaseModel):
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
 
+    def requested_logprobs(self) -> int | None:
+        """None: no log-probabilities; n: the chosen token's plus the top n."""
+        return None
+
     @property
     def include_usage_chunk(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
 
+def _refuse(name: str, what: str) -> None:
+    raise ValueError(f"{name} {what} is not supported by this server")
+
+
 class CompletionRequest(_GenerationRequest):
     prompt: str | list[int] | list[str] = Field(description="Text, or token ids; one prompt per request.")
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS,
+                                 description="Log-probabilities of the chosen tokens plus this many alternatives.")
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -77,6 +128,30 @@ class CompletionRequest(_GenerationRequest):
         if isinstance(value, list) and any(t < 0 for t in value):  # type: ignore[operator]
             raise ValueError("token ids must be >= 0")
         return value  # type: ignore[return-value]
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, value: bool) -> bool:
+        if value:
+            _refuse("echo", "= true")
+        return value
+
+    @field_validator("best_of")
+    @classmethod
+    def _no_best_of(cls, value: int | None) -> int | None:
+        if value is not None and value != 1:
+            _refuse("best_of", f"= {value}")
+        return value
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, value: str | None) -> str | None:
+        if value:
+            _refuse("suffix", "(insertion)")
+        return value
+
+    def requested_logprobs(self) -> int | None:
+        return self.logprobs
 
 
 class TextPart(BaseModel):
@@ -98,10 +173,37 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    @field_validator("tools")
+    @classmethod
+    def _no_tools(cls, value: list[Any] | None) -> list[Any] | None:
+        if value:
+            _refuse("tools", "(function calling)")
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and value.get("type", "text") != "text":
+            _refuse("response_format", f"type {value.get('type')!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs requires logprobs: true")
+        return self
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    def requested_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def template_messages(self) -> list[dict[str, str]]:
         return [{"role": m.role, "content": m.text()} for m in self.messages]
@@ -110,25 +212,41 @@ class ChatCompletionRequest(_GenerationRequest):
 # ---- responses ----
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0
+    """Prompt tokens served from the prefix cache."""
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = Field(default=None, exclude_if=_omit_none)
 
     @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+    def of(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> Usage:
         return cls(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             total_tokens=prompt_tokens + completion_tokens,
+            prompt_tokens_details=None if cached_tokens is None else PromptTokensDetails(cached_tokens=cached_tokens),
         )
+
+
+class CompletionLogprobs(BaseModel):
+    """The legacy completions shape: parallel lists, one entry per token."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float]] | None = None
+    text_offset: list[int] = Field(default_factory=list)
 
 
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -142,6 +260,20 @@ class CompletionResponse(BaseModel):
     usage: Usage | None = Field(default=None, exclude_if=_omit_none)
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprobEntry(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprobEntry] | None = None
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
@@ -151,7 +283,7 @@ class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -172,7 +304,7 @@ class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: ChatDelta
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):

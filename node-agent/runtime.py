@@ -1,7 +1,8 @@
 """The agent process from start to exit: the composition root.
 
 Order of events: bind the socket and serve HTTP (`/health` answers, `/ready` says
-503) → load and warm the model on its engine thread → ready (one log line with the
+503) → open the model cache and load and warm the command line's model, if any,
+through the model manager (`operations`) → ready (one log line with the
 URL: `agent ready url=http://HOST:PORT model=NAME`) → register the InferenceNode and
 beat → on SIGTERM/SIGINT: `/ready` 503 and `status.ready=false` at once, new requests
 get 503, in-flight requests finish (up to the drain timeout) → HTTP stops → engine
@@ -19,7 +20,8 @@ import contextlib
 import logging
 import signal
 import socket
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import replace
 from typing import TYPE_CHECKING, TypeVar
 
 import uvicorn
@@ -27,13 +29,14 @@ import uvicorn
 from mlxpool.agent import hardware
 from mlxpool.agent.app import create_app
 from mlxpool.agent.config import AgentConfig
-from mlxpool.agent.dataplane import DataPlane
-from mlxpool.agent.engine.prompts import PromptEncoder
+from mlxpool.agent.dataplane import DataPlane, DataPlaneSettings
+from mlxpool.agent.engine.interface import EngineConfig
 from mlxpool.agent.lifecycle import Lifecycle, Phase
 from mlxpool.agent.metrics import AgentMetrics
-from mlxpool.agent.models import ModelRepository, ServedModel
-from mlxpool.agent.nodeinfo import node_spec, node_status
-from mlxpool.agent.openai_api import now
+from mlxpool.agent.models import ModelRepository
+from mlxpool.agent.nodeinfo import default_node_name, node_spec, node_status
+from mlxpool.agent.operations.assembly import Operations, StatusNudger
+from mlxpool.agentapi import ModelPhase
 from mlxpool.nodes import LoadedModel, NodeStatus
 
 if TYPE_CHECKING:  # imported when used: MLX and the Kubernetes client are heavy
@@ -59,12 +62,22 @@ class AgentRuntime:
         self.lifecycle = Lifecycle()
         self.models = ModelRepository()
         self.metrics = AgentMetrics(self.models, self.lifecycle)
-        self.dataplane = DataPlane(self.models, self.lifecycle, config.max_tokens_default)
-        self.app = create_app(self.dataplane, self.metrics)
+        settings = DataPlaneSettings(config.runtime.serving.max_tokens_default, config.runtime.priority_scheduling)
+        self.dataplane = DataPlane(self.models, self.lifecycle, settings, observer=self.metrics)
+        # ---- operations API (/v1/node): model manager and model cache ----
+        self._registrar: NodeRegistrar | None = None
+        self._status_nudger = StatusNudger(self._write_status_now)  # a load/unload shows at once
+        reg = config.registration
+        self.operations = Operations.build(
+            repository=self.models, make_engine=self.make_engine, multi_model=config.runtime.multi_model,
+            weights=config.runtime.weight_management, node_name=reg.node_name if reg else default_node_name(),
+            endpoint=lambda: (reg.advertise_url if reg and reg.advertise_url else None) or self.url or "",
+            on_change=self._status_nudger.nudge,
+        )
+        # ----
+        self.app = create_app(self.dataplane, self.metrics, config.credentials, ops=self.operations.router)
         self.url: str | None = None
         self._signals = 0
-        self._engine: BatchEngine | None = None
-        self._registrar: NodeRegistrar | None = None
         self._background: list[asyncio.Task] = []
 
     async def run(self) -> int:
@@ -88,7 +101,7 @@ class AgentRuntime:
             if not await self._load_model():
                 return 1
             if self.lifecycle.phase is Phase.READY:
-                log.info("agent ready url=%s model=%s", self.url, self.config.model_name)
+                log.info("agent ready url=%s model=%s", self.url, self.config.model_name or "-")
                 await self._register()
                 await self._unless_stopped(asyncio.shield(serving))
             await self._drain()
@@ -101,22 +114,53 @@ class AgentRuntime:
         log.info("agent stopped url=%s", self.url)
         return 0
 
-    async def _load_model(self) -> bool:
-        """Load and warm the model; False if it failed (a signal during loading is not a failure)."""
-        from mlxpool.agent.engine.generation import BatchEngine, EngineConfig  # imports MLX
+    def engine_config(self) -> EngineConfig:
+        """How every engine of this agent batches (the runtime file's `serving` and tier limits)."""
+        serving, scheduling = self.config.runtime.serving, self.config.runtime.priority_scheduling
+        return EngineConfig(
+            max_running=serving.decode_concurrency,
+            prefill_batch_size=serving.prefill_concurrency,
+            prefill_step_size=serving.prefill_step_size,
+            prompt_cache_bytes=serving.prompt_cache_bytes,
+            prompt_cache_entries=serving.prompt_cache_entries,
+            max_waiting={p: t.max_waiting for p, t in scheduling.tiers.items() if t.max_waiting is not None},
+            warmup_tokens=4 if serving.warmup else 0,
+            stream_interval_s=serving.stream_interval_ms / 1000,
+        )
 
+    # ---- operations API wiring: engines for the model manager, prompt status writes ----
+
+    def make_engine(
+        self, path: str, name: str, *, warm: bool, on_weights_loaded: Callable[[], None],
+    ) -> BatchEngine:
+        """The model manager's engine factory: every model, the command line's included, is built here."""
+        from mlxpool.agent.engine.generation import BatchEngine  # imports MLX
+
+        config = self.engine_config() if warm else replace(self.engine_config(), warmup_tokens=0)
+        return BatchEngine(path, config, name=name, on_weights_loaded=on_weights_loaded)
+
+    async def _write_status_now(self) -> None:
+        if self._registrar is not None:
+            await self._registrar.beat()
+
+    async def _load_model(self) -> bool:
+        """Open the model cache, then load and warm the command line's model (if any) through the
+        model manager; False if either failed (a signal during loading is not a failure)."""
         self.lifecycle.set_phase(Phase.LOADING)
-        config = EngineConfig(max_running=self.config.max_running)
-        self._engine = BatchEngine(str(self.config.model_path), config, name=self.config.model_name)
         try:
-            info = await self._unless_stopped(self._engine.start())
-        except Exception as exc:
-            log.error("model failed to load path=%s error=%s", self.config.model_path, exc)
+            await self.operations.start()
+        except OSError as exc:
+            log.error("model cache failed to open error=%s", exc)
             return False
-        if info is not None:
-            encoder = PromptEncoder(self._engine.tokenizer)
-            self.models.add(ServedModel(self.config.model_name, self._engine, encoder, info, now()))
-            self.lifecycle.set_phase(Phase.READY)
+        if self.config.model_path is not None:
+            state = await self._unless_stopped(self.operations.load_initial(
+                self.config.model_name or self.config.model_path.name, self.config.model_path))
+            if state is None:  # signalled while loading
+                return True
+            if state.phase is not ModelPhase.READY:
+                log.error("model failed to load path=%s error=%s", self.config.model_path, state.message)
+                return False
+        self.lifecycle.set_phase(Phase.READY)
         return True
 
     async def _register(self) -> None:
@@ -126,7 +170,7 @@ class AgentRuntime:
         from mlxpool.agent.registration import NodeRegistrar  # imports the Kubernetes client
 
         hw = await asyncio.to_thread(hardware.detect_hardware)
-        spec = node_spec(reg.advertise_url or self.url or "", hw)
+        spec = node_spec(reg.advertise_url or self.url or "", hw, max_models=self.config.runtime.multi_model.max_models)
         self._registrar = NodeRegistrar(reg.kubeconfig, reg.node_name, reg.labels, spec, self._node_status,
                                         interval=reg.heartbeat_interval)
         self._background.append(asyncio.create_task(self._registrar.run(), name="heartbeat"))
@@ -141,10 +185,8 @@ class AgentRuntime:
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
-        for model in self.models.all():
-            model.encoder.close()
-        if self._engine is not None:
-            await self._engine.stop()
+        await self._status_nudger.close()
+        await self.operations.close()  # stops every engine
         self.lifecycle.set_phase(Phase.STOPPED)
         if self._registrar is not None:  # last word: not ready
             with contextlib.suppress(TimeoutError):

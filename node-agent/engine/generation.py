@@ -3,13 +3,25 @@
 The asyncio side never touches MLX. It hands requests to the engine thread through a
 thread-safe command queue and gets each request's tokens back on its own
 `asyncio.Queue` (one `call_soon_threadsafe` per step for the whole batch). The thread
-loads the model, warms it up, then loops: take commands, admit waiting sequences into
-free slots, run one `BatchGenerator.next()` step, detokenize each sequence
-incrementally, apply stop strings, deliver.
+loads the model, warms it up, then loops: take commands, fail waiting requests whose
+deadline passed, admit the most urgent waiting requests into free slots (reusing a
+cached prefix of their prompt when there is one), run one `BatchGenerator.next()`
+step, detokenize each sequence incrementally, apply stop strings, read
+log-probabilities for the sequences that asked, deliver, and keep the KV cache of
+each finished sequence in the prefix cache.
 
-What this module deliberately leaves to others: which waiting request goes first
-(`scheduling`), how prompts are built (`prompts`), HTTP and OpenAI shapes (the data
-plane). Prompt caching and preemption come later, behind the same interface.
+Admission is bounded twice: at most `max_running` sequences in the batch (decode
+concurrency), and of those at most two prefill groups still prefilling: the one
+mlx-lm is computing (`prefill_batch_size` prompts, the prefill concurrency) and the
+next one, staged so the generator never waits a step for it. Everything else waits
+in our priority queue rather than in mlx-lm's FIFO, so a critical request that
+arrives late is at most one group behind. (An empty batch takes a whole burst at
+once: there is nothing to protect yet.) Admitted prompts go in by priority, then
+length, so mlx-lm's prefill groups, each padded to its longest prompt, waste little.
+
+What this module deliberately leaves to others: the order of the waiting queue
+(`scheduling`), samplers (`sampling`), the prefix cache's policy (`prefixcache`), how
+prompts are built (`prompts`), HTTP and OpenAI shapes (the data plane).
 """
 
 from __future__ import annotations
@@ -18,53 +30,46 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections import Counter, defaultdict
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from mlxpool.agent.engine import blas as _blas  # noqa: F401  (must precede mlx)
 
 import mlx.core as mx  # noqa: E402
 from mlx_lm.generate import BatchGenerator  # noqa: E402
-from mlx_lm.sample_utils import make_sampler  # noqa: E402
 
 from mlxpool.agent.engine import loading  # noqa: E402
 from mlxpool.agent.engine.interface import (  # noqa: E402
+    DeadlineError,
+    EngineConfig,
     EngineError,
     EngineStats,
     FinishReason,
     GenerationRequest,
     ModelInfo,
-    SamplingParams,
+    QueueFullError,
     TokenEvent,
+    TokenLogprob,
 )
-from mlxpool.agent.engine.scheduling import FifoAdmission  # noqa: E402
+from mlxpool.agent.engine.logprobs import LogprobReader  # noqa: E402
+from mlxpool.agent.engine.prefixcache import PrefixCache  # noqa: E402
+from mlxpool.agent.engine.sampling import SamplerFactory, logits_processors  # noqa: E402
+from mlxpool.agent.engine.scheduling import PriorityAdmission, QueueFull  # noqa: E402
 from mlxpool.agent.engine.stopping import StopStringMatcher  # noqa: E402
+
+__all__ = ["BatchEngine", "EngineConfig"]
 
 log = logging.getLogger(__name__)
 
 WARMUP_PROMPTS = ("Hello", "The quick brown fox jumps over the lazy dog.")
+KV_BYTES_EVERY_STEPS = 32  # how often the batch's KV bytes are recounted for /metrics
 
 
-@dataclass(frozen=True)
-class EngineConfig:
-    max_running: int = 32
-    """Sequences in the batch at once; more wait in the admission queue."""
-    prefill_batch_size: int = 8
-    """Prompts prefilled together in one step."""
-    prefill_step_size: int = 2048
-    """Prompt tokens per prefill chunk; long prompts are split so decoding keeps going."""
-    warmup_tokens: int = 4
-    """Tokens generated per warm-up run (0 disables warm-up)."""
-
-    def __post_init__(self) -> None:
-        if self.max_running < 1 or self.prefill_batch_size < 1 or self.prefill_step_size < 1:
-            raise ValueError("max_running, prefill_batch_size and prefill_step_size must be >= 1")
-
-
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Sequence:
     """Engine-thread state of one request."""
 
@@ -75,29 +80,38 @@ class _Sequence:
     stops: StopStringMatcher = field(default_factory=lambda: StopStringMatcher(()))
     uid: int | None = None
     generated: int = 0
+    cached_tokens: int = 0
+    prefilled: bool = False
+    """The whole prompt is processed (the sequence is decoding)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Submit:
     sequence: _Sequence
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Cancel:
     request_id: str
 
 
 _STOP = object()
 
+Delivery = tuple[_Sequence, "TokenEvent | BaseException"]
+
 
 class BatchEngine:
     """Serves one model directory; implements `interface.Engine`."""
 
-    def __init__(self, model_path: str, config: EngineConfig | None = None, name: str = "model") -> None:
+    def __init__(self, model_path: str, config: EngineConfig | None = None, name: str = "model",
+                 on_weights_loaded: Callable[[], None] | None = None) -> None:
         self._path = model_path
+        self._on_weights_loaded = on_weights_loaded
+        """Called on the engine thread once the weights are in memory, before warm-up (the model
+        manager reports the `warming` phase from it)."""
         self._config = config or EngineConfig()
         self._commands: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._stats = EngineStats()
+        self._stats = EngineStats(prompt_cache_max_bytes=self._config.prompt_cache_bytes)
         self._loaded: Future[ModelInfo] = Future()
         self._accepting = False
         self._accepting_lock = threading.Lock()
@@ -106,11 +120,17 @@ class BatchEngine:
         self.tokenizer: Any = None
         """mlx-lm's TokenizerWrapper, set once the model is loaded."""
         # Engine-thread state.
-        self._admission: FifoAdmission[_Sequence] = FifoAdmission()
+        self._waiting: PriorityAdmission[_Sequence] = PriorityAdmission(self._config.max_waiting)
         self._running: dict[int, _Sequence] = {}
         self._by_id: dict[str, _Sequence] = {}
-        self._samplers: dict[tuple[float, float], Any] = {}
+        self._prefilling = 0  # admitted sequences whose prompt is not fully processed yet
         self._finished: Counter[str] = Counter()
+        self._rejected: Counter[str] = Counter()
+        self._prefix = PrefixCache(self._config.prompt_cache_bytes, self._config.prompt_cache_entries)
+        self._samplers: SamplerFactory | None = None
+        self._logprobs: LogprobReader | None = None
+        self._held: list[Delivery] = []  # token events waiting for the next hand-over
+        self._handed_over = 0.0  # time.monotonic() of the last hand-over
 
     # ---- asyncio side ----
 
@@ -145,9 +165,10 @@ class BatchEngine:
                 raise EngineError("the engine is not running")
             self._commands.put(_Submit(sequence))
         done = False
+        get = sequence.sink.get
         try:
             while True:
-                item = await sequence.sink.get()
+                item = await get()
                 if isinstance(item, BaseException):
                     done = True
                     raise item
@@ -172,6 +193,10 @@ class BatchEngine:
                 prefill_step_size=self._config.prefill_step_size,
                 stream=mx.default_stream(mx.default_device()),
             )
+            self._samplers = SamplerFactory(loaded.vocab_size)
+            self._logprobs = LogprobReader(loaded.tokenizer)
+            if self._on_weights_loaded is not None:
+                self._on_weights_loaded()
             self._warm_up(generator, loaded.tokenizer)
         except BaseException as exc:
             log.exception("engine failed to load model path=%s", self._path)
@@ -196,15 +221,25 @@ class BatchEngine:
                 self._accepting = False
             self._fail_all(EngineError("the engine stopped"))
             generator.close()
+            # Unloaded: drop the weights and the cached KV, then give MLX's freed buffers back.
+            self._prefix = PrefixCache(0, 1)
+            del generator, loaded
+            mx.clear_cache()
 
     def _serve(self, generator: BatchGenerator) -> None:
+        steps = 0
         while True:
-            idle = not self._running and not len(self._admission)
+            idle = not self._running and not len(self._waiting)
             if not self._take_commands(generator, block=idle):
                 return
-            self._admit(generator)
+            if len(self._waiting):
+                self._expire(time.monotonic())
+                self._admit(generator)
             if self._running:
                 self._step(generator)
+                steps += 1
+                if steps % KV_BYTES_EVERY_STEPS == 0 or not self._running:
+                    self._stats.kv_cache_bytes = generator.prompt_cache_nbytes if self._running else 0
 
     def _take_commands(self, generator: BatchGenerator, block: bool) -> bool:
         """Apply every queued command; False when asked to stop."""
@@ -225,52 +260,116 @@ class BatchEngine:
                 return True
 
     def _accept(self, sequence: _Sequence) -> None:
-        request_id = sequence.request.request_id
-        if request_id in self._by_id:
-            self._deliver([(sequence, EngineError(f"request id {request_id!r} is already running"))])
+        request = sequence.request
+        if request.request_id in self._by_id:
+            self._deliver([(sequence, EngineError(f"request id {request.request_id!r} is already running"))])
             return
+        try:
+            self._waiting.push(request.request_id, sequence, request.priority, request.deadline)
+        except QueueFull as exc:
+            # The limit is on waiting: a request that the next admission takes anyway does not wait.
+            if self._free_slots() > len(self._waiting):
+                self._waiting.push(request.request_id, sequence, request.priority, request.deadline, over_limit=True)
+            else:
+                self._rejected["queue_full"] += 1
+                self._stats.requests_rejected_total = dict(self._rejected)
+                self._deliver([(sequence, QueueFullError(str(exc)))])
+                return
         sequence.detokenizer = self.tokenizer.detokenizer  # a fresh copy per request
-        sequence.stops = StopStringMatcher(sequence.request.sampling.stop)
-        self._by_id[request_id] = sequence
-        self._admission.push(request_id, sequence)
-        self._stats.prompt_tokens_total += len(sequence.request.prompt_tokens)
+        sequence.stops = StopStringMatcher(request.sampling.stop)
+        self._by_id[request.request_id] = sequence
         self._count_queues()
 
     def _cancel(self, generator: BatchGenerator, request_id: str) -> None:
         sequence = self._by_id.pop(request_id, None)
         if sequence is None:  # already finished
             return
-        if self._admission.remove(request_id) is None and sequence.uid is not None:
+        if self._waiting.remove(request_id) is None and sequence.uid is not None:
             generator.remove([sequence.uid])
             self._running.pop(sequence.uid, None)
+            if not sequence.prefilled:
+                self._prefilling -= 1
         self._count_finished("cancelled")
         self._count_queues()
         log.debug("request cancelled request_id=%s generated=%d", request_id, sequence.generated)
 
+    def _expire(self, now: float) -> None:
+        expired = self._waiting.expire(now)
+        if not expired:
+            return
+        for sequence in expired:
+            self._by_id.pop(sequence.request.request_id, None)
+        self._rejected["deadline"] += len(expired)
+        self._stats.requests_rejected_total = dict(self._rejected)
+        self._count_queues()
+        self._deliver([(s, DeadlineError("the request's deadline passed while it waited for a batch slot"))
+                       for s in expired])
+
+    def _free_slots(self) -> int:
+        """Sequences the next admission may start: batch room, and room in the prefill groups.
+
+        With nothing in the batch there is no decoding to protect and nobody ahead: a burst
+        is admitted whole, so sorting it by length gives the least padded prefill groups.
+        """
+        if not self._running:
+            return self._config.max_running
+        return min(self._config.max_running - len(self._running),
+                   2 * self._config.prefill_batch_size - self._prefilling)
+
     def _admit(self, generator: BatchGenerator) -> None:
-        admitted = self._admission.pop(self._config.max_running - len(self._running))
+        free = self._free_slots()
+        admitted = self._waiting.pop(free) if free > 0 else []
         if not admitted:
             return
+        # mlx-lm prefills its queue in groups, each padded to its longest prompt: neighbours of
+        # similar length waste less. Priority still comes first.
+        admitted.sort(key=lambda s: (s.request.priority.rank, len(s.request.prompt_tokens)))
+        assert self._samplers is not None
+        prompts, caches, cached_tokens = [], [], []
+        for sequence in admitted:
+            tokens = sequence.request.prompt_tokens
+            cache, cached = self._prefix.fetch(tokens)
+            sequence.cached_tokens = cached
+            prompts.append(list(tokens[cached:]))
+            caches.append(cache)
+            cached_tokens.append(list(tokens[:cached]))
         uids = generator.insert(
-            [list(s.request.prompt_tokens) for s in admitted],
+            prompts,
             max_tokens=[s.request.sampling.max_tokens for s in admitted],
-            samplers=[self._sampler(s.request.sampling) for s in admitted],
+            caches=caches,
+            all_tokens=cached_tokens,
+            samplers=[self._samplers.sampler(s.request.sampling) for s in admitted],
+            logits_processors=[logits_processors(s.request.sampling) for s in admitted],
         )
         for uid, sequence in zip(uids, admitted, strict=True):
             sequence.uid = uid
             self._running[uid] = sequence
+            self._stats.prompt_tokens_total += len(sequence.request.prompt_tokens)
+            self._stats.prompt_tokens_cached_total += sequence.cached_tokens
+        self._prefilling += len(admitted)
+        self._count_prefix_cache()
         self._count_queues()
 
     def _step(self, generator: BatchGenerator) -> None:
-        _, responses = generator.next()
+        prompt_responses, responses = generator.next()
+        for progress in prompt_responses:
+            if progress.end_of_prompt and (sequence := self._running.get(progress.uid)) is not None:
+                sequence.prefilled = True
+                self._prefilling -= 1
         if not responses:
+            if self._held:
+                self._hand_over([], urgent=False)
             return
-        self._stats.decode_steps_total += 1
-        self._stats.generation_tokens_total += len(responses)
-        deliveries: list[tuple[_Sequence, TokenEvent | BaseException]] = []
+        stats = self._stats
+        stats.decode_steps_total += 1
+        stats.generation_tokens_total += len(responses)
+        running = self._running
+        logprobs = self._read_logprobs(responses)
+        deliveries: list[Delivery] = []
         stopped_by_text: list[int] = []
+        finished = False
         for response in responses:
-            sequence = self._running.get(response.uid)
+            sequence = running.get(response.uid)
             if sequence is None:
                 continue
             sequence.generated += 1
@@ -287,27 +386,70 @@ class BatchEngine:
                 finish = "stop"
             elif finish is not None:
                 text += sequence.stops.flush()
-            deliveries.append((sequence, TokenEvent(text, response.token, sequence.generated, finish)))
+            deliveries.append((sequence, TokenEvent(
+                text, response.token, sequence.generated, finish,
+                logprobs.get(response.uid) if logprobs else None, sequence.cached_tokens,
+            )))
             if finish is not None:
-                self._running.pop(response.uid, None)
+                finished = True
+                del running[response.uid]
                 self._by_id.pop(sequence.request.request_id, None)
                 self._count_finished(finish)
+                if response.prompt_cache is not None:
+                    self._prefix.store(response.all_tokens, response.prompt_cache)
         if stopped_by_text:
-            generator.remove(stopped_by_text)
-        self._count_queues()  # before delivering: whoever sees the last event sees the slot free
-        self._deliver(deliveries)
+            for tokens_and_cache in generator.remove(stopped_by_text, return_prompt_caches=True).values():
+                cache, tokens = tokens_and_cache
+                self._prefix.store(tokens, cache)
+        if finished:
+            self._count_prefix_cache()
+        self._stats.running = len(running)  # before delivering: whoever sees the last event sees the slot free
+        # A prefill is about to hold up the next step: hand over now rather than after it.
+        urgent = finished or self._prefilling > 0 or any(e.completion_tokens == 1 for _, e in deliveries)
+        self._hand_over(deliveries, urgent)
+
+    def _hand_over(self, deliveries: list[Delivery], urgent: bool) -> None:
+        """Deliver this step's events, or hold them until the stream interval has passed.
+
+        First tokens (time to first token), last ones (a free slot) and those before a
+        prefill always go at once, with everything held. Held events of one request reach
+        it together, all but its last marked `more`, so its transport can write them in
+        one go.
+        """
+        self._held += deliveries
+        now = time.monotonic()
+        if not urgent and now - self._handed_over < self._config.stream_interval_s:
+            return
+        held, self._held, self._handed_over = self._held, [], now
+        last: dict[_Sequence, int] = {}
+        for index, (sequence, _) in enumerate(held):
+            last[sequence] = index
+        if len(last) < len(held):  # some request has several events: mark all but its last
+            held = [(s, replace(e, more=True)) if i != last[s] and isinstance(e, TokenEvent) else (s, e)
+                    for i, (s, e) in enumerate(held)]
+        self._deliver(held)
+
+    def _read_logprobs(self, responses: list[Any]) -> dict[int, TokenLogprob]:
+        wanted = [(r, s.request.sampling.logprobs) for r in responses
+                  if (s := self._running.get(r.uid)) is not None and s.request.sampling.logprobs is not None]
+        if not wanted:
+            return {}
+        assert self._logprobs is not None
+        read = self._logprobs.read([r.logprobs for r, _ in wanted], [r.token for r, _ in wanted],
+                                   [n for _, n in wanted])
+        return {r.uid: lp for (r, _), lp in zip(wanted, read, strict=True)}
 
     def _count_queues(self) -> None:
         self._stats.running = len(self._running)
-        self._stats.waiting = len(self._admission)
+        self._stats.waiting = len(self._waiting)
+        self._stats.waiting_by_priority = {p.value: n for p, n in self._waiting.counts().items()}
 
-    def _sampler(self, sampling: SamplingParams) -> Any:
-        # Requests with equal parameters share one sampler object, so BatchGenerator
-        # samples them in a single batched call.
-        key = (sampling.temperature, sampling.top_p)
-        if key not in self._samplers:
-            self._samplers[key] = make_sampler(temp=sampling.temperature, top_p=sampling.top_p)
-        return self._samplers[key]
+    def _count_prefix_cache(self) -> None:
+        stats, prefix = self._stats, self._prefix
+        stats.prompt_cache_bytes = prefix.nbytes
+        stats.prompt_cache_entries = len(prefix)
+        stats.prompt_cache_lookups_total = prefix.lookups
+        stats.prompt_cache_hits_total = prefix.hits
 
     def _warm_up(self, generator: BatchGenerator, tokenizer: Any) -> None:
         """Run the first shapes once so kernel compilation does not hit users."""
@@ -328,7 +470,8 @@ class BatchEngine:
         self._stats.requests_finished_total = dict(self._finished)
 
     def _fail_all(self, error: EngineError) -> None:
-        failed: list[tuple[_Sequence, TokenEvent | BaseException]] = [(s, error) for s in self._by_id.values()]
+        failed: list[Delivery] = [*self._held, *((s, error) for s in self._by_id.values())]
+        self._held = []
         while True:  # submissions that raced with the stop
             try:
                 command = self._commands.get_nowait()
@@ -338,12 +481,14 @@ class BatchEngine:
                 failed.append((command.sequence, error))
         self._by_id.clear()
         self._running.clear()
-        self._admission.drain()
+        self._waiting.drain()
+        self._prefilling = 0
         self._stats.running = self._stats.waiting = 0
+        self._stats.waiting_by_priority = {}
         self._deliver(failed)
 
     @staticmethod
-    def _deliver(items: list[tuple[_Sequence, TokenEvent | BaseException]]) -> None:
+    def _deliver(items: list[Delivery]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = defaultdict(list)
         for sequence, item in items:
             by_loop[sequence.loop].append((sequence.sink, item))

@@ -1,8 +1,8 @@
 """The engine's typed contract: what goes in (a request), what comes out (token events).
 
-Everything above the engine (data plane, model repository, metrics, and later the
-scheduler and model manager) talks to an engine only through these types, so none of
-it imports MLX. Plain frozen dataclasses: they cross a thread boundary.
+Everything above the engine (data plane, model repository, metrics, the operations
+API) talks to an engine only through these types, so none of it imports MLX. Plain
+frozen dataclasses: they cross a thread boundary.
 """
 
 from __future__ import annotations
@@ -11,11 +11,54 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+from mlxpool.priorities import Priority
+
 FinishReason = Literal["stop", "length"]
+
+MAX_TOP_LOGPROBS = 20
 
 
 class EngineError(RuntimeError):
     """The engine could not run a request (stopped, crashed, or rejected it)."""
+
+
+class QueueFullError(EngineError):
+    """The request's priority tier has as many requests waiting as it may."""
+
+
+class DeadlineError(EngineError):
+    """The request's deadline passed while it waited; it was never started."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How one engine batches. Built from the runtime file's `serving` section."""
+
+    max_running: int = 32
+    """Sequences in the batch at once (decode concurrency); more wait in the queue."""
+    prefill_batch_size: int = 8
+    """Prompts prefilled together (prefill concurrency); the rest wait in the priority queue."""
+    prefill_step_size: int = 2048
+    """Prompt tokens per prefill chunk; long prompts are split so decoding keeps going."""
+    prompt_cache_bytes: int = 512 * 1024 * 1024
+    """Byte cap of the prefix cache; 0 disables it."""
+    prompt_cache_entries: int = 64
+    """Cached sequences at most."""
+    max_waiting: dict[Priority, int] = field(default_factory=dict)
+    """Per tier: requests allowed to wait; tiers not listed are unlimited."""
+    warmup_tokens: int = 4
+    """Tokens generated per warm-up run (0 disables warm-up)."""
+    stream_interval_s: float = 0.0
+    """Tokens of a request are handed over at most this often (first and last at once):
+    fewer wake-ups and writes per token; 0 hands over every step."""
+
+    def __post_init__(self) -> None:
+        if self.stream_interval_s < 0:
+            raise ValueError("stream_interval_s must be >= 0")
+        if self.max_running < 1 or self.prefill_batch_size < 1 or self.prefill_step_size < 1:
+            raise ValueError("max_running, prefill_batch_size and prefill_step_size must be >= 1")
+        if self.prompt_cache_bytes < 0 or self.prompt_cache_entries < 1:
+            raise ValueError("prompt_cache_bytes must be >= 0 and prompt_cache_entries >= 1")
 
 
 @dataclass(frozen=True)
@@ -27,30 +70,77 @@ class SamplingParams:
     """0 means greedy (argmax)."""
     top_p: float = 1.0
     """Nucleus sampling; 1.0 disables it."""
+    top_k: int = 0
+    """Sample among the k most likely tokens; 0 disables it."""
+    min_p: float = 0.0
+    """Drop tokens below min_p times the top token's probability; 0 disables it."""
+    seed: int | None = None
+    """Seeds this request's own random stream: the same seed gives the same tokens,
+    whatever else shares the batch."""
     stop: tuple[str, ...] = ()
     """Strings that end generation; they are not part of the returned text."""
+    logprobs: int | None = None
+    """None: no log-probabilities; n >= 0: the chosen token's, plus the n most likely."""
+    presence_penalty: float = 0.0
+    """Subtracted from the logit of every token among the last 20 (mlx-lm's window)."""
+    frequency_penalty: float = 0.0
+    """Subtracted once per occurrence among the last 20 tokens."""
+    repetition_penalty: float = 1.0
+    """Multiplicative penalty on tokens among the last 20; 1.0 disables it."""
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias) pairs added to the logits."""
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
+        if self.temperature < 0 or not (0 < self.top_p <= 1) or self.top_k < 0 or not (0 <= self.min_p <= 1):
+            raise ValueError("temperature >= 0, 0 < top_p <= 1, top_k >= 0 and 0 <= min_p <= 1 are required")
+        if self.logprobs is not None and not (0 <= self.logprobs <= MAX_TOP_LOGPROBS):
+            raise ValueError(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}")
+        if self.repetition_penalty <= 0:
+            raise ValueError("repetition_penalty must be > 0")
+
+    @property
+    def penalized(self) -> bool:
+        """Whether logits are processed before sampling (costs a per-sequence pass in the batch)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
 
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One sequence to generate: an already-tokenized prompt plus sampling."""
+    """One sequence to generate: an already-tokenized prompt plus sampling and scheduling."""
 
     request_id: str
     prompt_tokens: tuple[int, ...]
     sampling: SamplingParams
+    priority: Priority = Priority.NORMAL
+    deadline: float | None = None
+    """`time.monotonic()` by which the request must have started; past it while still
+    waiting, it fails with DeadlineError instead of running."""
 
     def __post_init__(self) -> None:
         if not self.prompt_tokens:
             raise ValueError("prompt_tokens must not be empty")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """The chosen token's log-probability and the most likely alternatives."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+    """(token text, log-probability), most likely first."""
+
+
+@dataclass(frozen=True, slots=True)
 class TokenEvent:
     """One step of one request: the text it added and, on the last step, why it ended.
 
@@ -63,6 +153,13 @@ class TokenEvent:
     completion_tokens: int
     """Tokens generated so far for this request, this one included."""
     finish_reason: FinishReason | None = None
+    logprob: TokenLogprob | None = None
+    """Set when the request asked for log-probabilities."""
+    cached_tokens: int = 0
+    """Prompt tokens served from the prefix cache instead of being computed."""
+    more: bool = False
+    """More events of this request were handed over together with this one: a transport
+    may hold this one and write them all at once."""
 
 
 @dataclass
@@ -76,12 +173,26 @@ class EngineStats:
     """Sequences in the batch (prefilling or decoding)."""
     waiting: int = 0
     """Sequences accepted but not yet admitted to the batch."""
+    waiting_by_priority: dict[str, int] = field(default_factory=dict)
     prompt_tokens_total: int = 0
+    """Prompt tokens of the requests admitted."""
+    prompt_tokens_cached_total: int = 0
+    """Of those, tokens served from the prefix cache (not computed)."""
     generation_tokens_total: int = 0
     decode_steps_total: int = 0
     """Batched forward passes that produced tokens; tokens/steps > 1 means batching."""
     requests_finished_total: dict[str, int] = field(default_factory=dict)
     """By finish reason: 'stop', 'length', 'cancelled', 'error'."""
+    requests_rejected_total: dict[str, int] = field(default_factory=dict)
+    """By reason: 'queue_full', 'deadline'."""
+    prompt_cache_lookups_total: int = 0
+    prompt_cache_hits_total: int = 0
+    """Lookups that reused at least one cached token."""
+    prompt_cache_bytes: int = 0
+    prompt_cache_max_bytes: int = 0
+    prompt_cache_entries: int = 0
+    kv_cache_bytes: int = 0
+    """Bytes of the running batch's key/value cache."""
 
 
 @dataclass(frozen=True)
@@ -110,6 +221,6 @@ class Engine(Protocol):
         """Generate for `request`; the last event has a finish reason.
 
         Closing the iterator early (client gone) removes the request from the batch.
-        Raises EngineError if the engine cannot run it.
+        Raises EngineError (QueueFullError, DeadlineError) if the engine cannot run it.
         """
         ...

@@ -31,6 +31,8 @@ class LoadedModel:
     model: nn.Module
     tokenizer: TokenizerWrapper
     info: ModelInfo
+    vocab_size: int
+    """Width of the model's output (may exceed the tokenizer's vocabulary: padded vocabs)."""
 
 
 def check_model_dir(path: str | Path) -> Path:
@@ -54,7 +56,8 @@ def load(path: str | Path) -> LoadedModel:
         directory, memory, info.context_length, time.perf_counter() - started,
         _blas.preloaded or "bundled", mx.default_device(),
     )
-    return LoadedModel(model, tokenizer, info)
+    vocab = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size") or len(tokenizer)
+    return LoadedModel(model, tokenizer, info, int(vocab))
 
 
 def _context_length(config: dict[str, Any]) -> int | None:

@@ -1,63 +1,134 @@
-"""Admission: which waiting sequences enter the batch when slots free up.
+"""The waiting queue: which accepted requests enter the batch when slots free up.
 
-The engine thread keeps accepted requests here and asks for at most `free_slots` of
-them before every step. This walking skeleton admits first-come first-served; the
-priority scheduler (SLA tiers, preemption) replaces `FifoAdmission` behind the same
-small interface. Pure logic, no MLX, used from the engine thread only.
+Ordered by priority tier (critical first), then arrival. Each tier may cap how many
+of its requests wait (`push` refuses the next one with `QueueFull`), and a waiting
+request may carry a deadline: `expire(now)` takes out every request whose deadline
+has passed, so the engine can fail them instead of running them late.
+
+Pure logic, no MLX, no clock of its own (the engine passes `now`); used from the
+engine thread only. Removal is lazy: heap entries of requests that left are skipped
+when they surface, so push, pop and remove stay O(log n).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from typing import Generic, Protocol, TypeVar
+import heapq
+import itertools
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from mlxpool.priorities import Priority
 
 T = TypeVar("T")
 
 
-class Admission(Protocol[T]):
-    """A queue of waiting items keyed by request id."""
+class QueueFull(Exception):
+    """The tier already has its maximum of waiting requests."""
 
-    def push(self, request_id: str, item: T) -> None: ...
-
-    def pop(self, free_slots: int) -> list[T]:
-        """Up to `free_slots` items to admit now, removed from the queue."""
-        ...
-
-    def remove(self, request_id: str) -> T | None:
-        """Drop a waiting item (its client went away); None if it is not waiting."""
-        ...
-
-    def drain(self) -> list[T]:
-        """Remove and return everything (engine stopping)."""
-        ...
-
-    def __len__(self) -> int: ...
+    def __init__(self, priority: Priority, limit: int) -> None:
+        super().__init__(f"the {priority.value} tier already has {limit} request(s) waiting (its maximum)")
+        self.priority = priority
+        self.limit = limit
 
 
-class FifoAdmission(Generic[T]):
-    """First come, first served."""
+@dataclass(frozen=True, slots=True)
+class _Waiting(Generic[T]):
+    arrival: int
+    item: T
+    priority: Priority
+    deadline: float | None
 
-    def __init__(self) -> None:
-        self._items: OrderedDict[str, T] = OrderedDict()
 
-    def push(self, request_id: str, item: T) -> None:
-        if request_id in self._items:
+class PriorityAdmission(Generic[T]):
+    """Waiting items keyed by request id, served by (priority rank, arrival)."""
+
+    def __init__(self, max_waiting: Mapping[Priority, int] | None = None) -> None:
+        self._max_waiting = dict(max_waiting or {})
+        self._waiting: dict[str, _Waiting[T]] = {}
+        self._order: list[tuple[int, int, str]] = []  # (rank, arrival, request id)
+        self._deadlines: list[tuple[float, int, str]] = []  # (deadline, arrival, request id)
+        self._arrivals = itertools.count()
+        self._counts: dict[Priority, int] = dict.fromkeys(Priority, 0)
+
+    def push(self, request_id: str, item: T, priority: Priority = Priority.NORMAL,
+             deadline: float | None = None, *, over_limit: bool = False) -> None:
+        """Queue `item`; QueueFull if its tier is at its limit, ValueError on a duplicate id.
+
+        `over_limit` skips the tier limit: for a request the caller admits at once, which
+        does not really wait.
+        """
+        if request_id in self._waiting:
             raise ValueError(f"request {request_id!r} is already waiting")
-        self._items[request_id] = item
+        limit = self._max_waiting.get(priority)
+        if not over_limit and limit is not None and self._counts[priority] >= limit:
+            raise QueueFull(priority, limit)
+        arrival = next(self._arrivals)
+        self._waiting[request_id] = _Waiting(arrival, item, priority, deadline)
+        self._counts[priority] += 1
+        heapq.heappush(self._order, (priority.rank, arrival, request_id))
+        if deadline is not None:
+            heapq.heappush(self._deadlines, (deadline, arrival, request_id))
 
     def pop(self, free_slots: int) -> list[T]:
+        """Up to `free_slots` items to admit now, most urgent first, removed from the queue."""
         taken: list[T] = []
-        while self._items and len(taken) < free_slots:
-            taken.append(self._items.popitem(last=False)[1])
+        while self._order and len(taken) < free_slots:
+            _, arrival, request_id = heapq.heappop(self._order)
+            entry = self._waiting.get(request_id)
+            if entry is None or entry.arrival != arrival:  # left already
+                continue
+            self._forget(request_id, entry)
+            taken.append(entry.item)
         return taken
 
     def remove(self, request_id: str) -> T | None:
-        return self._items.pop(request_id, None)
+        """Drop a waiting item (its client went away); None if it is not waiting."""
+        entry = self._waiting.get(request_id)
+        if entry is None:
+            return None
+        self._forget(request_id, entry)
+        return entry.item
+
+    def expire(self, now: float) -> list[T]:
+        """Remove and return the items whose deadline is before `now`."""
+        expired: list[T] = []
+        while self._deadlines and self._deadlines[0][0] < now:
+            _, arrival, request_id = heapq.heappop(self._deadlines)
+            entry = self._waiting.get(request_id)
+            if entry is None or entry.arrival != arrival:
+                continue
+            self._forget(request_id, entry)
+            expired.append(entry.item)
+        return expired
 
     def drain(self) -> list[T]:
-        items = list(self._items.values())
-        self._items.clear()
+        """Remove and return everything (engine stopping)."""
+        items = [entry.item for entry in self._waiting.values()]
+        self._waiting.clear()
+        self._order.clear()
+        self._deadlines.clear()
+        self._counts = dict.fromkeys(Priority, 0)
         return items
 
+    def counts(self) -> dict[Priority, int]:
+        """Waiting items per tier (every tier listed)."""
+        return dict(self._counts)
+
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._waiting)
+
+    def _forget(self, request_id: str, entry: _Waiting[T]) -> None:
+        del self._waiting[request_id]
+        self._counts[entry.priority] -= 1
+        # Keep the heaps from growing without bound when many entries leave out of order.
+        if len(self._order) > 64 and len(self._order) > 4 * len(self._waiting):
+            self._order = [e for e in self._order if self._live(e[2], e[1])]
+            heapq.heapify(self._order)
+        if len(self._deadlines) > 64 and len(self._deadlines) > 4 * len(self._waiting):
+            self._deadlines = [e for e in self._deadlines if self._live(e[2], e[1])]
+            heapq.heapify(self._deadlines)
+
+    def _live(self, request_id: str, arrival: int) -> bool:
+        entry = self._waiting.get(request_id)
+        return entry is not None and entry.arrival == arrival

@@ -18,7 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from mlxpool.agent.engine.interface import EngineError, EngineStats, GenerationRequest, ModelInfo, TokenEvent
+from mlxpool.agent.engine.interface import (
+    EngineError,
+    EngineStats,
+    GenerationRequest,
+    ModelInfo,
+    TokenEvent,
+    TokenLogprob,
+)
 from mlxpool.dev import components
 from mlxpool.dev.processes import Process
 
@@ -62,11 +69,21 @@ def agent(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
 @dataclass
 class FakeEngine:
-    """Replays `script` (texts, then a finish) for every request; records requests."""
+    """Replays `script` (texts, then a finish) for every request; records requests.
+
+    `fail_with` fails a request before its first event (a message: EngineError; or an
+    EngineError instance, e.g. QueueFullError); `fail_after` fails it after that many
+    events. Requests asking for log-probabilities get -1.0 per token and, as
+    alternatives, the token text repeated.
+    """
 
     script: list[str] = field(default_factory=lambda: ["Hel", "lo", " world"])
     finish: str = "length"
-    fail_with: str | None = None
+    fail_with: str | EngineError | None = None
+    fail_after: int | None = None
+    cached_tokens: int = 0
+    handed_over_together: bool = False
+    """Mark every event but the last `more`, as the engine does for events it holds."""
     healthy: bool = True
     requests: list[GenerationRequest] = field(default_factory=list)
     closed_early: list[str] = field(default_factory=list)
@@ -75,13 +92,20 @@ class FakeEngine:
     async def submit(self, request: GenerationRequest) -> AsyncGenerator[TokenEvent, None]:
         self.requests.append(request)
         if self.fail_with:
-            raise EngineError(self.fail_with)
+            raise self.fail_with if isinstance(self.fail_with, EngineError) else EngineError(self.fail_with)
         done = False
+        top = request.sampling.logprobs
         try:
             for i, text in enumerate(self.script, start=1):
+                if self.fail_after is not None and i > self.fail_after:
+                    done = True
+                    raise EngineError("the engine crashed: scripted")
                 done = i == len(self.script)
                 await asyncio.sleep(0)
-                yield TokenEvent(text, token_id=i, completion_tokens=i, finish_reason=self.finish if done else None)
+                logprob = None if top is None else TokenLogprob(text, -1.0, tuple((text, -1.0) for _ in range(top)))
+                yield TokenEvent(text, token_id=i, completion_tokens=i, finish_reason=self.finish if done else None,
+                                 logprob=logprob, cached_tokens=self.cached_tokens,
+                                 more=self.handed_over_together and not done)
         finally:
             if not done:
                 self.closed_early.append(request.request_id)
@@ -118,7 +142,7 @@ class FakeAgent:
 
 @pytest.fixture
 def fake_agent() -> Iterator[FakeAgent]:
-    from mlxpool.agent.dataplane import DataPlane
+    from mlxpool.agent.dataplane import DataPlane, DataPlaneSettings
     from mlxpool.agent.engine.prompts import PromptEncoder
     from mlxpool.agent.lifecycle import Lifecycle, Phase
     from mlxpool.agent.models import ModelRepository, ServedModel
@@ -129,5 +153,6 @@ def fake_agent() -> Iterator[FakeAgent]:
     models = ModelRepository()
     models.add(ServedModel("fake", engine, encoder, FAKE_MODEL_INFO, created=1700000000))
     lifecycle.set_phase(Phase.READY)
-    yield FakeAgent(engine, lifecycle, models, DataPlane(models, lifecycle, default_max_tokens=8), encoder)
+    plane = DataPlane(models, lifecycle, DataPlaneSettings(default_max_tokens=8))
+    yield FakeAgent(engine, lifecycle, models, plane, encoder)
     encoder.close()

@@ -1,34 +1,100 @@
-"""FIFO admission of waiting sequences into free batch slots (pure logic)."""
+"""The waiting queue alone (pure logic): priority order, tier limits, deadlines, removal."""
 
 from __future__ import annotations
 
 import pytest
 
-from mlxpool.agent.engine.scheduling import FifoAdmission
+from mlxpool.agent.engine.scheduling import PriorityAdmission, QueueFull
+from mlxpool.priorities import Priority
+
+CRITICAL, HIGH, NORMAL, LOW, BACKGROUND = Priority
 
 
-def test_pops_in_arrival_order_up_to_free_slots():
-    queue: FifoAdmission[str] = FifoAdmission()
-    for name in "abcd":
-        queue.push(name, name.upper())
-    assert queue.pop(3) == ["A", "B", "C"]
-    assert len(queue) == 1
+def test_pops_by_priority_then_arrival_up_to_free_slots():
+    queue: PriorityAdmission[str] = PriorityAdmission()
+    for name, tier in [("a", NORMAL), ("b", LOW), ("c", CRITICAL), ("d", NORMAL), ("e", BACKGROUND), ("f", HIGH)]:
+        queue.push(name, name.upper(), tier)
+    assert queue.pop(3) == ["C", "F", "A"]
+    assert len(queue) == 3
     assert queue.pop(0) == []
-    assert queue.pop(5) == ["D"]
+    queue.push("g", "G", CRITICAL)  # a later, more urgent request still goes first
+    assert queue.pop(10) == ["G", "D", "B", "E"]
+
+
+def test_counts_per_tier_follow_pushes_pops_and_removals():
+    queue: PriorityAdmission[str] = PriorityAdmission()
+    queue.push("a", "A", HIGH)
+    queue.push("b", "B", HIGH)
+    queue.push("c", "C", LOW)
+    assert queue.counts() == {CRITICAL: 0, HIGH: 2, NORMAL: 0, LOW: 1, BACKGROUND: 0}
+    queue.pop(1)
+    queue.remove("c")
+    assert queue.counts()[HIGH] == 1 and queue.counts()[LOW] == 0
+
+
+def test_a_full_tier_refuses_new_requests_others_still_queue():
+    queue: PriorityAdmission[str] = PriorityAdmission({LOW: 2})
+    queue.push("a", "A", LOW)
+    queue.push("b", "B", LOW)
+    with pytest.raises(QueueFull, match="low tier already has 2"):
+        queue.push("c", "C", LOW)
+    queue.push("d", "D", NORMAL)  # unlimited
+    assert queue.pop(1) == ["D"]
+    queue.pop(1)  # one low request leaves: room for the next
+    queue.push("c", "C", LOW)
+    assert len(queue) == 2
+
+
+def test_a_zero_limit_refuses_the_tier_entirely():
+    queue: PriorityAdmission[str] = PriorityAdmission({BACKGROUND: 0})
+    with pytest.raises(QueueFull):
+        queue.push("a", "A", BACKGROUND)
+
+
+def test_expire_takes_out_only_requests_past_their_deadline():
+    queue: PriorityAdmission[str] = PriorityAdmission()
+    queue.push("a", "A", NORMAL, deadline=10.0)
+    queue.push("b", "B", NORMAL, deadline=30.0)
+    queue.push("c", "C", NORMAL)  # no deadline
+    queue.push("d", "D", HIGH, deadline=5.0)
+    assert queue.expire(now=4.0) == []
+    assert queue.expire(now=20.0) == ["D", "A"]
+    assert queue.pop(5) == ["B", "C"]
+    assert queue.expire(now=100.0) == []  # B left through pop: not expired again
 
 
 def test_remove_takes_a_waiting_item_out():
-    queue: FifoAdmission[str] = FifoAdmission()
-    queue.push("a", "A")
+    queue: PriorityAdmission[str] = PriorityAdmission()
+    queue.push("a", "A", deadline=1.0)
     queue.push("b", "B")
     assert queue.remove("a") == "A"
     assert queue.remove("a") is None
+    assert queue.expire(now=2.0) == []
     assert queue.drain() == ["B"]
-    assert len(queue) == 0
+    assert len(queue) == 0 and queue.pop(1) == []
+
+
+def test_a_request_id_can_return_after_it_left():
+    queue: PriorityAdmission[str] = PriorityAdmission()
+    queue.push("a", "A1", LOW)
+    queue.remove("a")
+    queue.push("a", "A2", HIGH)
+    assert queue.pop(5) == ["A2"]  # the stale LOW entry is skipped
 
 
 def test_duplicate_request_ids_are_refused():
-    queue: FifoAdmission[str] = FifoAdmission()
+    queue: PriorityAdmission[str] = PriorityAdmission()
     queue.push("a", "A")
     with pytest.raises(ValueError, match="already waiting"):
         queue.push("a", "A2")
+
+
+def test_heaps_stay_bounded_when_many_leave_out_of_order():
+    queue: PriorityAdmission[int] = PriorityAdmission()
+    for i in range(1000):
+        queue.push(str(i), i, deadline=float(i))
+        if i >= 1:
+            queue.remove(str(i - 1))
+    assert len(queue) == 1
+    assert len(queue._order) < 100 and len(queue._deadlines) < 100
+    assert queue.pop(1) == [999]

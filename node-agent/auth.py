@@ -1,0 +1,144 @@
+"""Bearer-token checks for the agent's HTTP API, as FastAPI dependencies.
+
+Two independent secrets:
+- API keys for the inference endpoints (`/v1/completions`, `/v1/chat/completions`,
+  `/v1/models`): optional. With none configured those endpoints are open (the
+  usual single-user setup, and what a router in front of the agent expects).
+- The ops token for the operations API under `/v1/node`: never open by accident.
+  With no token configured every ops call answers 403 saying so; a missing or wrong
+  token is 401.
+
+Probes (`/health`, `/ready`) and `/metrics` take no credentials. Secrets come from
+files (`--api-key-file`, `--ops-token-file`) or the environment (`MLXPOOL_API_KEY`,
+`MLXPOOL_OPS_TOKEN`); `Credentials.load` resolves them. The app keeps its
+`Credentials` in `app.state.credentials`, where the dependencies read them, so a
+router of routes only needs `dependencies=[Depends(require_ops_token)]`.
+
+Comparisons are constant-time (`hmac.compare_digest`). What this module does not do:
+users, scopes, rate limits — a key either opens the inference API or it does not.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import Request
+
+from mlxpool.agent.errors import AgentError
+
+API_KEY_ENV = "MLXPOOL_API_KEY"
+OPS_TOKEN_ENV = "MLXPOOL_OPS_TOKEN"
+BEARER_CHALLENGE = {"WWW-Authenticate": "Bearer"}
+
+
+class Unauthorized(AgentError):
+    """No credentials, or wrong ones: 401 with a Bearer challenge."""
+
+    status_code = 401
+    error_type = "authentication_error"
+    code = "invalid_api_key"
+    headers = BEARER_CHALLENGE
+
+
+class OpsDisabled(AgentError):
+    """The ops API was called on an agent that has no ops token configured."""
+
+    status_code = 403
+    error_type = "permission_error"
+    code = "ops_api_disabled"
+
+
+def read_secrets(path: str | Path) -> list[str]:
+    """The secrets in a file: one per line; blank lines and `#` comments skipped.
+
+    Raises ValueError naming the file when it cannot be read or holds no secret.
+    """
+    try:
+        text = Path(path).expanduser().read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"cannot read secret file {str(path)!r}: {exc.strerror or exc}") from None
+    secrets = [s for s in (line.strip() for line in text.splitlines()) if s and not s.startswith("#")]
+    if not secrets:
+        raise ValueError(f"secret file {str(path)!r} holds no secret")
+    return secrets
+
+
+@dataclass(frozen=True)
+class Credentials:
+    api_keys: frozenset[str] = field(default_factory=frozenset)
+    """Keys accepted on the inference endpoints; empty means those endpoints are open."""
+    ops_token: str | None = None
+    """The ops API token; None means the ops API refuses every call (403)."""
+
+    @classmethod
+    def load(cls, api_key_file: str | Path | None = None, ops_token_file: str | Path | None = None,
+             environ: Mapping[str, str] | None = None) -> Credentials:
+        """Files win over the environment; ValueError names an unreadable or empty file."""
+        env = os.environ if environ is None else environ
+        keys: Iterable[str] = read_secrets(api_key_file) if api_key_file else _env_secret(env, API_KEY_ENV)
+        if ops_token_file:
+            tokens = read_secrets(ops_token_file)
+            if len(tokens) > 1:
+                raise ValueError(f"ops token file {str(ops_token_file)!r} holds {len(tokens)} lines; expected one")
+            ops = tokens[0]
+        else:
+            ops = next(iter(_env_secret(env, OPS_TOKEN_ENV)), None)
+        return cls(api_keys=frozenset(keys), ops_token=ops)
+
+    @property
+    def inference_open(self) -> bool:
+        return not self.api_keys
+
+    def check_api_key(self, authorization: str | None) -> None:
+        if self.inference_open:
+            return
+        presented = _bearer(authorization)
+        # Compare against every key (no early exit): timing reveals nothing about which matched.
+        matched = False
+        for key in self.api_keys:
+            matched |= hmac.compare_digest(presented.encode(), key.encode())
+        if not matched:
+            raise Unauthorized("invalid API key")
+
+    def check_ops_token(self, authorization: str | None) -> None:
+        if self.ops_token is None:
+            raise OpsDisabled(
+                "the operations API is disabled: this agent has no ops token "
+                f"(start it with --ops-token-file or {OPS_TOKEN_ENV})"
+            )
+        if not hmac.compare_digest(_bearer(authorization).encode(), self.ops_token.encode()):
+            raise Unauthorized("invalid ops token")
+
+
+def require_api_key(request: Request) -> None:
+    """FastAPI dependency for the inference endpoints."""
+    _credentials(request).check_api_key(request.headers.get("authorization"))
+
+
+def require_ops_token(request: Request) -> None:
+    """FastAPI dependency for the operations API (`/v1/node`)."""
+    _credentials(request).check_ops_token(request.headers.get("authorization"))
+
+
+def _credentials(request: Request) -> Credentials:
+    credentials = getattr(request.app.state, "credentials", None)
+    # An app built without credentials has open inference and a closed ops API.
+    return credentials if isinstance(credentials, Credentials) else Credentials()
+
+
+def _bearer(authorization: str | None) -> str:
+    if not authorization:
+        raise Unauthorized("missing credentials: send 'Authorization: Bearer <key>'")
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("malformed Authorization header: expected 'Bearer <key>'")
+    return token.strip()
+
+
+def _env_secret(env: Mapping[str, str], name: str) -> list[str]:
+    value = env.get(name, "").strip()
+    return [value] if value else []
