@@ -18,7 +18,7 @@ so neither server is helped by its prefix cache. Each server keeps one HTTP clie
 TTFT is measured and connection failures are retried is described in `loadgen`.
 
 Usage: python -m bench.serving [--quick] [--model PATH] [--levels 1,8,32]
-(--quick: 2 passes, about 2 minutes; the full run: 6 passes, about 5 minutes.)
+(--quick: 2 passes, under 3 minutes; the full run: 6 passes, about 6 minutes.)
 Prints a line per server, level and pass, then the merged table per server and level
 (output tok/s, TTFT p50/p99, latency p50/p99, errors), peak RSS, the ratios
 ours/theirs, and one JSON line last (with `ratio_tok_s_c1`, `ratio_tok_s_c8`,
@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -112,16 +113,17 @@ def describe(name: str, clients: int, summary: dict) -> str:
 
 
 async def measure_all(servers: dict[str, tuple[Process, str]], levels: list[int], passes: int, rounds: int,
-                      max_tokens: int) -> dict[str, dict[int, LevelResult]]:
-    """Every level in turn; one keep-alive client per server for the whole run, as a gateway
-    would hold (a fresh burst of connections per pass would measure accept queues, not serving)."""
+                      max_tokens: int) -> dict[str, dict[int, list[LevelResult]]]:
+    """Every level in turn, each server's passes per level; one keep-alive client per server for
+    the whole run, as a gateway would hold (a fresh burst of connections per pass would measure
+    accept queues, not serving)."""
     http = {name: http_client(max(levels)) for name in servers}
-    results: dict[str, dict[int, LevelResult]] = {name: {} for name in servers}
+    results: dict[str, dict[int, list[LevelResult]]] = {name: {} for name in servers}
     try:
         for i, clients in enumerate(levels):
-            merged = await measure(servers, http, clients, passes, rounds, max_tokens, seed=1000 * i)
-            for name, level in merged.items():
-                results[name][clients] = level
+            per_server = await measure(servers, http, clients, passes, rounds, max_tokens, seed=1000 * i)
+            for name, level_passes in per_server.items():
+                results[name][clients] = level_passes
         return results
     finally:
         for client in http.values():
@@ -129,13 +131,13 @@ async def measure_all(servers: dict[str, tuple[Process, str]], levels: list[int]
 
 
 async def measure(servers: dict[str, tuple[Process, str]], http: dict, clients: int, passes: int, rounds: int,
-                  max_tokens: int, seed: int) -> dict[str, LevelResult]:
-    """Warm both up, then `passes` measured passes each, in ABBA order; merged per server.
+                  max_tokens: int, seed: int) -> dict[str, list[LevelResult]]:
+    """Warm both up, then `passes` measured passes each, in ABBA order; each server's passes.
 
-    A pass sends `rounds` requests per client, at least 8 in all: one client alone needs
+    A pass sends `rounds` requests per client, at least 16 in all: one client alone needs
     more requests than 32 do for a figure that holds still.
     """
-    rounds = max(rounds, 8 // clients)
+    rounds = max(rounds, 16 // clients)
     warmup = make_prompts(clients, seed=seed + 1)
     for name, (proc, model) in servers.items():
         await run_level(proc.url, warmup, clients, 1, max_tokens, model, client=http[name])
@@ -152,7 +154,7 @@ async def measure(servers: dict[str, tuple[Process, str]], http: dict, clients: 
             level = await run_level(proc.url, prompts, clients, rounds, max_tokens, model, client=http[name])
             done[name].append(level)
             print(describe(name, clients, level.summary()) + f"  (pass {p + 1})", flush=True)
-    return {name: merge(levels) for name, levels in done.items()}
+    return done
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     args = parser.parse_args(argv)
     levels = [int(x) for x in args.levels.split(",")]
-    passes, rounds = (2, 2) if args.quick else (6, 2)  # requests per client: passes x rounds (c=1: x 8)
+    passes, rounds = (2, 2) if args.quick else (6, 2)  # requests per client: passes x rounds (c=1: 16 per pass)
     work = Path(tempfile.mkdtemp(prefix="mlxpool-bench-"))
     model = args.model or make_tiny(work / MODEL_NAME, "bench", seed=0)
     t0 = time.monotonic()
@@ -174,10 +176,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: starting on {model}", flush=True)
             proc = starter(model, work / "logs")
             servers[name] = (proc, model_id(proc, fallback))
-        merged = asyncio.run(measure_all(servers, levels, passes, rounds, args.max_tokens))
+        by_pass = asyncio.run(measure_all(servers, levels, passes, rounds, args.max_tokens))
         results: dict[str, dict[int, dict]] = {name: {} for name in servers}
-        for name, per_level in merged.items():
-            for clients, level in per_level.items():
+        for name, per_level in by_pass.items():
+            for clients, level_passes in per_level.items():
+                level = merge(level_passes)
                 results[name][clients] = level.summary()
                 if results[name][clients]["errors"]:
                     print(f"    {name} c={clients} first error: {next(r.error for r in level.results if not r.ok)}")
@@ -194,15 +197,19 @@ def main(argv: list[str] | None = None) -> int:
     ours, theirs = results[OURS], results[THEIRS]
     figures: dict = {"bench": "serving", "quick": args.quick, "model_params_m": _params_m(model),
                      "max_tokens": args.max_tokens, "passes": passes,
-                     "requests_per_client": {str(c): passes * max(rounds, 8 // c) for c in levels},
+                     "requests_per_client": {str(c): passes * max(rounds, 16 // c) for c in levels},
                      "peak_rss_mb": rss, "seconds": round(time.monotonic() - t0, 1)}
-    print("\nratios (mlxpool / mlx_lm.server):")
+    print("\nratios (mlxpool / mlx_lm.server; tok/s and TTFT over all passes; per pass: the two runs of one pass)")
     for c in levels:
         tok = round(ours[c]["tok_s"] / theirs[c]["tok_s"], 3) if theirs[c]["tok_s"] else float("nan")
         ttft = round(ours[c]["ttft_p99_s"] / theirs[c]["ttft_p99_s"], 3) if theirs[c]["ttft_p99_s"] else float("nan")
+        per_pass = [round(a.summary()["tok_s"] / b.summary()["tok_s"], 3)
+                    for a, b in zip(by_pass[OURS][c], by_pass[THEIRS][c], strict=True)]
         figures[f"ratio_tok_s_c{c}"] = tok
         figures[f"ratio_ttft_p99_c{c}"] = ttft
-        print(f"  c={c:<3} tok/s x{tok}   ttft p99 x{ttft} (lower is better)")
+        figures[f"pass_ratios_tok_s_c{c}"] = per_pass
+        print(f"  c={c:<3} tok/s x{tok}   ttft p99 x{ttft} (lower is better)   tok/s per pass {per_pass} "
+              f"(median x{round(statistics.median(per_pass), 3)})")
     figures["results"] = {n: {str(c): v for c, v in r.items()} for n, r in results.items()}
     print(json.dumps(figures))
     return 0

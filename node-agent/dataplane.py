@@ -99,11 +99,21 @@ class Prepared:
 
 class ChunkStream:
     """The JSON chunks of one streamed response, in batches: the chunks of the tokens the
-    engine handed over together, for one write. Iterate it; always `aclose()` it."""
+    engine handed over together, for one write. Iterate it; always `aclose()` it.
 
-    def __init__(self, chunks: AsyncGenerator[list[str], None], events: AsyncGenerator[TokenEvent, None]) -> None:
+    `complete` turns true just before the last batch is handed out, so a transport can
+    write its end-of-stream marker with it.
+    """
+
+    def __init__(self, chunks: AsyncGenerator[list[str], None], events: AsyncGenerator[TokenEvent, None],
+                 done: list[bool]) -> None:
         self._chunks = chunks
         self._events = events
+        self._done = done
+
+    @property
+    def complete(self) -> bool:
+        return self._done[0]
 
     def __aiter__(self) -> AsyncIterator[list[str]]:
         return self._chunks
@@ -149,6 +159,8 @@ class DataPlane:
 
         template = ChunkTemplate(chunk)
 
+        done = [False]
+
         async def chunks() -> AsyncGenerator[list[str], None]:
             offset = 0
             batch: list[str] = []
@@ -163,6 +175,7 @@ class DataPlane:
                 if event.finish_reason is not None:
                     if body.include_usage_chunk:
                         batch.append(self._usage_chunk(api.CompletionResponse, prepared, body.model, event))
+                    done[0] = True
                     yield batch
                     return
                 if batch and not event.more:
@@ -170,7 +183,7 @@ class DataPlane:
                     batch = []
                 event = await anext(events, None)
 
-        return ChunkStream(chunks(), events)
+        return ChunkStream(chunks(), events, done)
 
     async def prepare_completion(self, body: api.CompletionRequest, hints: RequestHints = RequestHints()) -> Prepared:
         self.lifecycle.check_accepting()
@@ -214,6 +227,8 @@ class DataPlane:
 
         template = ChunkTemplate(lambda text: chunk(api.ChatDelta(content=text)))
 
+        done = [False]
+
         async def chunks() -> AsyncGenerator[list[str], None]:
             batch = [chunk(api.ChatDelta(role="assistant", content="")).model_dump_json()]
             event: TokenEvent | None = first
@@ -227,6 +242,7 @@ class DataPlane:
                     batch.append(chunk(api.ChatDelta(), event.finish_reason).model_dump_json())
                     if body.include_usage_chunk:
                         batch.append(self._usage_chunk(api.ChatCompletionChunk, prepared, body.model, event))
+                    done[0] = True
                     yield batch
                     return
                 if batch and not event.more:
@@ -234,7 +250,7 @@ class DataPlane:
                     batch = []
                 event = await anext(events, None)
 
-        return ChunkStream(chunks(), events)
+        return ChunkStream(chunks(), events, done)
 
     async def prepare_chat(self, body: api.ChatCompletionRequest, hints: RequestHints = RequestHints()) -> Prepared:
         self.lifecycle.check_accepting()

@@ -16,22 +16,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from mlxpool.apierrors import ApiError, error_body
+
 log = logging.getLogger(__name__)
 
 
-class AgentError(Exception):
-    """Base class; subclasses fix the HTTP status, the error type and code."""
-
-    status_code = 500
-    error_type = "server_error"
-    code: str | None = None
-    headers: dict[str, str] | None = None
-    """Extra response headers (e.g. Retry-After, WWW-Authenticate)."""
-
-    def __init__(self, message: str, *, param: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
+class AgentError(ApiError):
+    """Base class of the agent's errors (inference and operations APIs)."""
 
 
 class InvalidRequest(AgentError):
@@ -81,16 +72,8 @@ class GenerationFailed(AgentError):
     code = "generation_failed"
 
 
-def error_body(message: str, error_type: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
-
-
 def error_response(error: AgentError) -> JSONResponse:
-    return JSONResponse(
-        error_body(error.message, error.error_type, error.param, error.code),
-        status_code=error.status_code,
-        headers=error.headers,
-    )
+    return JSONResponse(error.body(), status_code=error.status_code, headers=error.headers)
 
 
 async def _agent_error(_: Request, exc: Exception) -> JSONResponse:
@@ -114,7 +97,7 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     others = len(exc.errors()) - len(same)
     if others:
         message += f" (and {others} more problem(s))"
-    return JSONResponse(error_body(message, "invalid_request_error", param), 400)
+    return JSONResponse(error_body(message, "invalid_request_error", param=param), 400)
 
 
 def _param(error: dict) -> str | None:

@@ -19,7 +19,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from mlxpool.agent.dataplane import ChunkStream
-from mlxpool.agent.errors import AgentError, error_body
+from mlxpool.agent.errors import AgentError
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +53,12 @@ class EventStreamResponse(Response):
         try:
             async for batch in self.stream:  # one write per batch of chunks
                 body = "".join(f"data: {chunk}\n\n" for chunk in batch).encode()
+                if self.stream.complete:  # the last batch: the end marker goes with it
+                    await send({"type": "http.response.body", "body": body + DONE, "more_body": False})
+                    return
                 await send({"type": "http.response.body", "body": body, "more_body": True})
         except AgentError as exc:  # headers are sent: report the error in-stream
-            event = json.dumps(error_body(exc.message, exc.error_type, exc.param, exc.code))
+            event = json.dumps(exc.body())
             await send({"type": "http.response.body", "body": f"data: {event}\n\n".encode(), "more_body": True})
         await send({"type": "http.response.body", "body": DONE, "more_body": False})
 

@@ -86,7 +86,7 @@ def create_app(settings: RouterSettings, metrics: RouterMetrics | None = None) -
 
     @app.exception_handler(RouterError)
     async def router_error(request: Request, exc: RouterError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -102,7 +102,7 @@ def create_app(settings: RouterSettings, metrics: RouterMetrics | None = None) -
             headers = upstream_headers(request.headers.items(), request_id)
             reply = await cancel_on_disconnect(request.receive, forwarder.open(path, inference, headers))
         except (RouterError, ClientDisconnected) as exc:
-            status = exc.status if isinstance(exc, RouterError) else CLIENT_CLOSED_REQUEST
+            status = exc.status_code if isinstance(exc, RouterError) else CLIENT_CLOSED_REQUEST
             metrics.requests.labels(_model_label(holder, inference), "", str(status)).inc()
             if isinstance(exc, ClientDisconnected):
                 return Response(status_code=CLIENT_CLOSED_REQUEST)

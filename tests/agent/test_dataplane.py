@@ -99,6 +99,17 @@ async def test_streamed_completion_chunks_add_up_to_the_whole(fake_agent):
     assert text_chunks[0] == expected
 
 
+async def test_a_stream_says_complete_with_its_last_batch(fake_agent):
+    stream = await fake_agent.plane.stream_completion(completion(stream=True))
+    seen = []
+    try:
+        async for batch in stream:
+            seen.append((len(batch), stream.complete))
+    finally:
+        await stream.aclose()
+    assert seen == [(1, False), (1, False), (1, True)]
+
+
 async def test_tokens_handed_over_together_make_one_batch(fake_agent):
     plane = fake_agent.plane
     one_by_one = await batches_of(await plane.stream_completion(completion(stream=True)))
