@@ -50,11 +50,14 @@ class ServingConfig(_Section):
     """Completion tokens when a request names none (capped by the model's context)."""
     decode_concurrency: int = Field(default=32, ge=1, le=1024)
     """Sequences decoded together in one batch; more wait in the priority queue."""
-    prefill_concurrency: int = Field(default=8, ge=1, le=1024)
+    prefill_concurrency: int = Field(default=16, ge=1, le=1024)
     """Prompts prefilled together; the rest wait in the priority queue (so a later,
     more urgent request still goes first)."""
     prefill_step_size: int = Field(default=2048, ge=16)
     """Prompt tokens per prefill chunk: long prompts are split so decoding keeps going."""
+    prefill_token_budget: int = Field(default=8192, ge=16)
+    """Prompt tokens admitted for prefill at once, at most (a longer prompt still goes,
+    alone): a burst of long prompts cannot stall decoding for one huge prefill step."""
     prompt_cache_bytes: int = Field(default=512 * MIB, ge=0)
     """Byte cap of each model's in-memory prefix (prompt) cache; 0 disables it."""
     prompt_cache_entries: int = Field(default=64, ge=1)

@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="serving.prefill_concurrency: prompts prefilled together")
     serving.add_argument("--prefill-step-size", type=_positive_int,
                          help="serving.prefill_step_size: prompt tokens per prefill chunk")
+    serving.add_argument("--prefill-token-budget", type=_positive_int,
+                         help="serving.prefill_token_budget: prompt tokens admitted for prefill at once")
     serving.add_argument("--prompt-cache-bytes", type=_non_negative_int,
                          help="serving.prompt_cache_bytes: byte cap of the prefix cache (0 disables it)")
     serving.add_argument("--no-warmup", dest="warmup", action="store_const", const=False,
@@ -119,6 +121,7 @@ def _runtime_config(args: argparse.Namespace) -> RuntimeConfig:
     runtime = runtime.with_overrides(
         "serving", max_tokens_default=args.max_tokens_default, decode_concurrency=args.decode_concurrency,
         prefill_concurrency=args.prefill_concurrency, prefill_step_size=args.prefill_step_size,
+        prefill_token_budget=args.prefill_token_budget,
         prompt_cache_bytes=args.prompt_cache_bytes, warmup=args.warmup, stream_interval_ms=args.stream_interval_ms,
     )
     runtime = runtime.with_overrides("weight_management", cache_dir=args.cache_dir)

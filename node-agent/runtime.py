@@ -121,6 +121,7 @@ class AgentRuntime:
             max_running=serving.decode_concurrency,
             prefill_batch_size=serving.prefill_concurrency,
             prefill_step_size=serving.prefill_step_size,
+            prefill_token_budget=serving.prefill_token_budget,
             prompt_cache_bytes=serving.prompt_cache_bytes,
             prompt_cache_entries=serving.prompt_cache_entries,
             max_waiting={p: t.max_waiting for p, t in scheduling.tiers.items() if t.max_waiting is not None},

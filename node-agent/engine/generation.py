@@ -10,14 +10,17 @@ step, detokenize each sequence incrementally, apply stop strings, read
 log-probabilities for the sequences that asked, deliver, and keep the KV cache of
 each finished sequence in the prefix cache.
 
-Admission is bounded twice: at most `max_running` sequences in the batch (decode
-concurrency), and of those at most two prefill groups still prefilling: the one
+Admission is bounded three times: at most `max_running` sequences in the batch
+(decode concurrency); of those at most two prefill groups still prefilling: the one
 mlx-lm is computing (`prefill_batch_size` prompts, the prefill concurrency) and the
-next one, staged so the generator never waits a step for it. Everything else waits
-in our priority queue rather than in mlx-lm's FIFO, so a critical request that
-arrives late is at most one group behind. (An empty batch takes a whole burst at
-once: there is nothing to protect yet.) Admitted prompts go in by priority, then
-length, so mlx-lm's prefill groups, each padded to its longest prompt, waste little.
+next one, staged so the generator never waits a step for it; and their prompts at
+most `prefill_token_budget` tokens in all (the first always goes), so a burst of long
+prompts cannot stall every decoding stream for one huge prefill step. Everything
+else waits in our priority queue rather than in mlx-lm's FIFO, so a critical
+request that arrives late is at most one group behind. (An empty batch takes a
+whole burst at once, within the token budget: there is no decoding to protect
+yet.) Admitted prompts go in by priority, then length, so mlx-lm's prefill groups,
+each padded to its longest prompt, waste little.
 
 What this module deliberately leaves to others: the order of the waiting queue
 (`scheduling`), samplers (`sampling`), the prefix cache's policy (`prefixcache`), how
@@ -83,6 +86,8 @@ class _Sequence:
     cached_tokens: int = 0
     prefilled: bool = False
     """The whole prompt is processed (the sequence is decoding)."""
+    prefill_tokens: int = 0
+    """Prompt tokens it still had to prefill when admitted (counted in the token budget)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +129,7 @@ class BatchEngine:
         self._running: dict[int, _Sequence] = {}
         self._by_id: dict[str, _Sequence] = {}
         self._prefilling = 0  # admitted sequences whose prompt is not fully processed yet
+        self._prefilling_tokens = 0  # their prompt tokens
         self._finished: Counter[str] = Counter()
         self._rejected: Counter[str] = Counter()
         self._prefix = PrefixCache(self._config.prompt_cache_bytes, self._config.prompt_cache_entries)
@@ -288,7 +294,7 @@ class BatchEngine:
             generator.remove([sequence.uid])
             self._running.pop(sequence.uid, None)
             if not sequence.prefilled:
-                self._prefilling -= 1
+                self._prefill_done(sequence)
         self._count_finished("cancelled")
         self._count_queues()
         log.debug("request cancelled request_id=%s generated=%d", request_id, sequence.generated)
@@ -318,7 +324,11 @@ class BatchEngine:
 
     def _admit(self, generator: BatchGenerator) -> None:
         free = self._free_slots()
-        admitted = self._waiting.pop(free) if free > 0 else []
+        admitted = self._waiting.pop(
+            free, cost=lambda s: len(s.request.prompt_tokens),
+            budget=self._config.prefill_token_budget - self._prefilling_tokens,
+            at_least_one=self._prefilling == 0,
+        ) if free > 0 else []
         if not admitted:
             return
         # mlx-lm prefills its queue in groups, each padded to its longest prompt: neighbours of
@@ -330,6 +340,7 @@ class BatchEngine:
             tokens = sequence.request.prompt_tokens
             cache, cached = self._prefix.fetch(tokens)
             sequence.cached_tokens = cached
+            sequence.prefill_tokens = len(tokens)  # as the budget counted it: cached prefix included
             prompts.append(list(tokens[cached:]))
             caches.append(cache)
             cached_tokens.append(list(tokens[:cached]))
@@ -347,6 +358,7 @@ class BatchEngine:
             self._stats.prompt_tokens_total += len(sequence.request.prompt_tokens)
             self._stats.prompt_tokens_cached_total += sequence.cached_tokens
         self._prefilling += len(admitted)
+        self._prefilling_tokens += sum(s.prefill_tokens for s in admitted)
         self._count_prefix_cache()
         self._count_queues()
 
@@ -354,8 +366,7 @@ class BatchEngine:
         prompt_responses, responses = generator.next()
         for progress in prompt_responses:
             if progress.end_of_prompt and (sequence := self._running.get(progress.uid)) is not None:
-                sequence.prefilled = True
-                self._prefilling -= 1
+                self._prefill_done(sequence)
         if not responses:
             if self._held:
                 self._hand_over([], urgent=False)
@@ -407,6 +418,12 @@ class BatchEngine:
         # A prefill is about to hold up the next step: hand over now rather than after it.
         urgent = finished or self._prefilling > 0 or any(e.completion_tokens == 1 for _, e in deliveries)
         self._hand_over(deliveries, urgent)
+
+    def _prefill_done(self, sequence: _Sequence) -> None:
+        """The sequence no longer counts against the prefill bounds (prefilled or cancelled)."""
+        sequence.prefilled = True
+        self._prefilling -= 1
+        self._prefilling_tokens -= sequence.prefill_tokens
 
     def _hand_over(self, deliveries: list[Delivery], urgent: bool) -> None:
         """Deliver this step's events, or hold them until the stream interval has passed.
@@ -482,7 +499,7 @@ class BatchEngine:
         self._by_id.clear()
         self._running.clear()
         self._waiting.drain()
-        self._prefilling = 0
+        self._prefilling = self._prefilling_tokens = 0
         self._stats.running = self._stats.waiting = 0
         self._stats.waiting_by_priority = {}
         self._deliver(failed)

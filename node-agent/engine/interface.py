@@ -36,10 +36,13 @@ class EngineConfig:
 
     max_running: int = 32
     """Sequences in the batch at once (decode concurrency); more wait in the queue."""
-    prefill_batch_size: int = 8
+    prefill_batch_size: int = 16
     """Prompts prefilled together (prefill concurrency); the rest wait in the priority queue."""
     prefill_step_size: int = 2048
     """Prompt tokens per prefill chunk; long prompts are split so decoding keeps going."""
+    prefill_token_budget: int = 8192
+    """Prompt tokens admitted for prefill and not yet prefilled, at most (the first prompt
+    always goes); bounds how long one prefill step can hold up decoding."""
     prompt_cache_bytes: int = 512 * 1024 * 1024
     """Byte cap of the prefix cache; 0 disables it."""
     prompt_cache_entries: int = 64
@@ -55,8 +58,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.stream_interval_s < 0:
             raise ValueError("stream_interval_s must be >= 0")
-        if self.max_running < 1 or self.prefill_batch_size < 1 or self.prefill_step_size < 1:
-            raise ValueError("max_running, prefill_batch_size and prefill_step_size must be >= 1")
+        if min(self.max_running, self.prefill_batch_size, self.prefill_step_size, self.prefill_token_budget) < 1:
+            raise ValueError("max_running, prefill_batch_size, prefill_step_size and prefill_token_budget must be >= 1")
         if self.prompt_cache_bytes < 0 or self.prompt_cache_entries < 1:
             raise ValueError("prompt_cache_bytes must be >= 0 and prompt_cache_entries >= 1")
 

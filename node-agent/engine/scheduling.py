@@ -3,7 +3,10 @@
 Ordered by priority tier (critical first), then arrival. Each tier may cap how many
 of its requests wait (`push` refuses the next one with `QueueFull`), and a waiting
 request may carry a deadline: `expire(now)` takes out every request whose deadline
-has passed, so the engine can fail them instead of running them late.
+has passed, so the engine can fail them instead of running them late. `pop` takes
+the most urgent requests that fit both the free batch slots and a budget of prompt
+tokens, stopping at the first that does not fit: a long prompt is never overtaken
+by shorter, less urgent ones.
 
 Pure logic, no MLX, no clock of its own (the engine passes `now`); used from the
 engine thread only. Removal is lazy: heap entries of requests that left are skipped
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -70,14 +73,28 @@ class PriorityAdmission(Generic[T]):
         if deadline is not None:
             heapq.heappush(self._deadlines, (deadline, arrival, request_id))
 
-    def pop(self, free_slots: int) -> list[T]:
-        """Up to `free_slots` items to admit now, most urgent first, removed from the queue."""
+    def pop(self, free_slots: int, *, cost: Callable[[T], int] | None = None, budget: int | None = None,
+            at_least_one: bool = False) -> list[T]:
+        """Up to `free_slots` items to admit now, most urgent first, removed from the queue.
+
+        With `cost` and `budget`, the items taken cost at most `budget` in all; the first
+        item that would overrun it stops the pop (it stays first in line), unless it would
+        be the only one taken and `at_least_one` is set.
+        """
         taken: list[T] = []
+        spent = 0
         while self._order and len(taken) < free_slots:
-            _, arrival, request_id = heapq.heappop(self._order)
+            _, arrival, request_id = self._order[0]
             entry = self._waiting.get(request_id)
             if entry is None or entry.arrival != arrival:  # left already
+                heapq.heappop(self._order)
                 continue
+            if cost is not None and budget is not None:
+                price = cost(entry.item)
+                if spent + price > budget and not (at_least_one and not taken):
+                    break
+                spent += price
+            heapq.heappop(self._order)
             self._forget(request_id, entry)
             taken.append(entry.item)
         return taken

@@ -98,3 +98,24 @@ def test_heaps_stay_bounded_when_many_leave_out_of_order():
     assert len(queue) == 1
     assert len(queue._order) < 100 and len(queue._deadlines) < 100
     assert queue.pop(1) == [999]
+
+
+def test_a_token_budget_stops_at_the_first_prompt_that_does_not_fit():
+    queue: PriorityAdmission[str] = PriorityAdmission()
+    for name, tier in [("aa", NORMAL), ("bbbbbb", NORMAL), ("c", NORMAL), ("dd", LOW)]:
+        queue.push(name, name, tier)
+    # "bbbbbb" does not fit after "aa": it stays first in line, "c" does not overtake it.
+    assert queue.pop(10, cost=len, budget=5) == ["aa"]
+    assert queue.pop(10, cost=len, budget=5) == []
+    assert queue.pop(10, cost=len, budget=5, at_least_one=True) == ["bbbbbb"]  # alone, over budget
+    assert queue.pop(10, cost=len, budget=2) == ["c"]  # "dd" would make 3
+    assert queue.pop(1, cost=len, budget=100) == ["dd"]
+    assert len(queue) == 0
+
+
+def test_the_budget_respects_priority_before_size():
+    queue: PriorityAdmission[str] = PriorityAdmission()
+    queue.push("short-low", "s", LOW)
+    queue.push("long-critical", "llll", CRITICAL)
+    assert queue.pop(10, cost=len, budget=3) == []  # the critical one is next; nothing skips it
+    assert queue.pop(10, cost=len, budget=5) == ["llll", "s"]

@@ -71,7 +71,7 @@ priority_scheduling:
     background: {max_waiting: 2, deadline_seconds: 1.5}
 """), environ={})
     assert config.serving.decode_concurrency == 4 and config.serving.prompt_cache_bytes == 0
-    assert config.serving.prefill_concurrency == 8
+    assert config.serving.prefill_concurrency == 16
     assert config.priority_scheduling.default_priority is Priority.LOW
     assert config.priority_scheduling.tier(Priority.BACKGROUND).max_waiting == 2
     assert config.priority_scheduling.tier(Priority.BACKGROUND).deadline_seconds == 1.5

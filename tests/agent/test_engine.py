@@ -229,6 +229,28 @@ async def test_a_full_tier_refuses_at_once_while_others_queue(make_engine):
     assert (await waiting)[-1].finish_reason == "length" and (await normal)[-1].finish_reason == "length"
 
 
+async def test_a_token_budget_of_one_prompt_serves_a_burst_one_prefill_at_a_time(make_engine):
+    """Admission under a budget that fits one prompt: every request still runs, also after
+    cancellations (their tokens leave the budget too, or the engine would stall)."""
+    probe = await make_engine()
+    tokens = await prompt_tokens(probe)
+    engine = await make_engine(max_running=8, prefill_batch_size=8, prefill_token_budget=len(tokens))
+
+    async def cancelled_after_one(name: str) -> None:
+        stream = engine.submit(request(name, tokens, max_tokens=500))
+        await anext(stream)
+        await stream.aclose()
+
+    for round_ in range(2):
+        results = await asyncio.gather(
+            *(collect(engine, request(f"r{round_}-{i}", tokens, max_tokens=8)) for i in range(6)),
+            *(cancelled_after_one(f"c{round_}-{i}") for i in range(2)),
+        )
+        assert [events[-1].finish_reason for events in results[:6]] == ["length"] * 6
+    await wait_for(lambda: engine.stats.running == 0 and engine.stats.waiting == 0)
+    assert engine.stats.requests_finished_total == {"length": 12, "cancelled": 4}
+
+
 async def test_a_tier_limit_counts_only_requests_that_must_wait(make_engine):
     # No low request may wait; with free slots, low requests run (none of them waits).
     engine = await make_engine(max_running=4, prefill_batch_size=2, max_waiting={Priority.LOW: 0})
