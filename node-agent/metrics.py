@@ -11,17 +11,21 @@ Three sources:
   model memory.
 
 Also exported under vLLM's names, which inference gateways already scrape:
-`vllm:num_requests_running`, `vllm:num_requests_waiting`, and
-`vllm:gpu_cache_usage_perc` — here the prefix cache's bytes over its byte cap, as a
-fraction (0-1, like vLLM's); 0 when the cache is disabled. `vllm:lora_requests_info`
-is deliberately absent: it describes dynamically loaded LoRA adapters, which mlxpool
-does not serve, and gateways only use it for adapter affinity.
+`vllm:num_requests_running`, `vllm:num_requests_waiting`, `vllm:gpu_cache_usage_perc`
+and `vllm:lora_requests_info`. Gateways read the cache usage as "how close is this
+server to making new requests wait" (vLLM's KV blocks in use): ours has no fixed KV
+block pool, so it is the share of batch slots in use (running / decode concurrency),
+which reaches 1 exactly when the next request must queue. (The prefix cache's bytes
+would not do: it stays full of idle entries on any busy node.) The LoRA gauge says
+what is true, no adapters and none waiting (mlxpool serves none), so pickers that
+read it for adapter affinity find it and skip nobody.
 
 Each app has its own registry: several agents can live in one test process.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 from prometheus_client import (
@@ -112,7 +116,7 @@ class _EngineCollector(Collector):
                              ("priority",))
         vllm_running = gauge("vllm:num_requests_running", "Same as mlxpool_requests_running.")
         vllm_waiting = gauge("vllm:num_requests_waiting", "Same as mlxpool_requests_waiting.")
-        vllm_cache = gauge("vllm:gpu_cache_usage_perc", "Prefix-cache bytes over its byte cap (0-1).")
+        vllm_cache = gauge("vllm:gpu_cache_usage_perc", "Share of batch slots in use (0-1): running / decode concurrency.")
         prompt = counter("mlxpool_prompt_tokens", "Prompt tokens of the requests admitted.")
         cached = counter("mlxpool_prompt_tokens_cached", "Prompt tokens served from the prefix cache.")
         generated = counter("mlxpool_generation_tokens", "Tokens generated.")
@@ -137,8 +141,9 @@ class _EngineCollector(Collector):
                 waiting_tier.add_metric([model.name, tier.value], stats.waiting_by_priority.get(tier.value, 0))
             vllm_running.add_metric(name, stats.running)
             vllm_waiting.add_metric(name, stats.waiting)
+            slots = stats.max_running
+            vllm_cache.add_metric(name, min(1.0, stats.running / slots) if slots else 0.0)
             cap = stats.prompt_cache_max_bytes
-            vllm_cache.add_metric(name, min(1.0, stats.prompt_cache_bytes / cap) if cap else 0.0)
             prompt.add_metric(name, stats.prompt_tokens_total)
             cached.add_metric(name, stats.prompt_tokens_cached_total)
             generated.add_metric(name, stats.generation_tokens_total)
@@ -158,9 +163,13 @@ class _EngineCollector(Collector):
             memory.add_metric(name, model.info.memory_bytes)
         in_flight = GaugeMetricFamily("mlxpool_http_generations_in_flight", "Generation requests being answered.")
         in_flight.add_metric([], self._lifecycle.in_flight)
+        # vLLM's shape: adapter lists as labels, the value the time of the reading.
+        lora = GaugeMetricFamily("vllm:lora_requests_info", "LoRA adapters running and waiting (none: not served).",
+                                 labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"])
+        lora.add_metric(["", "", "0"], time.time())
         yield from (running, waiting, waiting_tier, vllm_running, vllm_waiting, vllm_cache, prompt, cached,
                     generated, steps, finished, rejected, cache_bytes, cache_cap, cache_entries, lookups, hits,
-                    hit_rate, kv_bytes, memory, in_flight)
+                    hit_rate, kv_bytes, memory, in_flight, lora)
 
 
 class HttpMetricsMiddleware:

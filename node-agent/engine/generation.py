@@ -116,7 +116,8 @@ class BatchEngine:
         manager reports the `warming` phase from it)."""
         self._config = config or EngineConfig()
         self._commands: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._stats = EngineStats(prompt_cache_max_bytes=self._config.prompt_cache_bytes)
+        self._stats = EngineStats(max_running=self._config.max_running,
+                                  prompt_cache_max_bytes=self._config.prompt_cache_bytes)
         self._loaded: Future[ModelInfo] = Future()
         self._accepting = False
         self._accepting_lock = threading.Lock()

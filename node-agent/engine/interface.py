@@ -174,6 +174,8 @@ class EngineStats:
 
     running: int = 0
     """Sequences in the batch (prefilling or decoding)."""
+    max_running: int = 0
+    """Batch slots (the decode concurrency); 0 if unknown."""
     waiting: int = 0
     """Sequences accepted but not yet admitted to the batch."""
     waiting_by_priority: dict[str, int] = field(default_factory=dict)

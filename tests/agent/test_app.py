@@ -243,7 +243,7 @@ async def test_models_endpoints(client):
 
 async def test_metrics_count_requests_by_route_and_export_engine_gauges(client, fake_agent):
     stats = fake_agent.engine.stats
-    stats.running, stats.waiting, stats.waiting_by_priority = 3, 2, {"high": 2}
+    stats.running, stats.max_running, stats.waiting, stats.waiting_by_priority = 3, 4, 2, {"high": 2}
     stats.prompt_cache_bytes, stats.prompt_cache_max_bytes = 250, 1000
     stats.prompt_cache_lookups_total, stats.prompt_cache_hits_total = 4, 1
     await client.post("/v1/completions", json={"model": "fake", "prompt": "x"})
@@ -260,7 +260,7 @@ async def test_metrics_count_requests_by_route_and_export_engine_gauges(client, 
         'mlxpool_requests_waiting{model_name="fake"} 2.0',
         'mlxpool_requests_waiting_by_priority{model_name="fake",priority="high"} 2.0',
         'mlxpool_requests_waiting_by_priority{model_name="fake",priority="low"} 0.0',
-        'vllm:gpu_cache_usage_perc{model_name="fake"} 0.25',
+        'vllm:gpu_cache_usage_perc{model_name="fake"} 0.75',
         'mlxpool_prompt_cache_hit_rate{model_name="fake"} 0.25',
         'mlxpool_model_memory_bytes{model_name="fake"} 1234.0',
         'mlxpool_requests_total{model_name="fake",outcome="length",priority="normal"} 1.0',
@@ -269,4 +269,4 @@ async def test_metrics_count_requests_by_route_and_export_engine_gauges(client, 
         'mlxpool_e2e_request_latency_seconds_count{model_name="fake",priority="normal"} 1.0',
     ]:
         assert line in text, line
-    assert "vllm:lora_requests_info" not in text
+    assert 'vllm:lora_requests_info{max_lora="0",running_lora_adapters="",waiting_lora_adapters=""}' in text

@@ -253,6 +253,7 @@ def test_metrics_use_prometheus_and_vllm_names(client):
     client.post("/v1/completions", json={"model": "tiny", "prompt": PROMPT, "max_tokens": 3})
     text = client.get("/metrics").text
     for name in ["vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:gpu_cache_usage_perc",
+                 "vllm:lora_requests_info",
                  "mlxpool_requests_running", "mlxpool_requests_waiting_by_priority",
                  "mlxpool_generation_tokens_total", "mlxpool_prompt_tokens_total", "mlxpool_http_requests_total",
                  "mlxpool_time_to_first_token_seconds_bucket", "mlxpool_inter_token_latency_seconds_bucket",
