@@ -87,7 +87,7 @@ class _Sequence:
     prefilled: bool = False
     """The whole prompt is processed (the sequence is decoding)."""
     prefill_tokens: int = 0
-    """Prompt tokens it still had to prefill when admitted (counted in the token budget)."""
+    """What it counts against the prefill token budget until prefilled: its whole prompt."""
 
 
 @dataclass(frozen=True, slots=True)
