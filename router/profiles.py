@@ -19,7 +19,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from mlxpool.router.filters import ConnectCooldownFilter, MaxInFlightFilter
 from mlxpool.router.picking import Pipeline, WeightedScorer
 from mlxpool.router.plugins import Filter, Plugin, Scorer
-from mlxpool.router.scorers import LeastInFlightScorer, LowLatencyScorer, WeightedRoundRobinScorer
+from mlxpool.router.scorers import (
+    LeastInFlightScorer,
+    LowLatencyScorer,
+    PrefixAffinityScorer,
+    WeightedRoundRobinScorer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +34,7 @@ PLUGIN_TYPES: tuple[type[Plugin], ...] = (
     WeightedRoundRobinScorer,
     LeastInFlightScorer,
     LowLatencyScorer,
+    PrefixAffinityScorer,
 )
 REGISTRY: dict[str, type[Plugin]] = {p.type_name: p for p in PLUGIN_TYPES}
 
@@ -48,6 +54,18 @@ profiles:
     scorers:
       - {type: low-latency, weight: 1.0}
       - {type: least-in-flight, weight: 0.5}
+      - {type: weighted-round-robin, weight: 0.1}
+  # Affinity against load: least-in-flight gives the least busy endpoint 1 and the busiest
+  # 0, so an endpoint recently sent more than half of the prompt (2 x 0.5) wins even when
+  # it is the busiest, while a shorter shared opening yields to load. Unmatched prompts
+  # are placed by load, then by rotation, which spreads new prefixes over the endpoints.
+  # A hard cap per endpoint is a max-in-flight filter in a strategies file: a hot prefix
+  # then spills onto a second endpoint, which from then on matches it too.
+  prefix-affinity:
+    filters: [{type: connect-cooldown}]
+    scorers:
+      - {type: prefix-affinity, weight: 2.0}
+      - {type: least-in-flight, weight: 1.0}
       - {type: weighted-round-robin, weight: 0.1}
 """
 

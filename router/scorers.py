@@ -1,22 +1,24 @@
 """Scorer plugins: each endpoint gets a score in [0, 1], higher is better.
 
-- `weighted-round-robin`: smooth weighted round-robin (nginx's), per model; the only
-  stateful scorer, it advances in `picked`.
+- `weighted-round-robin`: smooth weighted round-robin (nginx's), per model; stateful,
+  it advances in `picked`.
 - `least-in-flight`: fewer requests in flight from this router scores higher.
 - `low-latency`: a lower EWMA of time to first byte scores higher; unmeasured
   endpoints score as the best so they get measured.
-
-A prefix-affinity scorer would hash `PickRequest.prompt` in blocks and score endpoints
-by the longest prefix they were last sent; the interface already carries the prompt.
+- `prefix-affinity`: the share of the prompt's leading blocks an endpoint was recently
+  sent (`prefixindex`), so prompts sharing a prefix (a system prompt, a few-shot
+  preamble, a conversation's earlier turns) reach the agent whose prefix cache holds
+  it; stateful, it records the chosen endpoint's blocks in `picked`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
 from mlxpool.router.plugins import PickRequest, Scorer, spread
+from mlxpool.router.prefixindex import BlockHash, PrefixIndex, prompt_blocks
 from mlxpool.router.signals import EndpointSignals
 from mlxpool.routing import RouteEndpoint
 
@@ -78,3 +80,54 @@ class LowLatencyScorer(Scorer):
             return [1.0] * len(endpoints)
         best = min(known)
         return spread([best if m is None else m for m in measured], higher_is_better=False)
+
+
+class PrefixAffinityParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    block_size: int = Field(
+        default=64, ge=8, le=8192,
+        description="Characters per hashed prompt block. 64 is about 16 tokens of English, the fewest cached "
+                    "tokens an agent reuses; a prompt shorter than one block gets no affinity.")
+    max_prompt_blocks: int = Field(
+        default=256, ge=1, le=65536,
+        description="Leading blocks of a prompt considered (by default its first 16,384 characters): bounds "
+                    "the hashing each pick does on the event loop.")
+    max_entries: int = Field(
+        default=100_000, ge=1, le=100_000_000,
+        description="(block, endpoint) pairs remembered, least recently used evicted first; about 200 bytes each.")
+
+
+class PrefixAffinityScorer(Scorer):
+    """Prefers the endpoints recently sent the longest leading part of this prompt.
+
+    The score is matched leading blocks / the prompt's blocks: 1.0 for an endpoint
+    recently sent this very prompt (or a longer one), 0.0 everywhere when nothing
+    matches or the prompt is shorter than a block, leaving the choice to the other
+    scorers. Only the endpoints given are scored, so endpoints that left the table are
+    never chosen; their entries age out of the index. The endpoint ranked first is
+    recorded even if failover then answers from another: a failing endpoint is soon
+    filtered out (connect-cooldown) or leaves the table.
+    """
+
+    type_name = "prefix-affinity"
+    Params = PrefixAffinityParams
+    params: PrefixAffinityParams
+
+    def __init__(self, params: BaseModel | None = None) -> None:
+        super().__init__(params)
+        self.index = PrefixIndex(self.params.max_entries)
+
+    def _blocks(self, request: PickRequest) -> list[BlockHash]:
+        return prompt_blocks(request.model, request.prompt, self.params.block_size, self.params.max_prompt_blocks)
+
+    def score(
+        self, request: PickRequest, endpoints: Sequence[RouteEndpoint], signals: EndpointSignals
+    ) -> list[float]:
+        blocks = self._blocks(request)
+        if not blocks:
+            return [0.0] * len(endpoints)
+        return [n / len(blocks) for n in self.index.match(blocks, [e.url for e in endpoints])]
+
+    def picked(self, request: PickRequest, ranked: Sequence[RouteEndpoint]) -> None:
+        self.index.record(self._blocks(request), ranked[0].url)

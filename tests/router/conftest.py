@@ -7,7 +7,8 @@ and in test_kube_watch.py the real kube-apiserver of tests/conftest.py.
 Faked here: the agents. `FakeAgent` is a small real HTTP server on a free loopback port
 that answers /v1/completions and /v1/chat/completions with canned JSON or SSE, records
 what it received, and can be told to fail (HTTP 500), stall, or hold a stream open.
-Integration with real agents serving the real tiny model lives in tests/integration/.
+Integration with real agents serving the real tiny model lives in tests/integration/,
+except test_prefix_affinity_agents.py: its point is the real agents' prefix caches.
 A fixture fails any test that leaves asyncio tasks behind.
 """
 
