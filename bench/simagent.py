@@ -176,7 +176,7 @@ class SimAgent:
         if self.free_memory() < self.settings.model_bytes:
             return _error(507, "not enough free memory for the model", "capacity")
         state = ModelState(name=body.name, phase=ModelPhase.LOADING, path=body.path or f"/cache/{body.cache_key}",
-                           memory_bytes=self.settings.model_bytes, pinned=body.pin)
+                           memory_bytes=self.settings.model_bytes, pinned=body.pin, owner=body.owner)
         self.models[body.name] = state
         if body.cache_key:
             self.cache_of_model[body.name] = body.cache_key

@@ -17,7 +17,9 @@ JSON `{"error": {"message", "type", "param", "code"}}` with a 4xx status.
 | DELETE /v1/node/cache/{key}     |                    | 200, 404 if unknown            |
 
 Loading, unloading and staging are asynchronous: the call answers at once and the
-caller polls the state. Repeating a call with the same body is always safe.
+caller polls the state. Repeating a call with the same body is always safe. A load
+may name its `owner`; the node reports it with the model, so a manager that restarted
+(and lost what it remembered) still recognises, and may clean up, what it loaded.
 Keys are snake_case here (an HTTP API, not a Kubernetes object).
 """
 
@@ -66,6 +68,8 @@ class LoadModelRequest(_Strict):
                                   description="A cache entry staged with PUT /v1/node/cache/{key}.")
     warm: bool = Field(default=True, description="Run a warm-up generation before reporting ready.")
     pin: bool = Field(default=False, description="Keep the weights resident (never evicted).")
+    owner: str | None = Field(default=None, min_length=1, max_length=253,
+                              description="Who asked for the load, reported back in ModelState.owner.")
 
     @model_validator(mode="after")
     def _one_source(self) -> LoadModelRequest:
@@ -82,6 +86,8 @@ class ModelState(_Strict):
     load_time_seconds: float | None = None
     pinned: bool = False
     message: str | None = None
+    owner: str | None = None
+    """The `owner` of the load that brought it (None: loaded otherwise, e.g. `--model`)."""
 
 
 class StageRequest(_Strict):

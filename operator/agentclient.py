@@ -36,15 +36,20 @@ class AgentUnreachable(AgentError):
 
 
 class AgentClient:
-    def __init__(self, client: httpx.AsyncClient, token: str | None, timeout: float = 5.0) -> None:
+    def __init__(self, client: httpx.AsyncClient, token: str | None, timeout: float = 5.0,
+                 owner: str | None = None) -> None:
         self._client = client
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._timeout = timeout
+        self._owner = owner
+        """Stamped on every load, so the agents report what this operator loaded."""
 
     async def node(self, url: str) -> NodeReport:
         return await self._call("report", "GET", url, "", NodeReport)
 
     async def load(self, url: str, request: LoadModelRequest) -> ModelState:
+        if self._owner is not None and request.owner is None:
+            request = request.model_copy(update={"owner": self._owner})
         return await self._call("load", "POST", url, "/models", ModelState, request)
 
     async def unload(self, url: str, model: str) -> ModelState:

@@ -7,8 +7,11 @@ what is here applies to every pool this process reconciles.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+OWNER_PREFIX = "mlxpool-operator"
 
 
 @dataclass(frozen=True)
@@ -63,3 +66,18 @@ class OperatorConfig:
 
     resync_interval: float = 10.0
     """Seconds between passes of a pool or cache when nothing woke it (changes wake it at once)."""
+
+    orphan_grace: float = 30.0
+    """Seconds a model this operator loaded must stay claimed by no pool before it is unloaded
+    (an unload lost to a restart, a pool deleted while the operator was down)."""
+
+    @property
+    def owner(self) -> str:
+        """Who this operator is on the agents (`LoadModelRequest.owner`): its namespace scope is
+        part of it, so operators watching different namespaces never clean up each other's loads."""
+        if not self.namespaces:
+            return OWNER_PREFIX
+        scoped = f"{OWNER_PREFIX}:{','.join(sorted(self.namespaces))}"
+        if len(scoped) <= 253:
+            return scoped
+        return f"{OWNER_PREFIX}:{hashlib.sha256(scoped.encode()).hexdigest()[:32]}"

@@ -9,7 +9,12 @@ hear which node changed and how (`health` or `agent`), so pools reconcile at onc
 instead of at their next tick.
 
 Rebuilt after a restart from the pools' statuses (`seed`) before any pool acts, and
-from the agents' reports; nothing here is written anywhere.
+from the agents' reports; nothing here is written anywhere. What an unload decision
+lost to a restart would leave behind (a model this operator loaded that no pool wants
+any more) is found again from the reports: agents say who loaded each model, and a
+model of ours that no pool has claimed for a grace period is an orphan to unload
+(`orphans_due`). Only once every pool is seeded: before that, an unclaimed model may
+just belong to a pool not read yet.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ PoolKey = tuple[str, str]
 Listener = Callable[[str, str], None]
 HEALTH, AGENT = "health", "agent"
 _STAGING = frozenset({CachePhase.PENDING.value, CachePhase.DOWNLOADING.value, CachePhase.VERIFYING.value})
+_LIVE = frozenset({ModelPhase.LOADING.value, ModelPhase.WARMING.value, ModelPhase.READY.value})
 
 
 @dataclass
@@ -45,7 +51,8 @@ class Claim:
 
 
 class Fleet:
-    def __init__(self, retry_after: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, retry_after: float = 30.0, clock: Callable[[], float] = time.monotonic,
+                 owner: str | None = None) -> None:
         self.views: dict[str, NodeView] = {}
         self.observations: dict[str, Observation] = {}
         self.claims: dict[PoolKey, Claim] = {}
@@ -58,6 +65,11 @@ class Fleet:
         self._retry_after = retry_after
         self._clock = clock
         self._listeners: list[Listener] = []
+        self.owner = owner
+        """Who this operator is on the agents (`LoadModelRequest.owner`); None: no orphan cleanup."""
+        self.seeded = False
+        """Every pool's claims are known (set once the startup listing succeeded)."""
+        self._unclaimed_since: dict[tuple[str, str], float] = {}
 
     # -- nodes ---------------------------------------------------------------------------
     def set_view(self, view: NodeView) -> bool:
@@ -71,6 +83,7 @@ class Fleet:
         self.observations.pop(name, None)
         self._noted_at.pop(name, None)
         self._deferred = {p for p in self._deferred if p[0] != name}
+        self._unclaimed_since = {p: t for p, t in self._unclaimed_since.items() if p[0] != name}
         self._failures = {k: v for k, v in self._failures.items() if k[0] != name}
 
     def observation(self, node: str) -> Observation:
@@ -146,6 +159,9 @@ class Fleet:
             for model, phase in agent.models.items():
                 if phase == ModelPhase.FAILED.value and before.get(model) != ModelPhase.FAILED.value:
                     self._failures[node, model] = (agent.messages.get(model, "failed"), self._clock())
+            # What the agent says we loaded is ours to unload, even if we restarted since.
+            self.managed.update((node, m) for m, o in agent.owners.items()
+                                if o == self.owner and self.owner is not None and agent.models.get(m) in _LIVE)
         if (obs.agent, obs.agent_error) == (agent, error):
             return False
         placement_relevant = _digest(obs.agent) != _digest(agent) or (obs.agent is None) != (agent is None)
@@ -206,6 +222,28 @@ class Fleet:
         for model in [m for n, m in self._deferred if n == node and m in claimed]:
             self._deferred.discard((node, model))
         return sorted(m for n, m in self._deferred if n == node)
+
+    def orphans_due(self, node: str, grace: float) -> list[str]:
+        """Models of ours, ready on `node`, that no pool has claimed for `grace` seconds:
+        to unload now (they leave `managed`). Deferred unloads are left to their own path."""
+        agent = self.observation(node).agent
+        if not self.seeded or self.owner is None or agent is None:
+            return []
+        claimed = {m for c in self.claims.values() for m in c.nodes.get(node, ())}
+        unclaimed = {m for m, o in agent.owners.items()
+                     if o == self.owner and agent.models.get(m) == ModelPhase.READY.value
+                     and m not in claimed and (node, m) not in self._deferred}
+        now = self._clock()
+        for pair in [p for p in self._unclaimed_since if p[0] == node and p[1] not in unclaimed]:
+            del self._unclaimed_since[pair]
+        due = []
+        for model in sorted(unclaimed):
+            since = self._unclaimed_since.setdefault((node, model), now)
+            if now - since >= grace:
+                due.append(model)
+                del self._unclaimed_since[node, model]
+                self.managed.discard((node, model))
+        return due
 
     def forget_deferred(self, node: str, model: str) -> None:
         self._deferred.discard((node, model))

@@ -89,14 +89,14 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     # Many agents, probed every second: keep their connections open.
     memo.http = httpx.AsyncClient(trust_env=False, follow_redirects=False,
                                   limits=httpx.Limits(max_connections=512, max_keepalive_connections=256))
-    memo.fleet = fleet = Fleet(retry_after=config.load_retry_after)
-    agents = AgentClient(memo.http, config.agent_token, config.agent_timeout)
+    memo.fleet = fleet = Fleet(retry_after=config.load_retry_after, owner=config.owner)
+    agents = AgentClient(memo.http, config.agent_token, config.agent_timeout, owner=config.owner)
     memo.reconciler = PoolReconciler(memo.kube, agents, fleet, config.node_stale_after)
     memo.cache_reconciler = CacheReconciler(memo.kube, agents, fleet, config.node_stale_after)
     memo.monitors = NodeMonitors(
         fleet, Prober(memo.http, config.probe_timeout), agents, memo.kube, default_interval=1.0,
         override_interval=config.probe_interval, report_interval=config.report_interval,
-        stale_after=config.node_stale_after)
+        stale_after=config.node_stale_after, orphan_grace=config.orphan_grace)
     memo.runtimes = runtimes = Runtimes()
     fleet.subscribe(runtimes.node_changed)
     await _seed(memo.kube, fleet, config)
@@ -119,11 +119,13 @@ async def _seed(kube: KubeClient, fleet: Fleet, config: OperatorConfig) -> None:
     try:
         pools = await kube.list_pools(config.namespaces)
     except ApiException as exc:
-        log.warning("cannot list pools to seed the fleet, unloads may be premature: %s", exc.reason)
+        log.warning("cannot list pools to seed the fleet, unloads may be premature and orphans stay: %s",
+                    exc.reason)
         return
     for body in pools:
         meta = body["metadata"]
         seed_fleet(fleet, (meta["namespace"], meta["name"]), body, probe_interval(body, config))
+    fleet.seeded = True
     log.info("fleet seeded pools=%d", len(pools))
 
 

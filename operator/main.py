@@ -50,6 +50,9 @@ def parse_args(argv: list[str]) -> tuple[OperatorConfig, argparse.Namespace]:
                         help="seconds before a failed load is tried again on that node (default: %(default)s)")
     parser.add_argument("--resync-interval", type=_positive, default=OperatorConfig.resync_interval, metavar="S",
                         help="seconds between passes of an object nothing woke (default: %(default)s)")
+    parser.add_argument("--orphan-grace-seconds", type=_positive, default=OperatorConfig.orphan_grace, metavar="S",
+                        help="unload a model this operator loaded once no pool has claimed it for S seconds "
+                             "(default: %(default)s)")
     parser.add_argument("--log-format", choices=LOG_FORMATS, default="full")
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
@@ -68,6 +71,7 @@ def parse_args(argv: list[str]) -> tuple[OperatorConfig, argparse.Namespace]:
         scrape_interval=args.scrape_interval,
         load_retry_after=args.load_retry_seconds,
         resync_interval=args.resync_interval,
+        orphan_grace=args.orphan_grace_seconds,
     )
     return config, args
 

@@ -54,6 +54,7 @@ class Kube(Protocol):
 class NodeMonitors:
     def __init__(self, fleet: Fleet, prober: Prober, agents: AgentClient, kube: Kube, *, default_interval: float,
                  override_interval: float | None, report_interval: float, stale_after: float,
+                 orphan_grace: float = 30.0,
                  clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)) -> None:
         self._fleet = fleet
         self._prober = prober
@@ -63,6 +64,7 @@ class NodeMonitors:
         self._override = override_interval
         self._report_interval = report_interval
         self._stale_after = stale_after
+        self._orphan_grace = orphan_grace
         self._clock = clock
         self._tasks: dict[str, asyncio.Task] = {}
         self._written: dict[str, tuple[bool, str]] = {}
@@ -107,9 +109,13 @@ class NodeMonitors:
                     if probe.timed_out and timeouts < TIMEOUTS_TO_FAIL and self._fleet.observation(name).probe.healthy:
                         probe = self._fleet.observation(name).probe  # one slow answer is not a verdict
                     self._fleet.observe_probe(name, probe)
-                    if probe.healthy and (unloads is None or unloads.done()) and \
-                            (deferred := self._fleet.deferred_unloads(name)):
-                        unloads = asyncio.create_task(self._unload_deferred(name, view, deferred))
+                    if probe.healthy and (unloads is None or unloads.done()):
+                        if deferred := self._fleet.deferred_unloads(name):
+                            unloads = asyncio.create_task(self._unload_deferred(name, view, deferred))
+                        elif orphans := self._fleet.orphans_due(name, self._orphan_grace):
+                            log.info("unloading orphans node=%s models=%s: loaded by this operator, "
+                                     "claimed by no pool", name, ",".join(orphans))
+                            unloads = asyncio.create_task(self._unload_deferred(name, view, orphans))
                     if not probe.healthy:
                         self._fleet.observe_report(name, None, "the agent does not answer its health probe")
                         next_report = 0.0
@@ -132,7 +138,7 @@ class NodeMonitors:
                     await asyncio.gather(task, return_exceptions=True)
 
     async def _unload_deferred(self, name: str, view: NodeView, models: list[str]) -> None:
-        """Models a pool gave up while this agent did not answer: unload them now it does."""
+        """Models a pool gave up while this agent did not answer (or orphans): unload them now."""
         for model in models:
             try:
                 state = await self._agents.unload(view.endpoint, model)

@@ -94,6 +94,8 @@ class AgentView:
     """Cache key -> CachePhase value."""
     free_memory_bytes: int | None = None
     max_models: int = 1
+    owners: Mapping[str, str] = field(default_factory=dict)
+    """Model name -> who loaded it, for models loaded with an owner."""
 
     @classmethod
     def from_report(cls, report: NodeReport) -> AgentView:
@@ -112,11 +114,15 @@ class AgentView:
         sizes = dict(self.model_bytes)
         if state.memory_bytes:
             sizes[state.name] = state.memory_bytes
+        owners = {k: v for k, v in self.owners.items() if k != state.name}
+        if state.owner:
+            owners[state.name] = state.owner
         return replace(self, models={**self.models, state.name: state.phase.value}, messages=messages,
-                       model_bytes=sizes)
+                       model_bytes=sizes, owners=owners)
 
     def without_model(self, name: str) -> AgentView:
-        return replace(self, models={k: v for k, v in self.models.items() if k != name})
+        return replace(self, models={k: v for k, v in self.models.items() if k != name},
+                       owners={k: v for k, v in self.owners.items() if k != name})
 
     def with_cache(self, entry: CacheEntry) -> AgentView:
         return replace(self, cache={**self.cache, entry.key: entry.phase.value})

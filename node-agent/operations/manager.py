@@ -84,6 +84,7 @@ class _Record:
     warm: bool
     pinned: bool
     estimate_bytes: int
+    owner: str | None = None
     phase: ModelPhase = ModelPhase.LOADING
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     engine: ManagedEngine | None = None
@@ -107,7 +108,7 @@ class _Record:
             phase, message = ModelPhase.FAILED, "the engine stopped unexpectedly (see the agent's log)"
         return ModelState(
             name=self.name, phase=phase, path=self.path, memory_bytes=self.memory_bytes or self.estimate_bytes,
-            load_time_seconds=self.load_time_seconds, pinned=self.pinned, message=message,
+            load_time_seconds=self.load_time_seconds, pinned=self.pinned, message=message, owner=self.owner,
         )
 
     def resident(self) -> eviction.Resident:
@@ -174,7 +175,8 @@ class ModelManager:
                 self._forget(record)
             estimate = await asyncio.to_thread(weights_bytes, path)
             victims = self._admit(request.name, estimate)
-            record = _Record(request.name, str(path), request.cache_key, request.warm, request.pin, estimate)
+            record = _Record(request.name, str(path), request.cache_key, request.warm, request.pin, estimate,
+                             owner=request.owner)
             self._records[record.name] = record
             self.repository.mark(record.name, ModelPhase.LOADING.value)
             record.task = asyncio.create_task(self._load(record, victims), name=f"load-{record.name}")

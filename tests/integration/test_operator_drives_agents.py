@@ -96,6 +96,50 @@ def test_operator_loads_pool_model_on_empty_agents(
 
 
 @pytest.mark.usefixtures("cleanup_nodes")
+def test_a_restarted_operator_unloads_what_it_loaded_for_a_pool_deleted_meanwhile(
+    controlplane: ControlPlane, namespace: str, tiny_model: Path, launched, node_label, ops_token
+):
+    """The unload decision is lost with the operator (the pool went while it was down, its
+    finalizer removed): the agents still say who loaded what, and the new operator
+    unloads its own orphan, never a model it did not load."""
+    operator_args = dict(kubeconfig=controlplane.kubeconfig("operator"), agent_token_file=ops_token,
+                         extra=["--namespace", namespace, "--orphan-grace-seconds", "1", "--report-interval", "0.5"])
+    operator = launched.operator(**operator_args)
+    empty = _empty_agents(launched, controlplane, namespace, node_label, ops_token, n=1)[0]
+    serving = launched.agent(tiny_model, name="agent-cli", kubeconfig=controlplane.kubeconfig("agent"),
+                             node_name=f"{namespace}-agent-cli", labels=node_label, ops_token_file=ops_token)
+    pool = {
+        "apiVersion": "mlxpool.dev/v1alpha1", "kind": "InferencePool",
+        "metadata": {"name": "gone", "namespace": namespace},
+        "spec": {"models": [{"name": "second", "source": f"file://{tiny_model}"}], "replicas": 1,
+                 "nodeSelector": {"matchLabels": {**node_label, "role": "empty"}}},
+    }
+    controlplane.kubectl("label", "inferencenode", f"{namespace}-agent-0", "role=empty")
+    controlplane.kubectl("apply", "-f", "-", input=yaml.safe_dump(pool))
+    controlplane.kubectl("wait", "--for=condition=Ready", "inferencepool/gone", "-n", namespace, "--timeout=90s")
+    headers = {"Authorization": f"Bearer {ops_token.read_text()}"}
+
+    def models(agent) -> dict[str, str | None]:
+        report = httpx.get(f"{agent.url}/v1/node", headers=headers, timeout=10).json()
+        return {m["name"]: m.get("owner") for m in report["models"]}
+
+    owner = f"mlxpool-operator:{namespace}"
+    assert models(empty) == {"second": owner}
+    assert models(serving) == {"tiny": None}  # loaded by --model: nobody's to unload
+
+    operator.stop()
+    controlplane.kubectl("patch", "inferencepool", "gone", "-n", namespace, "--type=merge",
+                         "-p", '{"metadata":{"finalizers":null}}')
+    controlplane.kubectl("delete", "inferencepool", "gone", "-n", namespace, "--wait=true", "--timeout=30s")
+    assert models(empty) == {"second": owner}  # nobody was there to unload it
+
+    restarted = launched.operator(**operator_args)
+    wait_for(lambda: models(empty) == {}, 30, "the orphan to be unloaded", restarted)
+    assert models(serving) == {"tiny": None}
+    assert "unloading orphans" in restarted.log_text()
+
+
+@pytest.mark.usefixtures("cleanup_nodes")
 def test_modelcache_stages_over_http_on_real_agents(
     controlplane: ControlPlane, namespace: str, tiny_model: Path, launched, node_label, ops_token, model_server
 ):

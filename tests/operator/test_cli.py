@@ -45,13 +45,21 @@ def test_flags(monkeypatch):
                                "--probe-timeout", "0.2", "--node-stale-seconds", "9", "--metrics-port", "0",
                                "--liveness", "http://127.0.0.1:8081/healthz", "--log-format", "json",
                                "--agent-timeout", "3", "--report-interval", "2", "--scrape-interval", "4",
-                               "--load-retry-seconds", "60", "--resync-interval", "20"])
+                               "--load-retry-seconds", "60", "--resync-interval", "20",
+                               "--orphan-grace-seconds", "7"])
     assert config == OperatorConfig(kubeconfig=Path("/k"), namespaces=("a", "b"), probe_interval=0.5,
                                     probe_timeout=0.2, node_stale_after=9.0, metrics_port=0,
                                     liveness_endpoint="http://127.0.0.1:8081/healthz", agent_timeout=3.0,
                                     report_interval=2.0, scrape_interval=4.0, load_retry_after=60.0,
-                                    resync_interval=20.0)
+                                    resync_interval=20.0, orphan_grace=7.0)
     assert args.log_format == "json"
+
+
+def test_the_owner_on_the_agents_carries_the_namespace_scope():
+    assert OperatorConfig().owner == "mlxpool-operator"
+    assert OperatorConfig(namespaces=("b", "a")).owner == "mlxpool-operator:a,b"
+    many = OperatorConfig(namespaces=tuple(f"namespace-{i}" for i in range(40))).owner
+    assert many.startswith("mlxpool-operator:") and len(many) <= 253
 
 
 @pytest.mark.parametrize("argv", [

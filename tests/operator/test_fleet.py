@@ -157,3 +157,64 @@ def test_deferred_unloads_wait_for_the_node_and_drop_what_was_claimed_again():
     assert fleet.deferred_unloads("n1") == ["x"]
     fleet.forget_deferred("n1", "x")
     assert fleet.deferred_unloads("n1") == [] and fleet.deferred_unloads("n2") == ["z"]
+
+
+def owned_report(models: dict[str, tuple[str, str | None]]) -> NodeReport:
+    """A report whose models carry their owner: name -> (phase, owner)."""
+    return NodeReport(name="n", endpoint="http://n", hardware=HW, max_models=4, agent_version="t",
+                      models=[ModelState(name=m, phase=ModelPhase(p), owner=o) for m, (p, o) in models.items()])
+
+
+def test_reports_teach_which_models_are_ours_after_a_restart():
+    fleet = Fleet(owner="op")
+    fleet.set_view(view("n1"))
+    fleet.observe_report("n1", owned_report({"x": ("ready", "op"), "y": ("ready", None), "z": ("ready", "other"),
+                                             "w": ("failed", "op")}))
+    assert fleet.managed == {("n1", "x")}  # not y (--model), z (another operator) or w (holds nothing)
+    fleet.seed(A, {"n1": ["x"]})
+    assert fleet.claim(A, {}) == [("n1", "x")]  # so a pool giving it up unloads it
+
+
+def test_an_unclaimed_model_of_ours_is_an_orphan_after_the_grace_period():
+    clock = Clock()
+    fleet = Fleet(owner="op", clock=clock)
+    fleet.set_view(view("n1"))
+    fleet.observe_report("n1", owned_report({"x": ("ready", "op"), "y": ("ready", None), "z": ("ready", "other"),
+                                             "c": ("ready", "op"), "l": ("loading", "op")}))
+    fleet.seed(A, {"n1": ["c"]})
+    assert fleet.orphans_due("n1", grace=10) == []  # not seeded: an unclaimed model may be an unread pool's
+    fleet.seeded = True
+    assert fleet.orphans_due("n1", grace=10) == []  # x is unclaimed from now on
+    clock.now = 9.9
+    assert fleet.orphans_due("n1", grace=10) == []
+    clock.now = 10.0
+    assert fleet.orphans_due("n1", grace=10) == ["x"]  # not y, z (not ours), c (claimed), l (still loading)
+    assert ("n1", "x") not in fleet.managed and ("n1", "c") in fleet.managed
+    assert fleet.orphans_due("n1", grace=10) == []  # handed out once; the unload's answer updates the view
+
+
+def test_a_claim_during_the_grace_period_saves_the_model_and_restarts_the_clock():
+    clock = Clock()
+    fleet = Fleet(owner="op", clock=clock)
+    fleet.seeded = True
+    fleet.set_view(view("n1"))
+    fleet.observe_report("n1", owned_report({"x": ("ready", "op")}))
+    assert fleet.orphans_due("n1", grace=10) == []
+    clock.now = 5
+    fleet.claim(A, {"n1": ["x"]})
+    assert fleet.orphans_due("n1", grace=10) == []
+    clock.now = 12
+    fleet.claim(A, {})  # released normally: that path unloads it, and it counts as unclaimed anew
+    assert fleet.orphans_due("n1", grace=10) == []
+    clock.now = 21.9
+    assert fleet.orphans_due("n1", grace=10) == []
+    clock.now = 22
+    assert fleet.orphans_due("n1", grace=10) == ["x"]
+
+
+def test_without_an_owner_nothing_is_an_orphan():
+    fleet = Fleet()
+    fleet.seeded = True
+    fleet.set_view(view("n1"))
+    fleet.observe_report("n1", owned_report({"x": ("ready", None)}))
+    assert fleet.orphans_due("n1", grace=0) == [] and fleet.managed == set()

@@ -102,6 +102,17 @@ async def test_load_moves_through_loading_and_warming_to_ready_and_repeats_safel
     assert h.changes >= 2
 
 
+async def test_the_owner_of_a_load_is_reported_and_kept(harness):
+    h = harness()
+    state, _ = await h.load("a", owner="op")
+    assert state.owner == "op"
+    await h.manager.wait_settled("a")
+    again, _ = await h.load("a", owner="someone-else")
+    assert again.owner == "op" and [s.owner for s in h.manager.states()] == ["op"]  # the first load's owner stays
+    state, _ = await h.load("b")
+    assert state.owner is None
+
+
 async def test_load_without_warm_never_reports_warming(harness):
     h = harness()
     h.hold["a"] = asyncio.Event()

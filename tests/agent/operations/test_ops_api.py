@@ -251,6 +251,7 @@ def test_a_digest_mismatch_fails_naming_the_file(ops_agent, client, tiny_model):
     ("POST", "/v1/node/models", {"name": "x", "cache_key": "absent"}, 404, "cache_key", "no cache entry"),
     ("POST", "/v1/node/models", {"name": "x", "path": "/m", "extra": 1}, 400, "extra", "not permitted"),
     ("POST", "/v1/node/models", b"{oops", 400, None, "not valid JSON"),
+    ("POST", "/v1/node/models", {"name": "x", "path": "/m", "owner": ""}, 400, "owner", "at least 1 character"),
     ("PUT", "/v1/node/cache/Bad_Key", {"source": "file:///m"}, 400, "key", "not a cache key"),
     ("PUT", "/v1/node/cache/k", {"source": "s3://bucket/m"}, 400, "source", "should match pattern"),
     ("PUT", "/v1/node/cache/k", {"source": "file:///m", "revision": "main"}, 400, "revision", "hf:// sources"),
