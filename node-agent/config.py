@@ -135,7 +135,23 @@ class HorizontalScaling(_Section):
 
 
 class DistributedCache(_Section):
-    """Reserved; no option is implemented yet."""
+    """Prompt KV state shared between agents through Redis: what one node prefilled, another
+    serving the same model fetches instead of computing (off unless `redis_url` is set)."""
+
+    redis_url: str | None = Field(default=None, pattern=r"^(redis|rediss|unix)://.+$")
+    """Redis to share through, e.g. redis://10.0.0.5:6379/0; null: sharing is off."""
+    key_prefix: str = Field(default="mlxpool:kv", min_length=1, max_length=128)
+    """Prefix of every key the agent writes (several fleets can share one Redis)."""
+    block_tokens: int = Field(default=64, ge=8, le=4096)
+    """Prefixes are shared at multiples of this many tokens (the granularity of a match)."""
+    min_tokens: int = Field(default=256, ge=8)
+    """Shorter prompts are neither published nor looked up: recomputing them is cheaper."""
+    max_entry_bytes: int = Field(default=64 * MIB, ge=1024)
+    """KV states larger than this are not published."""
+    ttl_seconds: int = Field(default=3600, ge=1)
+    """How long a published prefix stays in Redis."""
+    timeout_seconds: float = Field(default=0.5, gt=0, le=30)
+    """Longest wait for Redis per call; past it the request is served without sharing."""
 
 
 class RuntimeConfig(_Section):

@@ -20,9 +20,9 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from mlxpool.agent import openai_api as api
@@ -33,6 +33,7 @@ from mlxpool.agent.engine.interface import (
     GenerationRequest,
     QueueFullError,
     SamplingParams,
+    SharedPrefix,
     TokenEvent,
 )
 from mlxpool.agent.engine.prompts import PromptError
@@ -75,6 +76,14 @@ class RequestObserver(Protocol):
 
     def request_done(self, model: str, priority: Priority, outcome: str, ttft: float | None,
                      inter_token: list[float], latency: float) -> None: ...
+
+
+class SharedPrefixes(Protocol):
+    """Prompt KV state computed by other agents (`kvshare.KVShare`)."""
+
+    async def lookup(self, model_path: str, tokens: Sequence[int]) -> SharedPrefix | None:
+        """The longest shared prefix of `tokens` (never all of them), or None; never raises."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -125,11 +134,13 @@ class ChunkStream:
 
 class DataPlane:
     def __init__(self, models: ModelRepository, lifecycle: Lifecycle, settings: DataPlaneSettings | None = None,
-                 observer: RequestObserver | None = None) -> None:
+                 observer: RequestObserver | None = None, shared_prefixes: SharedPrefixes | None = None) -> None:
         self.models = models
         self.lifecycle = lifecycle
         self.settings = settings or DataPlaneSettings()
         self.observer = observer
+        self.shared_prefixes = shared_prefixes
+        """Where prompt KV other agents computed is looked up (`kvshare`); None: not shared."""
 
     # ---- completions ----
 
@@ -342,6 +353,10 @@ class DataPlane:
         clock = time.perf_counter
         try:
             async with self.lifecycle.lease():
+                if self.shared_prefixes is not None:
+                    shared = await self.shared_prefixes.lookup(prepared.model.info.path, request.prompt_tokens)
+                    if shared is not None:
+                        request = replace(request, shared_prefix=shared)
                 async with aclosing(prepared.model.engine.submit(request)) as events:
                     async for event in events:
                         now = clock()

@@ -119,6 +119,8 @@ class _EngineCollector(Collector):
         vllm_cache = gauge("vllm:gpu_cache_usage_perc", "Share of batch slots in use (0-1): running / decode concurrency.")
         prompt = counter("mlxpool_prompt_tokens", "Prompt tokens of the requests admitted.")
         cached = counter("mlxpool_prompt_tokens_cached", "Prompt tokens served from the prefix cache.")
+        shared = counter("mlxpool_prompt_tokens_shared",
+                         "Prompt tokens served from KV state other agents computed (distributed cache).")
         generated = counter("mlxpool_generation_tokens", "Tokens generated.")
         steps = counter("mlxpool_decode_steps", "Batched decode steps.")
         finished = counter("mlxpool_requests_finished",
@@ -146,6 +148,7 @@ class _EngineCollector(Collector):
             cap = stats.prompt_cache_max_bytes
             prompt.add_metric(name, stats.prompt_tokens_total)
             cached.add_metric(name, stats.prompt_tokens_cached_total)
+            shared.add_metric(name, stats.shared_prefix_tokens_total)
             generated.add_metric(name, stats.generation_tokens_total)
             steps.add_metric(name, stats.decode_steps_total)
             for reason, count in stats.requests_finished_total.items():
@@ -167,7 +170,7 @@ class _EngineCollector(Collector):
         lora = GaugeMetricFamily("vllm:lora_requests_info", "LoRA adapters running and waiting (none: not served).",
                                  labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"])
         lora.add_metric(["", "", "0"], time.time())
-        yield from (running, waiting, waiting_tier, vllm_running, vllm_waiting, vllm_cache, prompt, cached,
+        yield from (running, waiting, waiting_tier, vllm_running, vllm_waiting, vllm_cache, prompt, cached, shared,
                     generated, steps, finished, rejected, cache_bytes, cache_cap, cache_entries, lookups, hits,
                     hit_rate, kv_bytes, memory, in_flight, lora)
 

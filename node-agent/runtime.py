@@ -30,6 +30,7 @@ from mlxpool.agent import hardware
 from mlxpool.agent.app import create_app
 from mlxpool.agent.config import AgentConfig
 from mlxpool.agent.dataplane import DataPlane, DataPlaneSettings
+from mlxpool.agent.kvshare import KVShare
 from mlxpool.agent.engine.interface import EngineConfig
 from mlxpool.agent.lifecycle import Lifecycle, Phase
 from mlxpool.agent.metrics import AgentMetrics
@@ -62,8 +63,14 @@ class AgentRuntime:
         self.lifecycle = Lifecycle()
         self.models = ModelRepository()
         self.metrics = AgentMetrics(self.models, self.lifecycle)
+        # ---- the distributed cache: prompt KV shared with other agents through Redis ----
+        self.kv_share: KVShare | None = None
+        if config.runtime.distributed_cache.redis_url is not None:
+            self.kv_share = KVShare(config.runtime.distributed_cache)
+            self.metrics.registry.register(self.kv_share.collector())
         settings = DataPlaneSettings(config.runtime.serving.max_tokens_default, config.runtime.priority_scheduling)
-        self.dataplane = DataPlane(self.models, self.lifecycle, settings, observer=self.metrics)
+        self.dataplane = DataPlane(self.models, self.lifecycle, settings, observer=self.metrics,
+                                   shared_prefixes=self.kv_share)
         # ---- operations API (/v1/node): model manager and model cache ----
         self._registrar: NodeRegistrar | None = None
         self._status_nudger = StatusNudger(self._write_status_now)  # a load/unload shows at once
@@ -138,7 +145,8 @@ class AgentRuntime:
         from mlxpool.agent.engine.generation import BatchEngine  # imports MLX
 
         config = self.engine_config() if warm else replace(self.engine_config(), warmup_tokens=0)
-        return BatchEngine(path, config, name=name, on_weights_loaded=on_weights_loaded)
+        publisher = self.kv_share.publisher(path, asyncio.get_running_loop()) if self.kv_share is not None else None
+        return BatchEngine(path, config, name=name, on_weights_loaded=on_weights_loaded, kv_publisher=publisher)
 
     async def _write_status_now(self) -> None:
         if self._registrar is not None:
@@ -188,6 +196,8 @@ class AgentRuntime:
         await asyncio.gather(*self._background, return_exceptions=True)
         await self._status_nudger.close()
         await self.operations.close()  # stops every engine
+        if self.kv_share is not None:
+            await self.kv_share.close()
         self.lifecycle.set_phase(Phase.STOPPED)
         if self._registrar is not None:  # last word: not ready
             with contextlib.suppress(TimeoutError):

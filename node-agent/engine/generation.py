@@ -38,14 +38,14 @@ from collections import Counter, defaultdict
 from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
 from mlxpool.agent.engine import blas as _blas  # noqa: F401  (must precede mlx)
 
 import mlx.core as mx  # noqa: E402
 from mlx_lm.generate import BatchGenerator  # noqa: E402
 
-from mlxpool.agent.engine import loading  # noqa: E402
+from mlxpool.agent.engine import kvcodec, loading  # noqa: E402
 from mlxpool.agent.engine.interface import (  # noqa: E402
     DeadlineError,
     EngineConfig,
@@ -105,12 +105,25 @@ _STOP = object()
 Delivery = tuple[_Sequence, "TokenEvent | BaseException"]
 
 
+class KVPublisher(Protocol):
+    """Hands prompt KV state to other agents (`kvshare.KVPublisher`); called on the engine thread."""
+
+    def boundary(self, prompt_tokens: int) -> int:
+        """How many leading tokens of a prompt this long to publish (0: none)."""
+        ...
+
+    def publish(self, tokens: tuple[int, ...], blob: bytes) -> None: ...
+
+
 class BatchEngine:
     """Serves one model directory; implements `interface.Engine`."""
 
     def __init__(self, model_path: str, config: EngineConfig | None = None, name: str = "model",
-                 on_weights_loaded: Callable[[], None] | None = None) -> None:
+                 on_weights_loaded: Callable[[], None] | None = None,
+                 kv_publisher: KVPublisher | None = None) -> None:
         self._path = model_path
+        self._publisher = kv_publisher
+        """Where finished prompts' KV goes for other agents (`kvshare`); None: not shared."""
         self._on_weights_loaded = on_weights_loaded
         """Called on the engine thread once the weights are in memory, before warm-up (the model
         manager reports the `warming` phase from it)."""
@@ -340,6 +353,13 @@ class BatchEngine:
         for sequence in admitted:
             tokens = sequence.request.prompt_tokens
             cache, cached = self._prefix.fetch(tokens)
+            shared = sequence.request.shared_prefix
+            if shared is not None and cached < shared.tokens < len(tokens):
+                try:
+                    cache, cached = kvcodec.decode(shared.blob, shared.tokens), shared.tokens
+                    self._stats.shared_prefix_tokens_total += cached
+                except kvcodec.KVCodecError as exc:
+                    log.warning("shared prefix unusable request_id=%s error=%s", sequence.request.request_id, exc)
             sequence.cached_tokens = cached
             sequence.prefill_tokens = len(tokens)  # as the budget counted it: cached prefix included
             prompts.append(list(tokens[cached:]))
@@ -379,6 +399,7 @@ class BatchEngine:
         logprobs = self._read_logprobs(responses)
         deliveries: list[Delivery] = []
         stopped_by_text: list[int] = []
+        by_uid: dict[int, _Sequence] = {}  # the finished ones
         finished = False
         for response in responses:
             sequence = running.get(response.uid)
@@ -404,21 +425,41 @@ class BatchEngine:
             )))
             if finish is not None:
                 finished = True
+                by_uid[response.uid] = sequence
                 del running[response.uid]
                 self._by_id.pop(sequence.request.request_id, None)
                 self._count_finished(finish)
                 if response.prompt_cache is not None:
                     self._prefix.store(response.all_tokens, response.prompt_cache)
+                    self._publish(sequence, response.prompt_cache)
         if stopped_by_text:
-            for tokens_and_cache in generator.remove(stopped_by_text, return_prompt_caches=True).values():
-                cache, tokens = tokens_and_cache
+            caches = generator.remove(stopped_by_text, return_prompt_caches=True)
+            for uid, (cache, tokens) in caches.items():
                 self._prefix.store(tokens, cache)
+                if (sequence := by_uid.get(uid)) is not None:
+                    self._publish(sequence, cache)
         if finished:
             self._count_prefix_cache()
         self._stats.running = len(running)  # before delivering: whoever sees the last event sees the slot free
         # A prefill is about to hold up the next step: hand over now rather than after it.
         urgent = finished or self._prefilling > 0 or any(e.completion_tokens == 1 for _, e in deliveries)
         self._hand_over(deliveries, urgent)
+
+    def _publish(self, sequence: _Sequence, cache: list[Any]) -> None:
+        """Share the finished sequence's prompt KV with other agents, unless it came from them
+        (or from a cache as long) or is too short to be worth it."""
+        if self._publisher is None:
+            return
+        prompt = sequence.request.prompt_tokens
+        end = self._publisher.boundary(len(prompt))
+        if end == 0 or sequence.cached_tokens >= end:
+            return
+        try:
+            blob = kvcodec.encode(cache, end)
+        except kvcodec.KVCodecError as exc:
+            log.debug("prompt kv not shared path=%s reason=%s", self._path, exc)
+            return
+        self._publisher.publish(tuple(prompt[:end]), blob)
 
     def _prefill_done(self, sequence: _Sequence) -> None:
         """The sequence no longer counts against the prefill bounds (prefilled or cancelled)."""

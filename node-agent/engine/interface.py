@@ -117,6 +117,16 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class SharedPrefix:
+    """KV state of a prompt prefix fetched from other agents (`kvshare`)."""
+
+    tokens: int
+    """The prompt's first `tokens` tokens are covered."""
+    blob: bytes
+    """`engine.kvcodec` bytes; may hold more positions than `tokens` (a longer prompt published it)."""
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     """One sequence to generate: an already-tokenized prompt plus sampling and scheduling."""
 
@@ -127,6 +137,8 @@ class GenerationRequest:
     deadline: float | None = None
     """`time.monotonic()` by which the request must have started; past it while still
     waiting, it fails with DeadlineError instead of running."""
+    shared_prefix: SharedPrefix | None = None
+    """A prefix's KV state from the fleet; used when it is longer than the local cache's."""
 
     def __post_init__(self) -> None:
         if not self.prompt_tokens:
@@ -198,6 +210,8 @@ class EngineStats:
     prompt_cache_entries: int = 0
     kv_cache_bytes: int = 0
     """Bytes of the running batch's key/value cache."""
+    shared_prefix_tokens_total: int = 0
+    """Prompt tokens served from KV state fetched from other agents (not computed here)."""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,222 @@
+"""Prompt KV state shared between agents through Redis (`distributed_cache`).
+
+What one node prefilled, another node serving the same model fetches instead of
+computing: a long system prompt, a few-shot preamble or a conversation so far is
+prefilled once per fleet, not once per node. The local prefix cache (`engine.prefixcache`)
+stays the first choice; this is its fleet-wide second level.
+
+Keys. A prompt is cut into blocks of `block_tokens` tokens; each boundary has a hash
+chained from the model's identity (its config and weight files, so two nodes share only
+when they serve the same weights, whatever the model is called) through every token
+before it. When a request finishes, its engine publishes the KV of the prompt's longest
+boundary (at least `min_tokens`, not the last token: the receiver must compute one) as
+one blob, `<prefix>:kv:<hash>`, and one index key per boundary from `min_tokens` on,
+`<prefix>:idx:<hash>` -> the blob's key, all with a TTL. A lookup reads every index key
+of the new prompt in one MGET, takes the longest hit, then GETs that blob: two round
+trips, whatever the prompt's length. Blobs are `engine.kvcodec` bytes.
+
+Never in the way: Redis calls have a short timeout; any failure is counted and logged
+(rate-limited), and the request is served as if sharing were off. Publishing happens
+off the engine thread and is dropped, counted, when too many are in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import redis.asyncio as aioredis
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
+from redis.exceptions import RedisError
+
+from mlxpool.agent.config import DistributedCache
+from mlxpool.agent.engine.interface import SharedPrefix
+
+log = logging.getLogger(__name__)
+
+MAX_PUBLISHING = 4
+"""Publishes in flight at once; more are dropped (the next request of the prefix publishes it)."""
+WARN_EVERY_S = 30.0
+
+
+@functools.lru_cache(maxsize=64)
+def model_identity(path: str) -> str:
+    """What makes two nodes' models the same: the config and the weight files (names and sizes)."""
+    root = Path(path)
+    digest = hashlib.sha256()
+    config = root / "config.json"
+    digest.update(config.read_bytes() if config.is_file() else b"")
+    for weights in sorted(root.glob("*.safetensors")):
+        digest.update(json.dumps([weights.name, weights.stat().st_size]).encode())
+    return digest.hexdigest()[:32]
+
+
+def boundary_hashes(model_id: str, tokens: Sequence[int], block: int, limit: int) -> list[str]:
+    """Hex hashes of the prompt's prefixes ending at block boundaries <= `limit` tokens,
+    each chained through the previous one (so equal hashes mean equal prefixes)."""
+    previous = hashlib.blake2b(model_id.encode(), digest_size=16).digest()
+    hashes = []
+    for end in range(block, min(limit, len(tokens)) + 1, block):
+        chained = hashlib.blake2b(previous, digest_size=16)
+        chained.update(b"".join(t.to_bytes(4, "little") for t in tokens[end - block:end]))
+        previous = chained.digest()
+        hashes.append(previous.hex())
+    return hashes
+
+
+class KVShare:
+    """One per agent: lookups for the data plane, publishers for the engines."""
+
+    def __init__(self, settings: DistributedCache) -> None:
+        if settings.redis_url is None:
+            raise ValueError("distributed_cache.redis_url is not set")
+        self.settings = settings
+        self._redis = aioredis.Redis.from_url(
+            settings.redis_url, socket_timeout=settings.timeout_seconds,
+            socket_connect_timeout=settings.timeout_seconds, health_check_interval=30)
+        self._publishing = 0
+        self._warned_at = float("-inf")
+        self._tasks: set[asyncio.Task] = set()
+        self.counts = {"lookups": 0, "hits": 0, "hit_tokens": 0, "published": 0, "published_bytes": 0,
+                       "dropped": 0, "errors": 0}
+
+    # ---- lookups (data plane, event loop) ----
+
+    async def lookup(self, model_path: str, tokens: Sequence[int]) -> SharedPrefix | None:
+        """The longest shared prefix of `tokens` (never all of them), or None."""
+        s = self.settings
+        if len(tokens) <= s.min_tokens:
+            return None
+        self.counts["lookups"] += 1
+        model_id = model_identity(model_path)
+        hashes = boundary_hashes(model_id, tokens, s.block_tokens, len(tokens) - 1)
+        first = s.min_tokens // s.block_tokens + (s.min_tokens % s.block_tokens > 0) - 1  # first boundary >= min
+        if first >= len(hashes):
+            return None
+        try:
+            blob_keys = await self._redis.mget([self._key("idx", h) for h in hashes[first:]])
+            for offset in range(len(blob_keys) - 1, -1, -1):
+                if blob_keys[offset] is None:
+                    continue
+                blob = await self._redis.get(blob_keys[offset])
+                if blob is not None:
+                    covered = (first + offset + 1) * s.block_tokens
+                    self.counts["hits"] += 1
+                    self.counts["hit_tokens"] += covered
+                    return SharedPrefix(covered, blob)
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            self._failed("lookup", exc)
+        return None
+
+    # ---- publishing (engine thread -> event loop) ----
+
+    def boundary(self, prompt_tokens: int) -> int:
+        """Tokens of a prompt this long worth publishing: its last block boundary before the
+        last token, if that reaches `min_tokens`; else 0 (do not publish)."""
+        s = self.settings
+        end = (prompt_tokens - 1) // s.block_tokens * s.block_tokens
+        return end if end >= s.min_tokens else 0
+
+    def publisher(self, model_path: str, loop: asyncio.AbstractEventLoop) -> KVPublisher:
+        return KVPublisher(self, model_identity(model_path), loop)
+
+    def _publish_soon(self, model_id: str, tokens: tuple[int, ...], blob: bytes) -> None:
+        """On the event loop: start a publish unless too many are in flight."""
+        if self._publishing >= MAX_PUBLISHING:
+            self.counts["dropped"] += 1
+            return
+        self._publishing += 1
+        task = asyncio.create_task(self._publish(model_id, tokens, blob))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _publish(self, model_id: str, tokens: tuple[int, ...], blob: bytes) -> None:
+        s = self.settings
+        try:
+            hashes = boundary_hashes(model_id, tokens, s.block_tokens, len(tokens))
+            blob_key = self._key("kv", hashes[-1])
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.set(blob_key, blob, ex=s.ttl_seconds)
+            for i, h in enumerate(hashes):
+                if (i + 1) * s.block_tokens >= s.min_tokens:
+                    pipe.set(self._key("idx", h), blob_key, ex=s.ttl_seconds)
+            await pipe.execute()
+            self.counts["published"] += 1
+            self.counts["published_bytes"] += len(blob)
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            self._failed("publish", exc)
+        finally:
+            self._publishing -= 1
+
+    # ----
+
+    def _key(self, kind: str, digest: str) -> str:
+        return f"{self.settings.key_prefix}:{kind}:{digest}"
+
+    def _failed(self, what: str, exc: BaseException) -> None:
+        self.counts["errors"] += 1
+        now = time.monotonic()
+        if now - self._warned_at >= WARN_EVERY_S:
+            self._warned_at = now
+            log.warning("distributed cache %s failed (serving without it) error=%s: %s",
+                        what, type(exc).__name__, exc)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._redis.aclose()
+
+    def collector(self) -> Collector:
+        return _ShareCollector(self)
+
+
+class KVPublisher:
+    """What an engine holds: which prompts to publish, and a thread-safe way to hand them over."""
+
+    def __init__(self, share: KVShare, model_id: str, loop: asyncio.AbstractEventLoop) -> None:
+        self._share = share
+        self._model_id = model_id
+        self._loop = loop
+        self.max_bytes = share.settings.max_entry_bytes
+
+    def boundary(self, prompt_tokens: int) -> int:
+        return self._share.boundary(prompt_tokens)
+
+    def publish(self, tokens: tuple[int, ...], blob: bytes) -> None:
+        """From the engine thread: publish `blob`, the KV of exactly `tokens`."""
+        if len(blob) > self.max_bytes:
+            self._share.counts["dropped"] += 1
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._share._publish_soon, self._model_id, tokens, blob)
+        except RuntimeError:  # the loop is closed: the agent is stopping
+            pass
+
+
+class _ShareCollector(Collector):
+    def __init__(self, share: KVShare) -> None:
+        self._share = share
+
+    def collect(self) -> Iterator[Metric]:
+        c = self._share.counts
+        for name, doc, value in [
+            ("mlxpool_shared_kv_lookups", "Distributed-cache lookups (prompts over min_tokens).", c["lookups"]),
+            ("mlxpool_shared_kv_hits", "Lookups that found a shared prefix.", c["hits"]),
+            ("mlxpool_shared_kv_hit_tokens", "Prompt tokens covered by the shared prefixes found.", c["hit_tokens"]),
+            ("mlxpool_shared_kv_published", "Prompt KV states published.", c["published"]),
+            ("mlxpool_shared_kv_published_bytes", "Bytes published.", c["published_bytes"]),
+            ("mlxpool_shared_kv_dropped", "Publishes dropped (too large, or too many in flight).", c["dropped"]),
+            ("mlxpool_shared_kv_errors", "Redis calls that failed (the request was served without sharing).",
+             c["errors"]),
+        ]:
+            family = CounterMetricFamily(name, doc)
+            family.add_metric([], value)
+            yield family
