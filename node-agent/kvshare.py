@@ -13,7 +13,10 @@ boundary (at least `min_tokens`, not the last token: the receiver must compute o
 one blob, `<prefix>:kv:<hash>`, and one index key per boundary from `min_tokens` on,
 `<prefix>:idx:<hash>` -> the blob's key, all with a TTL. A lookup reads every index key
 of the new prompt in one MGET, takes the longest hit, then GETs that blob: two round
-trips, whatever the prompt's length. Blobs are `engine.kvcodec` bytes.
+trips, whatever the prompt's length. Blobs are `engine.kvcodec` bytes. A blob this node
+published or fetched recently is not fetched again: its local prefix cache holds that
+state already (when it has one), and a hot system prompt must not cost a transfer per
+request.
 
 Never in the way: Redis calls have a short timeout; any failure is counted and logged
 (rate-limited), and the request is served as if sharing were off. Publishing happens
@@ -28,6 +31,7 @@ import hashlib
 import json
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -74,18 +78,23 @@ def boundary_hashes(model_id: str, tokens: Sequence[int], block: int, limit: int
 class KVShare:
     """One per agent: lookups for the data plane, publishers for the engines."""
 
-    def __init__(self, settings: DistributedCache) -> None:
+    def __init__(self, settings: DistributedCache, local_entries: int = 64) -> None:
+        """`local_entries`: the local prefix cache's entries (0: it is off, every hit is fetched)."""
         if settings.redis_url is None:
             raise ValueError("distributed_cache.redis_url is not set")
         self.settings = settings
+        self._local: OrderedDict[bytes, None] = OrderedDict()
+        """Blobs the local prefix cache got, most recent last; as many as it holds entries (an
+        approximation: it also evicts by bytes, and then the prefix is computed again)."""
+        self._local_entries = local_entries
         self._redis = aioredis.Redis.from_url(
             settings.redis_url, socket_timeout=settings.timeout_seconds,
             socket_connect_timeout=settings.timeout_seconds, health_check_interval=30)
         self._publishing = 0
         self._warned_at = float("-inf")
         self._tasks: set[asyncio.Task] = set()
-        self.counts = {"lookups": 0, "hits": 0, "hit_tokens": 0, "published": 0, "published_bytes": 0,
-                       "dropped": 0, "errors": 0}
+        self.counts = {"lookups": 0, "hits": 0, "hit_tokens": 0, "held_locally": 0, "published": 0,
+                       "published_bytes": 0, "dropped": 0, "errors": 0}
 
     # ---- lookups (data plane, event loop) ----
 
@@ -105,9 +114,13 @@ class KVShare:
             for offset in range(len(blob_keys) - 1, -1, -1):
                 if blob_keys[offset] is None:
                     continue
+                if self._held_locally(blob_keys[offset]):
+                    self.counts["held_locally"] += 1
+                    return None
                 blob = await self._redis.get(blob_keys[offset])
                 if blob is not None:
                     covered = (first + offset + 1) * s.block_tokens
+                    self._remember(blob_keys[offset])
                     self.counts["hits"] += 1
                     self.counts["hit_tokens"] += covered
                     return SharedPrefix(covered, blob)
@@ -148,6 +161,7 @@ class KVShare:
                 if (i + 1) * s.block_tokens >= s.min_tokens:
                     pipe.set(self._key("idx", h), blob_key, ex=s.ttl_seconds)
             await pipe.execute()
+            self._remember(blob_key.encode())
             self.counts["published"] += 1
             self.counts["published_bytes"] += len(blob)
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
@@ -156,6 +170,17 @@ class KVShare:
             self._publishing -= 1
 
     # ----
+
+    def _held_locally(self, blob_key: bytes) -> bool:
+        return blob_key in self._local
+
+    def _remember(self, blob_key: bytes) -> None:
+        if self._local_entries < 1:
+            return
+        self._local[blob_key] = None
+        self._local.move_to_end(blob_key)
+        while len(self._local) > self._local_entries:
+            self._local.popitem(last=False)
 
     def _key(self, kind: str, digest: str) -> str:
         return f"{self.settings.key_prefix}:{kind}:{digest}"
@@ -210,6 +235,8 @@ class _ShareCollector(Collector):
         for name, doc, value in [
             ("mlxpool_shared_kv_lookups", "Distributed-cache lookups (prompts over min_tokens).", c["lookups"]),
             ("mlxpool_shared_kv_hits", "Lookups that found a shared prefix.", c["hits"]),
+            ("mlxpool_shared_kv_held_locally", "Lookups whose best prefix this node already holds (not fetched).",
+             c["held_locally"]),
             ("mlxpool_shared_kv_hit_tokens", "Prompt tokens covered by the shared prefixes found.", c["hit_tokens"]),
             ("mlxpool_shared_kv_published", "Prompt KV states published.", c["published"]),
             ("mlxpool_shared_kv_published_bytes", "Bytes published.", c["published_bytes"]),

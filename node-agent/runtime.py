@@ -66,7 +66,9 @@ class AgentRuntime:
         # ---- the distributed cache: prompt KV shared with other agents through Redis ----
         self.kv_share: KVShare | None = None
         if config.runtime.distributed_cache.redis_url is not None:
-            self.kv_share = KVShare(config.runtime.distributed_cache)
+            serving = config.runtime.serving
+            self.kv_share = KVShare(config.runtime.distributed_cache,
+                                    local_entries=serving.prompt_cache_entries if serving.prompt_cache_bytes else 0)
             self.metrics.registry.register(self.kv_share.collector())
         settings = DataPlaneSettings(config.runtime.serving.max_tokens_default, config.runtime.priority_scheduling)
         self.dataplane = DataPlane(self.models, self.lifecycle, settings, observer=self.metrics,

@@ -132,6 +132,12 @@ def test_what_one_agent_prefilled_another_fetches_and_continues_identically(
     assert other["usage"]["prompt_tokens_details"]["cached_tokens"] >= 32
     assert counter(second, "mlxpool_shared_kv_errors_total") == 0
 
+    # The publisher itself holds the prompt in its own prefix cache: no transfer for it.
+    again = complete(first, prompt)
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    assert counter(first, "mlxpool_shared_kv_held_locally_total") == 1
+    assert counter(first, "mlxpool_shared_kv_hits_total") == 0
+
 
 def test_without_redis_agents_serve_as_if_sharing_were_off(agent_factory, tiny_model: Path, tmp_path: Path):
     dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
