@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from typing import Protocol
@@ -110,25 +110,26 @@ class ChunkStream:
     """The JSON chunks of one streamed response, in batches: the chunks of the tokens the
     engine handed over together, for one write. Iterate it; always `aclose()` it.
 
-    `complete` turns true just before the last batch is handed out, so a transport can
-    write its end-of-stream marker with it.
+    `complete` turns true as the last batch is handed out, so a transport can write its
+    end-of-stream marker with it.
     """
 
-    def __init__(self, chunks: AsyncGenerator[list[str], None], events: AsyncGenerator[TokenEvent, None],
-                 done: list[bool]) -> None:
-        self._chunks = chunks
+    def __init__(self, batches: AsyncGenerator[tuple[list[str], bool], None],
+                 events: AsyncGenerator[TokenEvent, None]) -> None:
+        self._batches = batches
+        """(batch, whether it is the last) pairs."""
         self._events = events
-        self._done = done
+        self.complete = False
 
-    @property
-    def complete(self) -> bool:
-        return self._done[0]
+    def __aiter__(self) -> ChunkStream:
+        return self
 
-    def __aiter__(self) -> AsyncIterator[list[str]]:
-        return self._chunks
+    async def __anext__(self) -> list[str]:
+        batch, self.complete = await anext(self._batches)
+        return batch
 
     async def aclose(self) -> None:
-        await self._chunks.aclose()
+        await self._batches.aclose()
         await self._events.aclose()  # also when the chunks were never read
 
 
@@ -170,9 +171,7 @@ class DataPlane:
 
         template = ChunkTemplate(chunk)
 
-        done = [False]
-
-        async def chunks() -> AsyncGenerator[list[str], None]:
+        async def chunks() -> AsyncGenerator[tuple[list[str], bool], None]:
             offset = 0
             batch: list[str] = []
             event: TokenEvent | None = first
@@ -186,15 +185,14 @@ class DataPlane:
                 if event.finish_reason is not None:
                     if body.include_usage_chunk:
                         batch.append(self._usage_chunk(api.CompletionResponse, prepared, body.model, event))
-                    done[0] = True
-                    yield batch
+                    yield batch, True
                     return
                 if batch and not event.more:
-                    yield batch
+                    yield batch, False
                     batch = []
                 event = await anext(events, None)
 
-        return ChunkStream(chunks(), events, done)
+        return ChunkStream(chunks(), events)
 
     async def prepare_completion(self, body: api.CompletionRequest, hints: RequestHints = RequestHints()) -> Prepared:
         self.lifecycle.check_accepting()
@@ -238,9 +236,7 @@ class DataPlane:
 
         template = ChunkTemplate(lambda text: chunk(api.ChatDelta(content=text)))
 
-        done = [False]
-
-        async def chunks() -> AsyncGenerator[list[str], None]:
+        async def chunks() -> AsyncGenerator[tuple[list[str], bool], None]:
             batch = [chunk(api.ChatDelta(role="assistant", content="")).model_dump_json()]
             event: TokenEvent | None = first
             while event is not None:
@@ -253,15 +249,14 @@ class DataPlane:
                     batch.append(chunk(api.ChatDelta(), event.finish_reason).model_dump_json())
                     if body.include_usage_chunk:
                         batch.append(self._usage_chunk(api.ChatCompletionChunk, prepared, body.model, event))
-                    done[0] = True
-                    yield batch
+                    yield batch, True
                     return
                 if batch and not event.more:
-                    yield batch
+                    yield batch, False
                     batch = []
                 event = await anext(events, None)
 
-        return ChunkStream(chunks(), events, done)
+        return ChunkStream(chunks(), events)
 
     async def prepare_chat(self, body: api.ChatCompletionRequest, hints: RequestHints = RequestHints()) -> Prepared:
         self.lifecycle.check_accepting()
