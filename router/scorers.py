@@ -117,9 +117,15 @@ class PrefixAffinityScorer(Scorer):
     def __init__(self, params: BaseModel | None = None) -> None:
         super().__init__(params)
         self.index = PrefixIndex(self.params.max_entries)
+        self._last: tuple[PickRequest, list[BlockHash]] | None = None
+        """The blocks of the request being picked: `score` and `picked` share them."""
 
     def _blocks(self, request: PickRequest) -> list[BlockHash]:
-        return prompt_blocks(request.model, request.prompt, self.params.block_size, self.params.max_prompt_blocks)
+        if self._last is not None and self._last[0] is request:
+            return self._last[1]
+        blocks = prompt_blocks(request.model, request.prompt, self.params.block_size, self.params.max_prompt_blocks)
+        self._last = (request, blocks)
+        return blocks
 
     def score(
         self, request: PickRequest, endpoints: Sequence[RouteEndpoint], signals: EndpointSignals
