@@ -29,11 +29,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 import redis
-from prometheus_client.parser import text_string_to_metric_families
 
 from bench.serving import MODEL_NAME, blas_env
 from mlxpool.dev.components import start_agent
 from mlxpool.dev.processes import LOOPBACK, Process, free_port, wait_for
+from mlxpool.dev.scraping import metric_total
 from mlxpool.tinymodel import make_tiny
 
 WORDS = ("the fleet of small computers serves models while kubernetes reconciles desired state across many "
@@ -73,8 +73,7 @@ def first_token_s(client: httpx.Client, agent: Process, prompt: str) -> float:
 
 
 def counter(agent: Process, name: str) -> float:
-    families = text_string_to_metric_families(httpx.get(f"{agent.url}/metrics", timeout=10).text)
-    return sum(s.value for f in families for s in f.samples if s.name == name)
+    return metric_total(agent.url, name)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,12 +14,12 @@ import httpx
 import mlx.core as mx
 import pytest
 from mlx_lm.models.cache import KVCache, RotatingKVCache
-from prometheus_client.parser import text_string_to_metric_families
 
 from mlxpool.agent.config import DistributedCache
 from mlxpool.agent.engine import kvcodec
 from mlxpool.agent.kvshare import KVShare, boundary_hashes, model_identity
 from mlxpool.dev.processes import free_port, wait_for
+from mlxpool.dev.scraping import metric_total
 from mlxpool.tinymodel import make_tiny
 
 # ---- pure parts ----
@@ -89,8 +89,7 @@ SYSTEM = ("You are the assistant of a fleet of small computers. Answer in one sh
 
 
 def counter(agent, name: str) -> float:
-    families = text_string_to_metric_families(httpx.get(f"{agent.url}/metrics", timeout=10).text)
-    return sum(s.value for f in families for s in f.samples if s.name == name)
+    return metric_total(agent.url, name)
 
 
 def sharing_config(tmp_path: Path, redis_url: str) -> Path:

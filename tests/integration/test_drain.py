@@ -14,10 +14,10 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 from mlxpool.dev.controlplane import ControlPlane
 from mlxpool.dev.processes import wait_for
+from mlxpool.dev.scraping import metric_total
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -70,7 +70,8 @@ def test_sigterm_deregisters_at_once_and_finishes_in_flight_streams(
     readers = [threading.Thread(target=stream, args=(s,)) for s in streams]
     for reader in readers:
         reader.start()
-    wait_for(lambda: _accepted(draining.url) == len(streams), 20, "the streams accepted")
+    accepted = ("mlxpool_requests_running", "mlxpool_requests_waiting")  # sequences in the engine
+    wait_for(lambda: metric_total(draining.url, *accepted) == len(streams), 20, "the streams accepted")
     os.kill(draining.pid, signal.SIGTERM)
 
     # Deregistered at once: not ready in the cluster, then out of the routing table.
@@ -94,9 +95,3 @@ def test_sigterm_deregisters_at_once_and_finishes_in_flight_streams(
         assert json.loads(record["payloads"][-2])["usage"]["completion_tokens"] == LONG_TOKENS
     assert max(s["ended"] for s in streams) > dropped, "the table changed while streams were still running"
 
-
-def _accepted(url: str) -> float:
-    """Sequences running or waiting in the agent's engine, from its /metrics."""
-    families = text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
-    return sum(s.value for f in families if f.name in ("mlxpool_requests_running", "mlxpool_requests_waiting")
-               for s in f.samples)

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from mlxpool.dev.components import start_agent, start_router
 from mlxpool.dev.processes import Process, wait_for
+from mlxpool.dev.scraping import metric_total
 from mlxpool.routing import RouteEndpoint, RoutingTable
 
 from .conftest import write_atomically
@@ -34,8 +34,7 @@ def system_prompt(tag: str) -> str:
 
 
 def cache_hits(agent: Process) -> float:
-    families = text_string_to_metric_families(httpx.get(f"{agent.url}/metrics", timeout=10).text)
-    return sum(s.value for f in families for s in f.samples if s.name == "mlxpool_prompt_cache_hits_total")
+    return metric_total(agent.url, "mlxpool_prompt_cache_hits_total")
 
 
 def send_traffic(router: Process, model: str, tag: str) -> dict[int, list[str]]:
