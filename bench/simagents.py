@@ -3,7 +3,7 @@
 `python -m bench.simagents --count 50 --kubeconfig K ...` starts `count` agents
 (`bench.simagent`), each on its own 127.0.0.1 port, each registering its
 InferenceNode and heartbeating through the API server with the agent's own code
-(`mlxpool.agent.registration`), as the identity in the kubeconfig. A control API on
+(`mlxpool.agent.node.registration`), as the identity in the kubeconfig. A control API on
 another port lets a benchmark or a test act on them:
 
 | method and path                      | effect                                             |
@@ -78,7 +78,7 @@ class SimFleet:
         hosted.agent.port = site._server.sockets[0].getsockname()[1]
         if self.args.kubeconfig is not None:
             if hosted.registrar is None:
-                from mlxpool.agent.registration import NodeRegistrar
+                from mlxpool.agent.node.registration import NodeRegistrar
 
                 spec = NodeSpec(endpoint=hosted.agent.url, hardware=hosted.agent.hardware(),
                                 max_models=hosted.agent.settings.max_models)

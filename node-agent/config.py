@@ -9,22 +9,21 @@ Precedence, strongest first: command-line flags (applied by `main`), environment
 file, defaults. `config/runtime.yaml` is the documented sample: every key, with its
 default.
 
-`AgentConfig` is what the runtime is built from: the command line's process facts
-(model, address, registration) plus the resolved `RuntimeConfig`.
+It sits at the bottom of the agent's layers: every layer reads its own section, and
+nothing here imports another part of the agent. What the process is built from (the
+command line's facts plus this file, `runtime.AgentConfig`) lives with the runtime.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from mlxpool.agent.auth import Credentials
 from mlxpool.priorities import Priority
 
 ENV_PREFIX = "MLXPOOL_"
@@ -246,46 +245,3 @@ def _describe(error: Any, origins: dict[tuple[str, ...], str]) -> str:
     if error.get("type") == "extra_forbidden":
         return f"{where}: unknown key"
     return f"{where}: {error.get('msg', 'invalid')}"
-
-
-# ---- what the runtime is built from ----
-
-
-@dataclass(frozen=True)
-class RegistrationConfig:
-    """Where and how this agent registers its InferenceNode."""
-
-    kubeconfig: str
-    node_name: str
-    labels: dict[str, str] = field(default_factory=dict)
-    advertise_url: str | None = None
-    """URL the operator and routers use to reach this agent; the bound URL if unset."""
-    heartbeat_interval: float = 5.0
-    """Seconds between status writes."""
-
-
-@dataclass(frozen=True)
-class AgentConfig:
-    model_path: Path | None
-    """The model served from the start; None: the agent starts empty (the operations API loads models)."""
-    model_name: str | None
-    """The name clients put in `"model"`; defaults to the model directory's name."""
-    host: str = "127.0.0.1"
-    port: int = 8100
-    """0 picks a free port; the ready log line names the real one."""
-    drain_timeout: float = 30.0
-    """Seconds a SIGTERM waits for in-flight requests before exiting anyway."""
-    registration: RegistrationConfig | None = None
-    log_level: str = "INFO"
-    runtime: RuntimeConfig = RuntimeConfig()
-    """The runtime file + environment + command-line overrides, validated."""
-    credentials: Credentials = field(default_factory=Credentials, repr=False)
-    """API keys and the ops token, read from `runtime.auth`'s files or the environment."""
-
-    @property
-    def max_tokens_default(self) -> int:
-        return self.runtime.serving.max_tokens_default
-
-    @property
-    def max_running(self) -> int:
-        return self.runtime.serving.decode_concurrency

@@ -13,9 +13,10 @@ import os
 import sys
 from pathlib import Path
 
-from mlxpool.agent.auth import API_KEY_ENV, OPS_TOKEN_ENV, Credentials
-from mlxpool.agent.config import AgentConfig, RegistrationConfig, RuntimeConfig, load_runtime_config
-from mlxpool.agent.nodeinfo import check_node_name, default_node_name, parse_labels
+from mlxpool.agent.http.auth import API_KEY_ENV, OPS_TOKEN_ENV, Credentials
+from mlxpool.agent.config import RuntimeConfig, load_runtime_config
+from mlxpool.agent.node.nodeinfo import check_node_name, default_node_name, parse_labels
+from mlxpool.agent.runtime import AgentConfig, AgentRuntime, RegistrationConfig
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 CONFIG_ENV = "MLXPOOL_CONFIG"
@@ -134,7 +135,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=config.log_level, format=LOG_FORMAT, stream=sys.stderr, force=True)
     from uvicorn.loops.auto import auto_loop_factory  # uvloop when it is installed
 
-    from mlxpool.agent.runtime import AgentRuntime
 
     try:
         with asyncio.Runner(loop_factory=auto_loop_factory()) as runner:

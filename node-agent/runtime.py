@@ -21,34 +21,77 @@ import logging
 import signal
 import socket
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 import uvicorn
 
-from mlxpool.agent import hardware
-from mlxpool.agent.app import create_app
-from mlxpool.agent.config import AgentConfig
-from mlxpool.agent.dataplane import DataPlane, DataPlaneSettings
-from mlxpool.agent.kvshare import KVShare
+from mlxpool.agent.node import hardware
+from mlxpool.agent.http.app import create_app
+from mlxpool.agent.http.auth import Credentials
+from mlxpool.agent.config import RuntimeConfig
+from mlxpool.agent.serving.dataplane import DataPlane, DataPlaneSettings
+from mlxpool.agent.serving.promptcache import KVShare
 from mlxpool.agent.engine.interface import EngineConfig
-from mlxpool.agent.lifecycle import Lifecycle, Phase
-from mlxpool.agent.metrics import AgentMetrics
-from mlxpool.agent.models import ModelRepository
-from mlxpool.agent.nodeinfo import default_node_name, node_spec, node_status
+from mlxpool.agent.serving.lifecycle import Lifecycle, Phase
+from mlxpool.agent.http.metrics import AgentMetrics
+from mlxpool.agent.http.operations import ops_router
+from mlxpool.agent.serving.repository import ModelRepository
+from mlxpool.agent.node.nodeinfo import default_node_name, node_spec, node_status
 from mlxpool.agent.operations.assembly import Operations, StatusNudger
 from mlxpool.agentapi import ModelPhase
 from mlxpool.nodes import LoadedModel, NodeStatus
 
 if TYPE_CHECKING:  # imported when used: MLX and the Kubernetes client are heavy
     from mlxpool.agent.engine.generation import BatchEngine
-    from mlxpool.agent.registration import NodeRegistrar
+    from mlxpool.agent.node.registration import NodeRegistrar
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 FINAL_STATUS_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class RegistrationConfig:
+    """Where and how this agent registers its InferenceNode."""
+
+    kubeconfig: str
+    node_name: str
+    labels: dict[str, str] = field(default_factory=dict)
+    advertise_url: str | None = None
+    """URL the operator and routers use to reach this agent; the bound URL if unset."""
+    heartbeat_interval: float = 5.0
+    """Seconds between status writes."""
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    model_path: Path | None
+    """The model served from the start; None: the agent starts empty (the operations API loads models)."""
+    model_name: str | None
+    """The name clients put in `"model"`; defaults to the model directory's name."""
+    host: str = "127.0.0.1"
+    port: int = 8100
+    """0 picks a free port; the ready log line names the real one."""
+    drain_timeout: float = 30.0
+    """Seconds a SIGTERM waits for in-flight requests before exiting anyway."""
+    registration: RegistrationConfig | None = None
+    log_level: str = "INFO"
+    runtime: RuntimeConfig = RuntimeConfig()
+    """The runtime file + environment + command-line overrides, validated."""
+    credentials: Credentials = field(default_factory=Credentials, repr=False)
+    """API keys and the ops token, read from `runtime.auth`'s files or the environment."""
+
+    @property
+    def max_tokens_default(self) -> int:
+        return self.runtime.serving.max_tokens_default
+
+    @property
+    def max_running(self) -> int:
+        return self.runtime.serving.decode_concurrency
 
 
 class _Server(uvicorn.Server):
@@ -84,7 +127,9 @@ class AgentRuntime:
             on_change=self._status_nudger.nudge,
         )
         # ----
-        self.app = create_app(self.dataplane, self.metrics, config.credentials, ops=self.operations.router)
+        self.app = create_app(self.dataplane, self.metrics, config.credentials, 
+                              ops=ops_router(self.operations.manager, self.operations.cache,
+                                             self.operations.reporter))
         self.url: str | None = None
         self._signals = 0
         self._background: list[asyncio.Task] = []
@@ -178,7 +223,7 @@ class AgentRuntime:
         reg = self.config.registration
         if reg is None:
             return
-        from mlxpool.agent.registration import NodeRegistrar  # imports the Kubernetes client
+        from mlxpool.agent.node.registration import NodeRegistrar  # imports the Kubernetes client
 
         hw = await asyncio.to_thread(hardware.detect_hardware)
         spec = node_spec(reg.advertise_url or self.url or "", hw, max_models=self.config.runtime.multi_model.max_models)

@@ -22,12 +22,12 @@ from mlxpool.router.errors import NoRoutingTable, RouterError, error_body
 from mlxpool.router.forwarding import Forwarder
 from mlxpool.router.metrics import RouterMetrics
 from mlxpool.router.parsing import InferenceRequest, parse_inference_request, upstream_headers
-from mlxpool.router.profiles import Strategies, load_strategies
+from mlxpool.router.picking.profiles import Strategies, load_strategies
 from mlxpool.router.relaying import ClientDisconnected, RelayResponse, cancel_on_disconnect
 from mlxpool.router.settings import RouterSettings, TableSourceSettings, UpstreamSettings
-from mlxpool.router.signals import EndpointSignals
-from mlxpool.router.table_files import follow_file
-from mlxpool.router.tables import TableHolder
+from mlxpool.router.picking.signals import EndpointSignals
+from mlxpool.router.tables.files import follow_file
+from mlxpool.router.tables.holder import TableHolder
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ async def table_source(settings: TableSourceSettings, holder: TableHolder,
         return follow_file(holder, settings.routes_file, settings.file_poll_interval)
     # Imported here so that a router following a file never loads the Kubernetes client.
     from mlxpool.kubeclients import open_api_client
-    from mlxpool.router.table_watching import ConfigMapFollower
+    from mlxpool.router.tables.configmaps import ConfigMapFollower
 
     assert settings.pool is not None
     api = await open_api_client(settings.kubeconfig)

@@ -24,11 +24,11 @@ import httpx
 from mlxpool.router.errors import ModelNotFound, NoHealthyEndpoint, NoRoutingTable, UpstreamUnavailable, error_body
 from mlxpool.router.metrics import RouterMetrics
 from mlxpool.router.parsing import InferenceRequest, downstream_headers
-from mlxpool.router.plugins import PickRequest
-from mlxpool.router.profiles import Strategies
+from mlxpool.router.picking.plugins import PickRequest
+from mlxpool.router.picking.profiles import Strategies
 from mlxpool.router.settings import UpstreamSettings
-from mlxpool.router.signals import EndpointSignals
-from mlxpool.router.tables import TableHolder
+from mlxpool.router.picking.signals import EndpointSignals
+from mlxpool.router.tables.holder import TableHolder
 from mlxpool.routing import RouteEndpoint
 
 log = logging.getLogger(__name__)

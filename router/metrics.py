@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from mlxpool.router.tables import Offer
+from mlxpool.router.tables.holder import Offer
 from mlxpool.routing import RoutingTable
 
 

@@ -2,7 +2,7 @@
 
 The runtime (the composition root) calls `Operations.build` with the repository, an
 engine factory and the `multi_model` / `weight_management` sections; it mounts
-`router`, calls `start()` before serving, `load_initial()` for the model named on
+their HTTP routes (`http.operations`), calls `start()` before serving, `load_initial()` for the model named on
 the command line, and `close()` at shutdown. `StatusNudger` turns "a model was
 loaded or unloaded" into one prompt InferenceNode status write, coalescing bursts.
 """
@@ -17,13 +17,10 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastapi import APIRouter
-
 from mlxpool.agent.config import MultiModel, WeightManagement
-from mlxpool.agent.models import ModelRepository
+from mlxpool.agent.serving.repository import ModelRepository
 from mlxpool.agent.operations.manager import Capacity, EngineFactory, ModelManager
 from mlxpool.agent.operations.reports import NodeIdentity, NodeReporter
-from mlxpool.agent.operations.routes import ops_router
 from mlxpool.agent.operations.sources import DEFAULT_HUB_ENDPOINT
 from mlxpool.agent.operations.staging import ModelCacheStore
 from mlxpool.agentapi import LoadModelRequest, ModelState
@@ -65,7 +62,6 @@ class Operations:
     manager: ModelManager
     cache: ModelCacheStore
     reporter: NodeReporter
-    router: APIRouter
 
     @classmethod
     def build(
@@ -89,7 +85,7 @@ class Operations:
         )
         manager = ModelManager(repository, make_engine, capacity, cache_path=cache.ready_path, on_change=on_change)
         reporter = NodeReporter(NodeIdentity(node_name, endpoint), manager, cache)
-        return cls(manager, cache, reporter, ops_router(manager, cache, reporter))
+        return cls(manager, cache, reporter)
 
     async def start(self) -> None:
         await self.cache.start()

@@ -34,7 +34,7 @@ from typing import Any, Protocol
 from mlxpool.agent.engine.interface import Engine, ModelInfo
 from mlxpool.agent.engine.prompts import PromptEncoder
 from mlxpool.agent.errors import InvalidRequest, ModelNotFound
-from mlxpool.agent.models import ModelRepository, ServedModel
+from mlxpool.agent.serving.repository import ModelRepository, ServedModel
 from mlxpool.agent.operations import eviction
 from mlxpool.agent.operations.errors import MaxModelsReached, MemoryBudgetExceeded, ModelConflict, ModelUnloading
 from mlxpool.agent.operations.tracking import TrackedEngine

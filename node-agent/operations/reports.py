@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mlxpool import __version__
-from mlxpool.agent import hardware
+from mlxpool.agent.node import hardware
 from mlxpool.agent.operations.manager import ModelManager
 from mlxpool.agent.operations.staging import ModelCacheStore
 from mlxpool.agentapi import NodeReport

@@ -142,10 +142,10 @@ class FakeAgent:
 
 @pytest.fixture
 def fake_agent() -> Iterator[FakeAgent]:
-    from mlxpool.agent.dataplane import DataPlane, DataPlaneSettings
+    from mlxpool.agent.serving.dataplane import DataPlane, DataPlaneSettings
     from mlxpool.agent.engine.prompts import PromptEncoder
-    from mlxpool.agent.lifecycle import Lifecycle, Phase
-    from mlxpool.agent.models import ModelRepository, ServedModel
+    from mlxpool.agent.serving.lifecycle import Lifecycle, Phase
+    from mlxpool.agent.serving.repository import ModelRepository, ServedModel
 
     engine = FakeEngine()
     encoder = PromptEncoder(FakeTokenizer())

@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from mlxpool.agent import openai_api as api
+from mlxpool.agent.serving import openai as api
 from mlxpool.agent.config import PriorityScheduling, TierConfig
-from mlxpool.agent.dataplane import DataPlane, DataPlaneSettings, RequestHints
+from mlxpool.agent.serving.dataplane import DataPlane, DataPlaneSettings, RequestHints
 from mlxpool.agent.engine.interface import DeadlineError, QueueFullError
 from mlxpool.agent.errors import (
     DeadlineExceeded,
@@ -24,7 +24,7 @@ from mlxpool.agent.errors import (
     NotReady,
     QueueFull,
 )
-from mlxpool.agent.lifecycle import Phase
+from mlxpool.agent.serving.lifecycle import Phase
 from mlxpool.priorities import Priority
 
 

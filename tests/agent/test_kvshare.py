@@ -17,7 +17,7 @@ from mlx_lm.models.cache import KVCache, RotatingKVCache
 
 from mlxpool.agent.config import DistributedCache
 from mlxpool.agent.engine import kvcodec
-from mlxpool.agent.kvshare import KVShare, boundary_hashes, model_identity
+from mlxpool.agent.serving.promptcache import KVShare, boundary_hashes, model_identity
 from mlxpool.dev.processes import free_port, wait_for
 from mlxpool.dev.scraping import metric_total
 from mlxpool.tinymodel import make_tiny

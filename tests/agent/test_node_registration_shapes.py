@@ -10,8 +10,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from mlxpool.agent import hardware
-from mlxpool.agent.nodeinfo import (
+from mlxpool.agent.node import hardware
+from mlxpool.agent.node.nodeinfo import (
     check_node_name,
     default_node_name,
     node_object,

@@ -8,7 +8,7 @@ import pytest
 from aiohttp import web
 
 from mlxpool.agentapi import CachePhase, LoadModelRequest, ModelPhase, StageRequest
-from mlxpool.operator.agentclient import AgentClient, AgentError, AgentUnreachable
+from mlxpool.operator.io.agentclient import AgentClient, AgentError, AgentUnreachable
 
 
 @pytest.fixture

@@ -5,10 +5,10 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 from mlxpool.agentapi import StageRequest
-from mlxpool.operator.assignments import LoadAction, StageAction, plan, progress
-from mlxpool.operator.endpoints import ProbeResult
-from mlxpool.operator.placement import AgentView, Candidate, NodeView
-from mlxpool.operator.sources import LoadSource
+from mlxpool.operator.logic.assignments import LoadAction, StageAction, plan, progress
+from mlxpool.operator.logic.endpoints import ProbeResult
+from mlxpool.operator.logic.placement import AgentView, Candidate, NodeView
+from mlxpool.operator.logic.sources import LoadSource
 
 FILE = LoadSource(origin="spec.models[].source", path="/m/x")
 REMOTE = LoadSource(origin="spec.models[].source", cache_key="src-1", stage=StageRequest(source="hf://o/x"))

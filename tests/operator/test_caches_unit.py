@@ -9,14 +9,14 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from mlxpool.agentapi import CacheEntry, CachePhase, StageRequest
-from mlxpool.operator.caches import cache_status, node_entry
-from mlxpool.operator.caching import CacheReconciler, CacheState
-from mlxpool.operator.conditions import node_readiness
-from mlxpool.operator.endpoints import ProbeResult
-from mlxpool.operator.fleet import Fleet
-from mlxpool.operator.placement import NodeView
-from mlxpool.operator.sources import cache_key
-from mlxpool.operator.specs import CacheSpec
+from mlxpool.operator.logic.cache_statuses import cache_status, node_entry
+from mlxpool.operator.reconcilers.caches import CacheReconciler, CacheState
+from mlxpool.operator.logic.conditions import node_readiness
+from mlxpool.operator.logic.endpoints import ProbeResult
+from mlxpool.operator.logic.fleet import Fleet
+from mlxpool.operator.logic.placement import NodeView
+from mlxpool.operator.logic.sources import cache_key
+from mlxpool.operator.logic.specs import CacheSpec
 
 NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
 SHA = "ab" * 32

@@ -6,7 +6,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from mlxpool.operator.conditions import PoolHealth, pool_conditions, rfc3339, set_condition
+from mlxpool.operator.logic.conditions import PoolHealth, pool_conditions, rfc3339, set_condition
 
 T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
 T1 = T0 + timedelta(minutes=5)

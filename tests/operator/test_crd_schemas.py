@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from mlxpool.dev.controlplane import REPO_ROOT
 from mlxpool.nodes import Hardware, LoadedModel, NodeSpec, NodeStatus
-from mlxpool.operator.specs import STRATEGIES, PoolSpec
+from mlxpool.operator.logic.specs import STRATEGIES, PoolSpec
 from mlxpool.priorities import Priority
 from mlxpool.resources import CACHE_PLURAL, GROUP, NODE_PLURAL, POOL_PLURAL, VERSION
 

@@ -7,9 +7,9 @@ from datetime import datetime, timezone
 
 from mlxpool.agentapi import CacheEntry, CachePhase, ModelPhase, ModelState, NodeReport
 from mlxpool.nodes import Hardware
-from mlxpool.operator.endpoints import ProbeResult
-from mlxpool.operator.fleet import AGENT, HEALTH, Fleet
-from mlxpool.operator.placement import NodeView
+from mlxpool.operator.logic.endpoints import ProbeResult
+from mlxpool.operator.logic.fleet import AGENT, HEALTH, Fleet
+from mlxpool.operator.logic.placement import NodeView
 
 HW = Hardware(chip="c", memory_bytes=1, cpu_cores=1, accelerator="cpu", platform="p")
 A, B = ("ns", "a"), ("ns", "b")

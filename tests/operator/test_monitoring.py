@@ -11,11 +11,11 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from mlxpool.agentapi import ModelPhase, ModelState
-from mlxpool.operator.agentclient import AgentError
-from mlxpool.operator.endpoints import ProbeResult
-from mlxpool.operator.fleet import Fleet
-from mlxpool.operator.monitoring import NodeMonitors
-from mlxpool.operator.placement import NodeView
+from mlxpool.operator.io.agentclient import AgentError
+from mlxpool.operator.logic.endpoints import ProbeResult
+from mlxpool.operator.logic.fleet import Fleet
+from mlxpool.operator.reconcilers.monitors import NodeMonitors
+from mlxpool.operator.logic.placement import NodeView
 
 UP = ProbeResult(True)
 SLOW = ProbeResult(False, "no answer to GET /health within 0.5s", timed_out=True)

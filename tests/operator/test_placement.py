@@ -9,12 +9,12 @@ import pytest
 
 from mlxpool.agentapi import CacheEntry, CachePhase, ModelPhase, ModelState, NodeReport
 from mlxpool.nodes import Hardware
-from mlxpool.operator.endpoints import ProbeResult
-from mlxpool.operator.placement import (
+from mlxpool.operator.logic.endpoints import ProbeResult
+from mlxpool.operator.logic.placement import (
     AgentView, Candidate, NodeView, choose, endpoints_of, exclusion_reason, place, selector_matches,
 )
-from mlxpool.operator.sources import LoadSource, resolve
-from mlxpool.operator.specs import LabelSelector, PoolSpec
+from mlxpool.operator.logic.sources import LoadSource, resolve
+from mlxpool.operator.logic.specs import LabelSelector, PoolSpec
 
 NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
 GIB = 1 << 30
@@ -230,7 +230,7 @@ def test_agent_view_from_a_report_and_from_call_answers():
 def test_sources_resolve_cache_first_then_the_pool_source():
     spec = pool(models=[{"name": "a", "source": "file:///models/a%20b"}, {"name": "b", "source": "hf://org/b"},
                         {"name": "c"}, {"name": "d", "source": "hf://org/d"}])
-    from mlxpool.operator.sources import CacheRef, source_key
+    from mlxpool.operator.logic.sources import CacheRef, source_key
 
     resolved = resolve(spec.models, {"d": CacheRef("ns", "dcache", "d", "ns.dcache.123", pin=True)})
     assert resolved["a"].path == "/models/a b" and resolved["a"].stage is None

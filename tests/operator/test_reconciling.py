@@ -17,12 +17,12 @@ from mlxpool.agentapi import (
     CacheEntry, CachePhase, LoadModelRequest, ModelPhase, ModelState, NodeReport, StageRequest,
 )
 from mlxpool.nodes import Hardware
-from mlxpool.operator.agentclient import AgentError
-from mlxpool.operator.endpoints import ProbeResult
-from mlxpool.operator.fleet import Fleet
-from mlxpool.operator.placement import NodeView
-from mlxpool.operator.reconciling import PoolReconciler, PoolState, seed_fleet
-from mlxpool.operator.sources import CacheRef, source_key
+from mlxpool.operator.io.agentclient import AgentError
+from mlxpool.operator.logic.endpoints import ProbeResult
+from mlxpool.operator.logic.fleet import Fleet
+from mlxpool.operator.logic.placement import NodeView
+from mlxpool.operator.reconcilers.pools import PoolReconciler, PoolState, seed_fleet
+from mlxpool.operator.logic.sources import CacheRef, source_key
 from mlxpool.routing import RoutingTable
 
 NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=timezone.utc)

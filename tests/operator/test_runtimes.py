@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mlxpool.operator.runtimes import CacheRuntime, PoolRuntime, Runtimes
+from mlxpool.operator.reconcilers.runtimes import CacheRuntime, PoolRuntime, Runtimes
 
 
 def woken(runtimes: Runtimes, node: str) -> set[str]:
@@ -30,7 +30,7 @@ async def test_a_node_change_wakes_only_the_daemons_it_concerns():
 
 
 def test_caches_by_model_in_a_namespace():
-    from mlxpool.operator.sources import CacheRef
+    from mlxpool.operator.logic.sources import CacheRef
 
     runtimes = Runtimes()
     runtimes.cache_refs["ns", "b"] = CacheRef("ns", "b", "m", "ns.b.1")

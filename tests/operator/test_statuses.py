@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
-from mlxpool.operator.endpoints import PlacedEndpoint, ProbeResult
-from mlxpool.operator.specs import PoolSpec
-from mlxpool.operator.statuses import endpoint_entries, pool_status, status_patch
+from mlxpool.operator.logic.endpoints import PlacedEndpoint, ProbeResult
+from mlxpool.operator.logic.specs import PoolSpec
+from mlxpool.operator.logic.statuses import endpoint_entries, pool_status, status_patch
 
 T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
 T1 = T0 + timedelta(seconds=30)

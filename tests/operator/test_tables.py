@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from mlxpool.operator.endpoints import PlacedEndpoint, ProbeResult
-from mlxpool.operator.tables import next_table, route_models
+from mlxpool.operator.logic.endpoints import PlacedEndpoint, ProbeResult
+from mlxpool.operator.logic.tables import next_table, route_models
 from mlxpool.routing import RoutingTable
 
 NOW = datetime(2026, 1, 1, tzinfo=timezone.utc)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from mlxpool.operator.scraping import parse_metrics
-from mlxpool.operator.usage import ModelSample, PoolUsage, Scrape, pool_usage
+from mlxpool.operator.io.scraping import parse_metrics
+from mlxpool.operator.logic.usage import ModelSample, PoolUsage, Scrape, pool_usage
 
 
 def test_queue_running_rate_and_utilization_over_the_pools_nodes_and_models():

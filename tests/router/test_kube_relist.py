@@ -17,8 +17,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from mlxpool.router.settings import PoolRef, TableSourceSettings
-from mlxpool.router.table_watching import ConfigMapFollower
-from mlxpool.router.tables import TableHolder
+from mlxpool.router.tables.configmaps import ConfigMapFollower
+from mlxpool.router.tables.holder import TableHolder
 
 from .conftest import make_table, serving
 

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from mlxpool.router.filters import ConnectCooldownFilter, ConnectCooldownParams, MaxInFlightFilter, MaxInFlightParams
-from mlxpool.router.picking import Pipeline, WeightedScorer
-from mlxpool.router.plugins import PickRequest, spread
-from mlxpool.router.profiles import Strategies, load_strategies
-from mlxpool.router.scorers import LeastInFlightScorer, LowLatencyScorer, WeightedRoundRobinScorer
-from mlxpool.router.signals import EndpointSignals
+from mlxpool.router.picking.filters import ConnectCooldownFilter, ConnectCooldownParams, MaxInFlightFilter, MaxInFlightParams
+from mlxpool.router.picking.picker import Pipeline, WeightedScorer
+from mlxpool.router.picking.plugins import PickRequest, spread
+from mlxpool.router.picking.profiles import Strategies, load_strategies
+from mlxpool.router.picking.scorers import LeastInFlightScorer, LowLatencyScorer, WeightedRoundRobinScorer
+from mlxpool.router.picking.signals import EndpointSignals
 from mlxpool.routing import RouteEndpoint
 
 

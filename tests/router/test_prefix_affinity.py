@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from mlxpool.router.picking import Pipeline
-from mlxpool.router.plugins import PickRequest
-from mlxpool.router.prefixindex import PrefixIndex, prompt_blocks
-from mlxpool.router.profiles import REGISTRY, Strategies, build_pipeline, load_strategies
-from mlxpool.router.scorers import PrefixAffinityParams, PrefixAffinityScorer
-from mlxpool.router.signals import EndpointSignals
+from mlxpool.router.picking.picker import Pipeline
+from mlxpool.router.picking.plugins import PickRequest
+from mlxpool.router.picking.prefixindex import PrefixIndex, prompt_blocks
+from mlxpool.router.picking.profiles import REGISTRY, Strategies, build_pipeline, load_strategies
+from mlxpool.router.picking.scorers import PrefixAffinityParams, PrefixAffinityScorer
+from mlxpool.router.picking.signals import EndpointSignals
 from mlxpool.routing import RouteEndpoint
 
 BLOCK = 8

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mlxpool.router.settings import PoolRef
-from mlxpool.router.tables import Offer, TableHolder
+from mlxpool.router.tables.holder import Offer, TableHolder
 from mlxpool.routing import RouteEndpoint, RoutingTable
 
 

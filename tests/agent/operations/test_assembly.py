@@ -6,7 +6,7 @@ import asyncio
 from pathlib import Path
 
 from mlxpool.agent.config import MultiModel, WeightManagement
-from mlxpool.agent.models import ModelRepository
+from mlxpool.agent.serving.repository import ModelRepository
 from mlxpool.agent.operations.assembly import Operations, StatusNudger, physical_memory
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from mlxpool.agent.engine.interface import GenerationRequest, SamplingParams
 from mlxpool.agent.errors import InvalidRequest, ModelNotFound
-from mlxpool.agent.models import ModelLoading, ModelRepository, ModelUnloading
+from mlxpool.agent.serving.repository import ModelLoading, ModelRepository, ModelUnloading
 from mlxpool.agent.operations.errors import (
     MaxModelsReached,
     MemoryBudgetExceeded,

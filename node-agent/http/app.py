@@ -1,0 +1,131 @@
+"""The agent's HTTP API: a FastAPI app factory with thin routes.
+
+Routes parse the body (FastAPI + the `openai_api` models) and the headers the data
+plane understands (`x-priority`, `x-deadline-ms`), call the data plane, and
+serialize: JSON, or Server-Sent Events (`sse`). The inference endpoints take the
+optional API key (`auth.require_api_key`); probes and /metrics are open.
+The one HTTP concern handled here is the client going away: the request's
+generation is cancelled at once, freeing its batch slot (streaming: the SSE
+response watches the connection; before the stream starts and for whole responses:
+a watcher on the ASGI receive channel).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable
+from typing import TypeVar
+
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from mlxpool import __version__
+from mlxpool.agent.serving import openai as api
+from mlxpool.agent.http.auth import Credentials, require_api_key
+from mlxpool.agent.serving.dataplane import DataPlane, RequestHints
+from mlxpool.agent.errors import AgentError
+from mlxpool.agent.http.errors import EXCEPTION_HANDLERS
+from mlxpool.agent.http.metrics import AgentMetrics, HttpMetricsMiddleware
+from mlxpool.agent.http.sse import EventStreamResponse
+from mlxpool.priorities import DEADLINE_HEADER, PRIORITY_HEADER
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away first"
+
+
+def create_app(
+    dataplane: DataPlane, metrics: AgentMetrics, credentials: Credentials | None = None, ops: APIRouter | None = None,
+) -> FastAPI:
+    app = FastAPI(title="mlxpool node agent", version=__version__, exception_handlers=EXCEPTION_HANDLERS)
+    app.state.credentials = credentials or Credentials()
+    inference = [Depends(require_api_key)]
+    app.add_middleware(HttpMetricsMiddleware, counter=metrics.http_requests)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        """Liveness: 200 for as long as the process serves HTTP."""
+        return JSONResponse({"status": "alive"})
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        """Readiness: 200 once the model is loaded and warm; 503 while loading or draining."""
+        is_ready, body = dataplane.readiness()
+        return JSONResponse(body, status_code=200 if is_ready else 503)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        content, content_type = metrics.render()
+        return Response(content, media_type=content_type)
+
+    @app.get("/v1/models", dependencies=inference)
+    async def list_models() -> Response:
+        return _json(dataplane.list_models())
+
+    @app.get("/v1/models/{model:path}", dependencies=inference)
+    async def get_model(model: str) -> Response:
+        return _json(api.ModelCard(id=model, created=dataplane.models.get(model).created))
+
+    @app.post("/v1/completions", dependencies=inference)
+    async def completions(body: api.CompletionRequest, request: Request) -> Response:
+        hints = _hints(request)
+        if body.stream:
+            return EventStreamResponse(await _unless_disconnected(request, dataplane.stream_completion(body, hints)))
+        return _json(await _unless_disconnected(request, dataplane.complete(body, hints)))
+
+    @app.post("/v1/chat/completions", dependencies=inference)
+    async def chat_completions(body: api.ChatCompletionRequest, request: Request) -> Response:
+        hints = _hints(request)
+        if body.stream:
+            return EventStreamResponse(await _unless_disconnected(request, dataplane.stream_chat(body, hints)))
+        return _json(await _unless_disconnected(request, dataplane.chat(body, hints)))
+
+    if ops is not None:
+        app.include_router(ops)  # the operations API (/v1/node), behind the ops token
+    return app
+
+
+def _json(model: BaseModel) -> Response:
+    return Response(model.model_dump_json(), media_type="application/json")
+
+
+def _hints(request: Request) -> RequestHints:
+    headers = request.headers
+    return RequestHints(priority=headers.get(PRIORITY_HEADER), deadline_ms=headers.get(DEADLINE_HEADER))
+
+
+class _ClientGone(AgentError):
+    status_code = CLIENT_CLOSED_REQUEST
+    error_type = "client_closed_request"
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():  # the client left (or we were cancelled): stop generating
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+    if task.cancelled():
+        log.info("client disconnected before the response path=%s", request.url.path)
+        raise _ClientGone("the client disconnected")
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return

@@ -1,0 +1,201 @@
+"""Prometheus metrics of the agent: HTTP traffic, request latencies, the engines' state.
+
+Three sources:
+- HTTP responses by route and status (`HttpMetricsMiddleware`).
+- Requests as the data plane saw them (`AgentMetrics.request_done`, one call per
+  request at its end): outcome, time to first token, inter-token gaps and end-to-end
+  latency, each by model and priority tier.
+- Engine figures, read at scrape time from each engine's `EngineStats` (a custom
+  collector), so the engine thread never touches prometheus-client: queue depth (also
+  per tier), running sequences, tokens, prompt-cache bytes and hit rate, KV bytes,
+  model memory.
+
+Also exported under vLLM's names, which inference gateways already scrape:
+`vllm:num_requests_running`, `vllm:num_requests_waiting`, `vllm:gpu_cache_usage_perc`
+and `vllm:lora_requests_info`. Gateways read the cache usage as "how close is this
+server to making new requests wait" (vLLM's KV blocks in use): ours has no fixed KV
+block pool, so it is the share of batch slots in use (running / decode concurrency),
+which reaches 1 exactly when the next request must queue. (The prefix cache's bytes
+would not do: it stays full of idle entries on any busy node.) The LoRA gauge says
+what is true, no adapters and none waiting (mlxpool serves none), so pickers that
+read it for adapter affinity find it and skip nobody.
+
+Each app has its own registry: several agents can live in one test process.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from mlxpool.agent.serving.lifecycle import Lifecycle
+from mlxpool.agent.serving.repository import ModelRepository
+from mlxpool.priorities import Priority
+
+# `*_created` series double every counter's output and nobody scrapes them here.
+disable_created_metrics()
+
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+INTER_TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
+LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0)
+
+
+class AgentMetrics:
+    """The agent's registry; also the data plane's `RequestObserver`."""
+
+    def __init__(self, models: ModelRepository, lifecycle: Lifecycle) -> None:
+        self.registry = registry = CollectorRegistry()
+        labels = ["model_name", "priority"]
+        self.http_requests = Counter(
+            "mlxpool_http_requests", "HTTP requests answered, by route, method and status.",
+            ["endpoint", "method", "status"], registry=registry,
+        )
+        self.requests = Counter(
+            "mlxpool_requests", "Generation requests that reached an engine, by outcome "
+            "(stop, length, cancelled, error, queue_full, deadline).", [*labels, "outcome"], registry=registry,
+        )
+        self.ttft = Histogram(
+            "mlxpool_time_to_first_token_seconds", "From the request reaching the data plane to its first token.",
+            labels, buckets=TTFT_BUCKETS, registry=registry,
+        )
+        self.inter_token = Histogram(
+            "mlxpool_inter_token_latency_seconds", "Gaps between a request's consecutive tokens.",
+            labels, buckets=INTER_TOKEN_BUCKETS, registry=registry,
+        )
+        self.latency = Histogram(
+            "mlxpool_e2e_request_latency_seconds", "From the request reaching the data plane to its last token.",
+            labels, buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        registry.register(_EngineCollector(models, lifecycle))
+
+    def request_done(self, model: str, priority: Priority, outcome: str, ttft: float | None,
+                     inter_token: list[float], latency: float) -> None:
+        tier = priority.value
+        self.requests.labels(model, tier, outcome).inc()
+        if ttft is not None:
+            self.ttft.labels(model, tier).observe(ttft)
+            self.latency.labels(model, tier).observe(latency)
+        if inter_token:
+            observe = self.inter_token.labels(model, tier).observe
+            for gap in inter_token:
+                observe(gap)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _EngineCollector(Collector):
+    def __init__(self, models: ModelRepository, lifecycle: Lifecycle) -> None:
+        self._models = models
+        self._lifecycle = lifecycle
+
+    def collect(self) -> Iterator[Metric]:
+        label = ["model_name"]
+
+        def gauge(name: str, doc: str, extra: tuple[str, ...] = ()) -> GaugeMetricFamily:
+            return GaugeMetricFamily(name, doc, labels=[*label, *extra])
+
+        def counter(name: str, doc: str, extra: tuple[str, ...] = ()) -> CounterMetricFamily:
+            return CounterMetricFamily(name, doc, labels=[*label, *extra])
+
+        running = gauge("mlxpool_requests_running", "Sequences in the engine's batch.")
+        waiting = gauge("mlxpool_requests_waiting", "Sequences waiting for a batch slot.")
+        waiting_tier = gauge("mlxpool_requests_waiting_by_priority", "Sequences waiting, by priority tier.",
+                             ("priority",))
+        vllm_running = gauge("vllm:num_requests_running", "Same as mlxpool_requests_running.")
+        vllm_waiting = gauge("vllm:num_requests_waiting", "Same as mlxpool_requests_waiting.")
+        vllm_cache = gauge("vllm:gpu_cache_usage_perc", "Share of batch slots in use (0-1): running / decode concurrency.")
+        prompt = counter("mlxpool_prompt_tokens", "Prompt tokens of the requests admitted.")
+        cached = counter("mlxpool_prompt_tokens_cached", "Prompt tokens served from the prefix cache.")
+        shared = counter("mlxpool_prompt_tokens_shared",
+                         "Prompt tokens served from KV state other agents computed (distributed cache).")
+        generated = counter("mlxpool_generation_tokens", "Tokens generated.")
+        steps = counter("mlxpool_decode_steps", "Batched decode steps.")
+        finished = counter("mlxpool_requests_finished",
+                           "Requests ended, by reason (stop, length, cancelled).", ("reason",))
+        rejected = counter("mlxpool_requests_rejected",
+                           "Requests refused without running, by reason (queue_full, deadline).", ("reason",))
+        cache_bytes = gauge("mlxpool_prompt_cache_bytes", "Bytes held by the prefix cache.")
+        cache_cap = gauge("mlxpool_prompt_cache_max_bytes", "The prefix cache's byte cap (0: disabled).")
+        cache_entries = gauge("mlxpool_prompt_cache_entries", "Sequences held by the prefix cache.")
+        lookups = counter("mlxpool_prompt_cache_lookups", "Prefix-cache lookups (one per admitted request).")
+        hits = counter("mlxpool_prompt_cache_hits", "Lookups that reused a cached prefix.")
+        hit_rate = gauge("mlxpool_prompt_cache_hit_rate", "Hits over lookups since start (0 before any lookup).")
+        kv_bytes = gauge("mlxpool_kv_cache_bytes", "Key/value cache bytes of the running batch.")
+        memory = gauge("mlxpool_model_memory_bytes", "Bytes of the model's parameters.")
+        for model in self._models.all():
+            stats, name = model.engine.stats, [model.name]
+            running.add_metric(name, stats.running)
+            waiting.add_metric(name, stats.waiting)
+            for tier in Priority:
+                waiting_tier.add_metric([model.name, tier.value], stats.waiting_by_priority.get(tier.value, 0))
+            vllm_running.add_metric(name, stats.running)
+            vllm_waiting.add_metric(name, stats.waiting)
+            slots = stats.max_running
+            vllm_cache.add_metric(name, min(1.0, stats.running / slots) if slots else 0.0)
+            cap = stats.prompt_cache_max_bytes
+            prompt.add_metric(name, stats.prompt_tokens_total)
+            cached.add_metric(name, stats.prompt_tokens_cached_total)
+            shared.add_metric(name, stats.shared_prefix_tokens_total)
+            generated.add_metric(name, stats.generation_tokens_total)
+            steps.add_metric(name, stats.decode_steps_total)
+            for reason, count in stats.requests_finished_total.items():
+                finished.add_metric([model.name, reason], count)
+            for reason, count in stats.requests_rejected_total.items():
+                rejected.add_metric([model.name, reason], count)
+            cache_bytes.add_metric(name, stats.prompt_cache_bytes)
+            cache_cap.add_metric(name, cap)
+            cache_entries.add_metric(name, stats.prompt_cache_entries)
+            lookups.add_metric(name, stats.prompt_cache_lookups_total)
+            hits.add_metric(name, stats.prompt_cache_hits_total)
+            looked = stats.prompt_cache_lookups_total
+            hit_rate.add_metric(name, stats.prompt_cache_hits_total / looked if looked else 0.0)
+            kv_bytes.add_metric(name, stats.kv_cache_bytes)
+            memory.add_metric(name, model.info.memory_bytes)
+        in_flight = GaugeMetricFamily("mlxpool_http_generations_in_flight", "Generation requests being answered.")
+        in_flight.add_metric([], self._lifecycle.in_flight)
+        # vLLM's shape: adapter lists as labels, the value the time of the reading.
+        lora = GaugeMetricFamily("vllm:lora_requests_info", "LoRA adapters running and waiting (none: not served).",
+                                 labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"])
+        lora.add_metric(["", "", "0"], time.time())
+        yield from (running, waiting, waiting_tier, vllm_running, vllm_waiting, vllm_cache, prompt, cached, shared,
+                    generated, steps, finished, rejected, cache_bytes, cache_cap, cache_entries, lookups, hits,
+                    hit_rate, kv_bytes, memory, in_flight, lora)
+
+
+class HttpMetricsMiddleware:
+    """Counts every HTTP response by route template (not raw path: bounded labels)."""
+
+    def __init__(self, app: ASGIApp, counter: Counter) -> None:
+        self.app = app
+        self.counter = counter
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def send_recording_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_recording_status)
+        finally:
+            endpoint = getattr(scope.get("route"), "path", "unmatched")
+            self.counter.labels(endpoint, scope["method"], str(status)).inc()

@@ -1,0 +1,92 @@
+"""The operations API's HTTP routes (`/v1/node`, contract in `mlxpool.agentapi`).
+
+Thin: check the ops token, parse, call the manager or the cache store, serialize.
+The token is checked before the body is even read, so an unauthenticated caller
+learns nothing (401/403 whatever it sent); bodies are then parsed with the contract's
+models and bad ones answer 400 naming the field, through the agent's error table.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TypeVar
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+
+from mlxpool.agent.http.auth import require_ops_token
+from mlxpool.agent.errors import InvalidRequest
+from mlxpool.agent.operations.manager import ModelManager
+from mlxpool.agent.operations.reports import NodeReporter
+from mlxpool.agent.operations.sources import SourceError
+from mlxpool.agent.operations.staging import ModelCacheStore
+from mlxpool.agentapi import CACHE_KEY_PATTERN, OPS_PREFIX, LoadModelRequest, StageRequest
+
+M = TypeVar("M", bound=BaseModel)
+
+_CACHE_KEY = re.compile(CACHE_KEY_PATTERN)
+
+
+def ops_router(manager: ModelManager, cache: ModelCacheStore, reporter: NodeReporter) -> APIRouter:
+    router = APIRouter(prefix=OPS_PREFIX, dependencies=[Depends(require_ops_token)])
+
+    @router.get("")
+    async def node() -> Response:
+        return _json(await reporter.report())
+
+    @router.post("/models")
+    async def load_model(request: Request) -> Response:
+        body = await _parse(request, LoadModelRequest)
+        state, ready = await manager.load(body)
+        return _json(state, 200 if ready else 202)
+
+    @router.delete("/models/{name:path}")
+    async def unload_model(name: str) -> Response:
+        return _json(await manager.unload(name))
+
+    @router.get("/cache")
+    async def list_cache() -> Response:
+        entries = cache.entries()
+        return Response("[" + ",".join(e.model_dump_json() for e in entries) + "]", media_type="application/json")
+
+    @router.put("/cache/{key}")
+    async def stage(key: str, request: Request) -> Response:
+        _check_key(key)
+        body = await _parse(request, StageRequest)
+        try:
+            entry = await cache.stage(key, body)
+        except SourceError as exc:
+            raise InvalidRequest(str(exc), param=exc.param) from None
+        return _json(entry, 202)
+
+    @router.get("/cache/{key}")
+    async def get_entry(key: str) -> Response:
+        _check_key(key)
+        return _json(cache.get(key))
+
+    @router.delete("/cache/{key}")
+    async def delete_entry(key: str) -> Response:
+        _check_key(key)
+        return _json(await cache.delete(key))
+
+    return router
+
+
+async def _parse(request: Request, model: type[M]) -> M:
+    """The body as `model`; errors go through the agent's validation handler (400 naming the field)."""
+    try:
+        return model.model_validate_json(await request.body())
+    except ValidationError as exc:
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
+
+
+def _check_key(key: str) -> None:
+    if not _CACHE_KEY.match(key):
+        raise InvalidRequest(
+            f"key: {key!r} is not a cache key (lowercase letters, digits, '.', '_', '-'; "
+            "starting and ending with a letter or digit; at most 253)", param="key")
+
+
+def _json(model: BaseModel, status: int = 200) -> Response:
+    return Response(model.model_dump_json(), status_code=status, media_type="application/json")

@@ -1,0 +1,440 @@
+"""The transport-agnostic data plane: OpenAI requests in, OpenAI responses out.
+
+It resolves the model, encodes the prompt, fixes sampling and scheduling defaults
+(max_tokens, priority, deadline), checks the context budget, runs the request on the
+model's engine under an in-flight lease, and shapes token events into completion /
+chat objects, whole or as a stream of JSON chunks. It knows nothing of HTTP: the
+routes in `app` only parse, call, and frame, so another transport (or a test) can
+drive this directly.
+
+A stream is started before it is handed back: the request waits here for its first
+token, so queue-full, deadline and engine errors still become a proper HTTP status
+instead of an error in the middle of a 200 stream. `ChunkStream.aclose()` always
+ends the generation and releases its slot, whether or not the stream was read. Its
+chunks come in batches: the tokens the engine handed over together (see
+`TokenEvent.more`) become one batch, which the transport writes at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncGenerator, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+from mlxpool.agent.serving import openai as api
+from mlxpool.agent.config import PriorityScheduling
+from mlxpool.agent.engine.interface import (
+    DeadlineError,
+    EngineError,
+    GenerationRequest,
+    QueueFullError,
+    SamplingParams,
+    SharedPrefix,
+    TokenEvent,
+)
+from mlxpool.agent.engine.prompts import PromptError
+from mlxpool.agent.errors import AgentError, DeadlineExceeded, GenerationFailed, InvalidRequest, QueueFull
+from mlxpool.agent.serving.lifecycle import Lifecycle, Phase
+from mlxpool.agent.serving.repository import ModelRepository, ServedModel
+from mlxpool.agent.serving.shaping import ChunkTemplate, chat_logprobs, completion_logprobs
+from mlxpool.priorities import DEADLINE_HEADER, PRIORITY_HEADER, Priority
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TEMPERATURE = 1.0  # OpenAI's default
+DEFAULT_TOP_P = 1.0
+
+
+@dataclass(frozen=True)
+class DataPlaneSettings:
+    default_max_tokens: int = 256
+    """Completion budget when a request gives no max_tokens (capped by the context)."""
+    scheduling: PriorityScheduling = field(default_factory=PriorityScheduling)
+    """Default priority and the tiers' default deadlines."""
+
+    def __post_init__(self) -> None:
+        if self.default_max_tokens < 1:
+            raise ValueError("default_max_tokens must be >= 1")
+
+
+@dataclass(frozen=True)
+class RequestHints:
+    """What a transport adds to the body: the raw values of the headers we understand."""
+
+    priority: str | None = None
+    """The `x-priority` header; the body's `priority` field wins over it."""
+    deadline_ms: str | None = None
+    """The `x-deadline-ms` header; the body's `deadline_ms` field wins over it."""
+
+
+class RequestObserver(Protocol):
+    """Told about every request that reached an engine (metrics implement it)."""
+
+    def request_done(self, model: str, priority: Priority, outcome: str, ttft: float | None,
+                     inter_token: list[float], latency: float) -> None: ...
+
+
+class SharedPrefixes(Protocol):
+    """Prompt KV state computed by other agents (`kvshare.KVShare`)."""
+
+    async def lookup(self, model_path: str, tokens: Sequence[int]) -> SharedPrefix | None:
+        """The longest shared prefix of `tokens` (never all of them), or None; never raises."""
+        ...
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A validated request, ready for the engine."""
+
+    model: ServedModel
+    request: GenerationRequest
+    response_id: str
+    created: int
+    arrival: float
+    """`time.perf_counter()` when the request reached the data plane."""
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.request.prompt_tokens)
+
+    @property
+    def logprobs(self) -> bool:
+        return self.request.sampling.logprobs is not None
+
+
+class ChunkStream:
+    """The JSON chunks of one streamed response, in batches: the chunks of the tokens the
+    engine handed over together, for one write. Iterate it; always `aclose()` it.
+
+    `complete` turns true as the last batch is handed out, so a transport can write its
+    end-of-stream marker with it.
+    """
+
+    def __init__(self, batches: AsyncGenerator[tuple[list[str], bool], None],
+                 events: AsyncGenerator[TokenEvent, None]) -> None:
+        self._batches = batches
+        """(batch, whether it is the last) pairs."""
+        self._events = events
+        self.complete = False
+
+    def __aiter__(self) -> ChunkStream:
+        return self
+
+    async def __anext__(self) -> list[str]:
+        batch, self.complete = await anext(self._batches)
+        return batch
+
+    async def aclose(self) -> None:
+        await self._batches.aclose()
+        await self._events.aclose()  # also when the chunks were never read
+
+
+class DataPlane:
+    def __init__(self, models: ModelRepository, lifecycle: Lifecycle, settings: DataPlaneSettings | None = None,
+                 observer: RequestObserver | None = None, shared_prefixes: SharedPrefixes | None = None) -> None:
+        self.models = models
+        self.lifecycle = lifecycle
+        self.settings = settings or DataPlaneSettings()
+        self.observer = observer
+        self.shared_prefixes = shared_prefixes
+        """Where prompt KV other agents computed is looked up (`kvshare`); None: not shared."""
+
+    # ---- completions ----
+
+    async def complete(self, body: api.CompletionRequest, hints: RequestHints = RequestHints()) -> api.CompletionResponse:
+        prepared = await self.prepare_completion(body, hints)
+        events = await self._collect(prepared)
+        last = events[-1]
+        logprobs = completion_logprobs([e.logprob for e in events if e.logprob]) if prepared.logprobs else None
+        return api.CompletionResponse(
+            id=prepared.response_id, created=prepared.created, model=body.model,
+            choices=[api.CompletionChoice(text="".join(e.text for e in events), finish_reason=last.finish_reason,
+                                          logprobs=logprobs)],
+            usage=api.Usage.of(prepared.prompt_tokens, last.completion_tokens, last.cached_tokens),
+        )
+
+    async def stream_completion(self, body: api.CompletionRequest, hints: RequestHints = RequestHints()) -> ChunkStream:
+        """Validate and start (errors are raised here), then return the chunk stream."""
+        prepared = await self.prepare_completion(body, hints)
+        first, events = await self._start(prepared)
+
+        def chunk(text: str, finish: str | None = None,
+                  logprobs: api.CompletionLogprobs | None = None) -> api.CompletionResponse:
+            return api.CompletionResponse(
+                id=prepared.response_id, created=prepared.created, model=body.model,
+                choices=[api.CompletionChoice(text=text, finish_reason=finish, logprobs=logprobs)],
+            )
+
+        template = ChunkTemplate(chunk)
+
+        async def chunks() -> AsyncGenerator[tuple[list[str], bool], None]:
+            offset = 0
+            batch: list[str] = []
+            event: TokenEvent | None = first
+            while event is not None:
+                if event.finish_reason is not None or event.logprob is not None:
+                    logprobs = completion_logprobs([event.logprob], offset) if event.logprob else None
+                    batch.append(chunk(event.text, event.finish_reason, logprobs).model_dump_json())
+                elif event.text:
+                    batch.append(template.render(event.text))
+                offset += len(event.text)
+                if event.finish_reason is not None:
+                    if body.include_usage_chunk:
+                        batch.append(self._usage_chunk(api.CompletionResponse, prepared, body.model, event))
+                    yield batch, True
+                    return
+                if batch and not event.more:
+                    yield batch, False
+                    batch = []
+                event = await anext(events, None)
+
+        return ChunkStream(chunks(), events)
+
+    async def prepare_completion(self, body: api.CompletionRequest, hints: RequestHints = RequestHints()) -> Prepared:
+        self.lifecycle.check_accepting()
+        model = self.models.get(body.model)
+        if isinstance(body.prompt, str):
+            tokens = await model.encoder.encode_text(body.prompt)
+        else:
+            tokens = list(body.prompt)
+            if tokens and max(tokens) >= model.encoder.vocab_size:
+                raise InvalidRequest(
+                    f"prompt: token id {max(tokens)} is outside the vocabulary (size {model.encoder.vocab_size})",
+                    param="prompt",
+                )
+        return self._prepare(body, hints, model, tokens, prompt_param="prompt", id_prefix="cmpl")
+
+    # ---- chat ----
+
+    async def chat(self, body: api.ChatCompletionRequest, hints: RequestHints = RequestHints()) -> api.ChatCompletionResponse:
+        prepared = await self.prepare_chat(body, hints)
+        events = await self._collect(prepared)
+        last = events[-1]
+        logprobs = chat_logprobs([e.logprob for e in events if e.logprob]) if prepared.logprobs else None
+        message = api.AssistantMessage(content="".join(e.text for e in events))
+        return api.ChatCompletionResponse(
+            id=prepared.response_id, created=prepared.created, model=body.model,
+            choices=[api.ChatChoice(message=message, finish_reason=last.finish_reason, logprobs=logprobs)],
+            usage=api.Usage.of(prepared.prompt_tokens, last.completion_tokens, last.cached_tokens),
+        )
+
+    async def stream_chat(self, body: api.ChatCompletionRequest, hints: RequestHints = RequestHints()) -> ChunkStream:
+        """Validate and start (errors are raised here), then return the chunk stream."""
+        prepared = await self.prepare_chat(body, hints)
+        first, events = await self._start(prepared)
+
+        def chunk(delta: api.ChatDelta, finish: str | None = None,
+                  logprobs: api.ChatLogprobs | None = None) -> api.ChatCompletionChunk:
+            return api.ChatCompletionChunk(
+                id=prepared.response_id, created=prepared.created, model=body.model,
+                choices=[api.ChatChunkChoice(delta=delta, finish_reason=finish, logprobs=logprobs)],
+            )
+
+        template = ChunkTemplate(lambda text: chunk(api.ChatDelta(content=text)))
+
+        async def chunks() -> AsyncGenerator[tuple[list[str], bool], None]:
+            batch = [chunk(api.ChatDelta(role="assistant", content="")).model_dump_json()]
+            event: TokenEvent | None = first
+            while event is not None:
+                if event.logprob is not None:
+                    batch.append(chunk(api.ChatDelta(content=event.text), None,
+                                       chat_logprobs([event.logprob])).model_dump_json())
+                elif event.text:
+                    batch.append(template.render(event.text))
+                if event.finish_reason is not None:
+                    batch.append(chunk(api.ChatDelta(), event.finish_reason).model_dump_json())
+                    if body.include_usage_chunk:
+                        batch.append(self._usage_chunk(api.ChatCompletionChunk, prepared, body.model, event))
+                    yield batch, True
+                    return
+                if batch and not event.more:
+                    yield batch, False
+                    batch = []
+                event = await anext(events, None)
+
+        return ChunkStream(chunks(), events)
+
+    async def prepare_chat(self, body: api.ChatCompletionRequest, hints: RequestHints = RequestHints()) -> Prepared:
+        self.lifecycle.check_accepting()
+        model = self.models.get(body.model)
+        try:
+            tokens = await model.encoder.encode_chat(body.template_messages())
+        except PromptError as exc:
+            raise InvalidRequest(str(exc), param="messages") from exc
+        return self._prepare(body, hints, model, tokens, prompt_param="messages", id_prefix="chatcmpl")
+
+    # ---- models and readiness ----
+
+    def list_models(self) -> api.ModelList:
+        return api.ModelList(data=[api.ModelCard(id=m.name, created=m.created) for m in self.models.all()])
+
+    def readiness(self) -> tuple[bool, dict]:
+        phase = self.lifecycle.phase
+        ready = phase is Phase.READY and self.models.healthy()
+        status = "ready" if ready else ("unhealthy" if phase is Phase.READY else phase.value)
+        return ready, {"status": status, "models": [m.name for m in self.models.all()],
+                       "in_flight": self.lifecycle.in_flight}
+
+    # ---- shared ----
+
+    def _prepare(
+        self, body: api.CompletionRequest | api.ChatCompletionRequest, hints: RequestHints, model: ServedModel,
+        tokens: list[int], *, prompt_param: str, id_prefix: str,
+    ) -> Prepared:
+        arrival = time.perf_counter()
+        if not tokens:
+            raise InvalidRequest(f"{prompt_param}: the prompt is empty", param=prompt_param)
+        max_tokens = self._max_tokens(body.requested_max_tokens(), len(tokens), model, prompt_param)
+        top_k = body.top_k if body.top_k is not None and body.top_k > 0 else 0
+        biases = body.token_biases()
+        if biases and max(t for t, _ in biases) >= model.encoder.vocab_size:
+            raise InvalidRequest(
+                f"logit_bias: token id {max(t for t, _ in biases)} is outside the vocabulary "
+                f"(size {model.encoder.vocab_size})", param="logit_bias",
+            )
+        sampling = SamplingParams(
+            max_tokens=max_tokens,
+            temperature=DEFAULT_TEMPERATURE if body.temperature is None else body.temperature,
+            top_p=DEFAULT_TOP_P if body.top_p is None else body.top_p,
+            top_k=top_k,
+            min_p=body.min_p or 0.0,
+            seed=body.seed,
+            stop=body.stop_strings(),
+            logprobs=body.requested_logprobs(),
+            presence_penalty=body.presence_penalty or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0,
+            repetition_penalty=body.repetition_penalty or 1.0,
+            logit_bias=biases,
+        )
+        priority = body.priority or _header_priority(hints.priority) or self.settings.scheduling.default_priority
+        wait_s = _wait_seconds(body.deadline_ms, hints.deadline_ms, self.settings.scheduling, priority)
+        request = GenerationRequest(
+            request_id=uuid.uuid4().hex, prompt_tokens=tuple(tokens), sampling=sampling, priority=priority,
+            deadline=None if wait_s is None else time.monotonic() + wait_s,
+        )
+        return Prepared(model, request, api.new_id(id_prefix), api.now(), arrival)
+
+    def _max_tokens(self, requested: int | None, prompt_tokens: int, model: ServedModel, prompt_param: str) -> int:
+        context = model.info.context_length
+        if context is None:
+            return requested or self.settings.default_max_tokens
+        room = context - prompt_tokens
+        if room < 1:
+            raise InvalidRequest(
+                f"{prompt_param}: the prompt has {prompt_tokens} tokens; the model's context is {context}",
+                param=prompt_param,
+            )
+        if requested is None:
+            return min(self.settings.default_max_tokens, room)
+        if requested > room:
+            raise InvalidRequest(
+                f"max_tokens: {requested} completion tokens + {prompt_tokens} prompt tokens exceed "
+                f"the model's context of {context}",
+                param="max_tokens",
+            )
+        return requested
+
+    async def generate(self, prepared: Prepared) -> AsyncGenerator[TokenEvent, None]:
+        """The engine's events for one request, counted as in-flight and timed while iterated."""
+        request = prepared.request
+        outcome = "cancelled"
+        first: float | None = None
+        last = prepared.arrival
+        gaps: list[float] = []
+        clock = time.perf_counter
+        try:
+            async with self.lifecycle.lease():
+                if self.shared_prefixes is not None:
+                    shared = await self.shared_prefixes.lookup(prepared.model.info.path, request.prompt_tokens)
+                    if shared is not None:
+                        request = replace(request, shared_prefix=shared)
+                async with aclosing(prepared.model.engine.submit(request)) as events:
+                    async for event in events:
+                        now = clock()
+                        if first is None:
+                            first = now
+                        else:
+                            gaps.append(now - last)
+                        last = now
+                        if event.finish_reason is not None:
+                            outcome = event.finish_reason
+                        yield event
+        except EngineError as exc:
+            outcome, error = _engine_failure(exc)
+            if outcome == "error":
+                log.error("generation failed model=%s request_id=%s error=%s",
+                          prepared.model.name, request.request_id, exc)
+            raise error from exc
+        finally:
+            if self.observer is not None:
+                self.observer.request_done(
+                    prepared.model.name, request.priority, outcome,
+                    None if first is None else first - prepared.arrival, gaps, clock() - prepared.arrival,
+                )
+
+    async def _start(self, prepared: Prepared) -> tuple[TokenEvent, AsyncGenerator[TokenEvent, None]]:
+        """Submit and wait for the first event; on any failure the generation is closed."""
+        events = self.generate(prepared)
+        try:
+            first = await anext(events, None)
+        except BaseException:
+            await events.aclose()
+            raise
+        if first is None:
+            await events.aclose()
+            raise GenerationFailed("the engine returned no tokens")
+        return first, events
+
+    async def _collect(self, prepared: Prepared) -> list[TokenEvent]:
+        async with aclosing(self.generate(prepared)) as events:
+            collected = [event async for event in events]
+        if not collected:  # the engine ends every request with a finish event
+            raise GenerationFailed("the engine returned no tokens")
+        return collected
+
+    @staticmethod
+    def _usage_chunk(kind: type[api.CompletionResponse] | type[api.ChatCompletionChunk], prepared: Prepared,
+                     model: str, last: TokenEvent) -> str:
+        usage = api.Usage.of(prepared.prompt_tokens, last.completion_tokens, last.cached_tokens)
+        return kind(id=prepared.response_id, created=prepared.created, model=model, choices=[],
+                    usage=usage).model_dump_json()
+
+
+def _engine_failure(exc: EngineError) -> tuple[str, AgentError]:
+    if isinstance(exc, QueueFullError):
+        return "queue_full", QueueFull(str(exc), param="priority")
+    if isinstance(exc, DeadlineError):
+        return "deadline", DeadlineExceeded(str(exc), param="deadline_ms")
+    return "error", GenerationFailed(str(exc))
+
+
+def _header_priority(value: str | None) -> Priority | None:
+    if value is None:
+        return None
+    try:
+        return Priority(value.strip().lower())
+    except ValueError:
+        allowed = ", ".join(p.value for p in Priority)
+        raise InvalidRequest(f"{PRIORITY_HEADER}: must be one of {allowed}; got {value!r}",
+                             param=PRIORITY_HEADER) from None
+
+
+def _wait_seconds(body_ms: int | None, header_ms: str | None, scheduling: PriorityScheduling,
+                  priority: Priority) -> float | None:
+    """How long the request may wait for a batch slot: body, header, else its tier's default."""
+    if body_ms is not None:
+        return body_ms / 1000
+    if header_ms is not None:
+        try:
+            value = int(header_ms.strip())
+        except ValueError:
+            value = 0
+        if value <= 0:
+            raise InvalidRequest(f"{DEADLINE_HEADER}: must be a positive integer (milliseconds); got {header_ms!r}",
+                                 param=DEADLINE_HEADER)
+        return value / 1000
+    return scheduling.tier(priority).deadline_seconds

@@ -1,0 +1,91 @@
+"""What a pool asks its nodes' agents to do: load and stage calls, as pure decisions.
+
+Given the chosen nodes (with what their agents last reported) and where each model
+comes from, `plan` lists the calls that move the nodes toward serving every pool
+model: stage a pool-sourced copy the node lacks, else load the model. A model the
+agent already holds in any phase, or that cannot be loaded there, gets no call, so
+repeating the plan against an unchanged report asks for nothing twice, and a
+restarted operator that reads the agents' reports first repeats no call either.
+Executing the calls is `reconciling`'s job; unloads are decided by the `fleet`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from mlxpool.agentapi import CachePhase, LoadModelRequest, ModelPhase, StageRequest
+from mlxpool.operator.logic.placement import READY_CACHE_PHASES, Candidate, loadable
+from mlxpool.operator.logic.sources import LoadSource
+
+
+@dataclass(frozen=True)
+class LoadAction:
+    node: str
+    url: str
+    model: str
+    request: LoadModelRequest
+
+
+@dataclass(frozen=True)
+class StageAction:
+    node: str
+    url: str
+    model: str
+    key: str
+    request: StageRequest
+
+
+@dataclass(frozen=True)
+class UnloadAction:
+    node: str
+    url: str
+    model: str
+
+
+Action = LoadAction | StageAction
+
+
+def plan(chosen: Sequence[Candidate], model_names: Sequence[str],
+         sources: Mapping[str, LoadSource | None]) -> list[Action]:
+    """The calls to make now; none to a node that fails its probe or has no report."""
+    actions: list[Action] = []
+    for c in chosen:
+        if c.agent is None or not c.probe.healthy:
+            continue
+        for model in model_names:
+            source = sources.get(model)
+            held = c.agent.models.get(model)
+            if (held is not None and held != ModelPhase.FAILED.value) or loadable(c, model, source) is not None:
+                continue
+            if source.stage is not None and source.cache_key is not None:
+                phase = c.agent.cache.get(source.cache_key)
+                if phase is None:
+                    actions.append(StageAction(c.name, c.view.endpoint, model, source.cache_key, source.stage))
+                    continue
+                if phase not in READY_CACHE_PHASES:
+                    continue  # still downloading or verifying: load when it is there
+            actions.append(LoadAction(c.name, c.view.endpoint, model, source.request(model)))
+    return actions
+
+
+def progress(chosen: Sequence[Candidate], model_names: Sequence[str],
+             sources: Mapping[str, LoadSource | None]) -> tuple[list[str], list[str]]:
+    """(`model on node` being loaded or staged, `model on node: why` that failed) for the
+    chosen nodes, for the pool's conditions."""
+    loading, failed = [], []
+    for c in chosen:
+        for model in model_names:
+            if model in c.served:
+                continue
+            if (why := c.failure(model)) is not None:
+                failed.append(f"{model} on {c.name}: {why}")
+            elif model in c.in_transit:
+                loading.append(f"{model} on {c.name}")
+            elif c.agent is not None and (source := sources.get(model)) is not None and source.cache_key:
+                phase = c.agent.cache.get(source.cache_key)
+                if phase == CachePhase.FAILED.value:
+                    failed.append(f"{model} on {c.name}: staging {source.cache_key} failed")
+                elif source.stage is not None and phase not in READY_CACHE_PHASES:
+                    loading.append(f"{model} on {c.name} (staging)")
+    return loading, failed

@@ -1,0 +1,72 @@
+"""The ModelCache status the operator wants: per-node phases and conditions. Pure.
+
+Each selected node's entry mirrors what its agent says about the cache key (phase,
+progress in percent, bytes, measured load time, message); a node whose agent has not
+been asked yet, or holds nothing yet, is `Pending`. A cache is Ready when every
+selected node holds the copy in a finished phase: `Cached` or better, or `Warm` or
+better when `spec.warm` asks for it (an agent that cannot pin says so in its message
+and stays `Warm`; that counts, it does not pretend).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+
+from mlxpool.agentapi import CacheEntry, CachePhase
+from mlxpool.operator.logic.conditions import DEGRADED, PROGRESSING, READY, set_condition
+from mlxpool.operator.logic.specs import CacheSpec
+
+_FINISHED = frozenset({CachePhase.CACHED.value, CachePhase.WARM.value, CachePhase.PINNED.value})
+_WARMED = frozenset({CachePhase.WARM.value, CachePhase.PINNED.value})
+
+
+def finished_phases(spec: CacheSpec) -> frozenset[str]:
+    return _WARMED if spec.warm else _FINISHED
+
+
+def node_entry(node: str, entry: CacheEntry | None, message: str | None = None) -> dict:
+    """One `status.nodes` item."""
+    if entry is None:
+        item: dict = {"node": node, "phase": CachePhase.PENDING.value}
+    else:
+        item = {"node": node, "phase": entry.phase.value, "progress": round(entry.progress * 100)}
+        size = entry.bytes_total if entry.bytes_total is not None else entry.bytes_done
+        if size:
+            item["bytes"] = size
+        if entry.load_time_seconds is not None:
+            item["loadTimeSeconds"] = round(entry.load_time_seconds, 3)
+        message = message or entry.message
+    if message:
+        item["message"] = message[:1024]
+    return item
+
+
+def cache_status(*, spec: CacheSpec, key: str, generation: int, nodes: Sequence[Mapping], previous: Mapping,
+                 now: datetime) -> dict:
+    finished = finished_phases(spec)
+    entries = sorted((dict(n) for n in nodes), key=lambda n: n["node"])
+    done = [n["node"] for n in entries if n["phase"] in finished]
+    failed = [f"{n['node']}: {n.get('message') or 'failed'}" for n in entries if n["phase"] == CachePhase.FAILED.value]
+    waiting = len(entries) - len(done) - len(failed)
+    goal = "warm" if spec.warm else "cached"
+    conditions = [dict(c) for c in previous.get("conditions") or []]
+    if not entries:
+        ready = (False, "NoNodes", "no ready InferenceNode matches the nodeSelector")
+    elif len(done) == len(entries):
+        ready = (True, "Staged", f"{len(done)}/{len(entries)} nodes hold the model {goal}")
+    else:
+        ready = (False, "Staging", f"{len(done)}/{len(entries)} nodes hold the model {goal}")
+    progressing = (True, "Staging", f"{waiting} node(s) still staging") if waiting else \
+        (False, "Complete", "no node is staging")
+    degraded = (True, "StagingFailed", "; ".join(failed)[:2048]) if failed else (False, "NoFailures", "no node failed")
+    for type_, (status, reason, message) in ((READY, ready), (PROGRESSING, progressing), (DEGRADED, degraded)):
+        conditions = set_condition(conditions, type=type_, status=status, reason=reason, message=message,
+                                   generation=generation, now=now)
+    return {
+        "observedGeneration": generation,
+        "cacheKey": key,
+        "readySummary": f"{len(done)}/{len(entries)}",
+        "nodes": entries,
+        "conditions": conditions,
+    }

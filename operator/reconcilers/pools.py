@@ -1,0 +1,281 @@
+"""One reconcile pass of one InferencePool: observe, decide, act, write what changed.
+
+Observe: the fleet (node objects, probes and agent reports, other pools' claims) and
+the namespace's ModelCaches. Decide: placement, the agent calls that move the chosen
+nodes toward serving every pool model, the routing table, the status (pure modules).
+Act: load/stage calls to the chosen agents, unloads of models no pool needs any more.
+Write: the ConfigMap only when the routes changed, the status only when a field
+changed; an unchanged pool costs no API request and no agent call at all. Also posts
+Kubernetes Events for placements, loads, failures and recoveries.
+
+Kopf-agnostic: `handlers` wires this to kopf; tests drive it with fakes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from typing import Protocol
+
+from mlxpool.agentapi import CacheEntry, LoadModelRequest, ModelState, StageRequest
+from mlxpool.operator.io import metrics
+from mlxpool.operator.io.agentclient import AgentError
+from mlxpool.operator.logic.assignments import LoadAction, StageAction, plan, progress
+from mlxpool.operator.logic.endpoints import NOT_PROBED, PlacedEndpoint, ProbeResult
+from mlxpool.operator.logic.fleet import Fleet, PoolKey
+from mlxpool.operator.logic.placement import NOT_SELECTED, Candidate, Placement, endpoints_of, place
+from mlxpool.operator.logic.sources import CacheRef, resolve
+from mlxpool.operator.logic.specs import PoolSpec
+from mlxpool.operator.logic.statuses import pool_health, pool_status, status_patch
+from mlxpool.operator.logic.tables import next_table, route_models
+from mlxpool.routing import RoutingTable
+
+log = logging.getLogger(__name__)
+
+
+class Kube(Protocol):
+    async def read_routes(self, namespace: str, pool: str) -> RoutingTable | None: ...
+    async def write_routes(self, pool: Mapping, table: RoutingTable, exists: bool) -> None: ...
+    async def patch_pool_status(self, namespace: str, name: str, status: Mapping) -> dict: ...
+
+
+class Agents(Protocol):
+    async def load(self, url: str, request: LoadModelRequest) -> ModelState: ...
+    async def unload(self, url: str, model: str) -> ModelState: ...
+    async def stage(self, url: str, key: str, request: StageRequest) -> CacheEntry: ...
+
+
+class Events(Protocol):
+    """Kubernetes Events about the object being reconciled."""
+
+    def info(self, reason: str, message: str) -> None: ...
+    def warn(self, reason: str, message: str) -> None: ...
+
+
+@dataclass
+class PoolState:
+    """What the operator remembers about one pool between passes (memory only).
+
+    Rebuilt from the pool's status after a restart, so a restarted operator neither
+    rewrites an unchanged pool nor repeats its events.
+    """
+
+    status: dict = field(default_factory=dict)
+    """The status last written, or observed at start."""
+
+    table: RoutingTable | None = None
+    table_known: bool = False
+    """Whether `table` is what the ConfigMap holds (read once, then tracked by our writes)."""
+
+    @classmethod
+    def from_status(cls, status: Mapping | None) -> PoolState:
+        return cls(status=dict(status or {}))
+
+    def forget_table(self) -> None:
+        """The ConfigMap is gone (deleted behind our back): write it again next pass."""
+        self.table, self.table_known = None, True
+
+
+@dataclass(frozen=True)
+class PassResult:
+    endpoints: list[PlacedEndpoint]
+    table: RoutingTable
+    wrote_routes: bool
+    wrote_status: bool
+    calls: int = 0
+    """Agent calls made (loads, stages, unloads)."""
+    interest: frozenset[str] = frozenset()
+    """Nodes matching the pool's selector: a change on one of them may change the pool."""
+    settled: bool = True
+    """Fully placed, nothing loading or pending: the pool can wait for events."""
+
+    @property
+    def outcome(self) -> str:
+        wrote = [w for w, done in (("routes", self.wrote_routes), ("status", self.wrote_status)) if done]
+        return "+".join(wrote) or "unchanged"
+
+
+def seed_fleet(fleet: Fleet, pool: PoolKey, body: Mapping, probe_interval: float | None = None) -> None:
+    """What a pool held before the operator (re)started, from its status."""
+    try:
+        models = PoolSpec.from_body(body).model_names
+    except ValueError:
+        models = ()
+    endpoints = (body.get("status") or {}).get("endpoints") or []
+    fleet.seed(pool, {e["node"]: set(models) | set(e.get("models") or []) for e in endpoints if e.get("node")},
+               managed={(e["node"], m) for e in endpoints if e.get("node") for m in e.get("managedModels") or []},
+               probe_interval=probe_interval)
+
+
+class PoolReconciler:
+    def __init__(
+        self,
+        kube: Kube,
+        agents: Agents,
+        fleet: Fleet,
+        stale_after: float,
+        clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+    ) -> None:
+        self._kube = kube
+        self._agents = agents
+        self._fleet = fleet
+        self._stale_after = stale_after
+        self._clock = clock
+
+    async def reconcile(self, body: Mapping, caches: Mapping[str, CacheRef], state: PoolState, events: Events,
+                        probe_interval: float | None = None) -> PassResult:
+        """One pass; `caches` are the namespace's ModelCaches by model name."""
+        meta = body["metadata"]
+        name, namespace = meta["name"], meta["namespace"]
+        key: PoolKey = (namespace, name)
+        spec = PoolSpec.from_body(body)
+        now = self._clock()
+
+        sources = resolve(spec.models, caches)
+        sizes: dict[str, int | None] = {**self._fleet.model_sizes(), **{m: c.bytes for m, c in caches.items() if c.bytes}}
+        before = {e["node"]: e for e in state.status.get("endpoints") or []}
+        candidates = _assume_known_health(self._fleet.candidates(key, sizes), before)
+        placement = place(candidates, spec, sources, sizes, before.keys(), now, self._stale_after)
+        chosen_names = [c.name for c in placement.chosen]
+        unloads = self._fleet.claim(key, {n: spec.model_names for n in chosen_names}, probe_interval)
+        actions = plan(placement.chosen, spec.model_names, sources)
+        calls = await self._act(actions, events) + await self.unload(unloads, events)
+
+        # Placement again from what the calls just taught the fleet (loading, staging, failed).
+        fresh = {c.name: c for c in _assume_known_health(self._fleet.candidates(key, sizes), before)
+                 if c.name in chosen_names}
+        chosen = [fresh[n] for n in chosen_names if n in fresh]
+        endpoints = endpoints_of(chosen, spec.model_names, {n: self._fleet.managed_on(n) for n in chosen_names})
+        loading, failed = progress(chosen, spec.model_names, sources)
+
+        if not state.table_known:
+            state.table = await self._kube.read_routes(namespace, name)
+            state.table_known = True
+        table = next_table(
+            pool=name, namespace=namespace, strategy=spec.routing.strategy,
+            models=route_models(spec.model_names, endpoints), previous=state.table,
+            revision_floor=int(state.status.get("routingRevision") or 0), now=now,
+        )
+        wrote_routes = table is not state.table
+        if wrote_routes:
+            await self._kube.write_routes(body, table, exists=state.table is not None)
+            state.table = table
+            log.info("routing table written namespace=%s pool=%s revision=%d routed=%s", namespace, name,
+                     table.revision, ",".join(sorted({r.node for routes in table.models.values() for r in routes}))
+                     or "-")
+
+        health = pool_health(spec, endpoints, loading=loading, failed=failed, waiting_for=_waiting_for(placement))
+        desired = pool_status(name=name, generation=int(meta.get("generation") or 0), spec=spec, endpoints=endpoints,
+                              routing_revision=table.revision, previous=state.status, now=now, health=health)
+        patch = status_patch(desired, state.status)
+        if patch is not None:
+            state.status = await self._kube.patch_pool_status(namespace, name, patch)
+
+        _report(events, before, endpoints, placement)
+        interest = frozenset(n for n in placement.considered if placement.excluded.get(n) != NOT_SELECTED)
+        settled = len(endpoints) >= spec.replicas and all(e.ready for e in endpoints)
+        result = PassResult(endpoints, table, wrote_routes, patch is not None, calls, interest, settled)
+        metrics.RECONCILES.labels(result.outcome).inc()
+        metrics.READY_ENDPOINTS.labels(namespace, name).set(sum(e.healthy for e in endpoints))
+        metrics.ROUTING_REVISION.labels(namespace, name).set(table.revision)
+        return result
+
+    async def _act(self, actions: Sequence[LoadAction | StageAction], events: Events) -> int:
+        await asyncio.gather(*(self._do(a, events) for a in actions))
+        return len(actions)
+
+    async def _do(self, action: LoadAction | StageAction, events: Events) -> None:
+        fleet = self._fleet
+        try:
+            if isinstance(action, StageAction):
+                entry = await self._agents.stage(action.url, action.key, action.request)
+                fleet.note_cache(action.node, entry)
+                events.info("StagingModel", f"staging {action.model} on {action.node} from {action.request.source}")
+            else:
+                fleet.mark_managed(action.node, action.model)  # before the call: its answer may get lost
+                state = await self._agents.load(action.url, action.request)
+                fleet.note_model(action.node, state)
+                events.info("LoadingModel", f"loading {action.model} on {action.node}")
+        except AgentError as exc:
+            if isinstance(action, LoadAction) and exc.status:  # refused: nothing was loaded
+                fleet.managed.discard((action.node, action.model))
+            verb = "stage" if isinstance(action, StageAction) else "load"
+            fleet.note_failure(action.node, action.model, exc.message)
+            events.warn(f"{verb.capitalize()}Failed", f"cannot {verb} {action.model} on {action.node}: {exc}")
+            log.warning("agent call failed node=%s model=%s action=%s error=%s", action.node, action.model, verb, exc)
+
+    async def unload(self, pairs: Sequence[tuple[str, str]], events: Events) -> int:
+        """Unload models no pool needs. A node that is gone is skipped; one that does not
+        answer gets the unload from its monitor once it answers again."""
+        calls = []
+        for node, model in pairs:
+            view = self._fleet.views.get(node)
+            if view is None:
+                continue  # the node is gone, and its models with it
+            if not self._fleet.observation(node).probe.healthy:
+                log.info("unload deferred node=%s model=%s: the agent does not answer", node, model)
+                self._fleet.defer_unload(node, model)
+                continue
+            calls.append(self._unload_one(node, view.endpoint, model, events))
+        await asyncio.gather(*calls)
+        return len(calls)
+
+    async def _unload_one(self, node: str, url: str, model: str, events: Events) -> None:
+        try:
+            state = await self._agents.unload(url, model)
+            self._fleet.note_model(node, state)
+            events.info("UnloadingModel", f"unloading {model} from {node}: no pool needs it there")
+        except AgentError as exc:
+            if exc.status == 404:
+                self._fleet.note_unloaded(node, model)
+                return
+            events.warn("UnloadFailed", f"cannot unload {model} from {node}: {exc}")
+
+
+def _assume_known_health(candidates: list[Candidate], before: Mapping[str, Mapping]) -> list[Candidate]:
+    """A node not probed yet (the operator just started) keeps the health the pool's status
+    last recorded, so a restart rewrites nothing; the first probe settles it."""
+    return [replace(c, probe=ProbeResult(True)) if c.probe == NOT_PROBED and before.get(c.name, {}).get("healthy")
+            else c for c in candidates]
+
+
+def _waiting_for(placement: Placement) -> str:
+    """The reasons nodes that match the selector cannot be used, most common first."""
+    counts: dict[str, int] = {}
+    for reason in placement.excluded.values():
+        if reason != NOT_SELECTED:
+            counts[reason] = counts.get(reason, 0) + 1
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
+    return "; ".join(f"{n} node(s): {r}" for r, n in ranked)
+
+
+def _removal_reason(node: str, placement: Placement) -> str:
+    if node in placement.excluded:
+        return placement.excluded[node]
+    if node in placement.unhealthy:
+        return f"fails its health probe: {placement.unhealthy[node]}"
+    return "replaced" if node in placement.considered else "node deleted"
+
+
+def _report(events: Events, before: Mapping[str, Mapping], endpoints: list[PlacedEndpoint],
+            placement: Placement) -> None:
+    """Events for placement changes and endpoint health transitions."""
+    placed = {e.node for e in endpoints}
+    added, removed = sorted(placed - before.keys()), sorted(before.keys() - placed)
+    if added or removed:
+        why = [f"{node} ({_removal_reason(node, placement)})" for node in removed]
+        parts = [f"added {', '.join(added)}" if added else "", f"removed {', '.join(why)}" if why else ""]
+        events.info("PlacementChanged", f"endpoints now: {', '.join(sorted(placed)) or 'none'}; "
+                                        + "; ".join(p for p in parts if p))
+    for ep in endpoints:
+        was = before.get(ep.node, {}).get("healthy")
+        if not ep.healthy and was is not False:
+            events.warn("EndpointUnhealthy", f"{ep.node} ({ep.url}): {ep.probe.message}")
+        elif ep.healthy and was is False:
+            events.info("EndpointRecovered", f"{ep.node} ({ep.url}) passes its health probe again")
+        was_pending = set(before.get(ep.node, {}).get("pending") or [])
+        if was_pending and (done := sorted(was_pending & set(ep.models))):
+            events.info("ModelReady", f"{', '.join(done)} ready on {ep.node}")
