@@ -173,7 +173,7 @@ class TableWatch:
                 raise TimeoutError(f"{node} still routed by {self.listing(node)[:3]} after {timeout}s")
             try:
                 await asyncio.wait_for(self.changed.wait(), remaining)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         return time.monotonic() - started
 

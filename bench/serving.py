@@ -57,8 +57,7 @@ def blas_env() -> dict:
 def make_prompts(n: int, seed: int = 7) -> list[str]:
     """Distinct prompts of 20-60 words, so neither server is helped by a prefix cache."""
     rng = np.random.default_rng(seed)
-    words = "the a fleet of small computers serve models quickly and reliably while kubernetes " \
-            "reconciles desired state across many nodes with routing tables health probes".split()
+    words = ["the", "a", "fleet", "of", "small", "computers", "serve", "models", "quickly", "and", "reliably", "while", "kubernetes", "reconciles", "desired", "state", "across", "many", "nodes", "with", "routing", "tables", "health", "probes"]
     return [" ".join(rng.choice(words, size=int(rng.integers(20, 60)))) for _ in range(n)]
 
 

@@ -36,8 +36,7 @@ from mlxpool.dev.processes import LOOPBACK, Process, free_port, wait_for
 from mlxpool.dev.scraping import metric_total
 from mlxpool.tinymodel import make_tiny
 
-WORDS = ("the fleet of small computers serves models while kubernetes reconciles desired state across many "
-         "nodes with routing tables health probes and careful schedulers").split()
+WORDS = ["the", "fleet", "of", "small", "computers", "serves", "models", "while", "kubernetes", "reconciles", "desired", "state", "across", "many", "nodes", "with", "routing", "tables", "health", "probes", "and", "careful", "schedulers"]
 
 
 def start_redis(work: Path) -> Process:

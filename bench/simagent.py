@@ -28,8 +28,16 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from mlxpool.agentapi import (
-    CACHE_KEY_PATTERN, OPS_PREFIX, CacheEntry, CachePhase, LoadModelRequest, ModelPhase, ModelState, NodeReport,
-    QueueReport, StageRequest,
+    CACHE_KEY_PATTERN,
+    OPS_PREFIX,
+    CacheEntry,
+    CachePhase,
+    LoadModelRequest,
+    ModelPhase,
+    ModelState,
+    NodeReport,
+    QueueReport,
+    StageRequest,
 )
 from mlxpool.nodes import Hardware, LoadedModel, NodeStatus
 

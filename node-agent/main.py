@@ -13,8 +13,8 @@ import os
 import sys
 from pathlib import Path
 
-from mlxpool.agent.http.auth import API_KEY_ENV, OPS_TOKEN_ENV, Credentials
 from mlxpool.agent.config import RuntimeConfig, load_runtime_config
+from mlxpool.agent.http.auth import API_KEY_ENV, OPS_TOKEN_ENV, Credentials
 from mlxpool.agent.node.nodeinfo import check_node_name, default_node_name, parse_labels
 from mlxpool.agent.runtime import AgentConfig, AgentRuntime, RegistrationConfig
 

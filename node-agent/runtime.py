@@ -27,19 +27,19 @@ from typing import TYPE_CHECKING, TypeVar
 
 import uvicorn
 
-from mlxpool.agent.node import hardware
+from mlxpool.agent.config import RuntimeConfig
+from mlxpool.agent.engine.interface import EngineConfig
 from mlxpool.agent.http.app import create_app
 from mlxpool.agent.http.auth import Credentials
-from mlxpool.agent.config import RuntimeConfig
-from mlxpool.agent.serving.dataplane import DataPlane, DataPlaneSettings
-from mlxpool.agent.serving.promptcache import KVShare
-from mlxpool.agent.engine.interface import EngineConfig
-from mlxpool.agent.serving.lifecycle import Lifecycle, Phase
 from mlxpool.agent.http.metrics import AgentMetrics
 from mlxpool.agent.http.operations import ops_router
-from mlxpool.agent.serving.repository import ModelRepository
+from mlxpool.agent.node import hardware
 from mlxpool.agent.node.nodeinfo import default_node_name, node_spec, node_status
 from mlxpool.agent.operations.assembly import Operations, StatusNudger
+from mlxpool.agent.serving.dataplane import DataPlane, DataPlaneSettings
+from mlxpool.agent.serving.lifecycle import Lifecycle, Phase
+from mlxpool.agent.serving.promptcache import KVShare
+from mlxpool.agent.serving.repository import ModelRepository
 from mlxpool.agentapi import ModelPhase
 from mlxpool.nodes import LoadedModel, NodeStatus
 
@@ -127,7 +127,7 @@ class AgentRuntime:
             on_change=self._status_nudger.nudge,
         )
         # ----
-        self.app = create_app(self.dataplane, self.metrics, config.credentials, 
+        self.app = create_app(self.dataplane, self.metrics, config.credentials,
                               ops=ops_router(self.operations.manager, self.operations.cache,
                                              self.operations.reporter))
         self.url: str | None = None

@@ -27,21 +27,21 @@ import kopf
 from kubernetes_asyncio.client.exceptions import ApiException
 from pydantic import ValidationError
 
+from mlxpool.kubeclients import open_api_client
+from mlxpool.operator.config import OperatorConfig
 from mlxpool.operator.io import metrics
 from mlxpool.operator.io.agentclient import AgentClient
-from mlxpool.operator.reconcilers.caches import CacheReconciler, CacheState
-from mlxpool.operator.config import OperatorConfig
-from mlxpool.operator.logic.fleet import Fleet
-from mlxpool.kubeclients import open_api_client
 from mlxpool.operator.io.kube import KubeClient
-from mlxpool.operator.reconcilers.monitors import NodeMonitors
-from mlxpool.operator.logic.placement import NodeView
 from mlxpool.operator.io.probing import Prober
-from mlxpool.operator.reconcilers.pools import PoolReconciler, PoolState, seed_fleet
-from mlxpool.operator.reconcilers.runtimes import CacheRuntime, PoolRuntime, Runtimes
 from mlxpool.operator.io.scraping import UsageScraper
+from mlxpool.operator.logic.fleet import Fleet
+from mlxpool.operator.logic.placement import NodeView
 from mlxpool.operator.logic.sources import CacheRef
 from mlxpool.operator.logic.specs import PoolSpec
+from mlxpool.operator.reconcilers.caches import CacheReconciler, CacheState
+from mlxpool.operator.reconcilers.monitors import NodeMonitors
+from mlxpool.operator.reconcilers.pools import PoolReconciler, PoolState, seed_fleet
+from mlxpool.operator.reconcilers.runtimes import CacheRuntime, PoolRuntime, Runtimes
 from mlxpool.resources import CACHE_PLURAL, FINALIZER, GROUP, LABEL_POOL, NODE_PLURAL, POOL_PLURAL, VERSION
 
 log = logging.getLogger(__name__)

@@ -23,9 +23,9 @@ from mlxpool.router.forwarding import Forwarder
 from mlxpool.router.metrics import RouterMetrics
 from mlxpool.router.parsing import InferenceRequest, parse_inference_request, upstream_headers
 from mlxpool.router.picking.profiles import Strategies, load_strategies
+from mlxpool.router.picking.signals import EndpointSignals
 from mlxpool.router.relaying import ClientDisconnected, RelayResponse, cancel_on_disconnect
 from mlxpool.router.settings import RouterSettings, TableSourceSettings, UpstreamSettings
-from mlxpool.router.picking.signals import EndpointSignals
 from mlxpool.router.tables.files import follow_file
 from mlxpool.router.tables.holder import TableHolder
 

@@ -26,8 +26,8 @@ from mlxpool.router.metrics import RouterMetrics
 from mlxpool.router.parsing import InferenceRequest, downstream_headers
 from mlxpool.router.picking.plugins import PickRequest
 from mlxpool.router.picking.profiles import Strategies
-from mlxpool.router.settings import UpstreamSettings
 from mlxpool.router.picking.signals import EndpointSignals
+from mlxpool.router.settings import UpstreamSettings
 from mlxpool.router.tables.holder import TableHolder
 from mlxpool.routing import RouteEndpoint
 

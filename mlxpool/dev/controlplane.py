@@ -67,7 +67,7 @@ class ControlPlane:
     def kubeconfig(self, identity: str = "admin") -> Path:
         return self.workdir / f"kubeconfig-{identity}.yaml"
 
-    def start(self, timeout: float = 90.0) -> "ControlPlane":
+    def start(self, timeout: float = 90.0) -> ControlPlane:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._start_etcd()
         self._start_apiserver(timeout)

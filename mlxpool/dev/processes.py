@@ -12,9 +12,10 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 T = TypeVar("T")
 
@@ -28,7 +29,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(check: Callable[[], T], timeout: float, what: str, proc: "Process | None" = None) -> T:
+def wait_for(check: Callable[[], T], timeout: float, what: str, proc: Process | None = None) -> T:
     """Poll `check` until it returns something truthy, and return that; errors raised by
     `check` count as "not yet". Fails early if `proc` died, naming its log."""
     deadline = time.monotonic() + timeout
@@ -57,7 +58,7 @@ class Process:
     """Where this run's output starts in the (appended) log file."""
 
     @classmethod
-    def start(cls, name: str, argv: list[str], log_path: Path, env: dict | None = None) -> "Process":
+    def start(cls, name: str, argv: list[str], log_path: Path, env: dict | None = None) -> Process:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(log_path, "ab")
         offset = log.tell()

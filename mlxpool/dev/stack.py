@@ -41,7 +41,7 @@ class StackState:
     members: list[Member] = field(default_factory=list)
 
     @classmethod
-    def load(cls, workdir: Path) -> "StackState | None":
+    def load(cls, workdir: Path) -> StackState | None:
         path = workdir / "state.json"
         if not path.exists():
             return None

@@ -40,13 +40,12 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
+import mlx.core as mx
+from mlx_lm.generate import BatchGenerator
+
 from mlxpool.agent.engine import blas as _blas  # noqa: F401  (must precede mlx)
-
-import mlx.core as mx  # noqa: E402
-from mlx_lm.generate import BatchGenerator  # noqa: E402
-
-from mlxpool.agent.engine import kvcodec, loading  # noqa: E402
-from mlxpool.agent.engine.interface import (  # noqa: E402
+from mlxpool.agent.engine import kvcodec, loading
+from mlxpool.agent.engine.interface import (
     DeadlineError,
     EngineConfig,
     EngineError,
@@ -58,11 +57,11 @@ from mlxpool.agent.engine.interface import (  # noqa: E402
     TokenEvent,
     TokenLogprob,
 )
-from mlxpool.agent.engine.logprobs import LogprobReader  # noqa: E402
-from mlxpool.agent.engine.prefixcache import PrefixCache  # noqa: E402
-from mlxpool.agent.engine.sampling import SamplerFactory, logits_processors  # noqa: E402
-from mlxpool.agent.engine.scheduling import PriorityAdmission, QueueFull  # noqa: E402
-from mlxpool.agent.engine.stopping import StopStringMatcher  # noqa: E402
+from mlxpool.agent.engine.logprobs import LogprobReader
+from mlxpool.agent.engine.prefixcache import PrefixCache
+from mlxpool.agent.engine.sampling import SamplerFactory, logits_processors
+from mlxpool.agent.engine.scheduling import PriorityAdmission, QueueFull
+from mlxpool.agent.engine.stopping import StopStringMatcher
 
 __all__ = ["BatchEngine", "EngineConfig"]
 

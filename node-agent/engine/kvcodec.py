@@ -18,11 +18,11 @@ import struct
 from collections.abc import Sequence
 from typing import Any
 
-from mlxpool.agent.engine import blas as _blas  # noqa: F401  (must precede mlx)
+import mlx.core as mx
+import numpy as np
+from mlx_lm.models.cache import KVCache
 
-import mlx.core as mx  # noqa: E402
-import numpy as np  # noqa: E402
-from mlx_lm.models.cache import KVCache  # noqa: E402
+from mlxpool.agent.engine import blas as _blas  # noqa: F401  (must precede mlx)
 
 FORMAT = "mlxpool-kv/1"
 _DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}

@@ -13,15 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlxpool.agent.engine import blas as _blas  # noqa: F401  (must precede mlx)
+import mlx.core as mx
+import mlx.nn as nn
+import mlx_lm
+from mlx.utils import tree_flatten
+from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-import mlx.core as mx  # noqa: E402
-import mlx.nn as nn  # noqa: E402
-import mlx_lm  # noqa: E402
-from mlx.utils import tree_flatten  # noqa: E402
-from mlx_lm.tokenizer_utils import TokenizerWrapper  # noqa: E402
-
-from mlxpool.agent.engine.interface import ModelInfo  # noqa: E402
+from mlxpool.agent.engine import blas as _blas
+from mlxpool.agent.engine.interface import ModelInfo
 
 log = logging.getLogger(__name__)
 

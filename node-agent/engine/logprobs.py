@@ -14,11 +14,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import mlx.core as mx
+
 from mlxpool.agent.engine import blas as _blas  # noqa: F401  (must precede mlx)
-
-import mlx.core as mx  # noqa: E402
-
-from mlxpool.agent.engine.interface import TokenLogprob  # noqa: E402
+from mlxpool.agent.engine.interface import TokenLogprob
 
 _MAX_TEXTS = 65536
 

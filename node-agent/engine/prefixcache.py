@@ -15,10 +15,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from mlxpool.agent.engine import blas as _blas  # noqa: F401  (must precede mlx)
+import mlx.core as mx
+from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
 
-import mlx.core as mx  # noqa: E402
-from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache  # noqa: E402
+from mlxpool.agent.engine import blas as _blas  # noqa: F401  (must precede mlx)
 
 MIN_REUSE_TOKENS = 16
 """Fewer cached tokens than this are not reused: copying the entry costs more than

@@ -19,10 +19,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 
-from mlxpool.agent.engine import blas as _blas  # noqa: F401  (must precede mlx)
-
-import mlx.core as mx  # noqa: E402
-from mlx_lm.sample_utils import (  # noqa: E402
+import mlx.core as mx
+from mlx_lm.sample_utils import (
     apply_min_p,
     apply_top_k,
     apply_top_p,
@@ -31,7 +29,8 @@ from mlx_lm.sample_utils import (  # noqa: E402
     make_sampler,
 )
 
-from mlxpool.agent.engine.interface import SamplingParams  # noqa: E402
+from mlxpool.agent.engine import blas as _blas  # noqa: F401  (must precede mlx)
+from mlxpool.agent.engine.interface import SamplingParams
 
 Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]

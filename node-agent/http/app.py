@@ -23,13 +23,13 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from mlxpool import __version__
-from mlxpool.agent.serving import openai as api
-from mlxpool.agent.http.auth import Credentials, require_api_key
-from mlxpool.agent.serving.dataplane import DataPlane, RequestHints
 from mlxpool.agent.errors import AgentError
+from mlxpool.agent.http.auth import Credentials, require_api_key
 from mlxpool.agent.http.errors import EXCEPTION_HANDLERS
 from mlxpool.agent.http.metrics import AgentMetrics, HttpMetricsMiddleware
 from mlxpool.agent.http.sse import EventStreamResponse
+from mlxpool.agent.serving import openai as api
+from mlxpool.agent.serving.dataplane import DataPlane, RequestHints
 from mlxpool.priorities import DEADLINE_HEADER, PRIORITY_HEADER
 
 log = logging.getLogger(__name__)

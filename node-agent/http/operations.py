@@ -15,8 +15,8 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
-from mlxpool.agent.http.auth import require_ops_token
 from mlxpool.agent.errors import InvalidRequest
+from mlxpool.agent.http.auth import require_ops_token
 from mlxpool.agent.operations.manager import ModelManager
 from mlxpool.agent.operations.reports import NodeReporter
 from mlxpool.agent.operations.sources import SourceError

@@ -18,8 +18,8 @@ import logging
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from mlxpool.agent.serving.dataplane import ChunkStream
 from mlxpool.agent.errors import AgentError
+from mlxpool.agent.serving.dataplane import ChunkStream
 
 log = logging.getLogger(__name__)
 

@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlxpool.agent.config import MultiModel, WeightManagement
-from mlxpool.agent.serving.repository import ModelRepository
 from mlxpool.agent.operations.manager import Capacity, EngineFactory, ModelManager
 from mlxpool.agent.operations.reports import NodeIdentity, NodeReporter
 from mlxpool.agent.operations.sources import DEFAULT_HUB_ENDPOINT
 from mlxpool.agent.operations.staging import ModelCacheStore
+from mlxpool.agent.serving.repository import ModelRepository
 from mlxpool.agentapi import LoadModelRequest, ModelState
 
 log = logging.getLogger(__name__)

@@ -34,10 +34,10 @@ from typing import Any, Protocol
 from mlxpool.agent.engine.interface import Engine, ModelInfo
 from mlxpool.agent.engine.prompts import PromptEncoder
 from mlxpool.agent.errors import InvalidRequest, ModelNotFound
-from mlxpool.agent.serving.repository import ModelRepository, ServedModel
 from mlxpool.agent.operations import eviction
 from mlxpool.agent.operations.errors import MaxModelsReached, MemoryBudgetExceeded, ModelConflict, ModelUnloading
 from mlxpool.agent.operations.tracking import TrackedEngine
+from mlxpool.agent.serving.repository import ModelRepository, ServedModel
 from mlxpool.agentapi import LoadModelRequest, ModelPhase, ModelState, QueueReport
 
 log = logging.getLogger(__name__)
@@ -166,7 +166,7 @@ class ModelManager:
                     if (record.path, record.cache_key) != (str(path), request.cache_key):
                         raise ModelConflict(
                             f"model {request.name!r} is already {record.phase.value} from "
-                            f"{record.cache_key and f'cache entry {record.cache_key}' or record.path}; "
+                            f"{(record.cache_key and f'cache entry {record.cache_key}') or record.path}; "
                             f"unload it first (DELETE /v1/node/models/{request.name})", param="name")
                     if record.pinned != request.pin:
                         record.pinned = request.pin

@@ -35,7 +35,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from mlxpool.agent.operations.errors import CacheConflict, CacheEntryNotFound, CacheInUse, CacheNotReady
-from mlxpool.agent.operations.fetching import Cancelled, FetchError, Fetcher, Progress, sha256_of
+from mlxpool.agent.operations.fetching import Cancelled, Fetcher, FetchError, Progress, sha256_of
 from mlxpool.agent.operations.sources import Source, check_digests, parse_source
 from mlxpool.agent.operations.weights import PinRefused, WeightFiles
 from mlxpool.agentapi import CacheEntry, CachePhase, StageRequest

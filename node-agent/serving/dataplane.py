@@ -25,7 +25,6 @@ from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
-from mlxpool.agent.serving import openai as api
 from mlxpool.agent.config import PriorityScheduling
 from mlxpool.agent.engine.interface import (
     DeadlineError,
@@ -38,6 +37,7 @@ from mlxpool.agent.engine.interface import (
 )
 from mlxpool.agent.engine.prompts import PromptError
 from mlxpool.agent.errors import AgentError, DeadlineExceeded, GenerationFailed, InvalidRequest, QueueFull
+from mlxpool.agent.serving import openai as api
 from mlxpool.agent.serving.lifecycle import Lifecycle, Phase
 from mlxpool.agent.serving.repository import ModelRepository, ServedModel
 from mlxpool.agent.serving.shaping import ChunkTemplate, chat_logprobs, completion_logprobs

@@ -124,7 +124,7 @@ class KVShare:
                     self.counts["hits"] += 1
                     self.counts["hit_tokens"] += covered
                     return SharedPrefix(covered, blob)
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, RedisError, OSError) as exc:
             self._failed("lookup", exc)
         return None
 
@@ -164,7 +164,7 @@ class KVShare:
             self._remember(blob_key.encode())
             self.counts["published"] += 1
             self.counts["published_bytes"] += len(blob)
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, RedisError, OSError) as exc:
             self._failed("publish", exc)
         finally:
             self._publishing -= 1

@@ -15,8 +15,8 @@ from collections.abc import Callable, Sequence
 
 from pydantic import BaseModel
 
-from mlxpool.agent.serving import openai as api
 from mlxpool.agent.engine.interface import TokenLogprob
+from mlxpool.agent.serving import openai as api
 
 _PLACEHOLDER = "\x00mlxpool-text\x00"
 

@@ -18,7 +18,15 @@ from pydantic import ValidationError
 
 from mlxpool.operator.io import metrics
 from mlxpool.resources import (
-    API_VERSION, CACHE_PLURAL, GROUP, LABEL_POOL, NODE_PLURAL, POOL_KIND, POOL_PLURAL, ROUTES_DATA_KEY, VERSION,
+    API_VERSION,
+    CACHE_PLURAL,
+    GROUP,
+    LABEL_POOL,
+    NODE_PLURAL,
+    POOL_KIND,
+    POOL_PLURAL,
+    ROUTES_DATA_KEY,
+    VERSION,
     routes_configmap_name,
 )
 from mlxpool.routing import RoutingTable

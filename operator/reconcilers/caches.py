@@ -22,7 +22,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Protocol
 
 from mlxpool.agentapi import CacheEntry, StageRequest
@@ -31,10 +31,10 @@ from mlxpool.operator.io.agentclient import AgentError
 from mlxpool.operator.logic.cache_statuses import cache_status, finished_phases, node_entry
 from mlxpool.operator.logic.fleet import Fleet
 from mlxpool.operator.logic.placement import NodeView, node_unusable, selector_matches
-from mlxpool.operator.reconcilers.pools import Events
 from mlxpool.operator.logic.sources import cache_key
 from mlxpool.operator.logic.specs import CacheSpec
 from mlxpool.operator.logic.statuses import status_patch
+from mlxpool.operator.reconcilers.pools import Events
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class CacheResult:
 
 class CacheReconciler:
     def __init__(self, kube: Kube, agents: CacheAgents, fleet: Fleet, stale_after: float,
-                 clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)) -> None:
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         self._kube = kube
         self._agents = agents
         self._fleet = fleet

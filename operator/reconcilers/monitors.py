@@ -29,16 +29,16 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Protocol
 
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from mlxpool.operator.io.agentclient import AgentClient, AgentError
-from mlxpool.operator.logic.conditions import READY, rfc3339, node_readiness
+from mlxpool.operator.io.probing import Prober
+from mlxpool.operator.logic.conditions import READY, node_readiness, rfc3339
 from mlxpool.operator.logic.fleet import HEALTH, Fleet
 from mlxpool.operator.logic.placement import NodeView
-from mlxpool.operator.io.probing import Prober
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class NodeMonitors:
     def __init__(self, fleet: Fleet, prober: Prober, agents: AgentClient, kube: Kube, *, default_interval: float,
                  override_interval: float | None, report_interval: float, stale_after: float,
                  orphan_grace: float = 30.0,
-                 clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)) -> None:
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         self._fleet = fleet
         self._prober = prober
         self._agents = agents

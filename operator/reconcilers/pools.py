@@ -17,7 +17,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Protocol
 
 from mlxpool.agentapi import CacheEntry, LoadModelRequest, ModelState, StageRequest
@@ -117,7 +117,7 @@ class PoolReconciler:
         agents: Agents,
         fleet: Fleet,
         stale_after: float,
-        clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._kube = kube
         self._agents = agents
@@ -140,7 +140,7 @@ class PoolReconciler:
         candidates = _assume_known_health(self._fleet.candidates(key, sizes), before)
         placement = place(candidates, spec, sources, sizes, before.keys(), now, self._stale_after)
         chosen_names = [c.name for c in placement.chosen]
-        unloads = self._fleet.claim(key, {n: spec.model_names for n in chosen_names}, probe_interval)
+        unloads = self._fleet.claim(key, dict.fromkeys(chosen_names, spec.model_names), probe_interval)
         actions = plan(placement.chosen, spec.model_names, sources)
         calls = await self._act(actions, events) + await self.unload(unloads, events)
 

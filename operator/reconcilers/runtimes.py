@@ -12,10 +12,10 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
-from mlxpool.operator.reconcilers.caches import CacheState
 from mlxpool.operator.logic.fleet import HEALTH, PoolKey
-from mlxpool.operator.reconcilers.pools import PoolState
 from mlxpool.operator.logic.sources import CacheRef
+from mlxpool.operator.reconcilers.caches import CacheState
+from mlxpool.operator.reconcilers.pools import PoolState
 
 
 class Stopped(Protocol):

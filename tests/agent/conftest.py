@@ -142,8 +142,8 @@ class FakeAgent:
 
 @pytest.fixture
 def fake_agent() -> Iterator[FakeAgent]:
-    from mlxpool.agent.serving.dataplane import DataPlane, DataPlaneSettings
     from mlxpool.agent.engine.prompts import PromptEncoder
+    from mlxpool.agent.serving.dataplane import DataPlane, DataPlaneSettings
     from mlxpool.agent.serving.lifecycle import Lifecycle, Phase
     from mlxpool.agent.serving.repository import ModelRepository, ServedModel
 

@@ -11,11 +11,11 @@ import httpx
 import pytest
 from fastapi import APIRouter, Depends
 
+from mlxpool.agent.engine.interface import DeadlineError, QueueFullError
 from mlxpool.agent.http.app import create_app
 from mlxpool.agent.http.auth import Credentials, require_ops_token
-from mlxpool.agent.engine.interface import DeadlineError, QueueFullError
-from mlxpool.agent.serving.lifecycle import Phase
 from mlxpool.agent.http.metrics import AgentMetrics
+from mlxpool.agent.serving.lifecycle import Phase
 
 
 def make_client(fake_agent, credentials: Credentials | None = None) -> httpx.AsyncClient:

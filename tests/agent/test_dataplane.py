@@ -11,9 +11,7 @@ import time
 
 import pytest
 
-from mlxpool.agent.serving import openai as api
 from mlxpool.agent.config import PriorityScheduling, TierConfig
-from mlxpool.agent.serving.dataplane import DataPlane, DataPlaneSettings, RequestHints
 from mlxpool.agent.engine.interface import DeadlineError, QueueFullError
 from mlxpool.agent.errors import (
     DeadlineExceeded,
@@ -24,6 +22,8 @@ from mlxpool.agent.errors import (
     NotReady,
     QueueFull,
 )
+from mlxpool.agent.serving import openai as api
+from mlxpool.agent.serving.dataplane import DataPlane, DataPlaneSettings, RequestHints
 from mlxpool.agent.serving.lifecycle import Phase
 from mlxpool.priorities import Priority
 

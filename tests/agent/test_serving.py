@@ -267,13 +267,12 @@ def test_metrics_use_prometheus_and_vllm_names(client):
 def test_client_disconnect_mid_stream_frees_the_slot(client, agent):
     cancelled_before = metric(client, "mlxpool_requests_finished_total", 'model_name="tiny",reason="cancelled"')
     tokens_before = metric(client, "mlxpool_generation_tokens_total")
-    with httpx.Client(base_url=agent.url, timeout=60) as own:
-        with own.stream("POST", "/v1/completions", json={
-                "model": "tiny", "prompt": PROMPT, "max_tokens": 1900, "temperature": 0, "stream": True}) as r:
-            lines = r.iter_lines()
-            for _ in range(3):
-                next(lines)
-            assert metric(client, "vllm:num_requests_running") == 1
+    with httpx.Client(base_url=agent.url, timeout=60) as own, own.stream("POST", "/v1/completions", json={
+            "model": "tiny", "prompt": PROMPT, "max_tokens": 1900, "temperature": 0, "stream": True}) as r:
+        lines = r.iter_lines()
+        for _ in range(3):
+            next(lines)
+        assert metric(client, "vllm:num_requests_running") == 1
     # Closing the connection cancels the request in the engine.
     wait_until(lambda: metric(client, "vllm:num_requests_running") == 0)
     wait_until(lambda: metric(client, "mlxpool_requests_finished_total",

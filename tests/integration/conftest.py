@@ -7,9 +7,8 @@ tiny MLX model and a real router, each a `python -m mlxpool ...` subprocess on
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import json
+from pathlib import Path
 
 import pytest
 

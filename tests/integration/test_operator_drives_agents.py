@@ -16,8 +16,7 @@ import pytest
 import yaml
 
 from mlxpool.dev.controlplane import ControlPlane
-from mlxpool.dev.processes import LOOPBACK
-from mlxpool.dev.processes import wait_for
+from mlxpool.dev.processes import LOOPBACK, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 

@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -46,7 +46,7 @@ TEST_LABEL = "mlxpool.dev/test-namespace"
 
 
 class _HealthHandler(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_GET(self) -> None:
         status, body = (200, b'{"status":"ok"}') if self.path == "/health" else (404, b"{}")
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -97,7 +97,7 @@ def health_servers() -> Iterator[Callable[[], HealthServer]]:
 
 
 def rfc3339(moment: datetime) -> str:
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class Nodes:
@@ -128,7 +128,7 @@ class Nodes:
         self.cp.kubectl("create", "-f", "-", input=json.dumps(body), identity="agent")
         self.created.append(name)
         self.set_status(short, ready=ready, models=[{"name": m} for m in models],
-                        heartbeatTime=rfc3339(heartbeat or datetime.now(timezone.utc)), freeMemoryBytes=free_memory)
+                        heartbeatTime=rfc3339(heartbeat or datetime.now(UTC)), freeMemoryBytes=free_memory)
         return name
 
     def set_status(self, short: str, **fields: Any) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from mlxpool.agentapi import StageRequest
 from mlxpool.operator.logic.assignments import LoadAction, StageAction, plan, progress
@@ -17,7 +17,7 @@ CACHED = LoadSource(origin="ModelCache ns/x", cache_key="ns.x.1")
 
 def cand(models: dict[str, str] | None = None, cache: dict[str, str] | None = None, healthy: bool = True,
          failures: dict | None = None, report: bool = True) -> Candidate:
-    node = NodeView(name="n", endpoint="http://n", labels={}, ready=True, heartbeat=datetime.now(timezone.utc),
+    node = NodeView(name="n", endpoint="http://n", labels={}, ready=True, heartbeat=datetime.now(UTC),
                     free_memory_bytes=None, models=frozenset())
     return Candidate(view=node, agent=AgentView(models=models or {}, cache=cache or {}) if report else None,
                      probe=ProbeResult(healthy, "" if healthy else "down"), failures=failures or {})

@@ -4,21 +4,21 @@ with a faked API and faked agents; the fleet is the real one)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from mlxpool.agentapi import CacheEntry, CachePhase, StageRequest
 from mlxpool.operator.logic.cache_statuses import cache_status, node_entry
-from mlxpool.operator.reconcilers.caches import CacheReconciler, CacheState
 from mlxpool.operator.logic.conditions import node_readiness
 from mlxpool.operator.logic.endpoints import ProbeResult
 from mlxpool.operator.logic.fleet import Fleet
 from mlxpool.operator.logic.placement import NodeView
 from mlxpool.operator.logic.sources import cache_key
 from mlxpool.operator.logic.specs import CacheSpec
+from mlxpool.operator.reconcilers.caches import CacheReconciler, CacheState
 
-NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 SHA = "ab" * 32
 
 

@@ -3,7 +3,7 @@ changes (pure in-memory state, no I/O)."""
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from mlxpool.agentapi import CacheEntry, CachePhase, ModelPhase, ModelState, NodeReport
 from mlxpool.nodes import Hardware
@@ -17,7 +17,7 @@ A, B = ("ns", "a"), ("ns", "b")
 
 def view(name: str, **kw) -> NodeView:
     return NodeView(name=name, endpoint=f"http://{name}", labels={}, ready=True,
-                    heartbeat=datetime(2026, 1, 1, tzinfo=timezone.utc), free_memory_bytes=0,
+                    heartbeat=datetime(2026, 1, 1, tzinfo=UTC), free_memory_bytes=0,
                     models=frozenset(kw.pop("models", ())), **kw)
 
 

@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
-from datetime import datetime, timedelta, timezone
-
-import pytest
+from datetime import UTC, datetime, timedelta
 
 from mlxpool.agentapi import ModelPhase, ModelState
 from mlxpool.operator.io.agentclient import AgentError
 from mlxpool.operator.logic.endpoints import ProbeResult
 from mlxpool.operator.logic.fleet import Fleet
-from mlxpool.operator.reconcilers.monitors import NodeMonitors
 from mlxpool.operator.logic.placement import NodeView
+from mlxpool.operator.reconcilers.monitors import NodeMonitors
 
 UP = ProbeResult(True)
 SLOW = ProbeResult(False, "no answer to GET /health within 0.5s", timed_out=True)
@@ -60,7 +58,7 @@ async def watch(script: list[ProbeResult], age: float = 1.0, fleet: Fleet | None
     fleet = fleet or Fleet()
     seen: list[bool] = []
     fleet.subscribe(lambda node, what: seen.append(fleet.observation(node).probe.healthy) if what == "health" else None)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     fleet.set_view(NodeView(name="n", endpoint="http://n", labels={}, ready=True, heartbeat=now - timedelta(seconds=age),
                             free_memory_bytes=None, models=frozenset()))
     prober, agents, kube = ScriptedProber(script), Agents(), Kube()

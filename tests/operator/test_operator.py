@@ -8,7 +8,7 @@ import json
 import re
 import time
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import httpx
@@ -88,7 +88,7 @@ def test_pool_follows_agent_health_and_node_readiness(controlplane, namespace, n
     nodes.register("b", b.url)
     nodes.register("c", c.url, models=("other",))  # serves another model
     nodes.register("d", d.url, labels={nodes.label: "elsewhere"})  # outside the selector
-    nodes.register("e", e.url, heartbeat=datetime.now(timezone.utc) - timedelta(minutes=10))  # stale
+    nodes.register("e", e.url, heartbeat=datetime.now(UTC) - timedelta(minutes=10))  # stale
     create_pool(cp, namespace, nodes, replicas=3)
     operator = run_operator(namespace)
     na, nb = nodes.name("a"), nodes.name("b")

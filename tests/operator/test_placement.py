@@ -3,7 +3,7 @@ the choice of replicas (pure)."""
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -11,12 +11,19 @@ from mlxpool.agentapi import CacheEntry, CachePhase, ModelPhase, ModelState, Nod
 from mlxpool.nodes import Hardware
 from mlxpool.operator.logic.endpoints import ProbeResult
 from mlxpool.operator.logic.placement import (
-    AgentView, Candidate, NodeView, choose, endpoints_of, exclusion_reason, place, selector_matches,
+    AgentView,
+    Candidate,
+    NodeView,
+    choose,
+    endpoints_of,
+    exclusion_reason,
+    place,
+    selector_matches,
 )
 from mlxpool.operator.logic.sources import LoadSource, resolve
 from mlxpool.operator.logic.specs import LabelSelector, PoolSpec
 
-NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 GIB = 1 << 30
 UP = ProbeResult(True)
 

@@ -9,23 +9,29 @@ probe results and agent reports are fed to the fleet as the node monitors would.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from mlxpool.agentapi import (
-    CacheEntry, CachePhase, LoadModelRequest, ModelPhase, ModelState, NodeReport, StageRequest,
+    CacheEntry,
+    CachePhase,
+    LoadModelRequest,
+    ModelPhase,
+    ModelState,
+    NodeReport,
+    StageRequest,
 )
 from mlxpool.nodes import Hardware
 from mlxpool.operator.io.agentclient import AgentError
 from mlxpool.operator.logic.endpoints import ProbeResult
 from mlxpool.operator.logic.fleet import Fleet
 from mlxpool.operator.logic.placement import NodeView
-from mlxpool.operator.reconcilers.pools import PoolReconciler, PoolState, seed_fleet
 from mlxpool.operator.logic.sources import CacheRef, source_key
+from mlxpool.operator.reconcilers.pools import PoolReconciler, PoolState, seed_fleet
 from mlxpool.routing import RoutingTable
 
-NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 HW = Hardware(chip="c", memory_bytes=1, cpu_cores=1, accelerator="cpu", platform="p")
 
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from mlxpool.operator.logic.endpoints import PlacedEndpoint, ProbeResult
 from mlxpool.operator.logic.specs import PoolSpec
 from mlxpool.operator.logic.statuses import endpoint_entries, pool_status, status_patch
 
-T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 T1 = T0 + timedelta(seconds=30)
 SPEC = PoolSpec.model_validate({"models": [{"name": "tiny"}], "replicas": 2})
 

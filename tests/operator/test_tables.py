@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from mlxpool.operator.logic.endpoints import PlacedEndpoint, ProbeResult
 from mlxpool.operator.logic.tables import next_table, route_models
 from mlxpool.routing import RoutingTable
 
-NOW = datetime(2026, 1, 1, tzinfo=timezone.utc)
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
 OK, DOWN = ProbeResult(True), ProbeResult(False, "cannot connect")
 
 

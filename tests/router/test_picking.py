@@ -6,7 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from mlxpool.router.picking.filters import ConnectCooldownFilter, ConnectCooldownParams, MaxInFlightFilter, MaxInFlightParams
+from mlxpool.router.picking.filters import (
+    ConnectCooldownFilter,
+    ConnectCooldownParams,
+    MaxInFlightFilter,
+    MaxInFlightParams,
+)
 from mlxpool.router.picking.picker import Pipeline, WeightedScorer
 from mlxpool.router.picking.plugins import PickRequest, spread
 from mlxpool.router.picking.profiles import Strategies, load_strategies

@@ -6,8 +6,8 @@ import asyncio
 from pathlib import Path
 
 from mlxpool.agent.config import MultiModel, WeightManagement
-from mlxpool.agent.serving.repository import ModelRepository
 from mlxpool.agent.operations.assembly import Operations, StatusNudger, physical_memory
+from mlxpool.agent.serving.repository import ModelRepository
 
 
 async def test_nudges_during_a_write_cause_exactly_one_more_write():

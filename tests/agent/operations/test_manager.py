@@ -10,7 +10,6 @@ import pytest
 
 from mlxpool.agent.engine.interface import GenerationRequest, SamplingParams
 from mlxpool.agent.errors import InvalidRequest, ModelNotFound
-from mlxpool.agent.serving.repository import ModelLoading, ModelRepository, ModelUnloading
 from mlxpool.agent.operations.errors import (
     MaxModelsReached,
     MemoryBudgetExceeded,
@@ -18,6 +17,7 @@ from mlxpool.agent.operations.errors import (
 )
 from mlxpool.agent.operations.errors import ModelUnloading as UnloadInProgress
 from mlxpool.agent.operations.manager import Capacity, ModelManager
+from mlxpool.agent.serving.repository import ModelLoading, ModelRepository, ModelUnloading
 from mlxpool.agentapi import LoadModelRequest, ModelPhase
 
 

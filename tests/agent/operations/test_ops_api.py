@@ -112,7 +112,7 @@ def test_the_ops_api_needs_the_token(ops_agent, ops):
 
 
 def test_the_ops_api_is_off_without_a_token(start_agent_process, ops, tmp_path):
-    env = {k: "" for k in ("MLXPOOL_OPS_TOKEN",)}
+    env = dict.fromkeys(("MLXPOOL_OPS_TOKEN",), "")
     agent = start_agent_process(["--cache-dir", str(tmp_path / "cache")], env=env)
     response = ops(agent).get("/v1/node")
     assert response.status_code == 403
