@@ -23,11 +23,15 @@ venv: $(STAMP) ## Create .venv and install mlxpool (with its native module) into
 controlplane: ## Build (or reuse) kube-apiserver, kubectl and etcd
 	@hack/build-control-plane.sh
 
-test: venv ## Run every test: unit, native, integration (real apiserver, Redis, agents)
+test: venv lint ## Run every test: lint, types, import contracts, native, unit, integration (real apiserver, Redis, agents)
 	@hack/build-control-plane.sh >/dev/null
-	$(VENV)/bin/lint-imports .importlinter
 	$(MAKE) native-test
 	$(VENV)/bin/pytest
+
+lint: venv ## Linter (ruff), type checker (mypy) and the import contracts by layer (import-linter)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-logo .importlinter
 
 native-test: ## Build and run the C++ weight-manager tests with ASan/UBSan
 	cmake -S native -B build/native-test -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_FLAGS="-fsanitize=address,undefined -fno-omit-frame-pointer" >/dev/null
@@ -60,4 +64,4 @@ undeploy: ## Remove what `make deploy` created
 clean: ## Remove build outputs and local state (not the cached control plane binaries)
 	rm -rf build .mlxpool .pytest_cache
 
-.PHONY: help venv controlplane test native-test demo up down install uninstall deploy undeploy clean
+.PHONY: help venv controlplane test lint native-test demo up down install uninstall deploy undeploy clean

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -37,6 +38,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -79,7 +81,7 @@ class Api:
         self.client = httpx.AsyncClient(base_url=cp.server, verify=verify, timeout=30,
                                         headers={"Authorization": f"Bearer {cp.tokens['admin']}"})
 
-    async def request(self, method: str, url: str, **kwargs) -> httpx.Response:
+    async def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
         """A request, retried while the API server says 429 (a new CRD's storage initializing)."""
         for _ in range(50):
             response = await self.client.request(method, url, **kwargs)
@@ -109,7 +111,7 @@ class Api:
 
 def pool_ready(pool: dict) -> bool:
     status = pool.get("status") or {}
-    ready = next((c for c in status.get("conditions") or [] if c["type"] == "Ready"), {})
+    ready: dict[str, Any] = next((c for c in status.get("conditions") or [] if c["type"] == "Ready"), {})
     return (status.get("observedGeneration") == pool["metadata"]["generation"] and ready.get("status") == "True"
             and status.get("readyReplicas") == pool["spec"]["replicas"])
 
@@ -171,10 +173,8 @@ class TableWatch:
             remaining = timeout - (time.monotonic() - started)
             if remaining <= 0:
                 raise TimeoutError(f"{node} still routed by {self.listing(node)[:3]} after {timeout}s")
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.changed.wait(), remaining)
-            except TimeoutError:
-                pass
         return time.monotonic() - started
 
     async def stop(self) -> None:
@@ -235,7 +235,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict:
         procs.append(sims)
         sims_url = sims.wait_for_log(r"simagents ready url=(http://\S+)", 120).group(1)
         api = Api(cp)
-        while await api.node_count() < args.nodes:
+        while await api.node_count() < args.nodes:  # noqa: ASYNC110 (polling the apiserver: no event to wait on)
             await asyncio.sleep(0.2)
 
         operator = Process.start("operator", [
@@ -335,7 +335,8 @@ def print_table(result: dict) -> None:
         ("API requests per reconcile (whole run)", f"{result['api_requests_per_reconcile']:.3f}"),
         ("steady state: API requests / s", f"{result['steady_api_requests_per_s']:.2f}"),
         ("steady state: reconciles / s", f"{result['steady_reconciles_per_s']:.2f}"),
-        ("load calls to converge (expected)", f"{result['converge_load_calls']} ({result['pools'] * result['replicas']})"),
+        ("load calls to converge (expected)",
+         f"{result['converge_load_calls']} ({result['pools'] * result['replicas']})"),
         ("reconcile errors", str(result["reconcile_errors"])),
         ("load average (1 min) at start / end", f"{result['load_avg_1m_at_start']} / {result['load_avg_1m_at_end']}"),
     ]

@@ -57,7 +57,9 @@ def blas_env() -> dict:
 def make_prompts(n: int, seed: int = 7) -> list[str]:
     """Distinct prompts of 20-60 words, so neither server is helped by a prefix cache."""
     rng = np.random.default_rng(seed)
-    words = ["the", "a", "fleet", "of", "small", "computers", "serve", "models", "quickly", "and", "reliably", "while", "kubernetes", "reconciles", "desired", "state", "across", "many", "nodes", "with", "routing", "tables", "health", "probes"]
+    words = ["the", "a", "fleet", "of", "small", "computers", "serve", "models", "quickly", "and", "reliably",
+             "while", "kubernetes", "reconciles", "desired", "state", "across", "many", "nodes", "with",
+             "routing", "tables", "health", "probes"]
     return [" ".join(rng.choice(words, size=int(rng.integers(20, 60)))) for _ in range(n)]
 
 
@@ -139,7 +141,7 @@ async def measure(servers: dict[str, tuple[Process, str]], http: dict, clients: 
     rounds = max(rounds, 16 // clients)
     warmup = make_prompts(clients, seed=seed + 1)
     for name, (proc, model) in servers.items():
-        await run_level(proc.url, warmup, clients, 1, max_tokens, model, client=http[name])
+        await run_level(proc.base_url, warmup, clients, 1, max_tokens, model, client=http[name])
     names = list(servers)
     done: dict[str, list[LevelResult]] = {name: [] for name in names}
     for p in range(passes):
@@ -149,8 +151,8 @@ async def measure(servers: dict[str, tuple[Process, str]], http: dict, clients: 
             # ABBA runs a server twice in a row at pass boundaries, the second time with its
             # threads awake and its memory in cache; a short request first makes every
             # measured pass start that way.
-            await run_level(proc.url, warmup[:1], 1, 1, 8, model, client=http[name])
-            level = await run_level(proc.url, prompts, clients, rounds, max_tokens, model, client=http[name])
+            await run_level(proc.base_url, warmup[:1], 1, 1, 8, model, client=http[name])
+            level = await run_level(proc.base_url, prompts, clients, rounds, max_tokens, model, client=http[name])
             done[name].append(level)
             print(describe(name, clients, level.summary()) + f"  (pass {p + 1})", flush=True)
     return done
@@ -218,7 +220,8 @@ def _params_m(model: Path) -> float:
     from safetensors import safe_open
 
     with safe_open(str(model / "model.safetensors"), "numpy") as f:
-        return round(sum(np.prod(f.get_slice(k).get_shape()) for k in f.keys()) / 1e6, 1)
+        names = f.keys()  # safe_open is not a mapping: keys() is its listing
+        return round(sum(np.prod(f.get_slice(k).get_shape()) for k in names) / 1e6, 1)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ Usage: python -m bench.sharedkv [--quick] [--prompt-words N]
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -36,7 +37,9 @@ from mlxpool.dev.processes import LOOPBACK, Process, free_port, wait_for
 from mlxpool.dev.scraping import metric_total
 from mlxpool.tinymodel import make_tiny
 
-WORDS = ["the", "fleet", "of", "small", "computers", "serves", "models", "while", "kubernetes", "reconciles", "desired", "state", "across", "many", "nodes", "with", "routing", "tables", "health", "probes", "and", "careful", "schedulers"]
+WORDS = ["the", "fleet", "of", "small", "computers", "serves", "models", "while", "kubernetes", "reconciles",
+         "desired", "state", "across", "many", "nodes", "with", "routing", "tables", "health", "probes",
+         "and", "careful", "schedulers"]
 
 
 def start_redis(work: Path) -> Process:
@@ -72,7 +75,11 @@ def first_token_s(client: httpx.Client, agent: Process, prompt: str) -> float:
 
 
 def counter(agent: Process, name: str) -> float:
-    return metric_total(agent.url, name)
+    return metric_total(agent.base_url, name)
+
+
+def published_at_least(agent: Process, count: int) -> bool:
+    return counter(agent, "mlxpool_shared_kv_published_total") >= count
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                     a, b = pairs[pair]
                     first[pair].append(first_token_s(client, a, system + f"Question {i}: which node answered?"))
                     if pair == "shared":  # publishing is asynchronous: B asks once A's copy is in Redis
-                        wait_for(lambda: counter(a, "mlxpool_shared_kv_published_total") >= i + 1, 30,
+                        wait_for(functools.partial(published_at_least, a, i + 1), 30,
                                  "the first node to publish", a)
                     second[pair].append(first_token_s(client, b, system + f"Question {i}: and which model?"))
                 print(f"  prompt {i}: first node shared {first['shared'][-1]:.3f}s plain {first['plain'][-1]:.3f}s"

@@ -19,13 +19,17 @@ import asyncio
 import hashlib
 import re
 from collections import Counter
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlparse
 
 import httpx
 from aiohttp import web
-from pydantic import ValidationError
+from aiohttp.typedefs import Handler
+from pydantic import BaseModel, ValidationError
 
 from mlxpool.agentapi import (
     CACHE_KEY_PATTERN,
@@ -98,7 +102,7 @@ class SimAgent:
                           models=list(self.models.values()), cache=list(self.cache.values()),
                           queue=QueueReport(running=running, waiting=waiting), agent_version="sim")
 
-    def node_status(self, now) -> NodeStatus:
+    def node_status(self, now: datetime) -> NodeStatus:
         return NodeStatus(ready=self.ready, heartbeat_time=now.replace(microsecond=0),
                           free_memory_bytes=self.free_memory(), agent_version="sim",
                           models=[LoadedModel(name=m.name, memory_bytes=m.memory_bytes)
@@ -116,7 +120,7 @@ class SimAgent:
         self.models.clear()
         self.usage.clear()
 
-    def _spawn(self, coro) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -137,7 +141,7 @@ class SimAgent:
         return app
 
     @web.middleware
-    async def _auth(self, request: web.Request, handler):
+    async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path.startswith(OPS_PREFIX):
             if self.settings.token is None:
                 return _error(403, "the operations API is disabled: no ops token is configured", "forbidden")
@@ -158,7 +162,8 @@ class SimAgent:
             lines += [f"# HELP {name} simulated", f"# TYPE {name} {kind}"]
             lines += [f'{name}{{model_name="{m}"}} {getattr(u, attr)}' for m, u in sorted(self.usage.items())]
         lines += ["# HELP mlxpool_generation_tokens_total simulated", "# TYPE mlxpool_generation_tokens_total counter"]
-        lines += [f'mlxpool_generation_tokens_total{{model_name="{m}"}} {u.tokens}' for m, u in sorted(self.usage.items())]
+        lines += [f'mlxpool_generation_tokens_total{{model_name="{m}"}} {u.tokens}'
+                  for m, u in sorted(self.usage.items())]
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
     async def _node(self, request: web.Request) -> web.Response:
@@ -249,7 +254,7 @@ class SimAgent:
         return _model(entry, 202)
 
     async def _run_stage(self, key: str, body: StageRequest) -> None:
-        def update(**fields) -> None:
+        def update(**fields: Any) -> None:
             self.cache[key] = self.cache[key].model_copy(update=fields)
 
         try:
@@ -301,17 +306,19 @@ def _finished_phase(body: StageRequest) -> CachePhase:
     return CachePhase.WARM if body.warm else CachePhase.CACHED
 
 
+def _read_tree(root: Path) -> dict[str, bytes]:
+    if not root.is_dir():
+        raise ValueError(f"{root}: no such directory")
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
 async def _fetch(body: StageRequest) -> dict[str, bytes]:
     """The files a staging brings in (path -> bytes); empty for a simulated source."""
     if FAILURE_MARK in body.source:
         raise ValueError(f"{body.source}: simulated download failure")
     parsed = urlparse(body.source)
     if parsed.scheme == "file":
-        root = Path(unquote(parsed.path))
-        if not root.is_dir():
-            raise ValueError(f"{root}: no such directory")
-        return await asyncio.to_thread(
-            lambda: {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()})
+        return await asyncio.to_thread(_read_tree, Path(unquote(parsed.path)))
     if parsed.scheme in ("http", "https") and body.digests:
         async with httpx.AsyncClient(trust_env=False, timeout=10) as client:
             files = {}
@@ -323,7 +330,7 @@ async def _fetch(body: StageRequest) -> dict[str, bytes]:
     return {}
 
 
-def _model(model, status: int = 200) -> web.Response:
+def _model(model: BaseModel, status: int = 200) -> web.Response:
     return web.json_response(model.model_dump(mode="json"), status=status)
 
 

@@ -33,8 +33,9 @@ from pathlib import Path
 from aiohttp import web
 
 from bench.simagent import GIB, SimAgent, SimSettings, Usage
+from mlxpool.agent.node.registration import NodeRegistrar
 from mlxpool.dev.processes import LOOPBACK
-from mlxpool.nodes import NodeSpec
+from mlxpool.nodes import NodeSpec, NodeStatus
 
 log = logging.getLogger("simagents")
 
@@ -43,8 +44,8 @@ log = logging.getLogger("simagents")
 class Hosted:
     agent: SimAgent
     runner: web.AppRunner | None = None
-    registrar: object | None = None
-    beating: asyncio.Task | None = None
+    registrar: NodeRegistrar | None = None
+    beating: asyncio.Task[None] | None = None
     paused: bool = False
     labels: dict[str, str] = field(default_factory=dict)
 
@@ -75,15 +76,13 @@ class SimFleet:
         # Port 0 the first time (the kernel picks, no race between agents); the same port on revival.
         site = web.TCPSite(hosted.runner, LOOPBACK, hosted.agent.port, reuse_address=True)
         await site.start()
-        hosted.agent.port = site._server.sockets[0].getsockname()[1]
+        hosted.agent.port = hosted.runner.addresses[0][1]
         if self.args.kubeconfig is not None:
             if hosted.registrar is None:
-                from mlxpool.agent.node.registration import NodeRegistrar
-
                 spec = NodeSpec(endpoint=hosted.agent.url, hardware=hosted.agent.hardware(),
                                 max_models=hosted.agent.settings.max_models)
 
-                async def status(agent: SimAgent = hosted.agent):
+                async def status(agent: SimAgent = hosted.agent) -> NodeStatus:
                     return agent.node_status(datetime.now(UTC))
 
                 hosted.registrar = NodeRegistrar(str(self.args.kubeconfig), hosted.agent.name, hosted.labels, spec,
@@ -94,7 +93,7 @@ class SimFleet:
     async def _beat(self, hosted: Hosted) -> None:
         while True:
             await asyncio.sleep(self.args.heartbeat_interval)
-            if not hosted.paused:
+            if not hosted.paused and hosted.registrar is not None:
                 await hosted.registrar.beat()
 
     async def kill(self, hosted: Hosted) -> None:
@@ -182,7 +181,7 @@ async def serve(args: argparse.Namespace) -> None:
     await control.setup()
     site = web.TCPSite(control, LOOPBACK, args.control_port)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]
+    port = control.addresses[0][1]
     print(f"simagents ready url=http://{LOOPBACK}:{port} agents={len(fleet.hosted)}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

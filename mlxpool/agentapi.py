@@ -25,7 +25,7 @@ Keys are snake_case here (an HTTP API, not a Kubernetes object).
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -39,7 +39,7 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class ModelPhase(str, Enum):
+class ModelPhase(StrEnum):
     LOADING = "loading"
     WARMING = "warming"
     READY = "ready"
@@ -47,7 +47,7 @@ class ModelPhase(str, Enum):
     FAILED = "failed"
 
 
-class CachePhase(str, Enum):
+class CachePhase(StrEnum):
     """The per-node phases of a ModelCache, as its status reports them."""
 
     PENDING = "Pending"

@@ -20,7 +20,7 @@ async def open_api_client(kubeconfig: Path | str | None) -> client.ApiClient:
         await config.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)
     else:
         try:
-            config.load_incluster_config(client_configuration=configuration)
+            config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
         except config.ConfigException:
             await config.load_kube_config(client_configuration=configuration)
     return client.ApiClient(configuration)

@@ -7,13 +7,13 @@ slot: the body field `deadline_ms` or the header `x-deadline-ms` (milliseconds).
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 PRIORITY_HEADER = "x-priority"
 DEADLINE_HEADER = "x-deadline-ms"
 
 
-class Priority(str, Enum):
+class Priority(StrEnum):
     CRITICAL = "critical"
     HIGH = "high"
     NORMAL = "normal"

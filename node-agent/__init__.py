@@ -11,8 +11,9 @@ Layers, top to bottom; each imports only the ones below it (`.importlinter`,
   eviction, the model cache (staging from file, HTTP and hub sources), the native
   weight manager, the node report.
 - `serving/`: the transport-agnostic data plane (OpenAI requests in, responses out),
-  the OpenAI wire models and shapes, the model repository, the agent's lifecycle, and
-  the prompt cache's fleet-wide tier (Redis).
+  the OpenAI wire models and shapes, the model repository and its served engines
+  (requests counted in flight, prompts looked up in the prompt cache), the agent's
+  lifecycle, and the prompt cache's fleet-wide tier (Redis).
 - `engine/` (continuous batching on mlx-lm; MLX only here) beside `node/` (what
   machine this is, the InferenceNode it registers; Kubernetes only here).
 - `config` (the runtime file) and `errors` (the agent's domain errors) at the bottom.

@@ -8,7 +8,13 @@ the base class to OpenAI's error shape `{"error": {"message", "type", "param",
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from mlxpool.apierrors import ApiError
+from mlxpool.priorities import Priority
+
+_RETRY_SOON: dict[str, str] = {"Retry-After": "1"}
+"""The header of every 503 here: the condition is short-lived, or another node can answer."""
 
 
 class AgentError(ApiError):
@@ -32,11 +38,23 @@ class NotReady(AgentError):
     status_code = 503
     error_type = "service_unavailable"
     code = "not_ready"
-    headers = {"Retry-After": "1"}
+    headers: ClassVar[dict[str, str] | None] = _RETRY_SOON
 
 
 class Draining(NotReady):
     code = "draining"
+
+
+class ModelLoading(NotReady):
+    """An inference request names a model still on its way in (loading or warming)."""
+
+    code = "model_loading"
+
+
+class ModelUnloading(NotReady):
+    """An inference request names a model whose unload has begun; another node may serve it."""
+
+    code = "model_unloading"
 
 
 class QueueFull(AgentError):
@@ -45,7 +63,13 @@ class QueueFull(AgentError):
     status_code = 503
     error_type = "service_unavailable"
     code = "queue_full"
-    headers = {"Retry-After": "1"}
+    headers: ClassVar[dict[str, str] | None] = _RETRY_SOON
+
+    def __init__(self, priority: Priority, limit: int) -> None:
+        super().__init__(f"the {priority.value} tier already has {limit} request(s) waiting (its maximum)",
+                         param="priority")
+        self.priority = priority
+        self.limit = limit
 
 
 class DeadlineExceeded(AgentError):
@@ -54,6 +78,9 @@ class DeadlineExceeded(AgentError):
     status_code = 504
     error_type = "timeout_error"
     code = "deadline_exceeded"
+
+    def __init__(self) -> None:
+        super().__init__("the request's deadline passed while it waited for a batch slot", param="deadline_ms")
 
 
 class GenerationFailed(AgentError):

@@ -38,7 +38,7 @@ from mlxpool.agent.node.nodeinfo import default_node_name, node_spec, node_statu
 from mlxpool.agent.operations.assembly import Operations, StatusNudger
 from mlxpool.agent.serving.dataplane import DataPlane, DataPlaneSettings
 from mlxpool.agent.serving.lifecycle import Lifecycle, Phase
-from mlxpool.agent.serving.promptcache import KVShare
+from mlxpool.agent.serving.promptcache import PromptCache
 from mlxpool.agent.serving.repository import ModelRepository
 from mlxpool.agentapi import ModelPhase
 from mlxpool.nodes import LoadedModel, NodeStatus
@@ -80,7 +80,7 @@ class AgentConfig:
     """Seconds a SIGTERM waits for in-flight requests before exiting anyway."""
     registration: RegistrationConfig | None = None
     log_level: str = "INFO"
-    runtime: RuntimeConfig = RuntimeConfig()
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     """The runtime file + environment + command-line overrides, validated."""
     credentials: Credentials = field(default_factory=Credentials, repr=False)
     """API keys and the ops token, read from `runtime.auth`'s files or the environment."""
@@ -95,9 +95,20 @@ class AgentConfig:
 
 
 class _Server(uvicorn.Server):
+    """uvicorn's server without its signal handling; `listening` is set once it serves."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.listening = asyncio.Event()
+
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield  # AgentRuntime handles signals itself
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started:
+            self.listening.set()
 
 
 class AgentRuntime:
@@ -106,22 +117,22 @@ class AgentRuntime:
         self.lifecycle = Lifecycle()
         self.models = ModelRepository()
         self.metrics = AgentMetrics(self.models, self.lifecycle)
-        # ---- the distributed cache: prompt KV shared with other agents through Redis ----
-        self.kv_share: KVShare | None = None
-        if config.runtime.distributed_cache.redis_url is not None:
-            serving = config.runtime.serving
-            self.kv_share = KVShare(config.runtime.distributed_cache,
-                                    local_entries=serving.prompt_cache_entries if serving.prompt_cache_bytes else 0)
-            self.metrics.registry.register(self.kv_share.collector())
-        settings = DataPlaneSettings(config.runtime.serving.max_tokens_default, config.runtime.priority_scheduling)
-        self.dataplane = DataPlane(self.models, self.lifecycle, settings, observer=self.metrics,
-                                   shared_prefixes=self.kv_share)
+        # ---- the prompt cache beyond the engines: shared with other agents through Redis, if set ----
+        serving = config.runtime.serving
+        self.prompt_cache = PromptCache.from_settings(
+            config.runtime.distributed_cache,
+            local_entries=serving.prompt_cache_entries if serving.prompt_cache_bytes else 0)
+        if (collector := self.prompt_cache.collector()) is not None:
+            self.metrics.registry.register(collector)
+        settings = DataPlaneSettings(serving.max_tokens_default, config.runtime.priority_scheduling)
+        self.dataplane = DataPlane(self.models, self.lifecycle, settings, observer=self.metrics)
         # ---- operations API (/v1/node): model manager and model cache ----
         self._registrar: NodeRegistrar | None = None
         self._status_nudger = StatusNudger(self._write_status_now)  # a load/unload shows at once
         reg = config.registration
         self.operations = Operations.build(
-            repository=self.models, make_engine=self.make_engine, multi_model=config.runtime.multi_model,
+            repository=self.models, lifecycle=self.lifecycle, prompt_cache=self.prompt_cache,
+            make_engine=self.make_engine, multi_model=config.runtime.multi_model,
             weights=config.runtime.weight_management, node_name=reg.node_name if reg else default_node_name(),
             endpoint=lambda: (reg.advertise_url if reg and reg.advertise_url else None) or self.url or "",
             on_change=self._status_nudger.nudge,
@@ -132,7 +143,7 @@ class AgentRuntime:
                                              self.operations.reporter))
         self.url: str | None = None
         self._signals = 0
-        self._background: list[asyncio.Task] = []
+        self._background: list[asyncio.Task[object]] = []
 
     async def run(self) -> int:
         """Serve until signalled; the process exit code."""
@@ -149,8 +160,11 @@ class AgentRuntime:
             loop.add_signal_handler(sig, self._on_signal, server, sig)
         serving = asyncio.create_task(server.serve(sockets=[sock]), name="http-server")
         try:
-            while not server.started and not serving.done():
-                await asyncio.sleep(0.01)
+            listening = asyncio.ensure_future(server.listening.wait())
+            try:
+                await asyncio.wait({listening, serving}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                listening.cancel()
             log.info("agent listening url=%s", self.url)
             if not await self._load_model():
                 return 1
@@ -192,7 +206,7 @@ class AgentRuntime:
         from mlxpool.agent.engine.generation import BatchEngine  # imports MLX
 
         config = self.engine_config() if warm else replace(self.engine_config(), warmup_tokens=0)
-        publisher = self.kv_share.publisher(path, asyncio.get_running_loop()) if self.kv_share is not None else None
+        publisher = self.prompt_cache.publisher(path, asyncio.get_running_loop())
         return BatchEngine(path, config, name=name, on_weights_loaded=on_weights_loaded, kv_publisher=publisher)
 
     async def _write_status_now(self) -> None:
@@ -243,8 +257,7 @@ class AgentRuntime:
         await asyncio.gather(*self._background, return_exceptions=True)
         await self._status_nudger.close()
         await self.operations.close()  # stops every engine
-        if self.kv_share is not None:
-            await self.kv_share.close()
+        await self.prompt_cache.close()
         self.lifecycle.set_phase(Phase.STOPPED)
         if self._registrar is not None:  # last word: not ready
             with contextlib.suppress(TimeoutError):

@@ -1,8 +1,9 @@
 """Settings of the operator process, filled from the command line by `main`.
 
 Grouped in one frozen dataclass handed to the kopf handlers through the operator's
-memo. Pool-level settings (probe interval, strategy) live in each pool's spec instead;
-what is here applies to every pool this process reconciles.
+memo (`handlers.operator_memo`), then kept in the operator's services. Pool-level
+settings (probe interval, strategy) live in each pool's spec instead; what is here
+applies to every pool this process reconciles.
 """
 
 from __future__ import annotations

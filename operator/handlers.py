@@ -1,5 +1,5 @@
-"""The kopf wiring: settings, clients, the fleet, node monitors, and one daemon per pool
-and per model cache.
+"""The kopf wiring: settings, the operator's services, node monitors, and one daemon per
+pool and per model cache.
 
 Each InferencePool and each ModelCache gets a daemon that runs its reconciler now and
 again whenever something relevant changes, or at the latest every resync interval
@@ -11,43 +11,70 @@ no kopf change handlers on purpose: they would cost annotation writes per change
 the daemons converge from any state. Deletion runs through kopf's finalizer: a pool
 releases its nodes (unloading what no other pool needs), a cache removes its copies.
 
+The services (clients, fleet, reconcilers, monitors, runtimes: `OperatorServices`) are
+opened at startup and kept in kopf's operator memo under one key, next to the settings
+`main` put there; handlers read both through typed accessors, never loose memo keys.
+
 Nothing here decides anything; it only connects kopf to the reconcilers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
-import httpx
 import kopf
 from kubernetes_asyncio.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from mlxpool.kubeclients import open_api_client
 from mlxpool.operator.config import OperatorConfig
 from mlxpool.operator.io import metrics
-from mlxpool.operator.io.agentclient import AgentClient
-from mlxpool.operator.io.kube import KubeClient
-from mlxpool.operator.io.probing import Prober
-from mlxpool.operator.io.scraping import UsageScraper
-from mlxpool.operator.logic.fleet import Fleet
 from mlxpool.operator.logic.placement import NodeView
 from mlxpool.operator.logic.sources import CacheRef
-from mlxpool.operator.logic.specs import PoolSpec
-from mlxpool.operator.reconcilers.caches import CacheReconciler, CacheState
-from mlxpool.operator.reconcilers.monitors import NodeMonitors
-from mlxpool.operator.reconcilers.pools import PoolReconciler, PoolState, seed_fleet
-from mlxpool.operator.reconcilers.runtimes import CacheRuntime, PoolRuntime, Runtimes
+from mlxpool.operator.reconcilers.caches import CacheState
+from mlxpool.operator.reconcilers.pools import PoolState, pool_probe_interval
+from mlxpool.operator.reconcilers.runtimes import CacheRuntime, PoolRuntime, Runtime
+from mlxpool.operator.reconcilers.services import OperatorServices
 from mlxpool.resources import CACHE_PLURAL, FINALIZER, GROUP, LABEL_POOL, NODE_PLURAL, POOL_PLURAL, VERSION
 
 log = logging.getLogger(__name__)
 
 TRANSIENT_ERRORS = (ApiException, aiohttp.ClientError, asyncio.TimeoutError, ValidationError)
 """Errors a pass logs and retries at the next tick (API hiccups, a spec the CRD let through)."""
+
+CONFIG, SERVICES = "config", "services"
+"""The operator memo's only keys: the settings (from `main`) and the services (from `start`)."""
+
+
+def operator_memo(config: OperatorConfig) -> kopf.Memo:
+    """The operator memo `main` hands to kopf; `start` adds the services to it."""
+    return kopf.Memo({CONFIG: config})
+
+
+def _config(memo: kopf.Memo) -> OperatorConfig:
+    config = memo.get(CONFIG)
+    if not isinstance(config, OperatorConfig):
+        raise RuntimeError("the operator memo holds no settings (start the operator through `main`)")
+    return config
+
+
+def _services(memo: kopf.Memo) -> OperatorServices:
+    """The services `start` opened (kopf copies the operator memo into every resource's)."""
+    services = memo.get(SERVICES)
+    if not isinstance(services, OperatorServices):
+        raise RuntimeError("the operator's services are not open (startup did not finish)")
+    return services
+
+
+def _namespace(namespace: str | None) -> str:
+    """InferencePools and ModelCaches are namespaced: kopf always gives their namespace."""
+    if namespace is None:
+        raise kopf.PermanentError("a namespaced object without a namespace")
+    return namespace
 
 
 class KopfEvents:
@@ -83,61 +110,21 @@ def configure(settings: kopf.OperatorSettings) -> None:
 
 @kopf.on.startup()
 async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    config: OperatorConfig = memo.config
+    config = _config(memo)
     configure(settings)
-    memo.kube = KubeClient(await open_api_client(config.kubeconfig))
-    # Many agents, probed every second: keep their connections open.
-    memo.http = httpx.AsyncClient(trust_env=False, follow_redirects=False,
-                                  limits=httpx.Limits(max_connections=512, max_keepalive_connections=256))
-    memo.fleet = fleet = Fleet(retry_after=config.load_retry_after, owner=config.owner)
-    agents = AgentClient(memo.http, config.agent_token, config.agent_timeout, owner=config.owner)
-    memo.reconciler = PoolReconciler(memo.kube, agents, fleet, config.node_stale_after)
-    memo.cache_reconciler = CacheReconciler(memo.kube, agents, fleet, config.node_stale_after)
-    memo.monitors = NodeMonitors(
-        fleet, Prober(memo.http, config.probe_timeout), agents, memo.kube, default_interval=1.0,
-        override_interval=config.probe_interval, report_interval=config.report_interval,
-        stale_after=config.node_stale_after, orphan_grace=config.orphan_grace)
-    memo.runtimes = runtimes = Runtimes()
-    fleet.subscribe(runtimes.node_changed)
-    await _seed(memo.kube, fleet, config)
-    memo.scraper = asyncio.create_task(UsageScraper(fleet, agents, config.scrape_interval).run(), name="scraper")
-    memo.metrics = None
-    if config.metrics_port is not None:
-        memo.metrics = metrics.MetricsServer(config.metrics_port, config.metrics_address)
+    services = memo[SERVICES] = await OperatorServices.open(config)
     if config.agent_token is None:
         log.warning("no agent token (--agent-token-file or $MLXPOOL_AGENT_TOKEN): agents will refuse "
                     "load, unload and staging calls")
     # The one "ready" line the dev stack and the tests wait for (url: the metrics endpoint).
     log.info("operator ready%s namespaces=%s probe_interval=%s stale_after=%ss",
-             f" url={memo.metrics.url}" if memo.metrics else "", ",".join(config.namespaces) or "*",
+             f" url={services.metrics.url}" if services.metrics else "", ",".join(config.namespaces) or "*",
              config.probe_interval or "per-pool", config.node_stale_after)
-
-
-async def _seed(kube: KubeClient, fleet: Fleet, config: OperatorConfig) -> None:
-    """Every pool's claims from its status, before any pool acts: a pool that moved away
-    from a node must not unload a model another pool (not reconciled yet) still uses."""
-    try:
-        pools = await kube.list_pools(config.namespaces)
-    except ApiException as exc:
-        log.warning("cannot list pools to seed the fleet, unloads may be premature and orphans stay: %s",
-                    exc.reason)
-        return
-    for body in pools:
-        meta = body["metadata"]
-        seed_fleet(fleet, (meta["namespace"], meta["name"]), body, probe_interval(body, config))
-    fleet.seeded = True
-    log.info("fleet seeded pools=%d", len(pools))
 
 
 @kopf.on.cleanup()
 async def stop(memo: kopf.Memo, **_: Any) -> None:
-    memo.scraper.cancel()
-    await asyncio.gather(memo.scraper, return_exceptions=True)
-    await memo.monitors.close()
-    await memo.kube.close()
-    await memo.http.aclose()
-    if memo.metrics is not None:
-        await asyncio.to_thread(memo.metrics.close)  # joins a thread: not on the event loop
+    await _services(memo).close()
 
 
 @kopf.index(GROUP, VERSION, NODE_PLURAL)
@@ -151,53 +138,56 @@ def inference_nodes(name: str, body: kopf.Body, **_: Any) -> dict[str, NodeView]
         raise kopf.PermanentError(str(exc)) from exc  # dropped from the index, logged once
 
 
-def _adopt(memo: kopf.Memo, index: kopf.Index) -> None:
-    """Nodes the index knows and the fleet does not yet (events still in flight)."""
-    for store in index.values():
+def _adopt(services: OperatorServices, index: kopf.Index[str, NodeView] | None) -> None:
+    """Nodes the index knows and the fleet does not yet (events still in flight). kopf passes
+    every index to every handler by name; None only where a caller has none."""
+    observed = services.fleet.observed
+    for store in (index or {}).values():
         for view in store:
-            if view.name not in memo.fleet.views:
-                memo.fleet.set_view(view)
-                memo.monitors.ensure(view.name)
+            if view.name not in observed.views:
+                observed.set_view(view)
+                services.monitors.ensure(view.name)
 
 
 @kopf.on.event(GROUP, VERSION, NODE_PLURAL)
 async def node_changed(type: str | None, name: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """Keep the fleet's view of the node, its monitor running, and wake what it concerns."""
-    fleet: Fleet = memo.fleet
-    runtimes: Runtimes = memo.runtimes
+    services = _services(memo)
+    fleet, runtimes = services.fleet, services.runtimes
     if type == "DELETED":
         fleet.drop_view(name)
-        await memo.monitors.stop(name)
+        await services.monitors.stop(name)
         runtimes.node_changed(name)
         return
     try:
         view = NodeView.from_body(body)
     except ValueError as exc:
-        if name in fleet.views:
+        if name in fleet.observed.views:
             log.warning("%s; not used until fixed", exc)
             fleet.drop_view(name)
-            await memo.monitors.stop(name)
+            await services.monitors.stop(name)
             runtimes.node_changed(name)
         return
-    if fleet.set_view(view):
+    if fleet.observed.set_view(view):
         runtimes.node_changed(name)
-    memo.monitors.ensure(name)
+    services.monitors.ensure(name)
 
 
 @kopf.on.event(GROUP, VERSION, POOL_PLURAL)
-async def pool_changed(name: str, namespace: str, meta: kopf.Meta, status: kopf.Status, memo: kopf.Memo,
+async def pool_changed(name: str, namespace: str | None, meta: kopf.Meta, status: kopf.Status, memo: kopf.Memo,
                        **_: Any) -> None:
     """Wake a pool's daemon when its spec changed (kopf already updated its live body)."""
     if meta.get("generation") != status.get("observedGeneration"):
-        memo.runtimes.wake(namespace, name)
+        _services(memo).runtimes.wake(_namespace(namespace), name)
 
 
 @kopf.on.event(GROUP, VERSION, CACHE_PLURAL)
-async def cache_changed(type: str | None, name: str, namespace: str, body: kopf.Body, memo: kopf.Memo,
+async def cache_changed(type: str | None, name: str, namespace: str | None, body: kopf.Body, memo: kopf.Memo,
                         **_: Any) -> None:
     """Keep the registry pools resolve models with; wake the namespace's pools on a change.
     A cache being deleted is dropped at once: no new load may use a copy on its way out."""
-    runtimes: Runtimes = memo.runtimes
+    runtimes = _services(memo).runtimes
+    namespace = _namespace(namespace)
     key = (namespace, name)
     ref = None
     if type != "DELETED" and not body.get("metadata", {}).get("deletionTimestamp"):
@@ -217,11 +207,12 @@ async def cache_changed(type: str | None, name: str, namespace: str, body: kopf.
 
 
 @kopf.on.event("v1", "configmaps", labels={LABEL_POOL: kopf.PRESENT})
-async def routes_changed(type: str | None, namespace: str, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
+async def routes_changed(type: str | None, namespace: str | None, labels: kopf.Labels, memo: kopf.Memo,
+                         **_: Any) -> None:
     """A deleted routing table is written again at once."""
     if type == "DELETED":
         pool = labels[LABEL_POOL]
-        if (runtime := memo.runtimes.pools.get((namespace, pool))) is not None:
+        if (runtime := _services(memo).runtimes.pools.get((_namespace(namespace), pool))) is not None:
             runtime.state.forget_table()
             runtime.woken.set()
 
@@ -229,97 +220,96 @@ async def routes_changed(type: str | None, namespace: str, labels: kopf.Labels, 
 @kopf.daemon(GROUP, VERSION, POOL_PLURAL, id="reconcile", backoff=2.0,
              cancellation_backoff=2.0, cancellation_timeout=5.0)  # finish the pass, else cancel
 async def reconcile_pool(
-    name: str, namespace: str, body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStopped,
-    logger: logging.Logger, inference_nodes: kopf.Index, **_: Any,
+    name: str, namespace: str | None, body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStopped,
+    logger: kopf.Logger, inference_nodes: kopf.Index[str, NodeView] | None = None, **_: Any,
 ) -> None:
     """Reconcile the pool now, on every wake-up, and at least every resync interval."""
-    _adopt(memo, inference_nodes)
-    config: OperatorConfig = memo.config
-    runtimes: Runtimes = memo.runtimes
-    runtime = runtimes.pools[namespace, name] = PoolRuntime(state=PoolState.from_status(body.get("status")))
+    services = _services(memo)
+    _adopt(services, inference_nodes)
+    config, runtimes = services.config, services.runtimes
+    key = (_namespace(namespace), name)
+    runtime = runtimes.pools[key] = PoolRuntime(state=PoolState.from_status(body.get("status")))
     events = KopfEvents(body)
     try:
         while not stopped:
-            interval = probe_interval(body, config)
+            interval = pool_probe_interval(body, config)
             try:
-                result = await memo.reconciler.reconcile(body, runtimes.caches_by_model(namespace), runtime.state,
-                                                         events, interval)
+                result = await services.pool_reconciler.reconcile(body, runtimes.caches_by_model(key[0]),
+                                                                  runtime.state, events, interval)
                 runtime.interest, runtime.settled = result.interest, result.settled
                 runtime.holds = frozenset(e.node for e in result.endpoints)
-                runtime.seen = frozenset(memo.fleet.views)
+                runtime.seen = frozenset(services.fleet.observed.views)
             except TRANSIENT_ERRORS as exc:
                 metrics.RECONCILES.labels("error").inc()
                 runtime.settled = False
                 logger.warning("reconcile failed, retrying next tick: %s", _describe(exc))
             await runtime.nap(config.resync_interval if runtime.settled else interval, stopped)
     finally:
-        if runtimes.pools.get((namespace, name)) is runtime:
-            del runtimes.pools[namespace, name]
-        metrics.forget_pool(namespace, name)
+        if runtimes.pools.get(key) is runtime:
+            del runtimes.pools[key]
+        runtime.ended.set()
+        metrics.forget_pool(*key)
 
 
 @kopf.on.delete(GROUP, VERSION, POOL_PLURAL, id="release")
-async def release_pool(name: str, namespace: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+async def release_pool(name: str, namespace: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """The pool is going: give up its nodes and unload what no other pool needs there."""
-    await _daemon_gone(memo.runtimes.pools, (namespace, name))
-    pairs = memo.fleet.release((namespace, name))
-    await memo.reconciler.unload(pairs, KopfEvents(body))
+    services = _services(memo)
+    key = (_namespace(namespace), name)
+    await _daemon_gone(services.runtimes.pools, key)
+    pairs = services.fleet.claims.release(key)
+    await services.pool_reconciler.unload(pairs, KopfEvents(body))
 
 
 @kopf.daemon(GROUP, VERSION, CACHE_PLURAL, id="stage", backoff=2.0,
              cancellation_backoff=2.0, cancellation_timeout=5.0)
 async def reconcile_cache(
-    name: str, namespace: str, body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStopped,
-    logger: logging.Logger, inference_nodes: kopf.Index, **_: Any,
+    name: str, namespace: str | None, body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStopped,
+    logger: kopf.Logger, inference_nodes: kopf.Index[str, NodeView] | None = None, **_: Any,
 ) -> None:
     """Stage the cache on its nodes and follow their progress until it is deleted."""
-    _adopt(memo, inference_nodes)
-    config: OperatorConfig = memo.config
-    runtimes: Runtimes = memo.runtimes
-    runtime = runtimes.caches[namespace, name] = CacheRuntime(state=CacheState.from_status(body.get("status")))
+    services = _services(memo)
+    _adopt(services, inference_nodes)
+    config, runtimes = services.config, services.runtimes
+    key = (_namespace(namespace), name)
+    runtime = runtimes.caches[key] = CacheRuntime(state=CacheState.from_status(body.get("status")))
     events = KopfEvents(body)
     fast = config.probe_interval or 1.0
     try:
         while not stopped:
             try:
-                result = await memo.cache_reconciler.reconcile(body, runtime.state, events)
+                result = await services.cache_reconciler.reconcile(body, runtime.state, events)
                 runtime.settled, runtime.interest = result.done, result.interest
                 runtime.holds = frozenset(n["node"] for n in result.status.get("nodes") or [])
-                runtime.seen = frozenset(memo.fleet.views)
+                runtime.seen = frozenset(services.fleet.observed.views)
             except TRANSIENT_ERRORS as exc:
                 metrics.CACHE_RECONCILES.labels("error").inc()
                 runtime.settled = False
                 logger.warning("cache reconcile failed, retrying next tick: %s", _describe(exc))
             await runtime.nap(config.resync_interval if runtime.settled else fast, stopped)
     finally:
-        if runtimes.caches.get((namespace, name)) is runtime:
-            del runtimes.caches[namespace, name]
+        if runtimes.caches.get(key) is runtime:
+            del runtimes.caches[key]
+        runtime.ended.set()
 
 
 @kopf.on.delete(GROUP, VERSION, CACHE_PLURAL, id="cleanup")
-async def cleanup_cache(name: str, namespace: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+async def cleanup_cache(name: str, namespace: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """Remove the copies; retried while an agent that is still alive holds one it cannot drop."""
-    await _daemon_gone(memo.runtimes.caches, (namespace, name))
-    pending = await memo.cache_reconciler.cleanup(body, KopfEvents(body))
+    services = _services(memo)
+    await _daemon_gone(services.runtimes.caches, (_namespace(namespace), name))
+    pending = await services.cache_reconciler.cleanup(body, KopfEvents(body))
     if pending:
         raise kopf.TemporaryError(f"copies still to remove on: {', '.join(pending)}", delay=2)
 
 
-async def _daemon_gone(running: Mapping, key: tuple[str, str], timeout: float = 10.0) -> None:
+async def _daemon_gone(running: Mapping[tuple[str, str], Runtime], key: tuple[str, str],
+                       timeout: float = 10.0) -> None:
     """Wait for the object's daemon to finish its last pass (kopf stops it in parallel)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while key in running and loop.time() < deadline:
-        await asyncio.sleep(0.05)
-
-
-def probe_interval(body: Mapping, config: OperatorConfig) -> float:
-    if config.probe_interval is not None:
-        return config.probe_interval
-    try:
-        return float(PoolSpec.from_body(body).health_check.interval_seconds)
-    except ValidationError:
-        return 1.0
+    runtime = running.get(key)
+    if runtime is not None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(runtime.ended.wait(), timeout)
 
 
 def _describe(exc: Exception) -> str:

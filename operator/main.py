@@ -26,7 +26,8 @@ def parse_args(argv: list[str]) -> tuple[OperatorConfig, argparse.Namespace]:
     scope = parser.add_mutually_exclusive_group()
     scope.add_argument("--namespace", "-n", action="append", dest="namespaces", metavar="NS",
                        help="reconcile pools in this namespace (repeatable; globs allowed)")
-    scope.add_argument("--all-namespaces", "-A", action="store_true", help="reconcile pools in every namespace (default)")
+    scope.add_argument("--all-namespaces", "-A", action="store_true",
+                       help="reconcile pools in every namespace (default)")
     parser.add_argument("--probe-interval", type=_positive, metavar="S",
                         help="probe every S seconds, overriding each pool's spec.healthCheck.intervalSeconds")
     parser.add_argument("--probe-timeout", type=_positive, default=OperatorConfig.probe_timeout, metavar="S",
@@ -104,7 +105,7 @@ def main(argv: list[str]) -> int:
 
     import kopf
 
-    from mlxpool.operator import handlers  # noqa: F401  (registers the handlers)
+    from mlxpool.operator import handlers  # importing it registers the handlers
 
     kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat[args.log_format.upper()])
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per probe otherwise
@@ -117,6 +118,6 @@ def main(argv: list[str]) -> int:
         clusterwide=not config.namespaces,
         namespaces=config.namespaces,
         liveness_endpoint=config.liveness_endpoint,
-        memo=kopf.Memo(config=config),
+        memo=handlers.operator_memo(config),
     )
     return 0

@@ -9,6 +9,7 @@ component itself (`--port 0`), so there is no race for a free port.
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from mlxpool.dev.processes import LOOPBACK, Process
@@ -30,7 +31,7 @@ def _start(name: str, label: str, args: list[str], log_dir: Path, timeout: float
 
 def start_agent(model: Path | None, log_dir: Path, *, name: str = "agent", kubeconfig: Path | None = None,
                 node_name: str | None = None, labels: dict[str, str] | None = None,
-                ops_token_file: Path | None = None, extra: list[str] = (), timeout: float = 120) -> Process:
+                ops_token_file: Path | None = None, extra: Sequence[str] = (), timeout: float = 120) -> Process:
     """An agent serving `model` (or nothing, until told to load one); its cache is its own
     (`<log_dir>/<name>-cache`): agents sharing one would delete each other's files."""
     args = ["--host", LOOPBACK, "--port", "0", "--cache-dir", str(log_dir / f"{name}-cache")]
@@ -46,7 +47,7 @@ def start_agent(model: Path | None, log_dir: Path, *, name: str = "agent", kubec
 
 
 def start_router(log_dir: Path, *, pool: str | None = None, kubeconfig: Path | None = None,
-                 routes_file: Path | None = None, name: str = "router", extra: list[str] = (),
+                 routes_file: Path | None = None, name: str = "router", extra: Sequence[str] = (),
                  timeout: float = 60) -> Process:
     args = ["--host", LOOPBACK, "--port", "0"]
     if pool is not None:
@@ -57,7 +58,7 @@ def start_router(log_dir: Path, *, pool: str | None = None, kubeconfig: Path | N
 
 
 def start_operator(log_dir: Path, *, kubeconfig: Path, name: str = "operator",
-                   agent_token_file: Path | None = None, extra: list[str] = (), timeout: float = 60) -> Process:
+                   agent_token_file: Path | None = None, extra: Sequence[str] = (), timeout: float = 60) -> Process:
     args = ["--kubeconfig", str(kubeconfig), "--metrics-port", "0"]
     if agent_token_file is not None:
         args += ["--agent-token-file", str(agent_token_file)]

@@ -125,7 +125,8 @@ class ControlPlane:
         apiserver.url = self.server
         self.processes.append(apiserver)
         headers = {"Authorization": f"Bearer {self.tokens['admin']}"}
-        wait_for(lambda: httpx.get(f"{self.server}/readyz", headers=headers, verify=False, timeout=2).status_code == 200,
+        readyz = f"{self.server}/readyz"
+        wait_for(lambda: httpx.get(readyz, headers=headers, verify=False, timeout=2).status_code == 200,
                  timeout, "kube-apiserver", apiserver)
 
     def _write_kubeconfig(self, identity: str) -> None:

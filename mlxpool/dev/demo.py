@@ -7,10 +7,12 @@ and streamed), then tears everything down unless KEEP=1.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import httpx
 
@@ -88,10 +90,9 @@ def _post_with_retry(url: str, body: dict, attempts: int = 20) -> dict:
 def _print_logs(state: stack.StackState) -> None:
     for m in state.members:
         print(f"\n--- {m.name} ({m.log}) ---", file=sys.stderr)
-        try:
-            print("\n".join(open(m.log, errors="replace").read().splitlines()[-25:]), file=sys.stderr)
-        except FileNotFoundError:
-            pass
+        with contextlib.suppress(FileNotFoundError):
+            tail = Path(m.log).read_text(errors="replace").splitlines()[-25:]
+            print("\n".join(tail), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ ever used.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -60,17 +61,21 @@ class Process:
     @classmethod
     def start(cls, name: str, argv: list[str], log_path: Path, env: dict | None = None) -> Process:
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(log_path, "ab")
-        offset = log.tell()
-        try:
+        with open(log_path, "ab") as log:  # the child keeps its own copy of the descriptor
+            offset = log.tell()
             popen = subprocess.Popen(
                 argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env={**os.environ, **(env or {})}, start_new_session=True,
                 close_fds=True,
             )
-        finally:
-            log.close()
         return cls(name, popen, log_path, log_offset=offset)
+
+    @property
+    def base_url(self) -> str:
+        """The URL it serves at (from its ready line); an error for a process that has none."""
+        if self.url is None:
+            raise RuntimeError(f"{self.name} has no URL (not started as a server, or not ready)")
+        return self.url
 
     @property
     def pid(self) -> int:
@@ -117,10 +122,8 @@ class Process:
 
 
 def _signal_group(pid: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def stop_pid(pid: int, timeout: float = 10.0) -> None:

@@ -5,10 +5,12 @@ thread-safe command queue and gets each request's tokens back on its own
 `asyncio.Queue` (one `call_soon_threadsafe` per step for the whole batch). The thread
 loads the model, warms it up, then loops: take commands, fail waiting requests whose
 deadline passed, admit the most urgent waiting requests into free slots (reusing a
-cached prefix of their prompt when there is one), run one `BatchGenerator.next()`
-step, detokenize each sequence incrementally, apply stop strings, read
-log-probabilities for the sequences that asked, deliver, and keep the KV cache of
-each finished sequence in the prefix cache.
+cached prefix of their prompt, local or fetched from the fleet, when there is one),
+and run one `BatchGenerator.next()` step, after which, one method each: read the
+log-probabilities of the sequences that asked (one batched read), detokenize each
+sequence incrementally and apply its stop strings, retire the sequences that ended,
+keep their KV in the prefix cache (and publish their prompts' to the fleet), and hand
+the step's events over.
 
 Admission is bounded three times: at most `max_running` sequences in the batch
 (decode concurrency); of those at most two prefill groups still prefilling: the one
@@ -30,6 +32,7 @@ prompts are built (`prompts`), HTTP and OpenAI shapes (the data plane).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -46,22 +49,21 @@ from mlx_lm.generate import BatchGenerator
 from mlxpool.agent.engine import blas as _blas  # noqa: F401  (must precede mlx)
 from mlxpool.agent.engine import kvcodec, loading
 from mlxpool.agent.engine.interface import (
-    DeadlineError,
     EngineConfig,
     EngineError,
     EngineStats,
     FinishReason,
     GenerationRequest,
     ModelInfo,
-    QueueFullError,
     TokenEvent,
     TokenLogprob,
 )
 from mlxpool.agent.engine.logprobs import LogprobReader
 from mlxpool.agent.engine.prefixcache import PrefixCache
 from mlxpool.agent.engine.sampling import SamplerFactory, logits_processors
-from mlxpool.agent.engine.scheduling import PriorityAdmission, QueueFull
+from mlxpool.agent.engine.scheduling import PriorityAdmission
 from mlxpool.agent.engine.stopping import StopStringMatcher
+from mlxpool.agent.errors import DeadlineExceeded, QueueFull
 
 __all__ = ["BatchEngine", "EngineConfig"]
 
@@ -76,7 +78,7 @@ class _Sequence:
     """Engine-thread state of one request."""
 
     request: GenerationRequest
-    sink: asyncio.Queue
+    sink: asyncio.Queue[TokenEvent | BaseException]
     loop: asyncio.AbstractEventLoop
     detokenizer: Any = None
     stops: StopStringMatcher = field(default_factory=lambda: StopStringMatcher(()))
@@ -99,13 +101,26 @@ class _Cancel:
     request_id: str
 
 
+@dataclass(frozen=True, slots=True)
+class _Ended:
+    """A sequence whose last token this step produced, and why it ended."""
+
+    sequence: _Sequence
+    response: Any
+    """mlx-lm's response for that token (with the sequence's KV cache when mlx-lm ended it)."""
+    reason: FinishReason
+    by_stop_string: bool
+    """Ended by one of its stop strings: mlx-lm does not know, and still holds it in the batch."""
+
+
 _STOP = object()
 
-Delivery = tuple[_Sequence, "TokenEvent | BaseException"]
+Delivery = tuple[_Sequence, TokenEvent | BaseException]
+_Put = tuple[asyncio.Queue[TokenEvent | BaseException], TokenEvent | BaseException]
 
 
 class KVPublisher(Protocol):
-    """Hands prompt KV state to other agents (`kvshare.KVPublisher`); called on the engine thread."""
+    """Hands prompt KV state to other agents (`serving.promptcache.KVPublisher`); called on the engine thread."""
 
     def boundary(self, prompt_tokens: int) -> int:
         """How many leading tokens of a prompt this long to publish (0: none)."""
@@ -122,7 +137,7 @@ class BatchEngine:
                  kv_publisher: KVPublisher | None = None) -> None:
         self._path = model_path
         self._publisher = kv_publisher
-        """Where finished prompts' KV goes for other agents (`kvshare`); None: not shared."""
+        """Where finished prompts' KV goes for other agents (`serving.promptcache`); None: not shared."""
         self._on_weights_loaded = on_weights_loaded
         """Called on the engine thread once the weights are in memory, before warm-up (the model
         manager reports the `warming` phase from it)."""
@@ -285,14 +300,14 @@ class BatchEngine:
             return
         try:
             self._waiting.push(request.request_id, sequence, request.priority, request.deadline)
-        except QueueFull as exc:
+        except QueueFull as refusal:
             # The limit is on waiting: a request that the next admission takes anyway does not wait.
             if self._free_slots() > len(self._waiting):
                 self._waiting.push(request.request_id, sequence, request.priority, request.deadline, over_limit=True)
             else:
                 self._rejected["queue_full"] += 1
                 self._stats.requests_rejected_total = dict(self._rejected)
-                self._deliver([(sequence, QueueFullError(str(exc)))])
+                self._deliver([(sequence, refusal)])  # the client's error as it is
                 return
         sequence.detokenizer = self.tokenizer.detokenizer  # a fresh copy per request
         sequence.stops = StopStringMatcher(request.sampling.stop)
@@ -321,8 +336,7 @@ class BatchEngine:
         self._rejected["deadline"] += len(expired)
         self._stats.requests_rejected_total = dict(self._rejected)
         self._count_queues()
-        self._deliver([(s, DeadlineError("the request's deadline passed while it waited for a batch slot"))
-                       for s in expired])
+        self._deliver([(s, DeadlineExceeded()) for s in expired])
 
     def _free_slots(self) -> int:
         """Sequences the next admission may start: batch room, and room in the prefill groups.
@@ -367,7 +381,7 @@ class BatchEngine:
         uids = generator.insert(
             prompts,
             max_tokens=[s.request.sampling.max_tokens for s in admitted],
-            caches=caches,
+            caches=caches,  # type: ignore[arg-type]  # None entries (no cache) are mlx-lm's own default
             all_tokens=cached_tokens,
             samplers=[self._samplers.sampler(s.request.sampling) for s in admitted],
             logits_processors=[logits_processors(s.request.sampling) for s in admitted],
@@ -383,10 +397,9 @@ class BatchEngine:
         self._count_queues()
 
     def _step(self, generator: BatchGenerator) -> None:
+        """One batched forward pass, then what follows from it, step by step (the hot loop)."""
         prompt_responses, responses = generator.next()
-        for progress in prompt_responses:
-            if progress.end_of_prompt and (sequence := self._running.get(progress.uid)) is not None:
-                self._prefill_done(sequence)
+        self._note_prefilled(prompt_responses)
         if not responses:
             if self._held:
                 self._hand_over([], urgent=False)
@@ -394,55 +407,85 @@ class BatchEngine:
         stats = self._stats
         stats.decode_steps_total += 1
         stats.generation_tokens_total += len(responses)
+        deliveries, ended, first_token = self._detokenize(responses, self._read_logprobs(responses))
+        if ended:
+            self._retire(ended)
+            self._keep_prompts(generator, ended)
+        stats.running = len(self._running)  # before delivering: whoever sees the last event sees the slot free
+        # A prefill is about to hold up the next step: hand over now rather than after it.
+        self._hand_over(deliveries, urgent=bool(ended) or first_token or self._prefilling > 0)
+
+    def _note_prefilled(self, prompt_responses: list[Any]) -> None:
+        """Sequences whose whole prompt is now processed leave the prefill bounds."""
+        for progress in prompt_responses:
+            if progress.end_of_prompt and (sequence := self._running.get(progress.uid)) is not None:
+                self._prefill_done(sequence)
+
+    def _detokenize(self, responses: list[Any], logprobs: dict[int, TokenLogprob],
+                    ) -> tuple[list[Delivery], list[_Ended], bool]:
+        """Each sequence's new token as an event: its text decoded incrementally, held back or
+        cut at a stop string; also the sequences that ended, and whether any token was a first."""
         running = self._running
-        logprobs = self._read_logprobs(responses)
         deliveries: list[Delivery] = []
-        stopped_by_text: list[int] = []
-        by_uid: dict[int, _Sequence] = {}  # the finished ones
-        finished = False
+        ended: list[_Ended] = []
+        first_token = False
         for response in responses:
             sequence = running.get(response.uid)
             if sequence is None:
                 continue
             sequence.generated += 1
+            if sequence.generated == 1:
+                first_token = True
             finish: FinishReason | None = response.finish_reason
             detokenizer = sequence.detokenizer
             if finish != "stop":  # an EOS token is not text
                 detokenizer.add_token(response.token)
             if finish is not None:
                 detokenizer.finalize()
-            text = sequence.stops.feed(detokenizer.last_segment)
-            if sequence.stops.stopped:
-                if finish is None:
-                    stopped_by_text.append(response.uid)
+            stops = sequence.stops
+            text = stops.feed(detokenizer.last_segment)
+            by_stop_string = False
+            if stops.stopped:
+                by_stop_string = finish is None
                 finish = "stop"
             elif finish is not None:
-                text += sequence.stops.flush()
+                text += stops.flush()
             deliveries.append((sequence, TokenEvent(
                 text, response.token, sequence.generated, finish,
                 logprobs.get(response.uid) if logprobs else None, sequence.cached_tokens,
             )))
             if finish is not None:
-                finished = True
-                by_uid[response.uid] = sequence
-                del running[response.uid]
-                self._by_id.pop(sequence.request.request_id, None)
-                self._count_finished(finish)
-                if response.prompt_cache is not None:
-                    self._prefix.store(response.all_tokens, response.prompt_cache)
-                    self._publish(sequence, response.prompt_cache)
-        if stopped_by_text:
-            caches = generator.remove(stopped_by_text, return_prompt_caches=True)
+                ended.append(_Ended(sequence, response, finish, by_stop_string))
+        return deliveries, ended, first_token
+
+    def _retire(self, ended: list[_Ended]) -> None:
+        """The ended sequences leave the engine's books (their slots are free); count why they ended."""
+        for end in ended:
+            del self._running[end.response.uid]
+            self._by_id.pop(end.sequence.request.request_id, None)
+            self._count_finished(end.reason)
+
+    def _keep_prompts(self, generator: BatchGenerator, ended: list[_Ended]) -> None:
+        """Store the ended sequences' KV in the prefix cache, and publish their prompts' to the fleet.
+
+        mlx-lm hands back the cache of a sequence it ended; one ended by a stop string is
+        still in its batch, and taking it out hands its cache back.
+        """
+        by_stop_string: dict[int, _Sequence] = {}
+        for end in ended:
+            response = end.response
+            if response.prompt_cache is not None:
+                self._prefix.store(response.all_tokens, response.prompt_cache)
+                self._publish(end.sequence, response.prompt_cache)
+            if end.by_stop_string:
+                by_stop_string[response.uid] = end.sequence
+        if by_stop_string:
+            caches = generator.remove(list(by_stop_string), return_prompt_caches=True)
             for uid, (cache, tokens) in caches.items():
                 self._prefix.store(tokens, cache)
-                if (sequence := by_uid.get(uid)) is not None:
+                if (sequence := by_stop_string.get(uid)) is not None:
                     self._publish(sequence, cache)
-        if finished:
-            self._count_prefix_cache()
-        self._stats.running = len(running)  # before delivering: whoever sees the last event sees the slot free
-        # A prefill is about to hold up the next step: hand over now rather than after it.
-        urgent = finished or self._prefilling > 0 or any(e.completion_tokens == 1 for _, e in deliveries)
-        self._hand_over(deliveries, urgent)
+        self._count_prefix_cache()
 
     def _publish(self, sequence: _Sequence, cache: list[Any]) -> None:
         """Share the finished sequence's prompt KV with other agents, unless it came from them
@@ -547,16 +590,14 @@ class BatchEngine:
 
     @staticmethod
     def _deliver(items: list[Delivery]) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = defaultdict(list)
+        by_loop: dict[asyncio.AbstractEventLoop, list[_Put]] = defaultdict(list)
         for sequence, item in items:
             by_loop[sequence.loop].append((sequence.sink, item))
         for loop, batch in by_loop.items():
-            try:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening any more
                 loop.call_soon_threadsafe(_put_all, batch)
-            except RuntimeError:  # the loop is closed: nobody is listening any more
-                pass
 
 
-def _put_all(batch: list[tuple[asyncio.Queue, Any]]) -> None:
+def _put_all(batch: list[_Put]) -> None:
     for sink, item in batch:
         sink.put_nowait(item)

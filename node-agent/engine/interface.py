@@ -2,7 +2,9 @@
 
 Everything above the engine (data plane, model repository, metrics, the operations
 API) talks to an engine only through these types, so none of it imports MLX. Plain
-frozen dataclasses: they cross a thread boundary.
+frozen dataclasses: they cross a thread boundary. A request the engine refuses fails
+with the agent's own domain error (`errors.QueueFull`, `errors.DeadlineExceeded`),
+which reaches the client as it is; `EngineError` is the engine itself failing.
 """
 
 from __future__ import annotations
@@ -16,18 +18,11 @@ from mlxpool.priorities import Priority
 FinishReason = Literal["stop", "length"]
 
 MAX_TOP_LOGPROBS = 20
+"""Most alternatives a request may ask log-probabilities for (the wire models' limit too)."""
 
 
 class EngineError(RuntimeError):
-    """The engine could not run a request (stopped, crashed, or rejected it)."""
-
-
-class QueueFullError(EngineError):
-    """The request's priority tier has as many requests waiting as it may."""
-
-
-class DeadlineError(EngineError):
-    """The request's deadline passed while it waited; it was never started."""
+    """The engine could not run a request: it is stopped or crashed, or the request id is taken."""
 
 
 @dataclass(frozen=True)
@@ -118,7 +113,7 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class SharedPrefix:
-    """KV state of a prompt prefix fetched from other agents (`kvshare`)."""
+    """KV state of a prompt prefix fetched from other agents (`serving.promptcache`)."""
 
     tokens: int
     """The prompt's first `tokens` tokens are covered."""
@@ -136,7 +131,7 @@ class GenerationRequest:
     priority: Priority = Priority.NORMAL
     deadline: float | None = None
     """`time.monotonic()` by which the request must have started; past it while still
-    waiting, it fails with DeadlineError instead of running."""
+    waiting, it fails with `errors.DeadlineExceeded` instead of running."""
     shared_prefix: SharedPrefix | None = None
     """A prefix's KV state from the fleet; used when it is longer than the local cache's."""
 
@@ -240,6 +235,7 @@ class Engine(Protocol):
         """Generate for `request`; the last event has a finish reason.
 
         Closing the iterator early (client gone) removes the request from the batch.
-        Raises EngineError (QueueFullError, DeadlineError) if the engine cannot run it.
+        Raises `errors.QueueFull` or `errors.DeadlineExceeded` when the queue refuses the
+        request, EngineError when the engine cannot run it.
         """
         ...

@@ -39,7 +39,7 @@ def encode(layers: Sequence[Any], tokens: int) -> bytes:
     header: dict[str, Any] = {"format": FORMAT, "tokens": tokens, "layers": []}
     chunks: list[bytes] = []
     for layer in layers:
-        if type(layer) is not KVCache or layer.keys is None:
+        if type(layer) is not KVCache or layer.keys is None or layer.values is None:
             raise KVCodecError(f"cannot share a {type(layer).__name__}")
         if layer.offset < tokens:
             raise KVCodecError(f"the cache holds {layer.offset} tokens, not {tokens}")

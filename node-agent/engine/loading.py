@@ -11,7 +11,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -47,8 +47,11 @@ def check_model_dir(path: str | Path) -> Path:
 def load(path: str | Path) -> LoadedModel:
     directory = check_model_dir(path)
     started = time.perf_counter()
-    model, tokenizer, config = mlx_lm.load(str(directory), return_config=True)
-    memory = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    # mlx-lm types both of these for all their call forms: with `return_config` it returns
+    # three items, and `tree_flatten` without a destination returns (path, array) pairs.
+    model, tokenizer, config = cast("tuple[nn.Module, TokenizerWrapper, dict[str, Any]]",
+                                    mlx_lm.load(str(directory), return_config=True))
+    memory = sum(v.nbytes for _, v in cast("list[tuple[str, mx.array]]", tree_flatten(model.parameters())))
     info = ModelInfo(path=str(directory), memory_bytes=memory, context_length=_context_length(config))
     log.info(
         "model loaded path=%s memory_bytes=%d context_length=%s seconds=%.2f blas=%s device=%s",

@@ -11,8 +11,7 @@ Engine thread only (imports MLX).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 
@@ -35,9 +34,9 @@ class LogprobReader:
             text = self._texts[token_id] = self._tokenizer.decode([token_id])
         return text
 
-    def read(self, rows: Sequence[mx.array], tokens: Sequence[int], top_n: Sequence[int]) -> list[TokenLogprob]:
+    def read(self, rows: list[mx.array], tokens: list[int], top_n: list[int]) -> list[TokenLogprob]:
         """For each sequence: its chosen token's log-probability and its `top_n` best alternatives."""
-        stacked = mx.stack(list(rows))
+        stacked = mx.stack(rows)
         chosen = mx.take_along_axis(stacked, mx.array(tokens)[:, None], axis=-1)[:, 0]
         k = min(max(top_n), stacked.shape[-1])
         top_ids: list[list[int]] = [[] for _ in tokens]
@@ -46,13 +45,15 @@ class LogprobReader:
             candidates = mx.argpartition(-stacked, kth=k - 1, axis=-1)[:, :k]
             values = mx.take_along_axis(stacked, candidates, axis=-1)
             order = mx.argsort(-values, axis=-1)
-            top_ids = mx.take_along_axis(candidates, order, axis=-1).tolist()
-            top_values = mx.take_along_axis(values, order, axis=-1).tolist()
+            # `tolist()` is typed for any rank; of these 2-D arrays it is a list of rows.
+            top_ids = cast("list[list[int]]", mx.take_along_axis(candidates, order, axis=-1).tolist())
+            top_values = cast("list[list[float]]", mx.take_along_axis(values, order, axis=-1).tolist())
         text = self.token_text
         return [
             TokenLogprob(
                 token=text(token), logprob=logprob,
                 top=tuple((text(i), v) for i, v in zip(ids[:n], vals[:n], strict=True)),
             )
-            for token, logprob, n, ids, vals in zip(tokens, chosen.tolist(), top_n, top_ids, top_values, strict=True)
+            for token, logprob, n, ids, vals in zip(tokens, cast("list[float]", chosen.tolist()), top_n, top_ids,
+                                                    top_values, strict=True)
         ]

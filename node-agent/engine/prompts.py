@@ -47,7 +47,7 @@ class PromptEncoder:
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self._tokenizer = tokenizer
-        self.vocab_size = len(tokenizer)  # type: ignore[arg-type]
+        self.vocab_size = len(tokenizer)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
 
     async def encode_text(self, text: str) -> list[int]:

@@ -1,12 +1,12 @@
 """The waiting queue: which accepted requests enter the batch when slots free up.
 
 Ordered by priority tier (critical first), then arrival. Each tier may cap how many
-of its requests wait (`push` refuses the next one with `QueueFull`), and a waiting
-request may carry a deadline: `expire(now)` takes out every request whose deadline
-has passed, so the engine can fail them instead of running them late. `pop` takes
-the most urgent requests that fit both the free batch slots and a budget of prompt
-tokens, stopping at the first that does not fit: a long prompt is never overtaken
-by shorter, less urgent ones.
+of its requests wait (`push` refuses the next one with `errors.QueueFull`, the very
+error its client gets), and a waiting request may carry a deadline: `expire(now)`
+takes out every request whose deadline has passed, so the engine can fail them
+instead of running them late. `pop` takes the most urgent requests that fit both the
+free batch slots and a budget of prompt tokens, stopping at the first that does not
+fit: a long prompt is never overtaken by shorter, less urgent ones.
 
 Pure logic, no MLX, no clock of its own (the engine passes `now`); used from the
 engine thread only. Removal is lazy: heap entries of requests that left are skipped
@@ -21,18 +21,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from mlxpool.agent.errors import QueueFull
 from mlxpool.priorities import Priority
 
 T = TypeVar("T")
-
-
-class QueueFull(Exception):
-    """The tier already has its maximum of waiting requests."""
-
-    def __init__(self, priority: Priority, limit: int) -> None:
-        super().__init__(f"the {priority.value} tier already has {limit} request(s) waiting (its maximum)")
-        self.priority = priority
-        self.limit = limit
 
 
 @dataclass(frozen=True, slots=True)

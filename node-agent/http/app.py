@@ -1,13 +1,13 @@
 """The agent's HTTP API: a FastAPI app factory with thin routes.
 
-Routes parse the body (FastAPI + the `openai_api` models) and the headers the data
+Routes parse the body (FastAPI + the `serving.openai` models) and the headers the data
 plane understands (`x-priority`, `x-deadline-ms`), call the data plane, and
 serialize: JSON, or Server-Sent Events (`sse`). The inference endpoints take the
 optional API key (`auth.require_api_key`); probes and /metrics are open.
 The one HTTP concern handled here is the client going away: the request's
 generation is cancelled at once, freeing its batch slot (streaming: the SSE
 response watches the connection; before the stream starts and for whole responses:
-a watcher on the ASGI receive channel).
+a watcher on the ASGI receive channel, `disconnects`).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pydantic import BaseModel
 from mlxpool import __version__
 from mlxpool.agent.errors import AgentError
 from mlxpool.agent.http.auth import Credentials, require_api_key
+from mlxpool.agent.http.disconnects import disconnected
 from mlxpool.agent.http.errors import EXCEPTION_HANDLERS
 from mlxpool.agent.http.metrics import AgentMetrics, HttpMetricsMiddleware
 from mlxpool.agent.http.sse import EventStreamResponse
@@ -107,7 +108,7 @@ class _ClientGone(AgentError):
 async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     """Await `work`, cancelling it if the client disconnects first."""
     task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnected(request))
+    watcher = asyncio.ensure_future(disconnected(request.receive))
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -122,10 +123,3 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
         log.info("client disconnected before the response path=%s", request.url.path)
         raise _ClientGone("the client disconnected")
     return task.result()
-
-
-async def _disconnected(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return

@@ -80,6 +80,7 @@ class Credentials:
         """Files win over the environment; ValueError names an unreadable or empty file."""
         env = os.environ if environ is None else environ
         keys: Iterable[str] = read_secrets(api_key_file) if api_key_file else _env_secret(env, API_KEY_ENV)
+        ops: str | None
         if ops_token_file:
             tokens = read_secrets(ops_token_file)
             if len(tokens) > 1:

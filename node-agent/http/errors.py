@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.responses import Response
 
 from mlxpool.agent.errors import AgentError
 from mlxpool.apierrors import error_body
@@ -51,7 +53,7 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(error_body(message, "invalid_request_error", param=param), 400)
 
 
-def _param(error: dict) -> str | None:
+def _param(error: dict[str, Any]) -> str | None:
     """The field an error is about: its location without the body prefix and union-member tags."""
     loc = [str(p) for p in error.get("loc", ()) if p != "body" and not _UNION_TAG.match(str(p))]
     return ".".join(loc) or None
@@ -68,11 +70,12 @@ async def _http_error(_: Request, exc: Exception) -> JSONResponse:
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error path=%s", request.url.path, exc_info=exc)
+    log.error("unhandled error path=%s", request.url.path, exc_info=exc)
     return JSONResponse(error_body("internal error", "server_error"), 500)
 
 
-EXCEPTION_HANDLERS: dict[type[Exception], Callable[[Request, Exception], Awaitable[JSONResponse]]] = {
+# Typed as FastAPI's `exception_handlers` takes it (keys may also be status codes).
+EXCEPTION_HANDLERS: dict[int | type[Exception], Callable[[Request, Any], Coroutine[Any, Any, Response]]] = {
     AgentError: _agent_error,
     RequestValidationError: _validation_error,
     HTTPException: _http_error,

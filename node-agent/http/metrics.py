@@ -116,7 +116,8 @@ class _EngineCollector(Collector):
                              ("priority",))
         vllm_running = gauge("vllm:num_requests_running", "Same as mlxpool_requests_running.")
         vllm_waiting = gauge("vllm:num_requests_waiting", "Same as mlxpool_requests_waiting.")
-        vllm_cache = gauge("vllm:gpu_cache_usage_perc", "Share of batch slots in use (0-1): running / decode concurrency.")
+        vllm_cache = gauge("vllm:gpu_cache_usage_perc",
+                           "Share of batch slots in use (0-1): running / decode concurrency.")
         prompt = counter("mlxpool_prompt_tokens", "Prompt tokens of the requests admitted.")
         cached = counter("mlxpool_prompt_tokens_cached", "Prompt tokens served from the prefix cache.")
         shared = counter("mlxpool_prompt_tokens_shared",

@@ -19,6 +19,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from mlxpool.agent.errors import AgentError
+from mlxpool.agent.http.disconnects import disconnected
 from mlxpool.agent.serving.dataplane import ChunkStream
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ class EventStreamResponse(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         pump = asyncio.ensure_future(self._pump(send))
-        gone = asyncio.ensure_future(_disconnected(receive))
+        gone = asyncio.ensure_future(disconnected(receive))
         try:
             await asyncio.wait({pump, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -61,10 +62,3 @@ class EventStreamResponse(Response):
             event = json.dumps(exc.body())
             await send({"type": "http.response.body", "body": f"data: {event}\n\n".encode(), "more_body": True})
         await send({"type": "http.response.body", "body": DONE, "more_body": False})
-
-
-async def _disconnected(receive: Receive) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return

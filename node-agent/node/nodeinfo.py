@@ -11,6 +11,7 @@ import re
 import socket
 from collections.abc import Iterable
 from datetime import UTC, datetime
+from typing import Any
 
 from mlxpool import __version__
 from mlxpool.nodes import Hardware, LoadedModel, NodeSpec, NodeStatus
@@ -68,7 +69,7 @@ def node_status(
     )
 
 
-def node_object(name: str, labels: dict[str, str], spec: NodeSpec) -> dict:
+def node_object(name: str, labels: dict[str, str], spec: NodeSpec) -> dict[str, Any]:
     """The body to create (status is ignored on create: it has its own subresource)."""
     return {
         "apiVersion": API_VERSION,

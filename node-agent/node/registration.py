@@ -24,6 +24,8 @@ from mlxpool.resources import GROUP, NODE_PLURAL, VERSION
 log = logging.getLogger(__name__)
 
 MERGE_PATCH = "application/merge-patch+json"
+"""Sent as `_content_type`, which kubernetes_asyncio takes but its stubs omit (hence the
+`type: ignore[call-arg]` on those calls); custom objects take no strategic merge patch."""
 REQUEST_TIMEOUT_S = 5.0
 
 
@@ -61,7 +63,7 @@ class NodeRegistrar:
                 if not self._registered:
                     await self._register(api)
                 status = await self._status()
-                await api.patch_cluster_custom_object_status(
+                await api.patch_cluster_custom_object_status(  # type: ignore[call-arg]  # see MERGE_PATCH
                     GROUP, VERSION, NODE_PLURAL, self.name, {"status": status.to_wire()},
                     _content_type=MERGE_PATCH, _request_timeout=REQUEST_TIMEOUT_S,
                 )
@@ -95,7 +97,7 @@ class NodeRegistrar:
             if exc.status != 409:
                 raise
             patch = {"metadata": {"labels": self._labels}, "spec": body["spec"]}
-            await api.patch_cluster_custom_object(
+            await api.patch_cluster_custom_object(  # type: ignore[call-arg]  # see MERGE_PATCH
                 GROUP, VERSION, NODE_PLURAL, self.name, patch,
                 _content_type=MERGE_PATCH, _request_timeout=REQUEST_TIMEOUT_S,
             )

@@ -1,9 +1,10 @@
 """Builds the operations side of an agent from its settings and hands the runtime its pieces.
 
-The runtime (the composition root) calls `Operations.build` with the repository, an
-engine factory and the `multi_model` / `weight_management` sections; it mounts
-their HTTP routes (`http.operations`), calls `start()` before serving, `load_initial()` for the model named on
-the command line, and `close()` at shutdown. `StatusNudger` turns "a model was
+The runtime (the composition root) calls `Operations.build` with the repository, the
+lifecycle and the prompt cache (which every served model's engine uses), an engine
+factory and the `multi_model` / `weight_management` sections; it mounts their HTTP
+routes (`http.operations`), calls `start()` before serving, `load_initial()` for the
+model named on the command line, and `close()` at shutdown. `StatusNudger` turns "a model was
 loaded or unloaded" into one prompt InferenceNode status write, coalescing bursts.
 """
 
@@ -22,6 +23,8 @@ from mlxpool.agent.operations.manager import Capacity, EngineFactory, ModelManag
 from mlxpool.agent.operations.reports import NodeIdentity, NodeReporter
 from mlxpool.agent.operations.sources import DEFAULT_HUB_ENDPOINT
 from mlxpool.agent.operations.staging import ModelCacheStore
+from mlxpool.agent.serving.lifecycle import Lifecycle
+from mlxpool.agent.serving.promptcache import PromptCache
 from mlxpool.agent.serving.repository import ModelRepository
 from mlxpool.agentapi import LoadModelRequest, ModelState
 
@@ -38,7 +41,7 @@ class StatusNudger:
     def __init__(self, write: Callable[[], Awaitable[object]]) -> None:
         self._write = write
         self._dirty = False
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
 
     def nudge(self) -> None:
         self._dirty = True
@@ -65,9 +68,10 @@ class Operations:
 
     @classmethod
     def build(
-        cls, *, repository: ModelRepository, make_engine: EngineFactory, multi_model: MultiModel,
-        weights: WeightManagement, node_name: str, endpoint: Callable[[], str],
-        on_change: Callable[[], None] | None = None, environ: Mapping[str, str] | None = None,
+        cls, *, repository: ModelRepository, lifecycle: Lifecycle, make_engine: EngineFactory,
+        multi_model: MultiModel, weights: WeightManagement, node_name: str, endpoint: Callable[[], str],
+        prompt_cache: PromptCache | None = None, on_change: Callable[[], None] | None = None,
+        environ: Mapping[str, str] | None = None,
     ) -> Operations:
         env = os.environ if environ is None else environ
         capacity = Capacity(
@@ -83,7 +87,8 @@ class Operations:
             max_bytes=weights.max_cache_bytes, allow_pin=weights.allow_pin,
             hub_endpoint=env.get(HUB_ENDPOINT_ENV) or DEFAULT_HUB_ENDPOINT, hub_token=env.get(HUB_TOKEN_ENV) or None,
         )
-        manager = ModelManager(repository, make_engine, capacity, cache_path=cache.ready_path, on_change=on_change)
+        manager = ModelManager(repository, make_engine, capacity, lifecycle=lifecycle, prompt_cache=prompt_cache,
+                               cache_path=cache.ready_path, on_change=on_change)
         reporter = NodeReporter(NodeIdentity(node_name, endpoint), manager, cache)
         return cls(manager, cache, reporter)
 

@@ -1,7 +1,8 @@
 """The operations API's domain errors; the agent's one error table maps them to HTTP.
 
 Each is an `AgentError` subclass fixing status and code, so clients can branch on
-`error.code` without parsing messages.
+`error.code` without parsing messages. The inference API's errors, the data plane's
+and the engine's, are in `mlxpool.agent.errors`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,12 @@ class ModelConflict(_Conflict):
     code = "model_conflict"
 
 
-class ModelUnloading(_Conflict):
+class UnloadInProgress(_Conflict):
+    """A load names a model whose unload has not finished yet; load it again once it is gone.
+
+    (An inference request for such a model is `errors.ModelUnloading`, a 503.)
+    """
+
     code = "model_unloading"
 
 

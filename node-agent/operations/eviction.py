@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class Resident:
     """Requests in flight, or not ready yet (loading, warming): never evicted."""
 
 
-class Shortage(str, Enum):
+class Shortage(StrEnum):
     SLOTS = "slots"
     MEMORY = "memory"
 

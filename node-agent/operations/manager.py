@@ -9,16 +9,19 @@ Per model a record with its own lock and one state machine:
 least recently used idle unpinned models when `eviction` allows; the pure policy is
 `eviction.admit`), registers the record, and leaves the work to a task: wait for the
 evicted models to go, start an engine (from the factory the runtime passes in, so
-the CLI's model and loaded ones are built the same way), wrap it so in-flight
-requests are counted, and add it to the repository. `unload` takes the model out of
-the repository at once (new requests get 503), waits for its in-flight requests (up
-to `unload_timeout`), then stops the engine, which frees its memory.
+the CLI's model and loaded ones are built the same way), wrap it as the model's
+served engine (`serving.servedengine`: its requests counted in flight by the agent's
+lifecycle, their prompts looked up in the prompt cache), and add it to the
+repository. `unload` takes the model out of the repository at once (new requests
+get 503), waits for its in-flight requests (up to `unload_timeout`; not at all when
+there are none), then stops the engine, which frees its memory.
 
 Repeating a call is safe: loading a model that is loading or ready from the same
 source returns its state (a changed `pin` applies in place); another source under
-the same name is a 409; a failed model is loaded afresh. What this module does not
-do: HTTP (see `routes`), or fetching files (a `cache_key` is resolved to a directory
-by the cache store).
+the same name is a 409 (`ModelConflict`), and so is a model still unloading
+(`UnloadInProgress`); a failed model is loaded afresh. What this module does not
+do: HTTP (see `http.operations`), or fetching files (a `cache_key` is resolved to a
+directory by the cache store).
 """
 
 from __future__ import annotations
@@ -35,9 +38,11 @@ from mlxpool.agent.engine.interface import Engine, ModelInfo
 from mlxpool.agent.engine.prompts import PromptEncoder
 from mlxpool.agent.errors import InvalidRequest, ModelNotFound
 from mlxpool.agent.operations import eviction
-from mlxpool.agent.operations.errors import MaxModelsReached, MemoryBudgetExceeded, ModelConflict, ModelUnloading
-from mlxpool.agent.operations.tracking import TrackedEngine
+from mlxpool.agent.operations.errors import MaxModelsReached, MemoryBudgetExceeded, ModelConflict, UnloadInProgress
+from mlxpool.agent.serving.lifecycle import Lifecycle
+from mlxpool.agent.serving.promptcache import PromptCache
 from mlxpool.agent.serving.repository import ModelRepository, ServedModel
+from mlxpool.agent.serving.servedengine import ServedEngine
 from mlxpool.agentapi import LoadModelRequest, ModelPhase, ModelState, QueueReport
 
 log = logging.getLogger(__name__)
@@ -92,7 +97,7 @@ class _Record:
     memory_bytes: int | None = None
     load_time_seconds: float | None = None
     message: str | None = None
-    task: asyncio.Task | None = None
+    task: asyncio.Task[None] | None = None
     admitted_at: float = field(default_factory=time.monotonic)
     settled: asyncio.Event = field(default_factory=asyncio.Event)
     """Set when loading ends (ready or failed)."""
@@ -112,8 +117,8 @@ class _Record:
         )
 
     def resident(self) -> eviction.Resident:
-        tracked = self.served.engine if self.served is not None else None
-        busy = self.phase is not ModelPhase.READY or (isinstance(tracked, TrackedEngine) and tracked.busy)
+        served = self.served.engine if self.served is not None else None
+        busy = self.phase is not ModelPhase.READY or (isinstance(served, ServedEngine) and served.busy)
         last_used = self.served.last_used if self.served is not None else self.admitted_at
         return eviction.Resident(self.name, self.memory_bytes or self.estimate_bytes, last_used,
                                  pinned=self.pinned, busy=busy)
@@ -122,10 +127,15 @@ class _Record:
 class ModelManager:
     def __init__(
         self, repository: ModelRepository, make_engine: EngineFactory, capacity: Capacity, *,
+        lifecycle: Lifecycle, prompt_cache: PromptCache | None = None,
         cache_path: Callable[[str], Path] | None = None, on_change: Callable[[], None] | None = None,
     ) -> None:
+        """`lifecycle` counts the requests in flight (an unload waits for its model's);
+        `prompt_cache` is looked up before every request (None: the local-only one)."""
         self.repository = repository
         self.capacity = capacity
+        self._lifecycle = lifecycle
+        self._prompt_cache = prompt_cache or PromptCache()
         self._make_engine = make_engine
         self._cache_path = cache_path
         self._on_change = on_change
@@ -160,8 +170,8 @@ class ModelManager:
                 self._begin_unload(record, reason="the engine stopped unexpectedly")
             if record is not None:
                 if record.phase is ModelPhase.UNLOADING:
-                    raise ModelUnloading(f"model {request.name!r} is being unloaded; load it again once it is gone",
-                                         param="name")
+                    raise UnloadInProgress(
+                        f"model {request.name!r} is being unloaded; load it again once it is gone", param="name")
                 if record.phase is not ModelPhase.FAILED:
                     if (record.path, record.cache_key) != (str(path), request.cache_key):
                         raise ModelConflict(
@@ -178,7 +188,7 @@ class ModelManager:
             record = _Record(request.name, str(path), request.cache_key, request.warm, request.pin, estimate,
                              owner=request.owner)
             self._records[record.name] = record
-            self.repository.mark(record.name, ModelPhase.LOADING.value)
+            self.repository.mark(record.name, ModelPhase.LOADING)
             record.task = asyncio.create_task(self._load(record, victims), name=f"load-{record.name}")
             log.info("model admitted name=%s path=%s estimate_bytes=%d evicting=%s",
                      record.name, record.path, estimate, ",".join(v.name for v in victims) or "-")
@@ -234,7 +244,8 @@ class ModelManager:
                 return
             record.load_time_seconds = round(time.perf_counter() - started, 4)
             record.memory_bytes = info.memory_bytes
-            record.served = ServedModel(record.name, TrackedEngine(record.engine), encoder, info, int(time.time()))
+            served_engine = ServedEngine(record.engine, record.name, info.path, self._lifecycle, self._prompt_cache)
+            record.served = ServedModel(record.name, served_engine, encoder, info, int(time.time()))
             record.phase = ModelPhase.READY
             record.message = None
             self.repository.add(record.served)
@@ -246,7 +257,7 @@ class ModelManager:
     def _warming(self, record: _Record) -> None:
         if record.phase is ModelPhase.LOADING and record.warm:
             record.phase = ModelPhase.WARMING
-            self.repository.mark(record.name, ModelPhase.WARMING.value)
+            self.repository.mark(record.name, ModelPhase.WARMING)
 
     # ---- unload ----
 
@@ -265,17 +276,17 @@ class ModelManager:
         record.phase = ModelPhase.UNLOADING
         record.message = reason
         self.repository.remove(record.name)
-        self.repository.mark(record.name, ModelPhase.UNLOADING.value)
+        self.repository.mark(record.name, ModelPhase.UNLOADING)
         record.task = asyncio.create_task(self._unload(record, prior), name=f"unload-{record.name}")
         self._changed()
 
-    async def _unload(self, record: _Record, prior: asyncio.Task | None, timeout: float | None = None) -> None:
+    async def _unload(self, record: _Record, prior: asyncio.Task[None] | None, timeout: float | None = None) -> None:
         if prior is not None and not prior.done():
             prior.cancel()
             await asyncio.gather(prior, return_exceptions=True)
         async with record.lock:
             served = record.served
-            if served is not None and isinstance(served.engine, TrackedEngine):
+            if served is not None and isinstance(served.engine, ServedEngine):
                 grace = self.capacity.unload_timeout if timeout is None else timeout
                 if not await served.engine.wait_idle(grace):
                     log.warning("unload grace over, stopping anyway name=%s in_flight=%d timeout_s=%.1f",
@@ -317,7 +328,7 @@ class ModelManager:
         problem = await asyncio.to_thread(_model_dir_problem, path)
         if problem:
             raise InvalidRequest(f"path: {request.path!r} {problem}", param="path")
-        return path.resolve()
+        return await asyncio.to_thread(path.resolve)
 
     def _record(self, name: str) -> _Record:
         record = self._records.get(name)

@@ -65,7 +65,7 @@ class _Entry:
     load_time_seconds: float | None = None
     message: str | None = None
     progress: Progress | None = None
-    task: asyncio.Task | None = None
+    task: asyncio.Task[None] | None = None
     weights: WeightFiles | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
 

@@ -1,15 +1,17 @@
 """The transport-agnostic data plane: OpenAI requests in, OpenAI responses out.
 
 It resolves the model, encodes the prompt, fixes sampling and scheduling defaults
-(max_tokens, priority, deadline), checks the context budget, runs the request on the
-model's engine under an in-flight lease, and shapes token events into completion /
-chat objects, whole or as a stream of JSON chunks. It knows nothing of HTTP: the
-routes in `app` only parse, call, and frame, so another transport (or a test) can
-drive this directly.
+(max_tokens, priority, deadline), checks the context budget, submits the request to the
+model's engine (as the model manager serves it, which also counts the request in
+flight: `servedengine`), and shapes token events into completion / chat objects, whole
+or as a stream of JSON chunks. It knows nothing of HTTP: the routes in `http.app` only
+parse, call, and frame, so another transport (or a test) can drive this directly.
 
 A stream is started before it is handed back: the request waits here for its first
 token, so queue-full, deadline and engine errors still become a proper HTTP status
-instead of an error in the middle of a 200 stream. `ChunkStream.aclose()` always
+instead of an error in the middle of a 200 stream. The engine's refusals are the
+client's errors already (`errors.QueueFull`, `errors.DeadlineExceeded`) and pass
+through; an `EngineError` becomes `GenerationFailed`. `ChunkStream.aclose()` always
 ends the generation and releases its slot, whether or not the stream was read. Its
 chunks come in batches: the tokens the engine handed over together (see
 `TokenEvent.more`) become one batch, which the transport writes at once.
@@ -20,23 +22,15 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
-from dataclasses import dataclass, field, replace
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from mlxpool.agent.config import PriorityScheduling
-from mlxpool.agent.engine.interface import (
-    DeadlineError,
-    EngineError,
-    GenerationRequest,
-    QueueFullError,
-    SamplingParams,
-    SharedPrefix,
-    TokenEvent,
-)
+from mlxpool.agent.engine.interface import EngineError, GenerationRequest, SamplingParams, TokenEvent
 from mlxpool.agent.engine.prompts import PromptError
-from mlxpool.agent.errors import AgentError, DeadlineExceeded, GenerationFailed, InvalidRequest, QueueFull
+from mlxpool.agent.errors import DeadlineExceeded, GenerationFailed, InvalidRequest, QueueFull
 from mlxpool.agent.serving import openai as api
 from mlxpool.agent.serving.lifecycle import Lifecycle, Phase
 from mlxpool.agent.serving.repository import ModelRepository, ServedModel
@@ -76,14 +70,6 @@ class RequestObserver(Protocol):
 
     def request_done(self, model: str, priority: Priority, outcome: str, ttft: float | None,
                      inter_token: list[float], latency: float) -> None: ...
-
-
-class SharedPrefixes(Protocol):
-    """Prompt KV state computed by other agents (`kvshare.KVShare`)."""
-
-    async def lookup(self, model_path: str, tokens: Sequence[int]) -> SharedPrefix | None:
-        """The longest shared prefix of `tokens` (never all of them), or None; never raises."""
-        ...
 
 
 @dataclass(frozen=True)
@@ -135,17 +121,16 @@ class ChunkStream:
 
 class DataPlane:
     def __init__(self, models: ModelRepository, lifecycle: Lifecycle, settings: DataPlaneSettings | None = None,
-                 observer: RequestObserver | None = None, shared_prefixes: SharedPrefixes | None = None) -> None:
+                 observer: RequestObserver | None = None) -> None:
         self.models = models
         self.lifecycle = lifecycle
         self.settings = settings or DataPlaneSettings()
         self.observer = observer
-        self.shared_prefixes = shared_prefixes
-        """Where prompt KV other agents computed is looked up (`kvshare`); None: not shared."""
 
     # ---- completions ----
 
-    async def complete(self, body: api.CompletionRequest, hints: RequestHints = RequestHints()) -> api.CompletionResponse:
+    async def complete(self, body: api.CompletionRequest,
+                       hints: RequestHints = RequestHints()) -> api.CompletionResponse:
         prepared = await self.prepare_completion(body, hints)
         events = await self._collect(prepared)
         last = events[-1]
@@ -197,10 +182,11 @@ class DataPlane:
     async def prepare_completion(self, body: api.CompletionRequest, hints: RequestHints = RequestHints()) -> Prepared:
         self.lifecycle.check_accepting()
         model = self.models.get(body.model)
-        if isinstance(body.prompt, str):
-            tokens = await model.encoder.encode_text(body.prompt)
+        prompt = body.text_or_tokens()
+        if isinstance(prompt, str):
+            tokens = await model.encoder.encode_text(prompt)
         else:
-            tokens = list(body.prompt)
+            tokens = list(prompt)
             if tokens and max(tokens) >= model.encoder.vocab_size:
                 raise InvalidRequest(
                     f"prompt: token id {max(tokens)} is outside the vocabulary (size {model.encoder.vocab_size})",
@@ -210,7 +196,8 @@ class DataPlane:
 
     # ---- chat ----
 
-    async def chat(self, body: api.ChatCompletionRequest, hints: RequestHints = RequestHints()) -> api.ChatCompletionResponse:
+    async def chat(self, body: api.ChatCompletionRequest,
+                   hints: RequestHints = RequestHints()) -> api.ChatCompletionResponse:
         prepared = await self.prepare_chat(body, hints)
         events = await self._collect(prepared)
         last = events[-1]
@@ -272,7 +259,7 @@ class DataPlane:
     def list_models(self) -> api.ModelList:
         return api.ModelList(data=[api.ModelCard(id=m.name, created=m.created) for m in self.models.all()])
 
-    def readiness(self) -> tuple[bool, dict]:
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
         phase = self.lifecycle.phase
         ready = phase is Phase.READY and self.models.healthy()
         status = "ready" if ready else ("unhealthy" if phase is Phase.READY else phase.value)
@@ -339,7 +326,7 @@ class DataPlane:
         return requested
 
     async def generate(self, prepared: Prepared) -> AsyncGenerator[TokenEvent, None]:
-        """The engine's events for one request, counted as in-flight and timed while iterated."""
+        """The engine's events for one request, timed while iterated and told to the observer."""
         request = prepared.request
         outcome = "cancelled"
         first: float | None = None
@@ -347,28 +334,27 @@ class DataPlane:
         gaps: list[float] = []
         clock = time.perf_counter
         try:
-            async with self.lifecycle.lease():
-                if self.shared_prefixes is not None:
-                    shared = await self.shared_prefixes.lookup(prepared.model.info.path, request.prompt_tokens)
-                    if shared is not None:
-                        request = replace(request, shared_prefix=shared)
-                async with aclosing(prepared.model.engine.submit(request)) as events:
-                    async for event in events:
-                        now = clock()
-                        if first is None:
-                            first = now
-                        else:
-                            gaps.append(now - last)
-                        last = now
-                        if event.finish_reason is not None:
-                            outcome = event.finish_reason
-                        yield event
+            async with aclosing(prepared.model.engine.submit(request)) as events:
+                async for event in events:
+                    now = clock()
+                    if first is None:
+                        first = now
+                    else:
+                        gaps.append(now - last)
+                    last = now
+                    if event.finish_reason is not None:
+                        outcome = event.finish_reason
+                    yield event
+        except QueueFull:
+            outcome = "queue_full"
+            raise
+        except DeadlineExceeded:
+            outcome = "deadline"
+            raise
         except EngineError as exc:
-            outcome, error = _engine_failure(exc)
-            if outcome == "error":
-                log.error("generation failed model=%s request_id=%s error=%s",
-                          prepared.model.name, request.request_id, exc)
-            raise error from exc
+            outcome = "error"
+            log.error("generation failed model=%s request_id=%s error=%s", prepared.model.name, request.request_id, exc)
+            raise GenerationFailed(str(exc)) from exc
         finally:
             if self.observer is not None:
                 self.observer.request_done(
@@ -402,14 +388,6 @@ class DataPlane:
         usage = api.Usage.of(prepared.prompt_tokens, last.completion_tokens, last.cached_tokens)
         return kind(id=prepared.response_id, created=prepared.created, model=model, choices=[],
                     usage=usage).model_dump_json()
-
-
-def _engine_failure(exc: EngineError) -> tuple[str, AgentError]:
-    if isinstance(exc, QueueFullError):
-        return "queue_full", QueueFull(str(exc), param="priority")
-    if isinstance(exc, DeadlineError):
-        return "deadline", DeadlineExceeded(str(exc), param="deadline_ms")
-    return "error", GenerationFailed(str(exc))
 
 
 def _header_priority(value: str | None) -> Priority | None:

@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from mlxpool.agent.engine.interface import MAX_TOP_LOGPROBS
 from mlxpool.priorities import Priority
 
 MAX_STOP_STRINGS = 16
-MAX_TOP_LOGPROBS = 20
 MAX_TOKENS_LIMIT = 1 << 20
 """Above any context length we serve; a larger max_tokens is a client bug."""
 MAX_LOGIT_BIAS = 300
@@ -121,13 +121,20 @@ class CompletionRequest(_GenerationRequest):
     @field_validator("prompt")
     @classmethod
     def _one_prompt(cls, value: str | list[int] | list[str]) -> str | list[int]:
-        if isinstance(value, list) and value and isinstance(value[0], str):
+        if isinstance(value, str):
+            return value
+        if value and isinstance(value[0], str):
             if len(value) != 1:
                 raise ValueError("only one prompt per request is supported")
             return value[0]
-        if isinstance(value, list) and any(t < 0 for t in value):  # type: ignore[operator]
+        tokens = cast("list[int]", value)  # validated as one of the two lists, and not the texts
+        if any(t < 0 for t in tokens):
             raise ValueError("token ids must be >= 0")
-        return value  # type: ignore[return-value]
+        return tokens
+
+    def text_or_tokens(self) -> str | list[int]:
+        """The one prompt: its text, or its token ids (what `_one_prompt` leaves of the field)."""
+        return cast("str | list[int]", self.prompt)
 
     @field_validator("echo")
     @classmethod

@@ -1,9 +1,19 @@
-"""Prompt KV state shared between agents through Redis (`distributed_cache`).
+"""The prompt cache's fleet-wide tier: prompt KV state shared between agents through Redis.
 
-What one node prefilled, another node serving the same model fetches instead of
-computing: a long system prompt, a few-shot preamble or a conversation so far is
-prefilled once per fleet, not once per node. The local prefix cache (`engine.prefixcache`)
-stays the first choice; this is its fleet-wide second level.
+Two tiers. The first is each engine's own in-memory prefix cache (`engine.prefixcache`:
+MLX arrays, on the engine thread, so it lives with the engine): it is always the first
+choice, consulted by the engine as it admits a request. The second is this one, shared
+by the fleet (`distributed_cache`): what one node prefilled, another node serving the
+same model fetches instead of computing, so a long system prompt, a few-shot preamble or
+a conversation so far is prefilled once per fleet, not once per node. A fetched prefix
+travels with the request (`GenerationRequest.shared_prefix`), and the engine uses it
+only where it is longer than what its own cache holds.
+
+A `PromptCache` is always there: each served model's engine (`servedengine`) looks every
+prompt up in it before submitting, and each engine publishes finished prompts through
+the `KVPublisher` it gets from it. With `distributed_cache.redis_url` unset it is the
+local-only `PromptCache` itself: a lookup is None without any I/O, nothing is
+published, and no metrics are exported. With Redis it is a `FleetPromptCache`.
 
 Keys. A prompt is cut into blocks of `block_tokens` tokens; each boundary has a hash
 chained from the model's identity (its config and weight files, so two nodes share only
@@ -26,6 +36,7 @@ off the engine thread and is dropped, counted, when too many are in flight.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import json
@@ -75,8 +86,36 @@ def boundary_hashes(model_id: str, tokens: Sequence[int], block: int, limit: int
     return hashes
 
 
-class KVShare:
-    """One per agent: lookups for the data plane, publishers for the engines."""
+class PromptCache:
+    """One per agent. This base is local only: the engines' own prefix caches are the only tier."""
+
+    @staticmethod
+    def from_settings(settings: DistributedCache, local_entries: int = 64) -> PromptCache:
+        """The fleet-wide tier when `settings` names a Redis, else the local-only one.
+
+        `local_entries`: the local prefix cache's entries (0: it is off, every hit is fetched).
+        """
+        return FleetPromptCache(settings, local_entries) if settings.redis_url is not None else PromptCache()
+
+    async def lookup(self, model_path: str, tokens: Sequence[int]) -> SharedPrefix | None:
+        """The longest prefix of `tokens` (never all of them) other agents computed, or None;
+        never raises."""
+        return None
+
+    def publisher(self, model_path: str, loop: asyncio.AbstractEventLoop) -> KVPublisher | None:
+        """What the engine serving `model_path` publishes finished prompts through; None: nothing."""
+        return None
+
+    def collector(self) -> Collector | None:
+        """The `mlxpool_shared_kv_*` metrics; None: there are none."""
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+class FleetPromptCache(PromptCache):
+    """The tier shared through Redis: lookups for the served engines, publishers for the engines."""
 
     def __init__(self, settings: DistributedCache, local_entries: int = 64) -> None:
         """`local_entries`: the local prefix cache's entries (0: it is off, every hit is fetched)."""
@@ -92,14 +131,13 @@ class KVShare:
             socket_connect_timeout=settings.timeout_seconds, health_check_interval=30)
         self._publishing = 0
         self._warned_at = float("-inf")
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         self.counts = {"lookups": 0, "hits": 0, "hit_tokens": 0, "held_locally": 0, "published": 0,
                        "published_bytes": 0, "dropped": 0, "errors": 0}
 
-    # ---- lookups (data plane, event loop) ----
+    # ---- lookups (served engines, event loop) ----
 
     async def lookup(self, model_path: str, tokens: Sequence[int]) -> SharedPrefix | None:
-        """The longest shared prefix of `tokens` (never all of them), or None."""
         s = self.settings
         if len(tokens) <= s.min_tokens:
             return None
@@ -112,15 +150,16 @@ class KVShare:
         try:
             blob_keys = await self._redis.mget([self._key("idx", h) for h in hashes[first:]])
             for offset in range(len(blob_keys) - 1, -1, -1):
-                if blob_keys[offset] is None:
+                blob_key = blob_keys[offset]
+                if not isinstance(blob_key, bytes):  # None: no such index key (replies are bytes)
                     continue
-                if self._held_locally(blob_keys[offset]):
+                if self._held_locally(blob_key):
                     self.counts["held_locally"] += 1
                     return None
-                blob = await self._redis.get(blob_keys[offset])
-                if blob is not None:
+                blob = await self._redis.get(blob_key)
+                if isinstance(blob, bytes):
                     covered = (first + offset + 1) * s.block_tokens
-                    self._remember(blob_keys[offset])
+                    self._remember(blob_key)
                     self.counts["hits"] += 1
                     self.counts["hit_tokens"] += covered
                     return SharedPrefix(covered, blob)
@@ -206,7 +245,7 @@ class KVShare:
 class KVPublisher:
     """What an engine holds: which prompts to publish, and a thread-safe way to hand them over."""
 
-    def __init__(self, share: KVShare, model_id: str, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, share: FleetPromptCache, model_id: str, loop: asyncio.AbstractEventLoop) -> None:
         self._share = share
         self._model_id = model_id
         self._loop = loop
@@ -220,14 +259,12 @@ class KVPublisher:
         if len(blob) > self.max_bytes:
             self._share.counts["dropped"] += 1
             return
-        try:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the agent is stopping
             self._loop.call_soon_threadsafe(self._share._publish_soon, self._model_id, tokens, blob)
-        except RuntimeError:  # the loop is closed: the agent is stopping
-            pass
 
 
 class _ShareCollector(Collector):
-    def __init__(self, share: KVShare) -> None:
+    def __init__(self, share: FleetPromptCache) -> None:
         self._share = share
 
     def collect(self) -> Iterator[Metric]:

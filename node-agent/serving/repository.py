@@ -4,13 +4,15 @@ The registry the data plane reads: `get(name)` for each request (which also mark
 the model as just used, the clock LRU eviction goes by) and `all()` for
 `/v1/models`, metrics and the InferenceNode status. The model manager
 (`operations.manager`) writes it: a model appears in `all()` once it is ready and
-leaves when its unload begins. While a model is on its way in or out, `get` answers
-503 naming the phase (with Retry-After) rather than 404, so a router retries
-elsewhere instead of concluding the model does not exist; we answer at once rather
-than hold the request, since a load can take minutes.
+leaves when its unload begins. While a model is on its way in or out (its
+`ModelPhase` is loading, warming or unloading), `get` answers 503 naming the phase
+(`errors.ModelLoading`, `errors.ModelUnloading`, with Retry-After) rather than 404, so
+a router retries elsewhere instead of concluding the model does not exist; we answer
+at once rather than hold the request, since a load can take minutes.
 
-A `ServedModel` bundles what the data plane needs for one model: its engine, its
-prompt encoder, and facts for `/v1/models` and the InferenceNode status.
+A `ServedModel` bundles what the data plane needs for one model: its engine (the
+manager's `servedengine.ServedEngine`), its prompt encoder, and facts for `/v1/models`
+and the InferenceNode status.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from dataclasses import dataclass, field
 
 from mlxpool.agent.engine.interface import Engine, ModelInfo
 from mlxpool.agent.engine.prompts import PromptEncoder
-from mlxpool.agent.errors import ModelNotFound, NotReady
+from mlxpool.agent.errors import ModelLoading, ModelNotFound, ModelUnloading
+from mlxpool.agentapi import ModelPhase
 
 
 @dataclass
@@ -35,19 +38,11 @@ class ServedModel:
     """Monotonic time of the last request that named it (or of becoming servable)."""
 
 
-class ModelLoading(NotReady):
-    code = "model_loading"
-
-
-class ModelUnloading(NotReady):
-    code = "model_unloading"
-
-
 class ModelRepository:
     def __init__(self) -> None:
         self._models: dict[str, ServedModel] = {}
-        self._transitions: dict[str, str] = {}
-        """Names on their way in ('loading', 'warming') or out ('unloading'), not servable."""
+        self._transitions: dict[str, ModelPhase] = {}
+        """Names on their way in (loading, warming) or out (unloading), not servable."""
 
     def add(self, model: ServedModel) -> None:
         if model.name in self._models:
@@ -58,7 +53,7 @@ class ModelRepository:
     def remove(self, name: str) -> ServedModel | None:
         return self._models.pop(name, None)
 
-    def mark(self, name: str, phase: str | None) -> None:
+    def mark(self, name: str, phase: ModelPhase | None) -> None:
         """Record that `name` is loading, warming or unloading (None: it is neither)."""
         if phase is None:
             self._transitions.pop(name, None)
@@ -71,10 +66,10 @@ class ModelRepository:
             model.last_used = time.monotonic()
             return model
         phase = self._transitions.get(name)
-        if phase == "unloading":
+        if phase is ModelPhase.UNLOADING:
             raise ModelUnloading(f"model {name!r} is being unloaded from this node", param="model")
         if phase is not None:
-            raise ModelLoading(f"model {name!r} is {phase} on this node; retry shortly", param="model")
+            raise ModelLoading(f"model {name!r} is {phase.value} on this node; retry shortly", param="model")
         served = ", ".join(sorted(self._models)) or "none"
         raise ModelNotFound(f"model {name!r} is not served here (served: {served})", param="model")
 

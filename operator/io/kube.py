@@ -34,6 +34,9 @@ from mlxpool.routing import RoutingTable
 log = logging.getLogger(__name__)
 
 MERGE_PATCH = "application/merge-patch+json"
+"""Sent as `_content_type`, which kubernetes_asyncio takes but its stubs omit (hence
+`type: ignore[call-arg]` on those calls); the stubs also want model objects where the
+client serialises plain dicts just as well (`type: ignore[arg-type]`)."""
 REQUEST_TIMEOUT = 10.0
 MANAGED_BY = "mlxpool-operator"
 
@@ -93,7 +96,9 @@ class KubeClient:
         if not exists:
             metrics.API_REQUESTS.labels("create", "configmaps").inc()
             try:
-                await self._core.create_namespaced_config_map(namespace, body, _request_timeout=REQUEST_TIMEOUT)
+                await self._core.create_namespaced_config_map(
+                    namespace, body,  # type: ignore[arg-type]  # see MERGE_PATCH
+                    _request_timeout=REQUEST_TIMEOUT)
                 return
             except ApiException as exc:
                 if exc.status != 409:
@@ -101,18 +106,20 @@ class KubeClient:
         patch = {"metadata": {k: body["metadata"][k] for k in ("labels", "ownerReferences")}, "data": body["data"]}
         metrics.API_REQUESTS.labels("patch", "configmaps").inc()
         try:
-            await self._core.patch_namespaced_config_map(
+            await self._core.patch_namespaced_config_map(  # type: ignore[call-arg]  # see MERGE_PATCH
                 name, namespace, patch, _content_type=MERGE_PATCH, _request_timeout=REQUEST_TIMEOUT)
         except ApiException as exc:
             if exc.status != 404:
                 raise
             metrics.API_REQUESTS.labels("create", "configmaps").inc()
-            await self._core.create_namespaced_config_map(namespace, body, _request_timeout=REQUEST_TIMEOUT)
+            await self._core.create_namespaced_config_map(
+                namespace, body,  # type: ignore[arg-type]  # see MERGE_PATCH
+                _request_timeout=REQUEST_TIMEOUT)
 
     async def patch_pool_status(self, namespace: str, name: str, status: Mapping) -> dict:
         """Merge-patch `status`; returns the status the API server stored."""
         metrics.API_REQUESTS.labels("patch", "inferencepools/status").inc()
-        updated = await self._custom.patch_namespaced_custom_object_status(
+        updated = await self._custom.patch_namespaced_custom_object_status(  # type: ignore[call-arg]  # see MERGE_PATCH
             GROUP, VERSION, namespace, POOL_PLURAL, name, {"status": dict(status)},
             _content_type=MERGE_PATCH, _request_timeout=REQUEST_TIMEOUT,
         )
@@ -121,7 +128,7 @@ class KubeClient:
     async def patch_cache_status(self, namespace: str, name: str, status: Mapping) -> dict:
         """Merge-patch a ModelCache's `status`; returns the stored status."""
         metrics.API_REQUESTS.labels("patch", "modelcaches/status").inc()
-        updated = await self._custom.patch_namespaced_custom_object_status(
+        updated = await self._custom.patch_namespaced_custom_object_status(  # type: ignore[call-arg]  # see MERGE_PATCH
             GROUP, VERSION, namespace, CACHE_PLURAL, name, {"status": dict(status)},
             _content_type=MERGE_PATCH, _request_timeout=REQUEST_TIMEOUT,
         )
@@ -131,7 +138,7 @@ class KubeClient:
         """Merge-patch the operator's fields (the conditions) of an InferenceNode's status;
         the agent's own fields are left alone."""
         metrics.API_REQUESTS.labels("patch", "inferencenodes/status").inc()
-        await self._custom.patch_cluster_custom_object_status(
+        await self._custom.patch_cluster_custom_object_status(  # type: ignore[call-arg]  # see MERGE_PATCH
             GROUP, VERSION, NODE_PLURAL, name, {"status": dict(status)},
             _content_type=MERGE_PATCH, _request_timeout=REQUEST_TIMEOUT,
         )

@@ -8,6 +8,8 @@ gauges are the per-pool load figures autoscalers read (manifests/autoscaling).
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 API_REQUESTS = Counter(
@@ -86,7 +88,7 @@ class MetricsServer:
     @property
     def url(self) -> str:
         host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{host.decode() if isinstance(host, bytes) else host}:{port}"
 
     def close(self) -> None:
         self._server.shutdown()
@@ -96,7 +98,5 @@ class MetricsServer:
 
 def forget_pool(namespace: str, pool: str) -> None:
     for gauge in (READY_ENDPOINTS, ROUTING_REVISION, *USAGE_GAUGES):
-        try:
+        with contextlib.suppress(KeyError):
             gauge.remove(namespace, pool)
-        except KeyError:
-            pass

@@ -9,14 +9,17 @@ vLLM-compatible gauges and the generated-token counter per model, and sets the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from typing import Protocol
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from mlxpool.operator.io import metrics
-from mlxpool.operator.io.agentclient import AgentClient, AgentError
-from mlxpool.operator.logic.fleet import Fleet, PoolKey
+from mlxpool.operator.io.agentclient import AgentError
+from mlxpool.operator.logic.claims import PoolKey
+from mlxpool.operator.logic.fleet import Fleet
 from mlxpool.operator.logic.usage import ModelSample, Scrape, pool_usage
 
 log = logging.getLogger(__name__)
@@ -41,8 +44,12 @@ def parse_metrics(text: str) -> dict[str, ModelSample]:
                            generated_tokens=v.get(GENERATED, 0.0)) for m, v in values.items()}
 
 
+class MetricsAgents(Protocol):
+    async def metrics_text(self, url: str) -> str: ...
+
+
 class UsageScraper:
-    def __init__(self, fleet: Fleet, agents: AgentClient, interval: float) -> None:
+    def __init__(self, fleet: Fleet, agents: MetricsAgents, interval: float) -> None:
         self._fleet = fleet
         self._agents = agents
         self._interval = interval
@@ -55,14 +62,14 @@ class UsageScraper:
             await asyncio.sleep(self._interval)
 
     async def scrape_once(self) -> None:
-        nodes = sorted({n for claim in self._fleet.claims.values() for n in claim.nodes
-                        if n in self._fleet.views and self._fleet.observation(n).probe.healthy})
+        observed = self._fleet.observed
+        nodes = sorted(n for n in self._fleet.claims.nodes() if n in observed.views and observed.of(n).probe.healthy)
         results = await asyncio.gather(*(self._scrape(n) for n in nodes))
         before = self._latest
-        now = {node: scrape for node, scrape in zip(nodes, results) if scrape is not None}
+        now = {node: scrape for node, scrape in zip(nodes, results, strict=True) if scrape is not None}
         self._latest = now
         exported = set()
-        for pool, claim in list(self._fleet.claims.items()):
+        for pool, claim in list(self._fleet.claims.pools.items()):
             usage = pool_usage(claim.nodes, now, before)
             labels = pool
             metrics.POOL_QUEUE_DEPTH.labels(*labels).set(usage.queue_depth)
@@ -73,14 +80,12 @@ class UsageScraper:
             exported.add(pool)
         for gone in self._exported - exported:
             for gauge in metrics.USAGE_GAUGES:
-                try:
+                with contextlib.suppress(KeyError):
                     gauge.remove(*gone)
-                except KeyError:
-                    pass
         self._exported = exported
 
     async def _scrape(self, node: str) -> Scrape | None:
-        view = self._fleet.views.get(node)
+        view = self._fleet.observed.views.get(node)
         if view is None:
             return None
         try:

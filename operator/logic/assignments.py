@@ -6,7 +6,7 @@ model: stage a pool-sourced copy the node lacks, else load the model. A model th
 agent already holds in any phase, or that cannot be loaded there, gets no call, so
 repeating the plan against an unchanged report asks for nothing twice, and a
 restarted operator that reads the agents' reports first repeats no call either.
-Executing the calls is `reconciling`'s job; unloads are decided by the `fleet`.
+Executing the calls is `reconcilers.pools`' job; unloads are decided by the `claims`.
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ def plan(chosen: Sequence[Candidate], model_names: Sequence[str],
         for model in model_names:
             source = sources.get(model)
             held = c.agent.models.get(model)
-            if (held is not None and held != ModelPhase.FAILED.value) or loadable(c, model, source) is not None:
+            if (held is not None and held is not ModelPhase.FAILED) or source is None \
+                    or loadable(c, model, source) is not None:
                 continue
             if source.stage is not None and source.cache_key is not None:
                 phase = c.agent.cache.get(source.cache_key)
@@ -84,7 +85,7 @@ def progress(chosen: Sequence[Candidate], model_names: Sequence[str],
                 loading.append(f"{model} on {c.name}")
             elif c.agent is not None and (source := sources.get(model)) is not None and source.cache_key:
                 phase = c.agent.cache.get(source.cache_key)
-                if phase == CachePhase.FAILED.value:
+                if phase is CachePhase.FAILED:
                     failed.append(f"{model} on {c.name}: staging {source.cache_key} failed")
                 elif source.stage is not None and phase not in READY_CACHE_PHASES:
                     loading.append(f"{model} on {c.name} (staging)")

@@ -12,23 +12,24 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import datetime
+from typing import Any
 
 from mlxpool.agentapi import CacheEntry, CachePhase
 from mlxpool.operator.logic.conditions import DEGRADED, PROGRESSING, READY, set_condition
 from mlxpool.operator.logic.specs import CacheSpec
 
-_FINISHED = frozenset({CachePhase.CACHED.value, CachePhase.WARM.value, CachePhase.PINNED.value})
-_WARMED = frozenset({CachePhase.WARM.value, CachePhase.PINNED.value})
+_FINISHED = frozenset({CachePhase.CACHED, CachePhase.WARM, CachePhase.PINNED})
+_WARMED = frozenset({CachePhase.WARM, CachePhase.PINNED})
 
 
-def finished_phases(spec: CacheSpec) -> frozenset[str]:
+def finished_phases(spec: CacheSpec) -> frozenset[CachePhase]:
     return _WARMED if spec.warm else _FINISHED
 
 
-def node_entry(node: str, entry: CacheEntry | None, message: str | None = None) -> dict:
+def node_entry(node: str, entry: CacheEntry | None, message: str | None = None) -> dict[str, Any]:
     """One `status.nodes` item."""
     if entry is None:
-        item: dict = {"node": node, "phase": CachePhase.PENDING.value}
+        item: dict[str, Any] = {"node": node, "phase": CachePhase.PENDING.value}
     else:
         item = {"node": node, "phase": entry.phase.value, "progress": round(entry.progress * 100)}
         size = entry.bytes_total if entry.bytes_total is not None else entry.bytes_done
@@ -42,12 +43,12 @@ def node_entry(node: str, entry: CacheEntry | None, message: str | None = None) 
     return item
 
 
-def cache_status(*, spec: CacheSpec, key: str, generation: int, nodes: Sequence[Mapping], previous: Mapping,
-                 now: datetime) -> dict:
+def cache_status(*, spec: CacheSpec, key: str, generation: int, nodes: Sequence[Mapping[str, Any]],
+                 previous: Mapping[str, Any], now: datetime) -> dict[str, Any]:
     finished = finished_phases(spec)
     entries = sorted((dict(n) for n in nodes), key=lambda n: n["node"])
     done = [n["node"] for n in entries if n["phase"] in finished]
-    failed = [f"{n['node']}: {n.get('message') or 'failed'}" for n in entries if n["phase"] == CachePhase.FAILED.value]
+    failed = [f"{n['node']}: {n.get('message') or 'failed'}" for n in entries if n["phase"] == CachePhase.FAILED]
     waiting = len(entries) - len(done) - len(failed)
     goal = "warm" if spec.warm else "cached"
     conditions = [dict(c) for c in previous.get("conditions") or []]

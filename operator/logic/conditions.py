@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 READY, PROGRESSING, DEGRADED = "Ready", "Progressing", "Degraded"
 
@@ -39,7 +40,7 @@ class PoolHealth:
 
 
 def set_condition(
-    conditions: Sequence[Mapping],
+    conditions: Sequence[Mapping[str, Any]],
     *,
     type: str,
     status: bool,
@@ -47,7 +48,7 @@ def set_condition(
     message: str,
     generation: int,
     now: datetime,
-) -> list[dict]:
+) -> list[dict[str, Any]]:
     """`conditions` with `type` set; its transition time kept if the status is unchanged."""
     status_text = "True" if status else "False"
     previous = next((c for c in conditions if c.get("type") == type), None)
@@ -65,9 +66,10 @@ def set_condition(
     return [updated if c.get("type") == type else dict(c) for c in conditions]
 
 
-def pool_conditions(health: PoolHealth, generation: int, previous: Sequence[Mapping], now: datetime) -> list[dict]:
+def pool_conditions(health: PoolHealth, generation: int, previous: Sequence[Mapping[str, Any]],
+                    now: datetime) -> list[dict[str, Any]]:
     """Ready, Progressing and Degraded for a pool, in that order."""
-    result: list[dict] = [dict(c) for c in previous]
+    result: list[dict[str, Any]] = [dict(c) for c in previous]
     for type_, status, reason, message in _evaluate(health):
         result = set_condition(result, type=type_, status=status, reason=reason, message=message,
                                generation=generation, now=now)
@@ -79,14 +81,16 @@ def _evaluate(h: PoolHealth) -> Iterable[tuple[str, bool, str, str]]:
     if h.desired == 0:
         yield READY, False, "ScaledToZero", "spec.replicas is 0"
     elif h.models_without_endpoints:
-        yield READY, False, "NoHealthyEndpoints", f"no healthy endpoint for model(s): {', '.join(h.models_without_endpoints)}"
+        yield READY, False, "NoHealthyEndpoints", \
+            f"no healthy endpoint for model(s): {', '.join(h.models_without_endpoints)}"
     else:
         yield READY, True, "EndpointsReady", f"{h.ready}/{h.desired} endpoints serve every model"
 
     if h.placed < h.desired:
         yield PROGRESSING, True, "WaitingForNodes", (
             f"{h.placed} of {h.desired} replicas placed; waiting for more ready nodes that match "
-            "the nodeSelector and serve or can load the pool's models" + (f" ({h.waiting_for})" if h.waiting_for else ""))
+            "the nodeSelector and serve or can load the pool's models"
+            + (f" ({h.waiting_for})" if h.waiting_for else ""))
     elif h.loading:
         yield PROGRESSING, True, "LoadingModels", f"loading {_some(h.loading)}"
     else:

@@ -20,17 +20,19 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from typing import Any
 
 from pydantic import ValidationError
 
 from mlxpool.agentapi import CacheEntry, CachePhase, ModelPhase, ModelState, NodeReport
 from mlxpool.nodes import NodeSpec, NodeStatus
+from mlxpool.operator.logic.conditions import READY
 from mlxpool.operator.logic.endpoints import NOT_PROBED, PlacedEndpoint, ProbeResult
 from mlxpool.operator.logic.sources import LoadSource
 from mlxpool.operator.logic.specs import LabelSelector, PoolSpec
 
-READY_CACHE_PHASES = frozenset({CachePhase.CACHED.value, CachePhase.WARM.value, CachePhase.PINNED.value})
-IN_TRANSIT = frozenset({ModelPhase.LOADING.value, ModelPhase.WARMING.value})
+READY_CACHE_PHASES = frozenset({CachePhase.CACHED, CachePhase.WARM, CachePhase.PINNED})
+IN_TRANSIT = frozenset({ModelPhase.LOADING, ModelPhase.WARMING})
 GIB = 1 << 30
 NOT_SELECTED = "does not match the pool's nodeSelector"
 
@@ -52,7 +54,7 @@ class NodeView:
     """(status, reason) of the Ready condition the operator last wrote, if any."""
 
     @classmethod
-    def from_body(cls, body: Mapping) -> NodeView:
+    def from_body(cls, body: Mapping[str, Any]) -> NodeView:
         """Parse an InferenceNode object; ValueError names what is wrong with it."""
         meta = body.get("metadata") or {}
         raw_status = dict(body.get("status") or {})
@@ -61,7 +63,7 @@ class NodeView:
             status = NodeStatus.model_validate(raw_status)
         except ValidationError as exc:
             raise ValueError(f"InferenceNode {meta.get('name')!r} is malformed: {exc}") from exc
-        ready = next((c for c in raw_status.get("conditions") or [] if c.get("type") == "Ready"), None)
+        ready = next((c for c in raw_status.get("conditions") or [] if c.get("type") == READY), None)
         return cls(
             name=meta["name"],
             endpoint=spec.endpoint.rstrip("/"),
@@ -75,7 +77,7 @@ class NodeView:
             condition=(ready.get("status"), ready.get("reason")) if ready else None,
         )
 
-    def routing_key(self) -> tuple:
+    def routing_key(self) -> tuple[object, ...]:
         """Everything placement reads except the heartbeat and free memory, which change on
         every beat: two views with the same key place identically (short of staleness)."""
         return (self.endpoint, tuple(sorted(self.labels.items())), self.ready, self.models, self.max_models,
@@ -86,12 +88,12 @@ class NodeView:
 class AgentView:
     """What a node's agent last said through its operations API (`GET /v1/node`)."""
 
-    models: Mapping[str, str] = field(default_factory=dict)
-    """Model name -> ModelPhase value."""
+    models: Mapping[str, ModelPhase] = field(default_factory=dict)
+    """Model name -> its phase."""
     messages: Mapping[str, str] = field(default_factory=dict)
     model_bytes: Mapping[str, int] = field(default_factory=dict)
-    cache: Mapping[str, str] = field(default_factory=dict)
-    """Cache key -> CachePhase value."""
+    cache: Mapping[str, CachePhase] = field(default_factory=dict)
+    """Cache key -> its phase."""
     free_memory_bytes: int | None = None
     max_models: int = 1
     owners: Mapping[str, str] = field(default_factory=dict)
@@ -117,7 +119,7 @@ class AgentView:
         owners = {k: v for k, v in self.owners.items() if k != state.name}
         if state.owner:
             owners[state.name] = state.owner
-        return replace(self, models={**self.models, state.name: state.phase.value}, messages=messages,
+        return replace(self, models={**self.models, state.name: state.phase}, messages=messages,
                        model_bytes=sizes, owners=owners)
 
     def without_model(self, name: str) -> AgentView:
@@ -125,9 +127,9 @@ class AgentView:
                        owners={k: v for k, v in self.owners.items() if k != name})
 
     def with_cache(self, entry: CacheEntry) -> AgentView:
-        return replace(self, cache={**self.cache, entry.key: entry.phase.value})
+        return replace(self, cache={**self.cache, entry.key: entry.phase})
 
-    def in_phase(self, phases: Collection[str]) -> frozenset[str]:
+    def in_phase(self, phases: Collection[ModelPhase]) -> frozenset[str]:
         return frozenset(m for m, p in self.models.items() if p in phases)
 
 
@@ -154,7 +156,7 @@ class Candidate:
         """Models answering requests now (the agent's word if it answers, else the heartbeat's)."""
         if self.agent is None:
             return self.view.models
-        return self.agent.in_phase({ModelPhase.READY.value})
+        return self.agent.in_phase({ModelPhase.READY})
 
     @property
     def in_transit(self) -> frozenset[str]:
@@ -169,7 +171,7 @@ class Candidate:
     @property
     def model_slots_used(self) -> int:
         held = len(self.view.models) if self.agent is None else sum(
-            p != ModelPhase.FAILED.value for p in self.agent.models.values())
+            p is not ModelPhase.FAILED for p in self.agent.models.values())
         return held + self.reserved_slots
 
     @property
@@ -238,8 +240,9 @@ def loadable(c: Candidate, model: str, source: LoadSource | None) -> str | None:
     if source.cache_key is not None:
         phase = c.agent.cache.get(source.cache_key)
         if source.stage is None and phase not in READY_CACHE_PHASES:
-            return f"{model}: {source.origin} is not staged here" + (f" (phase {phase})" if phase else "")
-        if phase == CachePhase.FAILED.value:
+            shown = f" (phase {phase.value})" if phase is not None else ""
+            return f"{model}: {source.origin} is not staged here{shown}"
+        if phase is CachePhase.FAILED:
             return f"{model}: staging {source.cache_key} failed here"
     return None
 
@@ -273,7 +276,8 @@ def exclusion_reason(
     reasons = {m: loadable(c, m, sources.get(m)) for m in spec.model_names}
     can = [m for m, why in reasons.items() if why is None]
     if not can:
-        return "serves none of the pool's models and can load none: " + "; ".join(reasons.values())
+        return "serves none of the pool's models and can load none: " + "; ".join(
+            why for why in reasons.values() if why is not None)
     return None if held else room(c, can, sizes)
 
 
@@ -306,7 +310,7 @@ def choose(eligible: Sequence[Candidate], replicas: int, model_names: Collection
     """At most `replicas` of `eligible`, by name (ranking in the module docstring)."""
     wanted = set(model_names)
 
-    def rank(c: Candidate) -> tuple:
+    def rank(c: Candidate) -> tuple[bool, bool, int, int, int, str]:
         free = c.free_memory_bytes or 0
         return (not c.probe.healthy, c.name not in current, -len((c.served | c.in_transit) & wanted),
                 -(free - c.reserved_bytes), c.model_slots_used, c.name)

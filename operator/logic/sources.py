@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import unquote, urlparse
 
 from mlxpool.agentapi import LoadModelRequest, StageRequest
@@ -42,7 +43,7 @@ class CacheRef:
     """Size of the staged copy, from the cache's status (a size estimate for placement)."""
 
     @classmethod
-    def from_body(cls, body: Mapping) -> CacheRef:
+    def from_body(cls, body: Mapping[str, Any]) -> CacheRef:
         meta = body["metadata"]
         spec = CacheSpec.from_body(body)
         sizes = [n.get("bytes") for n in (body.get("status") or {}).get("nodes") or [] if n.get("bytes")]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import datetime
+from typing import Any
 
 from mlxpool.operator.logic.conditions import PoolHealth, pool_conditions, rfc3339
 from mlxpool.operator.logic.endpoints import PlacedEndpoint
@@ -17,13 +18,14 @@ from mlxpool.operator.logic.specs import PoolSpec, pool_selector
 _ENDPOINT_IDENTITY = ("url", "models", "healthy", "message", "pending")
 
 
-def endpoint_entries(endpoints: Sequence[PlacedEndpoint], previous: Sequence[Mapping], now: datetime) -> list[dict]:
+def endpoint_entries(endpoints: Sequence[PlacedEndpoint], previous: Sequence[Mapping[str, Any]],
+                     now: datetime) -> list[dict[str, Any]]:
     """`status.endpoints`: lastProbeTime is the time of the probe that produced the
     entry's current values, kept as long as they do not change."""
     before = {e.get("node"): e for e in previous}
     entries = []
     for ep in endpoints:
-        entry: dict = {"node": ep.node, "url": ep.url, "models": list(ep.models), "healthy": ep.healthy}
+        entry: dict[str, Any] = {"node": ep.node, "url": ep.url, "models": list(ep.models), "healthy": ep.healthy}
         if ep.pending:
             entry["pending"] = list(ep.pending)
         if ep.managed:
@@ -32,7 +34,8 @@ def endpoint_entries(endpoints: Sequence[PlacedEndpoint], previous: Sequence[Map
             entry["message"] = ep.probe.message[:1024]
         old = before.get(ep.node)
         unchanged = old is not None and all(old.get(k) == entry.get(k) for k in _ENDPOINT_IDENTITY)
-        entry["lastProbeTime"] = old["lastProbeTime"] if unchanged and old.get("lastProbeTime") else rfc3339(now)
+        kept = old.get("lastProbeTime") if old is not None and unchanged else None
+        entry["lastProbeTime"] = kept or rfc3339(now)
         entries.append(entry)
     return entries
 
@@ -59,10 +62,10 @@ def pool_status(
     spec: PoolSpec,
     endpoints: Sequence[PlacedEndpoint],
     routing_revision: int,
-    previous: Mapping,
+    previous: Mapping[str, Any],
     now: datetime,
     health: PoolHealth | None = None,
-) -> dict:
+) -> dict[str, Any]:
     """The complete status the operator owns for a pool."""
     health = health or pool_health(spec, endpoints)
     return {
@@ -77,7 +80,7 @@ def pool_status(
     }
 
 
-def status_patch(desired: Mapping, current: Mapping | None) -> dict | None:
+def status_patch(desired: Mapping[str, Any], current: Mapping[str, Any] | None) -> dict[str, Any] | None:
     """The top-level status fields that differ (a JSON merge patch of `status`), or None.
 
     Lists are compared and sent whole: a merge patch replaces lists anyway.

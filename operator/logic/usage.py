@@ -59,7 +59,8 @@ def pool_usage(placed: Mapping[str, Collection[str]], now: Mapping[str, Scrape],
             earlier = before.get(node)
             if earlier is not None and scrape.at > earlier.at and model in earlier.models:
                 # A counter that went down was reset (agent restart): no rate for this interval.
-                rate += max(sample.generated_tokens - earlier.models[model].generated_tokens, 0.0) / (scrape.at - earlier.at)
+                generated = max(sample.generated_tokens - earlier.models[model].generated_tokens, 0.0)
+                rate += generated / (scrape.at - earlier.at)
         running += node_running
         busy += node_running > 0
     return PoolUsage(queue_depth=queue, running=running, tokens_per_second=rate,

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
 
-from mlxpool.agentapi import CacheEntry, StageRequest
+from mlxpool.agentapi import CacheEntry, CachePhase, StageRequest
 from mlxpool.operator.io import metrics
 from mlxpool.operator.io.agentclient import AgentError
 from mlxpool.operator.logic.cache_statuses import cache_status, finished_phases, node_entry
@@ -60,7 +60,7 @@ class CacheState:
         status = dict(status or {})
         generation = int(status.get("observedGeneration") or 0)
         return cls(status=status, staged={n["node"]: generation for n in status.get("nodes") or []
-                                          if n.get("phase") != "Pending"})
+                                          if n.get("phase") != CachePhase.PENDING})
 
 
 @dataclass(frozen=True)
@@ -81,8 +81,8 @@ class CacheReconciler:
         self._stale_after = stale_after
         self._clock = clock
 
-    def _usable(self, view: NodeView | None, now: datetime) -> bool:
-        return view is not None and node_unusable(view, now, self._stale_after) is None
+    def _usable(self, view: NodeView, now: datetime) -> bool:
+        return node_unusable(view, now, self._stale_after) is None
 
     async def reconcile(self, body: Mapping, state: CacheState, events: Events) -> CacheResult:
         meta = body["metadata"]
@@ -90,7 +90,7 @@ class CacheReconciler:
         spec = CacheSpec.from_body(body)
         key = cache_key(namespace, name, spec)
         now = self._clock()
-        targets = sorted((v for v in self._fleet.views.values()
+        targets = sorted((v for v in self._fleet.observed.views.values()
                           if selector_matches(spec.node_selector, v.labels) and self._usable(v, now)),
                          key=lambda v: v.name)
         target_names = {v.name for v in targets}
@@ -112,13 +112,14 @@ class CacheReconciler:
             state.status = await self._kube.patch_cache_status(namespace, name, patch)
         metrics.CACHE_RECONCILES.labels("status" if patch else "unchanged").inc()
         finished = finished_phases(spec)
-        interest = frozenset(v.name for v in self._fleet.views.values() if selector_matches(spec.node_selector, v.labels))
+        interest = frozenset(v.name for v in self._fleet.observed.views.values()
+                             if selector_matches(spec.node_selector, v.labels))
         return CacheResult(state.status, all(e["phase"] in finished for e in entries), interest | previous.keys())
 
     async def _stage_on(self, view: NodeView, spec: CacheSpec, key: str, generation: int, previous: Mapping | None,
                         state: CacheState, events: Events) -> dict:
         node = view.name
-        if not self._fleet.observation(node).probe.healthy:
+        if not self._fleet.observed.of(node).probe.healthy:
             kept = dict(previous) if previous else node_entry(node, None)
             kept["message"] = "the agent does not answer its health probe"
             return kept
@@ -135,20 +136,20 @@ class CacheReconciler:
             if previous is None or previous.get("message") != kept["message"]:
                 events.warn("StagingError", f"{node}: {exc}")
             return kept
-        self._fleet.note_cache(node, entry)
+        self._fleet.observed.note_cache(node, entry)
         item = node_entry(node, entry)
         if previous is not None and previous.get("phase") != item["phase"]:
-            if item["phase"] == "Failed":
+            if entry.phase is CachePhase.FAILED:
                 events.warn("StagingFailed", f"{node}: {entry.message or 'failed'}")
-            elif item["phase"] in finished_phases(spec):
-                events.info("Staged", f"{node}: {item['phase']}"
-                                      + (f", loaded in {entry.load_time_seconds:.2f}s" if entry.load_time_seconds else ""))
+            elif entry.phase in finished_phases(spec):
+                loaded = f", loaded in {entry.load_time_seconds:.2f}s" if entry.load_time_seconds else ""
+                events.info("Staged", f"{node}: {entry.phase.value}{loaded}")
         return item
 
     async def _remove(self, node: str, key: str, events: Events, now: datetime) -> bool:
         """Delete `key` on `node`; True when done or skipped for good (node gone or stale)."""
-        view = self._fleet.views.get(node)
-        if not self._usable(view, now):
+        view = self._fleet.observed.views.get(node)
+        if view is None or not self._usable(view, now):
             log.info("not deleting cache copy node=%s key=%s: node gone or stale", node, key)
             return True
         try:
@@ -156,7 +157,7 @@ class CacheReconciler:
         except AgentError as exc:
             events.warn("CacheRemovalPending", f"cannot remove {key} from {node} yet: {exc}")
             return False
-        self._fleet.note_cache_gone(node, key)
+        self._fleet.observed.note_cache_gone(node, key)
         events.info("Removed", f"removed {key} from {node}")
         return True
 
@@ -167,13 +168,13 @@ class CacheReconciler:
         status = body.get("status") or {}
         key = status.get("cacheKey") or cache_key(meta["namespace"], meta["name"], CacheSpec.from_body(body))
         listed = {n["node"]: n for n in status.get("nodes") or []}
-        nodes = set(listed) | {name for name, obs in self._fleet.observations.items()
+        nodes = set(listed) | {name for name, obs in self._fleet.observed.nodes.items()
                                if obs.agent and key in obs.agent.cache}
         now = self._clock()
         order = sorted(nodes)
         done = await asyncio.gather(*(self._remove(node, key, events, now) for node in order))
-        pending = [node for node, ok in zip(order, done) if not ok]
+        pending = [node for node, ok in zip(order, done, strict=True) if not ok]
         if set(pending) != set(listed):
-            remaining = [listed.get(n) or {"node": n, "phase": "Cached"} for n in pending]
+            remaining = [listed.get(n) or {"node": n, "phase": CachePhase.CACHED.value} for n in pending]
             await self._kube.patch_cache_status(meta["namespace"], meta["name"], {"nodes": remaining})
         return pending

@@ -12,12 +12,16 @@ a restart holds nothing).
 A probe that times out counts only when the next one times out too (a busy agent is
 not a dead one); a refused connection or an error answer counts at once. When the
 agent answers again, the monitor carries out unloads that pools decided while it did
-not (`Fleet.defer_unload`).
+not (`Claims.defer_unload`), and unloads orphans (`Claims.orphans_due`).
 
 The monitor also writes the InferenceNode's `Ready` condition (status subresource,
 only when the verdict changes): not ready when the heartbeat is stale, the agent says
 it is not ready, or the probe fails. Placement applies the same rules itself; the
 condition is for people and other tools (`kubectl get inode`).
+
+Every decision of a tick (does a probe count, which unloads now, is a report due,
+did the heartbeat's freshness flip, must the condition be written) is a pure function
+of `logic.monitoring`; this module does the I/O and applies them.
 
 Plain asyncio tasks, not kopf daemons: a kopf daemon would put a finalizer on every
 InferenceNode, which the agents own.
@@ -28,31 +32,46 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from mlxpool.operator.io.agentclient import AgentClient, AgentError
-from mlxpool.operator.io.probing import Prober
-from mlxpool.operator.logic.conditions import READY, node_readiness, rfc3339
-from mlxpool.operator.logic.fleet import HEALTH, Fleet
+from mlxpool.agentapi import ModelState, NodeReport
+from mlxpool.operator.io.agentclient import AgentError
+from mlxpool.operator.logic.endpoints import ProbeResult
+from mlxpool.operator.logic.fleet import Fleet
+from mlxpool.operator.logic.monitoring import (
+    MARK_RETRY_SECONDS,
+    ReportStep,
+    heartbeat_news,
+    probe_verdict,
+    ready_mark,
+    report_step,
+    unloads_due,
+)
+from mlxpool.operator.logic.observations import HEALTH
 from mlxpool.operator.logic.placement import NodeView
 
 log = logging.getLogger(__name__)
 
-MARK_RETRY_SECONDS = 30.0
-TIMEOUTS_TO_FAIL = 2
-"""Probe timeouts in a row that make a node unhealthy (a refused connection does at once)."""
-
 
 class Kube(Protocol):
-    async def patch_node_status(self, name: str, status: Mapping) -> None: ...
+    async def patch_node_status(self, name: str, status: Mapping[str, Any]) -> None: ...
+
+
+class Prober(Protocol):
+    async def probe(self, endpoint: str) -> ProbeResult: ...
+
+
+class MonitorAgents(Protocol):
+    async def node(self, url: str) -> NodeReport: ...
+    async def unload(self, url: str, model: str) -> ModelState: ...
 
 
 class NodeMonitors:
-    def __init__(self, fleet: Fleet, prober: Prober, agents: AgentClient, kube: Kube, *, default_interval: float,
+    def __init__(self, fleet: Fleet, prober: Prober, agents: MonitorAgents, kube: Kube, *, default_interval: float,
                  override_interval: float | None, report_interval: float, stale_after: float,
                  orphan_grace: float = 30.0,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
@@ -66,7 +85,7 @@ class NodeMonitors:
         self._stale_after = stale_after
         self._orphan_grace = orphan_grace
         self._clock = clock
-        self._tasks: dict[str, asyncio.Task] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
         self._written: dict[str, tuple[bool, str]] = {}
         self._retry_at: dict[str, float] = {}
 
@@ -91,43 +110,42 @@ class NodeMonitors:
     def interval(self, name: str) -> float:
         if self._override is not None:
             return self._override
-        return self._fleet.probe_interval(name, self._default_interval)
+        return self._fleet.claims.probe_interval(name, self._default_interval)
 
     async def _run(self, name: str) -> None:
+        observed = self._fleet.observed
         stale: bool | None = None
         timeouts = 0
         # Agent calls run in tasks of their own: a slow agent never delays the probes.
-        report: asyncio.Task | None = None
-        unloads: asyncio.Task | None = None
+        report: asyncio.Task[None] | None = None
+        unloads: asyncio.Task[None] | None = None
         next_report = 0.0
         try:
-            while (view := self._fleet.views.get(name)) is not None:
+            while (view := observed.views.get(name)) is not None:
                 tick = time.monotonic()
                 try:
-                    probe = await self._prober.probe(view.endpoint)
-                    timeouts = timeouts + 1 if probe.timed_out else 0
-                    if probe.timed_out and timeouts < TIMEOUTS_TO_FAIL and self._fleet.observation(name).probe.healthy:
-                        probe = self._fleet.observation(name).probe  # one slow answer is not a verdict
-                    self._fleet.observe_probe(name, probe)
-                    if probe.healthy and (unloads is None or unloads.done()):
-                        if deferred := self._fleet.deferred_unloads(name):
-                            unloads = asyncio.create_task(self._unload_deferred(name, view, deferred))
-                        elif orphans := self._fleet.orphans_due(name, self._orphan_grace):
+                    probe, timeouts = probe_verdict(await self._prober.probe(view.endpoint), timeouts,
+                                                    observed.of(name).probe)
+                    observed.observe_probe(name, probe)
+                    due = unloads_due(self._fleet, name, healthy=probe.healthy, unloading=_running(unloads),
+                                      orphan_grace=self._orphan_grace)
+                    if due is not None:
+                        if due.orphans:
                             log.info("unloading orphans node=%s models=%s: loaded by this operator, "
-                                     "claimed by no pool", name, ",".join(orphans))
-                            unloads = asyncio.create_task(self._unload_deferred(name, view, orphans))
-                    if not probe.healthy:
-                        self._fleet.observe_report(name, None, "the agent does not answer its health probe")
+                                     "claimed by no pool", name, ",".join(due.models))
+                        unloads = asyncio.create_task(self._unload_deferred(name, view, due.models))
+                    step = report_step(healthy=probe.healthy, asking=_running(report),
+                                       in_transit=observed.in_transit(name), now=tick, due_at=next_report)
+                    if step is ReportStep.DROP:
+                        observed.observe_report(name, None, "the agent does not answer its health probe")
                         next_report = 0.0
-                    elif (report is None or report.done()) and (tick >= next_report or self._fleet.in_transit(name)):
+                    elif step is ReportStep.ASK:
                         next_report = tick + self._report_interval
                         report = asyncio.create_task(self._refresh_report(name, view))
-                    age = _heartbeat_age(view, self._clock())
-                    is_stale = age is None or age > self._stale_after
-                    if stale is not None and is_stale != stale:
-                        self._fleet.notify(name, HEALTH)  # pools re-place at once, not at the next watch event
-                    stale = is_stale
-                    await self._mark(name, view, probe.healthy, probe.message)
+                    stale, news = heartbeat_news(view, self._clock(), self._stale_after, stale)
+                    if news:
+                        observed.notify(name, HEALTH)  # pools re-place at once, not at the next watch event
+                    await self._mark(name, view, probe)
                 except Exception:  # a monitor must never die: log and go on at the next tick
                     log.exception("node monitor tick failed node=%s", name)
                 await asyncio.sleep(max(self.interval(name) - (time.monotonic() - tick), 0.05))
@@ -137,49 +155,46 @@ class NodeMonitors:
                     task.cancel()
                     await asyncio.gather(task, return_exceptions=True)
 
-    async def _unload_deferred(self, name: str, view: NodeView, models: list[str]) -> None:
+    async def _unload_deferred(self, name: str, view: NodeView, models: Sequence[str]) -> None:
         """Models a pool gave up while this agent did not answer (or orphans): unload them now."""
         for model in models:
             try:
                 state = await self._agents.unload(view.endpoint, model)
-                self._fleet.note_model(name, state)
+                self._fleet.observed.note_model(name, state)
                 log.info("deferred unload done node=%s model=%s", name, model)
             except AgentError as exc:
                 if exc.status != 404:  # 404: the agent restarted and holds nothing
                     log.warning("deferred unload failed node=%s model=%s error=%s", name, model, exc)
-            self._fleet.forget_deferred(name, model)
+            self._fleet.claims.forget_deferred(name, model)
 
     async def _refresh_report(self, name: str, view: NodeView) -> None:
-        asked_at = self._fleet.now()
+        observed = self._fleet.observed
+        asked_at = observed.now()
         try:
             report = await self._agents.node(view.endpoint)
         except AgentError as exc:  # unreachable, or 401/403 without a token, 404 without the ops API
-            self._fleet.observe_report(name, None, str(exc), asked_at=asked_at)
+            observed.observe_report(name, None, str(exc), asked_at=asked_at)
             return
-        if name in self._fleet.views:  # not deleted meanwhile
-            self._fleet.observe_report(name, report, asked_at=asked_at)
+        if name in observed.views:  # not deleted meanwhile
+            observed.observe_report(name, report, asked_at=asked_at)
 
-    async def _mark(self, name: str, view: NodeView, probe_healthy: bool, probe_message: str) -> None:
-        status, reason, message = node_readiness(
-            agent_ready=view.ready, heartbeat_age=_heartbeat_age(view, self._clock()),
-            stale_after=self._stale_after, probe_healthy=probe_healthy, probe_message=probe_message)
-        verdict = ("True" if status else "False", reason)
-        if view.condition == verdict or self._written.get(name) == (status, reason) or \
-                time.monotonic() < self._retry_at.get(name, 0.0):
+    async def _mark(self, name: str, view: NodeView, probe: ProbeResult) -> None:
+        now = self._clock()
+        mark = ready_mark(view, probe, now=now, stale_after=self._stale_after, written=self._written.get(name),
+                          retry_at=self._retry_at.get(name, 0.0), tick=time.monotonic())
+        if mark is None:
             return
-        condition = {"type": READY, "status": verdict[0], "reason": reason, "message": message[:32768],
-                     "lastTransitionTime": rfc3339(self._clock())}
         try:
-            await self._kube.patch_node_status(name, {"conditions": [condition]})
+            await self._kube.patch_node_status(name, {"conditions": [mark.condition(now)]})
         except Exception as exc:  # placement does not depend on the condition: log, retry later
             error = f"{exc.status} {exc.reason}" if isinstance(exc, ApiException) else f"{type(exc).__name__}: {exc}"
             log.warning("cannot write the Ready condition node=%s error=%s; retrying in %gs", name, error,
                         MARK_RETRY_SECONDS)
             self._retry_at[name] = time.monotonic() + MARK_RETRY_SECONDS
             return
-        self._written[name] = (status, reason)
-        log.info("node marked node=%s ready=%s reason=%s", name, verdict[0], reason)
+        self._written[name] = (mark.status, mark.reason)
+        log.info("node marked node=%s ready=%s reason=%s", name, mark.verdict[0], mark.reason)
 
 
-def _heartbeat_age(view: NodeView, now: datetime) -> float | None:
-    return None if view.heartbeat is None else (now - view.heartbeat).total_seconds()
+def _running(task: asyncio.Task[None] | None) -> bool:
+    return task is not None and not task.done()

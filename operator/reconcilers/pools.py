@@ -18,14 +18,18 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Any, Protocol
+
+from pydantic import ValidationError
 
 from mlxpool.agentapi import CacheEntry, LoadModelRequest, ModelState, StageRequest
+from mlxpool.operator.config import OperatorConfig
 from mlxpool.operator.io import metrics
 from mlxpool.operator.io.agentclient import AgentError
 from mlxpool.operator.logic.assignments import LoadAction, StageAction, plan, progress
+from mlxpool.operator.logic.claims import PoolKey
 from mlxpool.operator.logic.endpoints import NOT_PROBED, PlacedEndpoint, ProbeResult
-from mlxpool.operator.logic.fleet import Fleet, PoolKey
+from mlxpool.operator.logic.fleet import Fleet
 from mlxpool.operator.logic.placement import NOT_SELECTED, Candidate, Placement, endpoints_of, place
 from mlxpool.operator.logic.sources import CacheRef, resolve
 from mlxpool.operator.logic.specs import PoolSpec
@@ -105,9 +109,21 @@ def seed_fleet(fleet: Fleet, pool: PoolKey, body: Mapping, probe_interval: float
     except ValueError:
         models = ()
     endpoints = (body.get("status") or {}).get("endpoints") or []
-    fleet.seed(pool, {e["node"]: set(models) | set(e.get("models") or []) for e in endpoints if e.get("node")},
-               managed={(e["node"], m) for e in endpoints if e.get("node") for m in e.get("managedModels") or []},
-               probe_interval=probe_interval)
+    fleet.claims.seed(
+        pool, {e["node"]: set(models) | set(e.get("models") or []) for e in endpoints if e.get("node")},
+        managed={(e["node"], m) for e in endpoints if e.get("node") for m in e.get("managedModels") or []},
+        probe_interval=probe_interval)
+
+
+def pool_probe_interval(body: Mapping[str, Any], config: OperatorConfig) -> float:
+    """Seconds between probes of the pool's nodes: the operator's `--probe-interval`, else
+    the pool's `spec.healthCheck.intervalSeconds` (1 for a spec that does not parse)."""
+    if config.probe_interval is not None:
+        return config.probe_interval
+    try:
+        return float(PoolSpec.from_body(body).health_check.interval_seconds)
+    except ValidationError:
+        return 1.0
 
 
 class PoolReconciler:
@@ -135,12 +151,13 @@ class PoolReconciler:
         now = self._clock()
 
         sources = resolve(spec.models, caches)
-        sizes: dict[str, int | None] = {**self._fleet.model_sizes(), **{m: c.bytes for m, c in caches.items() if c.bytes}}
+        sizes: dict[str, int | None] = {**self._fleet.observed.model_sizes(),
+                                        **{m: c.bytes for m, c in caches.items() if c.bytes}}
         before = {e["node"]: e for e in state.status.get("endpoints") or []}
         candidates = _assume_known_health(self._fleet.candidates(key, sizes), before)
         placement = place(candidates, spec, sources, sizes, before.keys(), now, self._stale_after)
         chosen_names = [c.name for c in placement.chosen]
-        unloads = self._fleet.claim(key, dict.fromkeys(chosen_names, spec.model_names), probe_interval)
+        unloads = self._fleet.claims.claim(key, dict.fromkeys(chosen_names, spec.model_names), probe_interval)
         actions = plan(placement.chosen, spec.model_names, sources)
         calls = await self._act(actions, events) + await self.unload(unloads, events)
 
@@ -148,7 +165,8 @@ class PoolReconciler:
         fresh = {c.name: c for c in _assume_known_health(self._fleet.candidates(key, sizes), before)
                  if c.name in chosen_names}
         chosen = [fresh[n] for n in chosen_names if n in fresh]
-        endpoints = endpoints_of(chosen, spec.model_names, {n: self._fleet.managed_on(n) for n in chosen_names})
+        managed = {n: self._fleet.claims.managed_on(n) for n in chosen_names}
+        endpoints = endpoints_of(chosen, spec.model_names, managed)
         loading, failed = progress(chosen, spec.model_names, sources)
 
         if not state.table_known:
@@ -188,22 +206,22 @@ class PoolReconciler:
         return len(actions)
 
     async def _do(self, action: LoadAction | StageAction, events: Events) -> None:
-        fleet = self._fleet
+        observed, claims = self._fleet.observed, self._fleet.claims
         try:
             if isinstance(action, StageAction):
                 entry = await self._agents.stage(action.url, action.key, action.request)
-                fleet.note_cache(action.node, entry)
+                observed.note_cache(action.node, entry)
                 events.info("StagingModel", f"staging {action.model} on {action.node} from {action.request.source}")
             else:
-                fleet.mark_managed(action.node, action.model)  # before the call: its answer may get lost
+                claims.mark_managed(action.node, action.model)  # before the call: its answer may get lost
                 state = await self._agents.load(action.url, action.request)
-                fleet.note_model(action.node, state)
+                observed.note_model(action.node, state)
                 events.info("LoadingModel", f"loading {action.model} on {action.node}")
         except AgentError as exc:
             if isinstance(action, LoadAction) and exc.status:  # refused: nothing was loaded
-                fleet.managed.discard((action.node, action.model))
+                claims.unmark_managed(action.node, action.model)
             verb = "stage" if isinstance(action, StageAction) else "load"
-            fleet.note_failure(action.node, action.model, exc.message)
+            observed.note_failure(action.node, action.model, exc.message)
             events.warn(f"{verb.capitalize()}Failed", f"cannot {verb} {action.model} on {action.node}: {exc}")
             log.warning("agent call failed node=%s model=%s action=%s error=%s", action.node, action.model, verb, exc)
 
@@ -212,12 +230,12 @@ class PoolReconciler:
         answer gets the unload from its monitor once it answers again."""
         calls = []
         for node, model in pairs:
-            view = self._fleet.views.get(node)
+            view = self._fleet.observed.views.get(node)
             if view is None:
                 continue  # the node is gone, and its models with it
-            if not self._fleet.observation(node).probe.healthy:
+            if not self._fleet.observed.of(node).probe.healthy:
                 log.info("unload deferred node=%s model=%s: the agent does not answer", node, model)
-                self._fleet.defer_unload(node, model)
+                self._fleet.claims.defer_unload(node, model)
                 continue
             calls.append(self._unload_one(node, view.endpoint, model, events))
         await asyncio.gather(*calls)
@@ -226,11 +244,11 @@ class PoolReconciler:
     async def _unload_one(self, node: str, url: str, model: str, events: Events) -> None:
         try:
             state = await self._agents.unload(url, model)
-            self._fleet.note_model(node, state)
+            self._fleet.observed.note_model(node, state)
             events.info("UnloadingModel", f"unloading {model} from {node}: no pool needs it there")
         except AgentError as exc:
             if exc.status == 404:
-                self._fleet.note_unloaded(node, model)
+                self._fleet.observed.note_unloaded(node, model)
                 return
             events.warn("UnloadFailed", f"cannot unload {model} from {node}: {exc}")
 

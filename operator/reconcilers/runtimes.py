@@ -2,17 +2,19 @@
 
 A runtime holds a daemon's memory between passes (its state), its wake-up call, and
 the nodes it cares about, so that a change on one node wakes only the daemons it
-concerns (`Runtimes.node_changed`, the fleet's listener). No kopf here: `handlers`
-owns the daemons; this is their shared bookkeeping.
+concerns (`Runtimes.node_changed`, a listener of the fleet's observations). No kopf
+here: `handlers` owns the daemons; this is their shared bookkeeping.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
-from mlxpool.operator.logic.fleet import HEALTH, PoolKey
+from mlxpool.operator.logic.claims import PoolKey
+from mlxpool.operator.logic.observations import HEALTH, NodeChange
 from mlxpool.operator.logic.sources import CacheRef
 from mlxpool.operator.reconcilers.caches import CacheState
 from mlxpool.operator.reconcilers.pools import PoolState
@@ -21,7 +23,7 @@ from mlxpool.operator.reconcilers.pools import PoolState
 class Stopped(Protocol):
     """kopf's DaemonStopped, as far as napping needs it."""
 
-    async def wait(self) -> object: ...
+    def wait(self) -> Awaitable[object]: ...
 
 
 @dataclass
@@ -29,6 +31,8 @@ class Runtime:
     """A running daemon's wake-up call and what it cares about."""
 
     woken: asyncio.Event = field(default_factory=asyncio.Event)
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when its daemon has finished its last pass (deletion handlers wait for it)."""
     interest: frozenset[str] = frozenset()
     """Nodes whose changes may change this object while it is not settled."""
     holds: frozenset[str] = frozenset()
@@ -72,7 +76,7 @@ class CacheRuntime(Runtime):
 
 @dataclass
 class Runtimes:
-    """Shared by all handlers through the operator memo (kopf copies memos shallowly)."""
+    """Shared by all handlers through the operator's services (`services.OperatorServices`)."""
 
     pools: dict[PoolKey, PoolRuntime] = field(default_factory=dict)
     caches: dict[tuple[str, str], CacheRuntime] = field(default_factory=dict)
@@ -87,7 +91,7 @@ class Runtimes:
             if ns == namespace:
                 runtime.woken.set()
 
-    def node_changed(self, node: str, what: str = HEALTH) -> None:
+    def node_changed(self, node: str, what: NodeChange = HEALTH) -> None:
         """A node's object, probe result (`health`) or agent report (`agent`) changed: wake
         the daemons it concerns, whatever the change."""
         for runtime in (*self.pools.values(), *self.caches.values()):

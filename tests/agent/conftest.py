@@ -4,8 +4,9 @@ Real here: the tiny MLX model (`tiny_model`, made by `mlxpool.tinymodel`), the e
 (mlx-lm's BatchGenerator on MLX's CPU backend) and, for the HTTP tests, whole agent
 processes (`python -m mlxpool agent --port 0`) on 127.0.0.1, stopped after.
 Faked here: only in the data-plane and readiness unit tests, an in-memory `FakeEngine`
-that replays scripted token events (no MLX), so response shaping, validation and
-phases are tested alone and fast. Registration against the real API server lives in
+that replays scripted token events (no MLX), served as the model manager serves real
+engines (`ServedEngine`: counted in flight, local-only prompt cache), so response
+shaping, validation and phases are tested alone and fast. Registration against the real API server lives in
 tests/integration/.
 """
 
@@ -72,14 +73,14 @@ class FakeEngine:
     """Replays `script` (texts, then a finish) for every request; records requests.
 
     `fail_with` fails a request before its first event (a message: EngineError; or an
-    EngineError instance, e.g. QueueFullError); `fail_after` fails it after that many
+    exception, e.g. the agent's QueueFull); `fail_after` fails it after that many
     events. Requests asking for log-probabilities get -1.0 per token and, as
     alternatives, the token text repeated.
     """
 
     script: list[str] = field(default_factory=lambda: ["Hel", "lo", " world"])
     finish: str = "length"
-    fail_with: str | EngineError | None = None
+    fail_with: str | Exception | None = None
     fail_after: int | None = None
     cached_tokens: int = 0
     handed_over_together: bool = False
@@ -92,7 +93,7 @@ class FakeEngine:
     async def submit(self, request: GenerationRequest) -> AsyncGenerator[TokenEvent, None]:
         self.requests.append(request)
         if self.fail_with:
-            raise self.fail_with if isinstance(self.fail_with, EngineError) else EngineError(self.fail_with)
+            raise self.fail_with if isinstance(self.fail_with, Exception) else EngineError(self.fail_with)
         done = False
         top = request.sampling.logprobs
         try:
@@ -131,7 +132,10 @@ FAKE_MODEL_INFO = ModelInfo(path="/models/fake", memory_bytes=1234, context_leng
 
 @dataclass
 class FakeAgent:
-    """A data plane over one `FakeEngine` model named 'fake', already READY."""
+    """A data plane over one `FakeEngine` model named 'fake', already READY.
+
+    `engine` is the fake itself; the repository serves it wrapped, as the model manager
+    serves every engine."""
 
     engine: FakeEngine
     lifecycle: object
@@ -145,13 +149,16 @@ def fake_agent() -> Iterator[FakeAgent]:
     from mlxpool.agent.engine.prompts import PromptEncoder
     from mlxpool.agent.serving.dataplane import DataPlane, DataPlaneSettings
     from mlxpool.agent.serving.lifecycle import Lifecycle, Phase
+    from mlxpool.agent.serving.promptcache import PromptCache
     from mlxpool.agent.serving.repository import ModelRepository, ServedModel
+    from mlxpool.agent.serving.servedengine import ServedEngine
 
     engine = FakeEngine()
     encoder = PromptEncoder(FakeTokenizer())
     lifecycle = Lifecycle()
     models = ModelRepository()
-    models.add(ServedModel("fake", engine, encoder, FAKE_MODEL_INFO, created=1700000000))
+    served = ServedEngine(engine, "fake", FAKE_MODEL_INFO.path, lifecycle, PromptCache())
+    models.add(ServedModel("fake", served, encoder, FAKE_MODEL_INFO, created=1700000000))
     lifecycle.set_phase(Phase.READY)
     plane = DataPlane(models, lifecycle, DataPlaneSettings(default_max_tokens=8))
     yield FakeAgent(engine, lifecycle, models, plane, encoder)

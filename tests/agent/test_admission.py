@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mlxpool.agent.engine.scheduling import PriorityAdmission, QueueFull
+from mlxpool.agent.engine.scheduling import PriorityAdmission
+from mlxpool.agent.errors import QueueFull
 from mlxpool.priorities import Priority
 
 CRITICAL, HIGH, NORMAL, LOW, BACKGROUND = Priority

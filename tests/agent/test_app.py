@@ -11,11 +11,12 @@ import httpx
 import pytest
 from fastapi import APIRouter, Depends
 
-from mlxpool.agent.engine.interface import DeadlineError, QueueFullError
+from mlxpool.agent.errors import DeadlineExceeded, QueueFull
 from mlxpool.agent.http.app import create_app
 from mlxpool.agent.http.auth import Credentials, require_ops_token
 from mlxpool.agent.http.metrics import AgentMetrics
 from mlxpool.agent.serving.lifecycle import Phase
+from mlxpool.priorities import Priority
 
 
 def make_client(fake_agent, credentials: Credentials | None = None) -> httpx.AsyncClient:
@@ -175,15 +176,17 @@ async def test_engine_failure_mid_stream_is_reported_in_the_stream(client, fake_
 
 @pytest.mark.parametrize("stream", [False, True])
 async def test_full_queue_is_503_and_a_missed_deadline_504(client, fake_agent, stream):
-    fake_agent.engine.fail_with = QueueFullError("the low tier already has 1 request(s) waiting (its maximum)")
+    fake_agent.engine.fail_with = QueueFull(Priority.LOW, 1)
     r = await client.post("/v1/completions", json={"model": "fake", "prompt": "x", "stream": stream},
                           headers={"x-priority": "low"})
     assert r.status_code == 503 and r.headers["retry-after"] == "1"
     assert r.json()["error"]["code"] == "queue_full" and "low tier" in r.json()["error"]["message"]
-    fake_agent.engine.fail_with = DeadlineError("the request's deadline passed while it waited")
+    assert r.json()["error"]["param"] == "priority"
+    fake_agent.engine.fail_with = DeadlineExceeded()
     r = await client.post("/v1/chat/completions", json={"model": "fake", "messages": [{"role": "user", "content": "x"}],
                                                         "stream": stream}, headers={"x-deadline-ms": "10"})
     assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded"
+    assert r.json()["error"]["param"] == "deadline_ms"
     assert fake_agent.engine.requests[-1].deadline is not None
 
 

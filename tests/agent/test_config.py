@@ -97,7 +97,7 @@ def test_bad_files_are_refused_naming_the_key(tmp_path, text, needle):
 
 
 def test_a_missing_file_is_named(tmp_path):
-    with pytest.raises(ConfigError, match="cannot read config file .*nope.yaml"):
+    with pytest.raises(ConfigError, match=r"cannot read config file .*nope\.yaml"):
         load_runtime_config(tmp_path / "nope.yaml", environ={})
 
 

@@ -12,7 +12,6 @@ import time
 import pytest
 
 from mlxpool.agent.config import PriorityScheduling, TierConfig
-from mlxpool.agent.engine.interface import DeadlineError, QueueFullError
 from mlxpool.agent.errors import (
     DeadlineExceeded,
     Draining,
@@ -101,10 +100,8 @@ async def test_streamed_completion_chunks_add_up_to_the_whole(fake_agent):
 
 async def test_a_stream_says_complete_with_its_last_batch(fake_agent):
     stream = await fake_agent.plane.stream_completion(completion(stream=True))
-    seen = []
     try:
-        async for batch in stream:
-            seen.append((len(batch), stream.complete))
+        seen = [(len(batch), stream.complete) async for batch in stream]  # `complete` read as each batch comes
     finally:
         await stream.aclose()
     assert seen == [(1, False), (1, False), (1, True)]
@@ -237,14 +234,14 @@ async def test_deadline_from_body_then_header_then_the_tier_default(fake_agent):
 
 
 @pytest.mark.parametrize(("engine_error", "agent_error", "status"), [
-    (QueueFullError("the low tier already has 2 request(s) waiting"), QueueFull, 503),
-    (DeadlineError("the request's deadline passed"), DeadlineExceeded, 504),
+    (QueueFull(Priority.LOW, 2), QueueFull, 503),
+    (DeadlineExceeded(), DeadlineExceeded, 504),
 ])
 async def test_refusals_surface_before_a_stream_starts(fake_agent, engine_error, agent_error, status):
     fake_agent.engine.fail_with = engine_error
     with pytest.raises(agent_error) as raised:
         await fake_agent.plane.stream_completion(completion(stream=True))
-    assert raised.value.status_code == status
+    assert raised.value is engine_error and raised.value.status_code == status  # passed through as it is
     with pytest.raises(agent_error):
         await fake_agent.plane.chat(chat())
     assert fake_agent.lifecycle.in_flight == 0
@@ -274,6 +271,16 @@ async def test_drain_waits_for_the_lease(fake_agent):
     assert await fake_agent.lifecycle.drain(timeout=1)
 
 
+async def test_idle_waits_return_at_once_whatever_the_timeout(fake_agent):
+    lifecycle = fake_agent.lifecycle
+    assert await lifecycle.wait_idle("fake", 0) and await lifecycle.wait_idle("never-served", 0)
+    stream = await fake_agent.plane.stream_completion(completion(stream=True))
+    assert (lifecycle.in_flight, lifecycle.in_flight_of("fake")) == (1, 1)  # one count: in total and per model
+    assert not await lifecycle.wait_idle("fake", 0)
+    await stream.aclose()
+    assert await lifecycle.wait_idle("fake", 0) and await lifecycle.drain(timeout=0)
+
+
 async def test_engine_failure_becomes_generation_failed(fake_agent):
     fake_agent.engine.fail_with = "the engine stopped"
     with pytest.raises(GenerationFailed, match="stopped"):
@@ -293,7 +300,7 @@ async def test_observer_hears_every_request_once(fake_agent):
     await chunks_of(await plane.stream_chat(chat(stream=True)))
     stream = await plane.stream_completion(completion(stream=True))
     await stream.aclose()
-    fake_agent.engine.fail_with = QueueFullError("full")
+    fake_agent.engine.fail_with = QueueFull(Priority.NORMAL, 1)
     with pytest.raises(QueueFull):
         await plane.complete(completion())
     assert seen == [

@@ -17,16 +17,10 @@ from pathlib import Path
 import pytest
 
 from mlxpool.agent.engine.generation import BatchEngine, EngineConfig
-from mlxpool.agent.engine.interface import (
-    DeadlineError,
-    EngineError,
-    GenerationRequest,
-    QueueFullError,
-    SamplingParams,
-    TokenEvent,
-)
+from mlxpool.agent.engine.interface import EngineError, GenerationRequest, SamplingParams, TokenEvent
 from mlxpool.agent.engine.prefixcache import MIN_REUSE_TOKENS
 from mlxpool.agent.engine.prompts import PromptEncoder
+from mlxpool.agent.errors import DeadlineExceeded, QueueFull
 from mlxpool.priorities import Priority
 
 PROMPT = "Once upon a time"
@@ -203,7 +197,7 @@ async def test_a_deadline_that_passes_while_waiting_fails_the_request(make_engin
     tokens = await prompt_tokens(engine)
     blocker = await hold_the_only_slot(engine, tokens)
     started = time.monotonic()
-    with pytest.raises(DeadlineError, match="deadline passed while it waited"):
+    with pytest.raises(DeadlineExceeded, match="deadline passed while it waited"):
         await collect(engine, request("late", tokens, deadline=time.monotonic() + 0.2))
     assert 0.2 <= time.monotonic() - started < 5
     assert engine.stats.requests_rejected_total == {"deadline": 1}
@@ -220,7 +214,7 @@ async def test_a_full_tier_refuses_at_once_while_others_queue(make_engine):
     blocker = await hold_the_only_slot(engine, tokens)
     waiting = asyncio.create_task(collect(engine, request("low-1", tokens, Priority.LOW)))
     await wait_for(lambda: engine.stats.waiting == 1)
-    with pytest.raises(QueueFullError, match="low tier already has 1"):
+    with pytest.raises(QueueFull, match="low tier already has 1"):
         await collect(engine, request("low-2", tokens, Priority.LOW))
     normal = asyncio.create_task(collect(engine, request("normal", tokens)))  # unlimited tier
     await wait_for(lambda: engine.stats.waiting == 2)
@@ -259,7 +253,7 @@ async def test_a_tier_limit_counts_only_requests_that_must_wait(make_engine):
     assert all(events[-1].finish_reason == "length" for events in results)
     blocker = await make_engine(max_running=1, prefill_batch_size=1, max_waiting={Priority.LOW: 0})
     held = await hold_the_only_slot(blocker, tokens)
-    with pytest.raises(QueueFullError):
+    with pytest.raises(QueueFull):
         await collect(blocker, request("low", tokens, Priority.LOW))
     await held.aclose()
 

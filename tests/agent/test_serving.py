@@ -285,10 +285,9 @@ def test_client_disconnect_mid_stream_frees_the_slot(client, agent):
 
 def test_client_disconnect_before_a_whole_response_cancels_it(client, agent):
     cancelled_before = metric(client, "mlxpool_requests_finished_total", 'model_name="tiny",reason="cancelled"')
-    with httpx.Client(base_url=agent.url, timeout=httpx.Timeout(60, read=0.3)) as own:
-        with pytest.raises(httpx.ReadTimeout):
-            own.post("/v1/completions", json={"model": "tiny", "prompt": PROMPT, "max_tokens": 1900,
-                                              "temperature": 0})
+    with (httpx.Client(base_url=agent.url, timeout=httpx.Timeout(60, read=0.3)) as own,
+          pytest.raises(httpx.ReadTimeout)):
+        own.post("/v1/completions", json={"model": "tiny", "prompt": PROMPT, "max_tokens": 1900, "temperature": 0})
     wait_until(lambda: metric(client, "mlxpool_requests_finished_total",
                               'model_name="tiny",reason="cancelled"') == cancelled_before + 1)
     assert metric(client, "vllm:num_requests_running") == 0

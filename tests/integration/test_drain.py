@@ -53,8 +53,9 @@ def test_sigterm_deregisters_at_once_and_finishes_in_flight_streams(
     ]
     router = launched.router(pool=f"{namespace}/drain", kubeconfig=controlplane.kubeconfig("router"))
     controlplane.kubectl("apply", "-f", "-", input=yaml.safe_dump(pool_spec(namespace, model, node_label)))
+    urls = sorted(a.url for a in agents)
     wait_for(lambda: (t := routing_table(namespace, "drain")) is not None
-             and sorted(e.url for e in t.endpoints_for(model)) == sorted(a.url for a in agents), 60, "both agents routed")
+             and sorted(e.url for e in t.endpoints_for(model)) == urls, 60, "both agents routed")
 
     draining, other = agents
     streams: list[dict] = [{} for _ in range(3)]

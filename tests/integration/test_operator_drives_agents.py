@@ -101,8 +101,8 @@ def test_a_restarted_operator_unloads_what_it_loaded_for_a_pool_deleted_meanwhil
     """The unload decision is lost with the operator (the pool went while it was down, its
     finalizer removed): the agents still say who loaded what, and the new operator
     unloads its own orphan, never a model it did not load."""
-    operator_args = dict(kubeconfig=controlplane.kubeconfig("operator"), agent_token_file=ops_token,
-                         extra=["--namespace", namespace, "--orphan-grace-seconds", "1", "--report-interval", "0.5"])
+    operator_args = {"kubeconfig": controlplane.kubeconfig("operator"), "agent_token_file": ops_token,
+                     "extra": ["--namespace", namespace, "--orphan-grace-seconds", "1", "--report-interval", "0.5"]}
     operator = launched.operator(**operator_args)
     empty = _empty_agents(launched, controlplane, namespace, node_label, ops_token, n=1)[0]
     serving = launched.agent(tiny_model, name="agent-cli", kubeconfig=controlplane.kubeconfig("agent"),

@@ -47,7 +47,8 @@ def test_apply_sample_pool_and_complete_through_router(
     controlplane.kubectl("apply", "-f", "-", input=yaml.safe_dump(pool))
     controlplane.kubectl("wait", "--for=condition=Ready", f"inferencepool/{name}", "-n", namespace,
                          "--timeout=60s")
-    status = json.loads(controlplane.kubectl("get", "inferencepool", name, "-n", namespace, "-o", "json").stdout)["status"]
+    pool = controlplane.kubectl("get", "inferencepool", name, "-n", namespace, "-o", "json").stdout
+    status = json.loads(pool)["status"]
     assert status["readyReplicas"] == 2
     assert sorted(e["url"] for e in status["endpoints"]) == sorted(a.url for a in agents)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from mlxpool.agentapi import StageRequest
+from mlxpool.agentapi import CachePhase, ModelPhase, StageRequest
 from mlxpool.operator.logic.assignments import LoadAction, StageAction, plan, progress
 from mlxpool.operator.logic.endpoints import ProbeResult
 from mlxpool.operator.logic.placement import AgentView, Candidate, NodeView
@@ -17,9 +17,12 @@ CACHED = LoadSource(origin="ModelCache ns/x", cache_key="ns.x.1")
 
 def cand(models: dict[str, str] | None = None, cache: dict[str, str] | None = None, healthy: bool = True,
          failures: dict | None = None, report: bool = True) -> Candidate:
+    """A chosen node; its agent's phases named by their values (`{"x": "loading"}`)."""
     node = NodeView(name="n", endpoint="http://n", labels={}, ready=True, heartbeat=datetime.now(UTC),
                     free_memory_bytes=None, models=frozenset())
-    return Candidate(view=node, agent=AgentView(models=models or {}, cache=cache or {}) if report else None,
+    agent = AgentView(models={m: ModelPhase(p) for m, p in (models or {}).items()},
+                      cache={k: CachePhase(p) for k, p in (cache or {}).items()})
+    return Candidate(view=node, agent=agent if report else None,
                      probe=ProbeResult(healthy, "" if healthy else "down"), failures=failures or {})
 
 

@@ -132,13 +132,13 @@ def body(generation: int = 1, status: dict | None = None) -> dict:
 def parts():
     fleet, kube, agents = Fleet(), FakeKube(), FakeAgents()
     for n in ("a", "b"):
-        fleet.set_view(node(n))
-        fleet.observe_probe(n, ProbeResult(True))
+        fleet.observed.set_view(node(n))
+        fleet.observed.observe_probe(n, ProbeResult(True))
     return fleet, kube, agents, CacheReconciler(kube, agents, fleet, stale_after=30, clock=lambda: NOW)
 
 
 async def test_staged_once_then_only_watched_also_after_a_restart(parts):
-    fleet, kube, agents, reconciler = parts
+    _, kube, agents, reconciler = parts
     state = CacheState()
     result = await reconciler.reconcile(body(), state, Events())
     assert [c[0] for c in agents.calls] == ["get", "put", "get", "put"] and result.done
@@ -158,18 +158,18 @@ async def test_staged_once_then_only_watched_also_after_a_restart(parts):
 
 
 async def test_cleanup_skips_gone_and_stale_nodes_and_keeps_the_rest_pending(parts):
-    fleet, kube, agents, reconciler = parts
+    fleet, _, agents, reconciler = parts
     state = CacheState()
     await reconciler.reconcile(body(), state, Events())
-    fleet.set_view(node("a", age=300))  # stale: gone for good
-    fleet.set_view(node("c"))           # listed nowhere: not asked
+    fleet.observed.set_view(node("a", age=300))  # stale: gone for good
+    fleet.observed.set_view(node("c"))           # listed nowhere: not asked
     agents.calls.clear()
     assert await reconciler.cleanup(body(status=state.status), Events()) == []
     assert agents.calls == [("delete", "http://b", state.status["cacheKey"])]
 
 
 async def test_new_bytes_get_a_new_key_and_the_old_copies_go(parts):
-    fleet, kube, agents, reconciler = parts
+    _, _, agents, reconciler = parts
     state = CacheState()
     await reconciler.reconcile(body(), state, Events())
     old_key = state.status["cacheKey"]

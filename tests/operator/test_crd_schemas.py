@@ -91,7 +91,8 @@ def test_conditions_have_the_metav1_condition_shape(plural):
     assert conditions["x-kubernetes-list-type"] == "map" and conditions["x-kubernetes-list-map-keys"] == ["type"]
     item = conditions["items"]
     assert set(item["required"]) == {"type", "status", "lastTransitionTime", "reason", "message"}
-    assert set(item["properties"]) == {"type", "status", "observedGeneration", "lastTransitionTime", "reason", "message"}
+    assert set(item["properties"]) == {"type", "status", "observedGeneration", "lastTransitionTime", "reason",
+                                       "message"}
 
 
 def test_sample_pool_parses_as_a_pool_spec():

@@ -54,7 +54,8 @@ INVALID = [
     ("model-name-with-space", pool(models=[{"name": "my model"}]), "spec.models[0].name in body should match"),
     ("negative-replicas", pool(replicas=-1), "spec.replicas in body should be greater than or equal to 0"),
     ("huge-replicas", pool(replicas=5000), "spec.replicas in body should be less than or equal to 1000"),
-    ("above-max", pool(replicas=5, maxReplicas=3), "spec.replicas: Invalid value: \"object\": replicas must not exceed maxReplicas"),
+    ("above-max", pool(replicas=5, maxReplicas=3),
+     "spec.replicas: Invalid value: \"object\": replicas must not exceed maxReplicas"),
     ("below-min", pool(replicas=1, minReplicas=2), "replicas must not be below minReplicas"),
     ("min-above-max", pool(replicas=3, minReplicas=4, maxReplicas=3), "minReplicas must not exceed maxReplicas"),
     ("zero-max", pool(replicas=0, maxReplicas=0), "spec.maxReplicas in body should be greater than or equal to 1"),
@@ -100,7 +101,8 @@ INVALID = [
     ("cache-bad-node-selector", cache(nodeSelector={"matchExpressions": [{"key": "a", "operator": "NotIn"}]}),
      "values must be non-empty for In and NotIn"),
     # InferenceNode
-    ("node-without-endpoint", {**node(), "spec": {"hardware": node()["spec"]["hardware"]}}, "spec.endpoint: Required value"),
+    ("node-without-endpoint", {**node(), "spec": {"hardware": node()["spec"]["hardware"]}},
+     "spec.endpoint: Required value"),
     ("node-bad-endpoint", node(endpoint="127.0.0.1:8100"), "spec.endpoint in body should match"),
     ("node-zero-max-models", node(maxModels=0), "spec.maxModels in body should be greater than or equal to 1"),
 ]

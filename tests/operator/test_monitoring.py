@@ -1,5 +1,6 @@
 """Node monitors: probe verdicts (a refused connection at once, timeouts twice in a row),
-deferred unloads, and the InferenceNode's Ready condition. Faked: the prober (a
+deferred unloads, and the InferenceNode's Ready condition, as the monitor task applies
+them (the decisions alone are tabled in test_monitor_decisions). Faked: the prober (a
 script of results), the agents and the API (recorders); the fleet is the real one."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from mlxpool.agentapi import ModelPhase, ModelState
 from mlxpool.operator.io.agentclient import AgentError
 from mlxpool.operator.logic.endpoints import ProbeResult
 from mlxpool.operator.logic.fleet import Fleet
+from mlxpool.operator.logic.observations import HEALTH
 from mlxpool.operator.logic.placement import NodeView
 from mlxpool.operator.reconcilers.monitors import NodeMonitors
 
@@ -57,10 +59,12 @@ async def watch(script: list[ProbeResult], age: float = 1.0, fleet: Fleet | None
     and the conditions written."""
     fleet = fleet or Fleet()
     seen: list[bool] = []
-    fleet.subscribe(lambda node, what: seen.append(fleet.observation(node).probe.healthy) if what == "health" else None)
+    fleet.observed.subscribe(lambda node, what: seen.append(fleet.observed.of(node).probe.healthy)
+                             if what is HEALTH else None)
     now = datetime.now(UTC)
-    fleet.set_view(NodeView(name="n", endpoint="http://n", labels={}, ready=True, heartbeat=now - timedelta(seconds=age),
-                            free_memory_bytes=None, models=frozenset()))
+    fleet.observed.set_view(NodeView(name="n", endpoint="http://n", labels={}, ready=True,
+                                     heartbeat=now - timedelta(seconds=age), free_memory_bytes=None,
+                                     models=frozenset()))
     prober, agents, kube = ScriptedProber(script), Agents(), Kube()
     monitors = NodeMonitors(fleet, prober, agents, kube, default_interval=0.01, override_interval=0.01,
                             report_interval=60, stale_after=30)
@@ -80,6 +84,7 @@ async def test_one_timeout_is_not_a_verdict_two_are():
 async def test_a_refused_connection_is_a_verdict_at_once():
     seen, written, _ = await watch([UP, REFUSED, UP])
     assert seen == [True, False, True]
+    assert written == [("True", "AgentReady"), ("False", "HealthProbeFailed"), ("True", "AgentReady")]
 
 
 async def test_a_stale_heartbeat_marks_the_node():
@@ -89,6 +94,6 @@ async def test_a_stale_heartbeat_marks_the_node():
 
 async def test_deferred_unloads_happen_when_the_agent_answers_again():
     fleet = Fleet()
-    fleet.defer_unload("n", "x")
+    fleet.claims.defer_unload("n", "x")
     _, _, agents = await watch([REFUSED, REFUSED, UP], fleet=fleet)
-    assert agents.unloads == ["x"] and fleet.deferred_unloads("n") == []
+    assert agents.unloads == ["x"] and fleet.claims.deferred_unloads("n") == []

@@ -106,7 +106,8 @@ def test_pool_follows_agent_health_and_node_readiness(controlplane, namespace, n
     assert (status["replicas"], status["readyReplicas"]) == (2, 2)
     assert status["selector"] == "mlxpool.dev/pool=tiny"
     assert status["routingRevision"] == table.revision
-    assert [(ep["node"], ep["url"], ep["healthy"]) for ep in status["endpoints"]] == [(na, a.url, True), (nb, b.url, True)]
+    assert [(ep["node"], ep["url"], ep["healthy"]) for ep in status["endpoints"]] == [(na, a.url, True),
+                                                                                      (nb, b.url, True)]
     assert conditions(get_pool(cp, namespace)) == {
         "Ready": ("True", "EndpointsReady"), "Progressing": ("True", "WaitingForNodes"),
         "Degraded": ("True", "InsufficientNodes")}
@@ -117,7 +118,8 @@ def test_pool_follows_agent_health_and_node_readiness(controlplane, namespace, n
     eventually(lambda: routed(cp, namespace) == [na], 5, "b dropped from the routing table", operator)
     assert time.monotonic() - started < 5
     endpoint_b = eventually(
-        lambda: next(ep for ep in get_pool(cp, namespace)["status"]["endpoints"] if ep["node"] == nb and not ep["healthy"]),
+        lambda: next(ep for ep in get_pool(cp, namespace)["status"]["endpoints"]
+                     if ep["node"] == nb and not ep["healthy"]),
         5, "b reported unhealthy in status", operator)
     assert endpoint_b["message"].startswith("cannot connect")
     assert get_routes(cp, namespace)[1].revision > table.revision

@@ -39,7 +39,10 @@ def view(name: str, *, labels: dict | None = None, ready: bool = True, age: floa
 
 def agent(models: dict[str, str] | None = None, cache: dict[str, str] | None = None, free: int | None = 8 * GIB,
           max_models: int = 4) -> AgentView:
-    return AgentView(models=models or {}, cache=cache or {}, free_memory_bytes=free, max_models=max_models)
+    """An agent's view with phases named by their values (`{"tiny": "loading"}`)."""
+    return AgentView(models={m: ModelPhase(p) for m, p in (models or {}).items()},
+                     cache={k: CachePhase(p) for k, p in (cache or {}).items()},
+                     free_memory_bytes=free, max_models=max_models)
 
 
 def cand(name: str, *, probe: ProbeResult = UP, agent_view: AgentView | None = None, failures: dict | None = None,
@@ -228,10 +231,10 @@ def test_agent_view_from_a_report_and_from_call_answers():
                 ModelState(name="b", phase=ModelPhase.FAILED, message="no memory")],
         cache=[CacheEntry(key="k", source="hf://o/r", phase=CachePhase.CACHED)])
     seen = AgentView.from_report(report)
-    assert seen.models == {"a": "ready", "b": "failed"} and seen.messages == {"b": "no memory"}
-    assert seen.cache == {"k": "Cached"} and seen.model_bytes == {"a": 5} and seen.max_models == 2
+    assert seen.models == {"a": ModelPhase.READY, "b": ModelPhase.FAILED} and seen.messages == {"b": "no memory"}
+    assert seen.cache == {"k": CachePhase.CACHED} and seen.model_bytes == {"a": 5} and seen.max_models == 2
     after = seen.with_model(ModelState(name="b", phase=ModelPhase.LOADING)).without_model("a")
-    assert after.models == {"b": "loading"} and after.messages == {}
+    assert after.models == {"b": ModelPhase.LOADING} and after.messages == {}
 
 
 def test_sources_resolve_cache_first_then_the_pool_source():

@@ -114,10 +114,10 @@ class World:
 
     def add(self, *views: NodeView, reports: bool = False) -> None:
         for v in views:
-            self.fleet.set_view(v)
-            self.fleet.observe_probe(v.name, ProbeResult(True))
+            self.fleet.observed.set_view(v)
+            self.fleet.observed.observe_probe(v.name, ProbeResult(True))
             if reports:
-                self.fleet.observe_report(v.name, report(v.name))
+                self.fleet.observed.observe_report(v.name, report(v.name))
 
     async def run(self, body: dict, state: PoolState, caches: Mapping[str, CacheRef] | None = None):
         return await self.reconciler.reconcile(body, caches or {}, state, self.events)
@@ -154,7 +154,7 @@ async def test_a_failing_probe_drops_the_endpoint_and_warns(world):
     await world.run(pool(), state)
     world.kube.requests.clear()
 
-    world.fleet.observe_probe("b", ProbeResult(False, "cannot connect"))
+    world.fleet.observed.observe_probe("b", ProbeResult(False, "cannot connect"))
     await world.run(pool(), state)
     assert world.kube.requests == ["patch configmap", "patch status"]
     assert world.routed() == ["a"] and world.kube.table.revision == 2
@@ -166,7 +166,7 @@ async def test_a_failing_probe_drops_the_endpoint_and_warns(world):
     await world.run(pool(), state)
     assert world.kube.requests == [] and world.events.reasons().count("EndpointUnhealthy") == 1
 
-    world.fleet.observe_probe("b", ProbeResult(True))
+    world.fleet.observed.observe_probe("b", ProbeResult(True))
     await world.run(pool(), state)
     assert world.kube.table.revision == 3 and world.events.reasons()[-1] == "EndpointRecovered"
 
@@ -175,7 +175,7 @@ async def test_a_node_that_is_not_ready_drops_out_with_its_reason(world):
     world.add(node("a"), node("b"))
     state = PoolState()
     await world.run(pool(), state)
-    world.fleet.set_view(node("b", ready=False))
+    world.fleet.observed.set_view(node("b", ready=False))
     await world.run(pool(), state)
     assert [e["node"] for e in world.kube.status["endpoints"]] == ["a"]
     assert world.kube.status["replicas"] == 1
@@ -236,8 +236,8 @@ async def test_models_are_loaded_once_and_routed_when_ready(world):
     await world.run(pool(models=SOURCED), state)
     assert len(world.agents.calls) == 2
 
-    world.fleet.observe_report("a", report("a", {"tiny": "ready"}))
-    world.fleet.observe_report("b", report("b", {"tiny": "ready"}))
+    world.fleet.observed.observe_report("a", report("a", {"tiny": "ready"}))
+    world.fleet.observed.observe_report("b", report("b", {"tiny": "ready"}))
     result = await world.run(pool(models=SOURCED), state)
     assert world.routed() == ["a", "b"] and result.settled
     assert world.kube.status["readyReplicas"] == 2 and "pending" not in world.kube.status["endpoints"][0]
@@ -258,7 +258,7 @@ async def test_a_restarted_operator_does_not_load_again(world):
     restarted.add(node("a", models=()))
     await restarted.run(pool(replicas=1, models=SOURCED), PoolState.from_status(status))
     assert len(world.agents.calls) == 1  # no report yet: no call at all
-    restarted.fleet.observe_report("a", report("a", {"tiny": "loading"}))
+    restarted.fleet.observed.observe_report("a", report("a", {"tiny": "loading"}))
     await restarted.run(pool(replicas=1, models=SOURCED), PoolState.from_status(status))
     assert len(world.agents.calls) == 1  # the agent is already loading it
 
@@ -273,7 +273,7 @@ async def test_a_refused_load_moves_the_replica_to_another_node(world):
     await world.run(pool(replicas=1, models=SOURCED), state)
     assert world.agents.calls[-1] == ("load", "http://b:8101", "tiny", "/models/tiny")
     assert [e["node"] for e in world.kube.status["endpoints"]] == ["b"]
-    assert ("a", "tiny") not in world.fleet.managed
+    assert ("a", "tiny") not in world.fleet.claims.managed
 
 
 async def test_a_remote_source_is_staged_then_loaded_from_the_copy(world):
@@ -287,7 +287,7 @@ async def test_a_remote_source_is_staged_then_loaded_from_the_copy(world):
                                          if c["type"] == "Progressing")["message"]
     await world.run(pool(replicas=1, models=models), state)
     assert len(world.agents.calls) == 1
-    world.fleet.observe_report("a", report("a", cache={key: "Cached"}))
+    world.fleet.observed.observe_report("a", report("a", cache={key: "Cached"}))
     await world.run(pool(replicas=1, models=models), state)
     assert world.agents.calls[-1] == ("load", "http://a:8101", "tiny", key)
 
@@ -295,7 +295,7 @@ async def test_a_remote_source_is_staged_then_loaded_from_the_copy(world):
 async def test_a_model_cache_serves_only_where_its_copy_is(world):
     ref = CacheRef("ns", "tiny-cache", "tiny", "ns.tiny-cache.abc")
     world.add(node("a", models=()), node("b", models=()), reports=True)
-    world.fleet.observe_report("b", report("b", cache={ref.key: "Warm"}))
+    world.fleet.observed.observe_report("b", report("b", cache={ref.key: "Warm"}))
     state = PoolState()
     await world.run(pool(replicas=2), state, caches={"tiny": ref})
     assert world.agents.calls == [("load", "http://b:8101", "tiny", ref.key)]
@@ -309,7 +309,7 @@ async def test_scaling_down_unloads_what_the_operator_loaded_unless_another_pool
     state, other = PoolState(), PoolState()
     await world.run(pool(replicas=2, models=SOURCED), state)
     for n in "ab":
-        world.fleet.observe_report(n, report(n, {"tiny": "ready"}))
+        world.fleet.observed.observe_report(n, report(n, {"tiny": "ready"}))
     await world.run(pool(replicas=2, models=SOURCED), state)
     # A second pool uses the same model on both nodes (it loaded nothing itself).
     await world.run(pool(replicas=2, models=SOURCED, name="other"), other)
@@ -328,7 +328,7 @@ async def test_a_model_removed_from_the_spec_is_unloaded_in_place(world):
     two = [*SOURCED, {"name": "extra", "source": "file:///models/extra"}]
     state = PoolState()
     await world.run(pool(replicas=1, models=two), state)
-    world.fleet.observe_report("a", report("a", {"tiny": "ready", "extra": "ready"}))
+    world.fleet.observed.observe_report("a", report("a", {"tiny": "ready", "extra": "ready"}))
     await world.run(pool(replicas=1, models=two), state)
     world.agents.calls.clear()
     await world.run(pool(replicas=1, models=SOURCED, generation=2), state)
@@ -342,7 +342,7 @@ async def test_models_the_agent_was_started_with_are_never_unloaded(world):
     await world.run(pool(replicas=1), state)
     await world.run(pool(replicas=0, generation=2), state)
     assert world.agents.calls == []
-    assert world.fleet.release(("ns", "tiny")) == []
+    assert world.fleet.claims.release(("ns", "tiny")) == []
 
 
 async def test_a_restart_before_the_first_probes_keeps_the_recorded_health(world):
@@ -353,11 +353,11 @@ async def test_a_restart_before_the_first_probes_keeps_the_recorded_health(world
     restarted = World()
     restarted.kube.status, restarted.kube.table = status, table
     for n in (node("a"), node("b")):
-        restarted.fleet.set_view(n)  # known from the watch, not probed yet
+        restarted.fleet.observed.set_view(n)  # known from the watch, not probed yet
     await restarted.run(pool(), PoolState.from_status(status))
     assert restarted.kube.requests == ["get configmap"] and restarted.routed() == ["a", "b"]
 
-    restarted.fleet.observe_probe("a", ProbeResult(False, "cannot connect"))  # the first probe settles it
+    restarted.fleet.observed.observe_probe("a", ProbeResult(False, "cannot connect"))  # the first probe settles it
     await restarted.run(pool(), PoolState.from_status(status))
     assert restarted.routed() == ["b"]
 
@@ -368,7 +368,7 @@ async def test_an_unload_for_an_agent_that_does_not_answer_is_deferred(world):
     await world.run(pool(replicas=1, models=SOURCED), state)
     (placed,) = [e["node"] for e in world.kube.status["endpoints"]]
     world.agents.calls.clear()
-    world.fleet.observe_probe(placed, ProbeResult(False, "cannot connect"))
+    world.fleet.observed.observe_probe(placed, ProbeResult(False, "cannot connect"))
     await world.run(pool(replicas=1, models=SOURCED), state)
     assert [c[0] for c in world.agents.calls] == ["load"]  # the replacement; no unload to a dead agent
-    assert world.fleet.deferred_unloads(placed) == ["tiny"]
+    assert world.fleet.claims.deferred_unloads(placed) == ["tiny"]

@@ -13,7 +13,10 @@ T1 = T0 + timedelta(seconds=30)
 SPEC = PoolSpec.model_validate({"models": [{"name": "tiny"}], "replicas": 2})
 
 
-def ep(node: str, probe: ProbeResult = ProbeResult(True)) -> PlacedEndpoint:
+HEALTHY = ProbeResult(True)
+
+
+def ep(node: str, probe: ProbeResult = HEALTHY) -> PlacedEndpoint:
     return PlacedEndpoint(node=node, url=f"http://{node}", models=("tiny",), probe=probe)
 
 

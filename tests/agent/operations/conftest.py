@@ -184,7 +184,7 @@ def _handler(server: ModelServer) -> type[BaseHTTPRequestHandler]:
                     if p.suffix == ".safetensors":  # LFS files carry their sha256
                         entry["lfs"] = {"sha256": sha256_file(p), "size": p.stat().st_size, "pointerSize": 134}
                     siblings.append(entry)
-            body = {"id": repo, "sha": HUB_COMMIT, "siblings": siblings + [{"rfilename": "README.md"}]}
+            body = {"id": repo, "sha": HUB_COMMIT, "siblings": [*siblings, {"rfilename": "README.md"}]}
             return self._send(200, json.dumps(body).encode(), "application/json")
 
         def _manifest(self, repo: str) -> None:

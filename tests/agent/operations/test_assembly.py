@@ -7,6 +7,7 @@ from pathlib import Path
 
 from mlxpool.agent.config import MultiModel, WeightManagement
 from mlxpool.agent.operations.assembly import Operations, StatusNudger, physical_memory
+from mlxpool.agent.serving.lifecycle import Lifecycle
 from mlxpool.agent.serving.repository import ModelRepository
 
 
@@ -33,7 +34,8 @@ async def test_nudges_during_a_write_cause_exactly_one_more_write():
 
 def test_settings_become_capacity_cache_and_hub(tmp_path: Path):
     ops = Operations.build(
-        repository=ModelRepository(), make_engine=lambda *a, **k: None,  # type: ignore[arg-type,return-value]
+        repository=ModelRepository(), lifecycle=Lifecycle(),
+        make_engine=lambda *a, **k: None,  # type: ignore[arg-type,return-value]
         multi_model=MultiModel(max_models=3, memory_budget_fraction=0.5, eviction="none", unload_timeout_seconds=2),
         weights=WeightManagement(cache_dir=tmp_path / "c", max_cache_bytes=10, allow_pin=False),
         node_name="n1", endpoint=lambda: "http://x", environ={"HF_ENDPOINT": "http://hub.local", "HF_TOKEN": "t"},
@@ -45,7 +47,8 @@ def test_settings_become_capacity_cache_and_hub(tmp_path: Path):
     assert (ops.cache._max_bytes, ops.cache._allow_pin) == (10, False)
     assert (ops.cache._hub_endpoint, ops.cache._hub_token) == ("http://hub.local", "t")
     explicit = Operations.build(
-        repository=ModelRepository(), make_engine=lambda *a, **k: None,  # type: ignore[arg-type,return-value]
+        repository=ModelRepository(), lifecycle=Lifecycle(),
+        make_engine=lambda *a, **k: None,  # type: ignore[arg-type,return-value]
         multi_model=MultiModel(memory_budget_bytes=1234), weights=WeightManagement(),
         node_name="n1", endpoint=lambda: "http://x", environ={},
     )

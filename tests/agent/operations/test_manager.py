@@ -9,15 +9,16 @@ from pathlib import Path
 import pytest
 
 from mlxpool.agent.engine.interface import GenerationRequest, SamplingParams
-from mlxpool.agent.errors import InvalidRequest, ModelNotFound
+from mlxpool.agent.errors import InvalidRequest, ModelLoading, ModelNotFound, ModelUnloading
 from mlxpool.agent.operations.errors import (
     MaxModelsReached,
     MemoryBudgetExceeded,
     ModelConflict,
+    UnloadInProgress,
 )
-from mlxpool.agent.operations.errors import ModelUnloading as UnloadInProgress
 from mlxpool.agent.operations.manager import Capacity, ModelManager
-from mlxpool.agent.serving.repository import ModelLoading, ModelRepository, ModelUnloading
+from mlxpool.agent.serving.lifecycle import Lifecycle
+from mlxpool.agent.serving.repository import ModelRepository
 from mlxpool.agentapi import LoadModelRequest, ModelPhase
 
 
@@ -34,12 +35,13 @@ class Harness:
         self.root = root
         self.engine_type = engine_type
         self.repository = ModelRepository()
+        self.lifecycle = Lifecycle()
         self.engines: dict[str, list] = {}
         self.fail: dict[str, str] = {}
         self.hold: dict[str, asyncio.Event] = {}
         self.changes = 0
-        self.manager = ModelManager(self.repository, self.make_engine, capacity, on_change=self._changed,
-                                    cache_path=lambda key: root / key)
+        self.manager = ModelManager(self.repository, self.make_engine, capacity, lifecycle=self.lifecycle,
+                                    on_change=self._changed, cache_path=lambda key: root / key)
 
     def _changed(self) -> None:
         self.changes += 1
@@ -183,11 +185,11 @@ async def test_unload_waits_for_in_flight_requests(harness):
 
     async def consume() -> None:
         async with aclosing(served.engine.submit(request())) as stream:
-            async for event in stream:
-                events.append(event)
+            events.extend([event async for event in stream])
 
     consumer = asyncio.create_task(consume())
     await asyncio.sleep(0.01)
+    assert (h.lifecycle.in_flight, h.lifecycle.in_flight_of("a")) == (1, 1)  # one count, two views
     await h.manager.unload("a")
     await asyncio.sleep(0.05)
     assert not engine.stopped  # the request is still running
@@ -195,6 +197,7 @@ async def test_unload_waits_for_in_flight_requests(harness):
     await consumer
     await h.gone("a")
     assert engine.stopped and events[-1].finish_reason == "length"
+    assert (h.lifecycle.in_flight, h.lifecycle.in_flight_of("a")) == (0, 0)
 
 
 async def test_unload_stops_anyway_after_its_timeout(harness):
@@ -312,7 +315,7 @@ async def test_models_from_a_cache_entry_are_listed_as_its_users(harness, tmp_pa
     assert h.manager.using_cache("entry") == []
 
 
-async def test_close_stops_every_engine(harness):
+async def test_close_stops_every_engine(harness, caplog):
     h = harness()
     await h.ready("a")
     h.hold["b"] = asyncio.Event()
@@ -320,6 +323,7 @@ async def test_close_stops_every_engine(harness):
     await h.manager.close()
     assert all(e.stopped for engines in h.engines.values() for e in engines)
     assert h.manager.states() == [] and h.repository.all() == []
+    assert "unload grace over" not in caplog.text  # idle models: no wait, whatever the timeout (here 0)
 
 
 async def test_the_real_engine_reports_its_weights_loaded_and_stops_on_unload(tiny_model):
@@ -344,7 +348,7 @@ async def test_the_real_engine_reports_its_weights_loaded_and_stops_on_unload(ti
         return engine
 
     repository = ModelRepository()
-    manager = ModelManager(repository, make, Capacity(max_models=2, budget_bytes=None))
+    manager = ModelManager(repository, make, Capacity(max_models=2, budget_bytes=None), lifecycle=Lifecycle())
     await manager.load(LoadModelRequest(name="tiny", path=str(tiny_model)))
     state = await manager.wait_settled("tiny")
     assert state.phase is ModelPhase.READY and state.memory_bytes > 0

@@ -1,13 +1,14 @@
-"""The distributed cache: prompt KV state shared between agents through Redis.
+"""The prompt cache's fleet-wide tier: prompt KV state shared between agents through Redis.
 
-Pure parts alone (prefix hashes, boundaries, the KV codec on real MLX arrays), then
-real agent processes serving the tiny model and a real redis-server (tests/conftest.py):
-what one agent prefilled, another fetches and generates the same tokens from; with
-Redis gone, agents serve as if sharing were off.
+Pure parts alone (prefix hashes, boundaries, the local-only cache, the KV codec on real
+MLX arrays), then real agent processes serving the tiny model and a real redis-server
+(tests/conftest.py): what one agent prefilled, another fetches and generates the same
+tokens from; with Redis gone, agents serve as if sharing were off.
 """
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import httpx
@@ -17,7 +18,7 @@ from mlx_lm.models.cache import KVCache, RotatingKVCache
 
 from mlxpool.agent.config import DistributedCache
 from mlxpool.agent.engine import kvcodec
-from mlxpool.agent.serving.promptcache import KVShare, boundary_hashes, model_identity
+from mlxpool.agent.serving.promptcache import FleetPromptCache, PromptCache, boundary_hashes, model_identity
 from mlxpool.dev.processes import free_port, wait_for
 from mlxpool.dev.scraping import metric_total
 from mlxpool.tinymodel import make_tiny
@@ -35,8 +36,19 @@ def test_boundary_hashes_name_prefixes_of_one_model():
 
 
 def test_the_published_boundary_leaves_the_last_token_and_respects_min_tokens():
-    share = KVShare(DistributedCache(redis_url="redis://127.0.0.1:1/0", block_tokens=16, min_tokens=32))
+    share = FleetPromptCache(DistributedCache(redis_url="redis://127.0.0.1:1/0", block_tokens=16, min_tokens=32))
     assert [share.boundary(n) for n in (10, 32, 33, 48, 49, 100)] == [0, 0, 32, 32, 48, 96]
+
+
+async def test_without_a_redis_url_the_prompt_cache_is_local_only():
+    cache = PromptCache.from_settings(DistributedCache(), local_entries=64)
+    assert type(cache) is PromptCache
+    assert await cache.lookup("/models/any", list(range(1000))) is None  # no Redis, no I/O
+    assert cache.publisher("/models/any", asyncio.get_running_loop()) is None and cache.collector() is None
+    await cache.close()
+    shared = PromptCache.from_settings(DistributedCache(redis_url="redis://127.0.0.1:1/0"))
+    assert isinstance(shared, FleetPromptCache) and shared.collector() is not None
+    await shared.close()
 
 
 def test_the_model_identity_follows_the_weights_not_the_name(tmp_path: Path):

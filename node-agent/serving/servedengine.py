@@ -1,0 +1,66 @@
+"""A served model's engine as requests reach it: counted in flight, prompts looked up first.
+
+The model manager wraps each engine it serves in a `ServedEngine` before the
+repository (and so the data plane) sees it. Submitting through it does what every
+request needs on its way to the engine, so the data plane just submits:
+
+- it holds the lifecycle's lease for the model while the request runs: the one count
+  of requests in flight, which a drain waits for in total and an unload per model;
+- it asks the prompt cache for KV state of the prompt that other agents computed (none
+  when the fleet-wide tier is off), which the engine then uses instead of computing it.
+
+Reading (`stats`, `healthy`) goes to the engine. Nothing here imports MLX.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
+from dataclasses import replace
+
+from mlxpool.agent.engine.interface import Engine, EngineStats, GenerationRequest, TokenEvent
+from mlxpool.agent.serving.lifecycle import Lifecycle
+from mlxpool.agent.serving.promptcache import PromptCache
+
+
+class ServedEngine:
+    """Implements `interface.Engine` over the engine serving `model` (loaded from `model_path`)."""
+
+    def __init__(self, engine: Engine, model: str, model_path: str, lifecycle: Lifecycle,
+                 prompt_cache: PromptCache) -> None:
+        self.engine = engine
+        self.model = model
+        self._model_path = model_path
+        self._lifecycle = lifecycle
+        self._prompt_cache = prompt_cache
+
+    @property
+    def stats(self) -> EngineStats:
+        return self.engine.stats
+
+    @property
+    def healthy(self) -> bool:
+        return self.engine.healthy
+
+    @property
+    def in_flight(self) -> int:
+        return self._lifecycle.in_flight_of(self.model)
+
+    @property
+    def busy(self) -> bool:
+        """Requests in flight, or sequences in (or waiting for) the engine's batch."""
+        stats = self.engine.stats
+        return self.in_flight > 0 or stats.running > 0 or stats.waiting > 0
+
+    async def submit(self, request: GenerationRequest) -> AsyncGenerator[TokenEvent, None]:
+        async with self._lifecycle.lease(self.model):
+            shared = await self._prompt_cache.lookup(self._model_path, request.prompt_tokens)
+            if shared is not None:
+                request = replace(request, shared_prefix=shared)
+            async with aclosing(self.engine.submit(request)) as events:
+                async for event in events:
+                    yield event
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait for the model's requests in flight to end (at once if there are none)."""
+        return await self._lifecycle.wait_idle(self.model, timeout)

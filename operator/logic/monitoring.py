@@ -1,0 +1,126 @@
+"""What a node monitor decides at each tick, as pure functions: no I/O, no clock.
+
+The monitor (`reconcilers.monitors`) probes the agent, asks for its report, unloads
+and writes the InferenceNode's Ready condition; every decision on the way is here,
+taken from values it passes in:
+
+- `probe_verdict`: whether a probe result counts. A timeout counts only when
+  `TIMEOUTS_TO_FAIL` come in a row (a busy agent is not a dead one); a refused
+  connection or an error answer counts at once.
+- `unloads_due`: which unloads to do now: the ones pools decided while the agent did
+  not answer first, else orphans; none while it does not answer or a batch still runs.
+- `report_step`: whether to ask for the agent's report now (when due, and at every
+  tick while something is in transit there), or to drop it (the agent does not answer).
+- `heartbeat_news`: whether the heartbeat's freshness flipped, which pools must hear.
+- `ready_mark`: whether the Ready condition must be written, and what it says: only
+  when the verdict differs from what the object shows and from what was written, and
+  not before `MARK_RETRY_SECONDS` after a failed write.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from enum import Enum
+
+from mlxpool.operator.logic.conditions import READY, node_readiness, rfc3339
+from mlxpool.operator.logic.endpoints import ProbeResult
+from mlxpool.operator.logic.fleet import Fleet
+from mlxpool.operator.logic.placement import NodeView
+
+TIMEOUTS_TO_FAIL = 2
+"""Probe timeouts in a row that make a node unhealthy (a refused connection does at once)."""
+MARK_RETRY_SECONDS = 30.0
+"""Seconds before a Ready condition that could not be written is tried again."""
+MESSAGE_LIMIT = 32768
+"""metav1.Condition's message length limit."""
+
+
+def probe_verdict(result: ProbeResult, timeouts: int, recorded: ProbeResult) -> tuple[ProbeResult, int]:
+    """The probe result to record after `result` (`recorded` is the one recorded so far),
+    and the count of timeouts in a row including this one."""
+    timeouts = timeouts + 1 if result.timed_out else 0
+    if result.timed_out and timeouts < TIMEOUTS_TO_FAIL and recorded.healthy:
+        return recorded, timeouts  # one slow answer is not a verdict
+    return result, timeouts
+
+
+@dataclass(frozen=True)
+class Unloads:
+    models: tuple[str, ...]
+    orphans: bool
+    """Models of ours no pool has claimed for the grace period; else unloads pools deferred."""
+
+
+def unloads_due(fleet: Fleet, node: str, *, healthy: bool, unloading: bool, orphan_grace: float) -> Unloads | None:
+    """The unloads to start on `node` now, or None. Orphans are only looked for (which
+    starts their grace period) when no deferred unload is owed."""
+    if not healthy or unloading:
+        return None
+    if deferred := fleet.claims.deferred_unloads(node):
+        return Unloads(tuple(deferred), orphans=False)
+    if orphans := fleet.orphans_due(node, orphan_grace):
+        return Unloads(tuple(orphans), orphans=True)
+    return None
+
+
+class ReportStep(Enum):
+    ASK = "ask"
+    """Ask the agent for its report now."""
+    DROP = "drop"
+    """The agent does not answer its probe: what it last reported holds no more."""
+    WAIT = "wait"
+
+
+def report_step(*, healthy: bool, asking: bool, in_transit: bool, now: float, due_at: float) -> ReportStep:
+    """`asking`: a report request is still under way; `due_at`: when the next is due."""
+    if not healthy:
+        return ReportStep.DROP
+    if not asking and (now >= due_at or in_transit):
+        return ReportStep.ASK
+    return ReportStep.WAIT
+
+
+def heartbeat_age(view: NodeView, now: datetime) -> float | None:
+    return None if view.heartbeat is None else (now - view.heartbeat).total_seconds()
+
+
+def heartbeat_news(view: NodeView, now: datetime, stale_after: float, was_stale: bool | None) -> tuple[bool, bool]:
+    """(whether the heartbeat is stale now, whether pools must hear of it): they must when
+    it flipped since the last tick (`was_stale`; None at the first), so they re-place at
+    once rather than at the next watch event."""
+    age = heartbeat_age(view, now)
+    stale = age is None or age > stale_after
+    return stale, was_stale is not None and stale != was_stale
+
+
+@dataclass(frozen=True)
+class ReadyMark:
+    """The Ready condition the monitor writes on an InferenceNode."""
+
+    status: bool
+    reason: str
+    message: str
+
+    @property
+    def verdict(self) -> tuple[str, str]:
+        """(status, reason) as the object shows them (`NodeView.condition`)."""
+        return ("True" if self.status else "False", self.reason)
+
+    def condition(self, now: datetime) -> dict[str, str]:
+        return {"type": READY, "status": self.verdict[0], "reason": self.reason,
+                "message": self.message[:MESSAGE_LIMIT], "lastTransitionTime": rfc3339(now)}
+
+
+def ready_mark(view: NodeView, probe: ProbeResult, *, now: datetime, stale_after: float,
+               written: tuple[bool, str] | None, retry_at: float, tick: float) -> ReadyMark | None:
+    """The condition to write now, or None. `written`: (status, reason) this monitor last
+    wrote; `retry_at`: when a failed write may be tried again, on the monotonic clock that
+    `tick` (now) is read from."""
+    status, reason, message = node_readiness(
+        agent_ready=view.ready, heartbeat_age=heartbeat_age(view, now), stale_after=stale_after,
+        probe_healthy=probe.healthy, probe_message=probe.message)
+    mark = ReadyMark(status, reason, message)
+    if view.condition == mark.verdict or written == (status, reason) or tick < retry_at:
+        return None
+    return mark

@@ -1,0 +1,103 @@
+"""The operator's services: built once at startup, shared by every handler, closed at cleanup.
+
+One typed object instead of loose keys in kopf's memo: `handlers` keeps it in the
+operator memo under one key (kopf copies the operator memo shallowly into every
+resource's memo, so all handlers reach this same object) and reads typed fields from
+it. It holds the settings, the API and HTTP clients, the fleet, the two reconcilers,
+the node monitors, the daemons' shared runtimes, the usage scraper's task and the
+metrics server. Opening it seeds the fleet's claims from every pool's status before
+any pool acts.
+
+Kopf-agnostic like the rest of this folder: `handlers` opens and closes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import httpx
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from mlxpool.kubeclients import open_api_client
+from mlxpool.operator.config import OperatorConfig
+from mlxpool.operator.io.agentclient import AgentClient
+from mlxpool.operator.io.kube import KubeClient
+from mlxpool.operator.io.metrics import MetricsServer
+from mlxpool.operator.io.probing import Prober
+from mlxpool.operator.io.scraping import UsageScraper
+from mlxpool.operator.logic.fleet import Fleet
+from mlxpool.operator.reconcilers.caches import CacheReconciler
+from mlxpool.operator.reconcilers.monitors import NodeMonitors
+from mlxpool.operator.reconcilers.pools import PoolReconciler, pool_probe_interval, seed_fleet
+from mlxpool.operator.reconcilers.runtimes import Runtimes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OperatorServices:
+    config: OperatorConfig
+    kube: KubeClient
+    http: httpx.AsyncClient
+    """Shared by the probes, the operations calls and the scrapes."""
+    fleet: Fleet
+    pool_reconciler: PoolReconciler
+    cache_reconciler: CacheReconciler
+    monitors: NodeMonitors
+    runtimes: Runtimes
+    scraper: asyncio.Task[None]
+    metrics: MetricsServer | None
+    """None without `--metrics-port`."""
+
+    @classmethod
+    async def open(cls, config: OperatorConfig) -> OperatorServices:
+        kube = KubeClient(await open_api_client(config.kubeconfig))
+        # Many agents, probed every second: keep their connections open.
+        http = httpx.AsyncClient(trust_env=False, follow_redirects=False,
+                                 limits=httpx.Limits(max_connections=512, max_keepalive_connections=256))
+        fleet = Fleet(retry_after=config.load_retry_after, owner=config.owner)
+        agents = AgentClient(http, config.agent_token, config.agent_timeout, owner=config.owner)
+        pool_reconciler = PoolReconciler(kube, agents, fleet, config.node_stale_after)
+        cache_reconciler = CacheReconciler(kube, agents, fleet, config.node_stale_after)
+        monitors = NodeMonitors(
+            fleet, Prober(http, config.probe_timeout), agents, kube, default_interval=1.0,
+            override_interval=config.probe_interval, report_interval=config.report_interval,
+            stale_after=config.node_stale_after, orphan_grace=config.orphan_grace)
+        runtimes = Runtimes()
+        fleet.observed.subscribe(runtimes.node_changed)
+        await _seed(kube, fleet, config)
+        scraper = asyncio.create_task(UsageScraper(fleet, agents, config.scrape_interval).run(), name="scraper")
+        server = None
+        if config.metrics_port is not None:
+            server = MetricsServer(config.metrics_port, config.metrics_address)
+        return cls(config=config, kube=kube, http=http, fleet=fleet, pool_reconciler=pool_reconciler,
+                   cache_reconciler=cache_reconciler, monitors=monitors, runtimes=runtimes, scraper=scraper,
+                   metrics=server)
+
+    async def close(self) -> None:
+        """Stop the scraper and the monitors, then close the clients and the metrics server."""
+        self.scraper.cancel()
+        await asyncio.gather(self.scraper, return_exceptions=True)
+        await self.monitors.close()
+        await self.kube.close()
+        await self.http.aclose()
+        if self.metrics is not None:
+            await asyncio.to_thread(self.metrics.close)  # joins a thread: not on the event loop
+
+
+async def _seed(kube: KubeClient, fleet: Fleet, config: OperatorConfig) -> None:
+    """Every pool's claims from its status, before any pool acts: a pool that moved away
+    from a node must not unload a model another pool (not reconciled yet) still uses."""
+    try:
+        pools = await kube.list_pools(config.namespaces)
+    except ApiException as exc:
+        log.warning("cannot list pools to seed the fleet, unloads may be premature and orphans stay: %s",
+                    exc.reason)
+        return
+    for body in pools:
+        meta = body["metadata"]
+        seed_fleet(fleet, (meta["namespace"], meta["name"]), body, pool_probe_interval(body, config))
+    fleet.claims.seeded = True
+    log.info("fleet seeded pools=%d", len(pools))

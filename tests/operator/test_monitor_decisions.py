@@ -1,0 +1,158 @@
+"""What a node monitor decides at each tick (`logic.monitoring`), as tables: whether a
+probe counts, which unloads to start, whether a report is due, whether the heartbeat's
+freshness flipped, whether the Ready condition must be written. Pure: no task, no I/O."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from mlxpool.agentapi import ModelPhase, ModelState, NodeReport
+from mlxpool.nodes import Hardware
+from mlxpool.operator.logic.endpoints import NOT_PROBED, ProbeResult
+from mlxpool.operator.logic.fleet import Fleet
+from mlxpool.operator.logic.monitoring import (
+    ReadyMark,
+    ReportStep,
+    Unloads,
+    heartbeat_news,
+    probe_verdict,
+    ready_mark,
+    report_step,
+    unloads_due,
+)
+from mlxpool.operator.logic.placement import NodeView
+
+NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+UP = ProbeResult(True)
+SLOW = ProbeResult(False, "no answer to GET /health within 0.5s", timed_out=True)
+REFUSED = ProbeResult(False, "cannot connect: refused")
+
+
+def view(age: float | None = 1.0, ready: bool = True, condition: tuple[str, str] | None = None) -> NodeView:
+    return NodeView(name="n", endpoint="http://n", labels={}, ready=ready,
+                    heartbeat=None if age is None else NOW - timedelta(seconds=age), free_memory_bytes=None,
+                    models=frozenset(), condition=condition)
+
+
+@pytest.mark.parametrize(("result", "timeouts", "recorded", "expected"), [
+    (UP, 0, NOT_PROBED, (UP, 0)),
+    (UP, 1, UP, (UP, 0)),  # an answer ends the run of timeouts
+    (SLOW, 0, UP, (UP, 1)),  # one slow answer is not a verdict: the healthy result stays
+    (SLOW, 1, UP, (SLOW, 2)),  # the second in a row is
+    (SLOW, 2, SLOW, (SLOW, 3)),
+    (SLOW, 0, NOT_PROBED, (SLOW, 1)),  # nothing healthy to keep: it counts at once
+    (SLOW, 0, REFUSED, (SLOW, 1)),
+    (REFUSED, 0, UP, (REFUSED, 0)),  # a refused connection counts at once
+    (REFUSED, 1, UP, (REFUSED, 0)),
+])
+def test_probe_verdicts(result, timeouts, recorded, expected):
+    assert probe_verdict(result, timeouts, recorded) == expected
+
+
+@pytest.mark.parametrize(("healthy", "asking", "in_transit", "now", "due_at", "step"), [
+    (False, False, False, 10.0, 0.0, ReportStep.DROP),
+    (False, True, True, 10.0, 0.0, ReportStep.DROP),  # whatever else: an agent that does not answer holds nothing
+    (True, False, False, 10.0, 10.0, ReportStep.ASK),  # due
+    (True, False, False, 10.0, 0.0, ReportStep.ASK),
+    (True, False, False, 9.9, 10.0, ReportStep.WAIT),
+    (True, False, True, 9.9, 10.0, ReportStep.ASK),  # a load or staging under way: every tick
+    (True, True, True, 10.0, 0.0, ReportStep.WAIT),  # never two requests at once
+])
+def test_report_steps(healthy, asking, in_transit, now, due_at, step):
+    assert report_step(healthy=healthy, asking=asking, in_transit=in_transit, now=now, due_at=due_at) is step
+
+
+@pytest.mark.parametrize(("age", "was_stale", "expected"), [
+    (1.0, None, (False, False)),  # the first tick tells nobody
+    (100.0, None, (True, False)),
+    (None, None, (True, False)),  # no heartbeat at all is stale
+    (1.0, False, (False, False)),
+    (100.0, True, (True, False)),
+    (100.0, False, (True, True)),  # went stale: pools must re-place now
+    (1.0, True, (False, True)),  # fresh again
+    (None, False, (True, True)),
+    (30.0, False, (False, False)),  # stale only past the bound
+])
+def test_heartbeat_news(age, was_stale, expected):
+    assert heartbeat_news(view(age), NOW, 30, was_stale) == expected
+
+
+READY = ReadyMark(True, "AgentReady", "the agent is ready, beats and answers its health probe")
+
+
+@pytest.mark.parametrize(("node", "probe", "written", "retry_at", "tick", "expected"), [
+    (view(), UP, None, 0.0, 100.0, READY),
+    (view(condition=("True", "AgentReady")), UP, None, 0.0, 100.0, None),  # the object already says so
+    (view(), UP, (True, "AgentReady"), 0.0, 100.0, None),  # written already (the watch may lag)
+    (view(), UP, (False, "HealthProbeFailed"), 0.0, 100.0, READY),  # the verdict changed
+    (view(), UP, None, 130.0, 100.0, None),  # a write failed: wait for the retry time
+    (view(), UP, None, 130.0, 130.0, READY),
+    (view(condition=("True", "AgentReady")), REFUSED, None, 0.0, 100.0,
+     ReadyMark(False, "HealthProbeFailed", "cannot connect: refused")),
+    (view(condition=("True", "AgentReady")), ProbeResult(False), None, 0.0, 100.0,
+     ReadyMark(False, "HealthProbeFailed", "the agent fails its health probe")),
+    (view(age=300), UP, None, 0.0, 100.0,
+     ReadyMark(False, "HeartbeatStale", "no heartbeat for more than 30s; no pool routes here")),
+    (view(age=None), UP, None, 0.0, 100.0, ReadyMark(False, "NoHeartbeat", "the agent has not sent a heartbeat")),
+    (view(ready=False), UP, None, 0.0, 100.0,
+     ReadyMark(False, "AgentNotReady", "the agent reports it is not ready")),
+])
+def test_ready_marks(node, probe, written, retry_at, tick, expected):
+    assert ready_mark(node, probe, now=NOW, stale_after=30, written=written, retry_at=retry_at,
+                      tick=tick) == expected
+
+
+def test_a_ready_mark_is_a_metav1_condition():
+    mark = ReadyMark(False, "HealthProbeFailed", "x" * 40000)
+    assert mark.verdict == ("False", "HealthProbeFailed")
+    assert mark.condition(NOW) == {"type": "Ready", "status": "False", "reason": "HealthProbeFailed",
+                                   "message": "x" * 32768, "lastTransitionTime": "2026-01-01T12:00:00Z"}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def fleet_with(*, deferred: tuple[str, ...] = (), orphan: str | None = None, clock: Clock | None = None) -> Fleet:
+    """A fleet whose node `n` owes `deferred` unloads and holds `orphan`, a ready model of
+    ours that no pool claims."""
+    fleet = Fleet(owner="op", clock=clock or Clock())
+    fleet.claims.seeded = True
+    fleet.observed.set_view(view())
+    models = [ModelState(name=orphan, phase=ModelPhase.READY, owner="op")] if orphan else []
+    fleet.observed.observe_report("n", NodeReport(
+        name="n", endpoint="http://n", max_models=4, agent_version="t", models=models,
+        hardware=Hardware(chip="c", memory_bytes=1, cpu_cores=1, accelerator="cpu", platform="p")))
+    for model in deferred:
+        fleet.claims.defer_unload("n", model)
+    return fleet
+
+
+@pytest.mark.parametrize(("deferred", "orphan", "healthy", "unloading", "expected"), [
+    ((), None, True, False, None),
+    (("x", "y"), None, True, False, Unloads(("x", "y"), orphans=False)),
+    ((), "o", True, False, Unloads(("o",), orphans=True)),
+    (("x",), "o", True, False, Unloads(("x",), orphans=False)),  # what pools decided comes first
+    (("x",), "o", False, False, None),  # not to an agent that does not answer
+    (("x",), "o", True, True, None),  # one batch at a time
+])
+def test_unloads_due(deferred, orphan, healthy, unloading, expected):
+    fleet = fleet_with(deferred=deferred, orphan=orphan)
+    assert unloads_due(fleet, "n", healthy=healthy, unloading=unloading, orphan_grace=0) == expected
+
+
+def test_orphans_are_not_looked_for_while_a_deferred_unload_is_owed():
+    clock = Clock()
+    fleet = fleet_with(deferred=("x",), orphan="o", clock=clock)
+    assert unloads_due(fleet, "n", healthy=True, unloading=False, orphan_grace=10) == Unloads(("x",), orphans=False)
+    clock.now = 20
+    fleet.claims.forget_deferred("n", "x")  # the unload is done
+    assert unloads_due(fleet, "n", healthy=True, unloading=False, orphan_grace=10) is None  # grace starts now
+    clock.now = 30
+    assert unloads_due(fleet, "n", healthy=True, unloading=False, orphan_grace=10) == Unloads(("o",), orphans=True)
