@@ -1,4 +1,4 @@
-# mlxpool — the two commands: `make demo` and `make test`. `make help` lists the rest.
+# mlxpool — `make up` (a first look, no Kubernetes), `make demo` and `make test`. `make help` lists the rest.
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
@@ -42,10 +42,20 @@ demo: venv ## Bring up control plane, operator, agents and router; apply samples
 	@hack/build-control-plane.sh >/dev/null
 	$(PY) -m mlxpool.dev.demo
 
-up: venv ## `mlxpool dev up` (leave it running)
+MODEL ?=
+AGENTS ?= 2
+PORT ?= 8080
+up: venv ## Agents + router on 127.0.0.1, no Kubernetes, in seconds (MODEL=dir AGENTS=2 PORT=8080; no MODEL: a tiny one)
+	$(VENV)/bin/mlxpool up $(if $(MODEL),--model $(MODEL)) --agents $(AGENTS) --port $(PORT)
+
+down: ## Stop what `make up` started
+	$(VENV)/bin/mlxpool down
+
+dev-up: venv ## `mlxpool dev up`: local control plane + operator + agents + router (leave it running)
+	@hack/build-control-plane.sh >/dev/null
 	$(VENV)/bin/mlxpool dev up
 
-down: ## `mlxpool dev down`
+dev-down: ## `mlxpool dev down`
 	$(VENV)/bin/mlxpool dev down
 
 KUBECTL ?= kubectl
@@ -64,4 +74,4 @@ undeploy: ## Remove what `make deploy` created
 clean: ## Remove build outputs and local state (not the cached control plane binaries)
 	rm -rf build .mlxpool .pytest_cache
 
-.PHONY: help venv controlplane test lint native-test demo up down install uninstall deploy undeploy clean
+.PHONY: help venv controlplane test lint native-test demo up down dev-up dev-down install uninstall deploy undeploy clean

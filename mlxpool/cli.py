@@ -11,6 +11,8 @@ import importlib
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
+    "up": ("mlxpool.dev.local:main_up", "agents + router on loopback, no Kubernetes: a first look in seconds"),
+    "down": ("mlxpool.dev.local:main_down", "stop what `mlxpool up` started"),
     "agent": ("mlxpool.agent.main", "run a node agent serving models with MLX"),
     "router": ("mlxpool.router.main", "run a router following a pool's routing table"),
     "operator": ("mlxpool.operator.main", "run the kopf operator"),
@@ -39,8 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"mlxpool: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    module_name, _, function = COMMANDS[name][0].partition(":")
+    module = importlib.import_module(module_name)
+    return int(getattr(module, function or "main")(rest) or 0)
 
 
 if __name__ == "__main__":

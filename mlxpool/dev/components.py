@@ -47,9 +47,9 @@ def start_agent(model: Path | None, log_dir: Path, *, name: str = "agent", kubec
 
 
 def start_router(log_dir: Path, *, pool: str | None = None, kubeconfig: Path | None = None,
-                 routes_file: Path | None = None, name: str = "router", extra: Sequence[str] = (),
-                 timeout: float = 60) -> Process:
-    args = ["--host", LOOPBACK, "--port", "0"]
+                 routes_file: Path | None = None, name: str = "router", port: int = 0,
+                 extra: Sequence[str] = (), timeout: float = 60) -> Process:
+    args = ["--host", LOOPBACK, "--port", str(port)]
     if pool is not None:
         args += ["--pool", pool, "--kubeconfig", str(kubeconfig)]
     if routes_file is not None:

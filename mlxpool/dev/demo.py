@@ -70,7 +70,7 @@ def main() -> int:
     finally:
         if keep:
             print(f"\nKEEP=1: the stack stays up. export KUBECONFIG={state.kubeconfig}; "
-                  "`.venv/bin/mlxpool dev status`; `make down` to stop it.")
+                  "`.venv/bin/mlxpool dev status`; `make dev-down` to stop it.")
         else:
             step("tearing down: " + ", ".join(stack.down(workdir)))
     return 0

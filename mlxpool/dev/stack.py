@@ -32,6 +32,10 @@ class Member:
     log: str
     cmdline: str
 
+    @classmethod
+    def of(cls, proc: Process) -> Member:
+        return cls(proc.name, proc.pid, proc.url, str(proc.log_path), _cmdline(proc.pid))
+
 
 @dataclass
 class StackState:
@@ -53,7 +57,7 @@ class StackState:
         (Path(self.workdir) / "state.json").write_text(json.dumps(asdict(self), indent=2))
 
     def add(self, proc: Process) -> None:
-        self.members.append(Member(proc.name, proc.pid, proc.url, str(proc.log_path), _cmdline(proc.pid)))
+        self.members.append(Member.of(proc))
 
 
 def _cmdline(pid: int) -> str:
@@ -63,7 +67,7 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def _same_process(member: Member) -> bool:
+def same_process(member: Member) -> bool:
     """Alive and still the process we started (pids get recycled)."""
     if not pid_alive(member.pid):
         return False
@@ -72,7 +76,7 @@ def _same_process(member: Member) -> bool:
 
 
 def up(workdir: Path = DEFAULT_WORKDIR, agents: int = 2, pool: str = DEFAULT_POOL) -> StackState:
-    if (state := StackState.load(workdir)) and any(_same_process(m) for m in state.members):
+    if (state := StackState.load(workdir)) and any(same_process(m) for m in state.members):
         raise RuntimeError(f"a dev stack is already running from {workdir}; run `mlxpool dev down` first")
     workdir.mkdir(parents=True, exist_ok=True)
     logs = workdir / "logs"
@@ -114,16 +118,20 @@ def ops_token_file(workdir: Path) -> Path:
     return path
 
 
+def stop_member(member: Member) -> bool:
+    """Stop `member` if it still runs what we started; True when it did."""
+    if not same_process(member):
+        return False
+    stop_pid(member.pid)
+    return True
+
+
 def down(workdir: Path = DEFAULT_WORKDIR) -> list[str]:
     """Stop what `up` recorded, newest first; returns the names stopped."""
     state = StackState.load(workdir)
     if state is None:
         return []
-    stopped = []
-    for member in reversed(state.members):
-        if _same_process(member):
-            stop_pid(member.pid)
-            stopped.append(member.name)
+    stopped = [member.name for member in reversed(state.members) if stop_member(member)]
     os.remove(Path(workdir) / "state.json")
     return stopped
 
@@ -132,5 +140,5 @@ def status(workdir: Path = DEFAULT_WORKDIR) -> list[dict]:
     state = StackState.load(workdir)
     if state is None:
         return []
-    return [{"name": m.name, "pid": m.pid, "running": _same_process(m), "url": m.url, "log": m.log}
+    return [{"name": m.name, "pid": m.pid, "running": same_process(m), "url": m.url, "log": m.log}
             for m in state.members]
