@@ -88,6 +88,9 @@ class ModelState(_Strict):
     message: str | None = None
     owner: str | None = None
     """The `owner` of the load that brought it (None: loaded otherwise, e.g. `--model`)."""
+    identity: str | None = None
+    """Content identity: a hash of the weight, tokenizer and config bytes (None until known).
+    Equal identities mean the same model, whatever each node calls it."""
 
 
 class StageRequest(_Strict):

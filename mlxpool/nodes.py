@@ -39,6 +39,7 @@ class LoadedModel(_Wire):
     name: str
     path: str | None = None
     memory_bytes: int | None = None
+    identity: str | None = Field(default=None, description="Content identity (hash of weights, tokenizer, config).")
 
 
 class NodeStatus(_Wire):

@@ -145,6 +145,25 @@ def make_tiny(path: str | Path, size: str = "tiny", seed: int = 0) -> Path:
     return out
 
 
+def make_variant(base: str | Path, path: str | Path, seed: int = 1, scale: float = 0.01) -> Path:
+    """A fine-tune of `base` at `path`: the same config, tokenizer, tensor names, shapes and
+    file sizes, every weight nudged by seeded noise (what two checkpoints of one run look like)."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    src, out = Path(base), Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    for item in src.iterdir():
+        if item.is_file() and not item.name.startswith(".") and item.name != "model.safetensors":
+            shutil.copy2(item, out / item.name)
+    rng = np.random.default_rng(seed)
+    weights = {name: (value + rng.standard_normal(value.shape, dtype=np.float32) * scale).astype(value.dtype)
+               for name, value in load_file(str(src / "model.safetensors")).items()}
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "mlx"})
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mlxpool model", description="Local model tools.")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -200,13 +200,13 @@ class AgentRuntime:
     # ---- operations API wiring: engines for the model manager, prompt status writes ----
 
     def make_engine(
-        self, path: str, name: str, *, warm: bool, on_weights_loaded: Callable[[], None],
+        self, path: str, name: str, *, warm: bool, identity: str, on_weights_loaded: Callable[[], None],
     ) -> BatchEngine:
         """The model manager's engine factory: every model, the command line's included, is built here."""
         from mlxpool.agent.engine.generation import BatchEngine  # imports MLX
 
         config = self.engine_config() if warm else replace(self.engine_config(), warmup_tokens=0)
-        publisher = self.prompt_cache.publisher(path, asyncio.get_running_loop())
+        publisher = self.prompt_cache.publisher(identity, asyncio.get_running_loop())
         return BatchEngine(path, config, name=name, on_weights_loaded=on_weights_loaded, kv_publisher=publisher)
 
     async def _write_status_now(self) -> None:
@@ -284,7 +284,7 @@ class AgentRuntime:
     async def _node_status(self) -> NodeStatus:
         free = await asyncio.to_thread(hardware.free_memory_bytes)
         ready, _ = self.dataplane.readiness()
-        loaded = [LoadedModel(name=m.name, path=m.info.path, memory_bytes=m.info.memory_bytes)
+        loaded = [LoadedModel(name=m.name, path=m.info.path, memory_bytes=m.info.memory_bytes, identity=m.identity)
                   for m in self.models.all()]
         return node_status(ready, loaded, free)
 

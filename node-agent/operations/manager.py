@@ -37,7 +37,7 @@ from typing import Any, Protocol
 from mlxpool.agent.engine.interface import Engine, ModelInfo
 from mlxpool.agent.engine.prompts import PromptEncoder
 from mlxpool.agent.errors import InvalidRequest, ModelNotFound
-from mlxpool.agent.operations import eviction
+from mlxpool.agent.operations import eviction, identity
 from mlxpool.agent.operations.errors import MaxModelsReached, MemoryBudgetExceeded, ModelConflict, UnloadInProgress
 from mlxpool.agent.serving.lifecycle import Lifecycle
 from mlxpool.agent.serving.promptcache import PromptCache
@@ -65,10 +65,11 @@ class ManagedEngine(Engine, Protocol):
 
 
 class EngineFactory(Protocol):
-    def __call__(self, path: str, name: str, *, warm: bool,
+    def __call__(self, path: str, name: str, *, warm: bool, identity: str,
                  on_weights_loaded: Callable[[], None]) -> ManagedEngine:
-        """A new, not yet started engine; `on_weights_loaded` may be called from any thread
-        once the weights are in memory and warm-up begins (engines that cannot tell skip it)."""
+        """A new, not yet started engine for the model of content identity `identity`;
+        `on_weights_loaded` may be called from any thread once the weights are in memory and
+        warm-up begins (engines that cannot tell skip it)."""
         ...
 
 
@@ -90,6 +91,7 @@ class _Record:
     pinned: bool
     estimate_bytes: int
     owner: str | None = None
+    identity: str | None = None
     phase: ModelPhase = ModelPhase.LOADING
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     engine: ManagedEngine | None = None
@@ -114,6 +116,7 @@ class _Record:
         return ModelState(
             name=self.name, phase=phase, path=self.path, memory_bytes=self.memory_bytes or self.estimate_bytes,
             load_time_seconds=self.load_time_seconds, pinned=self.pinned, message=message, owner=self.owner,
+            identity=self.identity,
         )
 
     def resident(self) -> eviction.Resident:
@@ -225,8 +228,10 @@ class ModelManager:
         async with record.lock:
             started = time.perf_counter()
             try:
+                # KV state and dedupes go by content, not name (off the loop: it reads every byte once).
+                digest = record.identity = (await asyncio.to_thread(identity.content_identity, record.path)).digest
                 record.engine = self._make_engine(record.path, record.name, warm=record.warm,
-                                                  on_weights_loaded=weights_loaded)
+                                                  identity=digest, on_weights_loaded=weights_loaded)
                 info = await record.engine.start()
                 encoder = PromptEncoder(record.engine.tokenizer)
             except asyncio.CancelledError:
@@ -244,8 +249,10 @@ class ModelManager:
                 return
             record.load_time_seconds = round(time.perf_counter() - started, 4)
             record.memory_bytes = info.memory_bytes
-            served_engine = ServedEngine(record.engine, record.name, info.path, self._lifecycle, self._prompt_cache)
-            record.served = ServedModel(record.name, served_engine, encoder, info, int(time.time()))
+            served_engine = ServedEngine(record.engine, record.name, digest, self._lifecycle,
+                                         self._prompt_cache)
+            record.served = ServedModel(record.name, served_engine, encoder, info, int(time.time()),
+                                        identity=record.identity)
             record.phase = ModelPhase.READY
             record.message = None
             self.repository.add(record.served)

@@ -16,9 +16,10 @@ local-only `PromptCache` itself: a lookup is None without any I/O, nothing is
 published, and no metrics are exported. With Redis it is a `FleetPromptCache`.
 
 Keys. A prompt is cut into blocks of `block_tokens` tokens; each boundary has a hash
-chained from the model's identity (its config and weight files, so two nodes share only
-when they serve the same weights, whatever the model is called) through every token
-before it. When a request finishes, its engine publishes the KV of the prompt's longest
+chained from the model's content identity (`operations.identity`: a hash of its weight,
+tokenizer and config bytes, so two nodes share only when they serve the same weights,
+whatever the model is called, and two fine-tunes of one base never do) through every
+token before it. When a request finishes, its engine publishes the KV of the prompt's longest
 boundary (at least `min_tokens`, not the last token: the receiver must compute one) as
 one blob, `<prefix>:kv:<hash>`, and one index key per boundary from `min_tokens` on,
 `<prefix>:idx:<hash>` -> the blob's key, all with a TTL. A lookup reads every index key
@@ -37,14 +38,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import hashlib
-import json
 import logging
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import redis.asyncio as aioredis
 from prometheus_client.core import CounterMetricFamily, Metric
@@ -59,18 +57,6 @@ log = logging.getLogger(__name__)
 MAX_PUBLISHING = 4
 """Publishes in flight at once; more are dropped (the next request of the prefix publishes it)."""
 WARN_EVERY_S = 30.0
-
-
-@functools.lru_cache(maxsize=64)
-def model_identity(path: str) -> str:
-    """What makes two nodes' models the same: the config and the weight files (names and sizes)."""
-    root = Path(path)
-    digest = hashlib.sha256()
-    config = root / "config.json"
-    digest.update(config.read_bytes() if config.is_file() else b"")
-    for weights in sorted(root.glob("*.safetensors")):
-        digest.update(json.dumps([weights.name, weights.stat().st_size]).encode())
-    return digest.hexdigest()[:32]
 
 
 def boundary_hashes(model_id: str, tokens: Sequence[int], block: int, limit: int) -> list[str]:
@@ -97,13 +83,14 @@ class PromptCache:
         """
         return FleetPromptCache(settings, local_entries) if settings.redis_url is not None else PromptCache()
 
-    async def lookup(self, model_path: str, tokens: Sequence[int]) -> SharedPrefix | None:
+    async def lookup(self, model_id: str, tokens: Sequence[int]) -> SharedPrefix | None:
         """The longest prefix of `tokens` (never all of them) other agents computed, or None;
         never raises."""
         return None
 
-    def publisher(self, model_path: str, loop: asyncio.AbstractEventLoop) -> KVPublisher | None:
-        """What the engine serving `model_path` publishes finished prompts through; None: nothing."""
+    def publisher(self, model_id: str, loop: asyncio.AbstractEventLoop) -> KVPublisher | None:
+        """What the engine serving the model of content identity `model_id` publishes finished
+        prompts through; None: nothing."""
         return None
 
     def collector(self) -> Collector | None:
@@ -137,12 +124,11 @@ class FleetPromptCache(PromptCache):
 
     # ---- lookups (served engines, event loop) ----
 
-    async def lookup(self, model_path: str, tokens: Sequence[int]) -> SharedPrefix | None:
+    async def lookup(self, model_id: str, tokens: Sequence[int]) -> SharedPrefix | None:
         s = self.settings
         if len(tokens) <= s.min_tokens:
             return None
         self.counts["lookups"] += 1
-        model_id = model_identity(model_path)
         hashes = boundary_hashes(model_id, tokens, s.block_tokens, len(tokens) - 1)
         first = s.min_tokens // s.block_tokens + (s.min_tokens % s.block_tokens > 0) - 1  # first boundary >= min
         if first >= len(hashes):
@@ -176,8 +162,8 @@ class FleetPromptCache(PromptCache):
         end = (prompt_tokens - 1) // s.block_tokens * s.block_tokens
         return end if end >= s.min_tokens else 0
 
-    def publisher(self, model_path: str, loop: asyncio.AbstractEventLoop) -> KVPublisher:
-        return KVPublisher(self, model_identity(model_path), loop)
+    def publisher(self, model_id: str, loop: asyncio.AbstractEventLoop) -> KVPublisher:
+        return KVPublisher(self, model_id, loop)
 
     def _publish_soon(self, model_id: str, tokens: tuple[int, ...], blob: bytes) -> None:
         """On the event loop: start a publish unless too many are in flight."""

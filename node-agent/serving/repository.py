@@ -34,6 +34,8 @@ class ServedModel:
     info: ModelInfo
     created: int
     """Unix time the model became servable."""
+    identity: str | None = None
+    """Content identity (`operations.identity`)."""
     last_used: float = field(default_factory=time.monotonic)
     """Monotonic time of the last request that named it (or of becoming servable)."""
 

@@ -24,13 +24,13 @@ from mlxpool.agent.serving.promptcache import PromptCache
 
 
 class ServedEngine:
-    """Implements `interface.Engine` over the engine serving `model` (loaded from `model_path`)."""
+    """Implements `interface.Engine` over the engine serving `model` (of content identity `model_id`)."""
 
-    def __init__(self, engine: Engine, model: str, model_path: str, lifecycle: Lifecycle,
+    def __init__(self, engine: Engine, model: str, model_id: str, lifecycle: Lifecycle,
                  prompt_cache: PromptCache) -> None:
         self.engine = engine
         self.model = model
-        self._model_path = model_path
+        self.model_id = model_id
         self._lifecycle = lifecycle
         self._prompt_cache = prompt_cache
 
@@ -54,7 +54,7 @@ class ServedEngine:
 
     async def submit(self, request: GenerationRequest) -> AsyncGenerator[TokenEvent, None]:
         async with self._lifecycle.lease(self.model):
-            shared = await self._prompt_cache.lookup(self._model_path, request.prompt_tokens)
+            shared = await self._prompt_cache.lookup(self.model_id, request.prompt_tokens)
             if shared is not None:
                 request = replace(request, shared_prefix=shared)
             async with aclosing(self.engine.submit(request)) as events:

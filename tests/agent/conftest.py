@@ -157,7 +157,7 @@ def fake_agent() -> Iterator[FakeAgent]:
     encoder = PromptEncoder(FakeTokenizer())
     lifecycle = Lifecycle()
     models = ModelRepository()
-    served = ServedEngine(engine, "fake", FAKE_MODEL_INFO.path, lifecycle, PromptCache())
+    served = ServedEngine(engine, "fake", "fake-identity", lifecycle, PromptCache())
     models.add(ServedModel("fake", served, encoder, FAKE_MODEL_INFO, created=1700000000))
     lifecycle.set_phase(Phase.READY)
     plane = DataPlane(models, lifecycle, DataPlaneSettings(default_max_tokens=8))

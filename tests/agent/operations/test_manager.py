@@ -46,7 +46,7 @@ class Harness:
     def _changed(self) -> None:
         self.changes += 1
 
-    def make_engine(self, path: str, name: str, *, warm: bool, on_weights_loaded):
+    def make_engine(self, path: str, name: str, *, warm: bool, identity: str, on_weights_loaded):
         engine = self.engine_type(path, name, warm, on_weights_loaded,
                                   fail=self.fail.get(name), release=self.hold.get(name))
         self.engines.setdefault(name, []).append(engine)
@@ -337,7 +337,7 @@ async def test_the_real_engine_reports_its_weights_loaded_and_stops_on_unload(ti
     hook_threads: list[str] = []
     engines: list[BatchEngine] = []
 
-    def make(path: str, name: str, *, warm: bool, on_weights_loaded) -> BatchEngine:
+    def make(path: str, name: str, *, warm: bool, identity: str, on_weights_loaded) -> BatchEngine:
         def hook() -> None:
             hook_threads.append(threading.current_thread().name)
             on_weights_loaded()

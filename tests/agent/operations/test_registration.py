@@ -52,6 +52,10 @@ def test_status_lists_models_as_they_load_and_unload(controlplane: ControlPlane,
         client = ops(agent)
         client.post("/v1/node/models", json={"name": "second", "path": str(second_model)})
         eventually(lambda: status_models(controlplane, name) == ["second", "tiny"], 10, "status lists second")
+        # Each with its content identity, the same the agent reports in /v1/node.
+        identities = {m["name"]: m["identity"] for m in node_object(controlplane, name)["status"]["models"]}
+        reported = {m["name"]: m["identity"] for m in client.get("/v1/node").json()["models"]}
+        assert identities == reported and len(identities["tiny"]) == 32 and identities["tiny"] != identities["second"]
         client.delete("/v1/node/models/second")
         eventually(lambda: status_models(controlplane, name) == ["tiny"], 10, "status drops second")
     finally:
