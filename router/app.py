@@ -24,6 +24,7 @@ from mlxpool.router.metrics import RouterMetrics
 from mlxpool.router.parsing import InferenceRequest, parse_inference_request, upstream_headers
 from mlxpool.router.picking.profiles import Strategies, load_strategies
 from mlxpool.router.picking.signals import EndpointSignals
+from mlxpool.router.polling import SignalPoller
 from mlxpool.router.relaying import ClientDisconnected, RelayResponse, cancel_on_disconnect
 from mlxpool.router.settings import RouterSettings, TableSourceSettings, UpstreamSettings
 from mlxpool.router.tables.files import follow_file
@@ -67,7 +68,7 @@ def create_app(settings: RouterSettings, metrics: RouterMetrics | None = None) -
     holder = TableHolder(settings.tables.pool)
     holder.on_accept(metrics.table_accepted)
     holder.on_result(metrics.table_offered)
-    signals = EndpointSignals()
+    signals = EndpointSignals(max_age=settings.signals.max_age, stale_policy=settings.signals.stale_policy)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -77,6 +78,14 @@ def create_app(settings: RouterSettings, metrics: RouterMetrics | None = None) -
             task = asyncio.create_task(await table_source(settings.tables, holder, stack), name="routing-table-source")
             task.add_done_callback(_log_source_end)
             stack.push_async_callback(_cancel, task)
+            if settings.signals.interval > 0:
+                # Its own small client: polls never wait behind inference connections.
+                poll_client = await stack.enter_async_context(httpx.AsyncClient(
+                    limits=httpx.Limits(max_connections=256, max_keepalive_connections=256), trust_env=False))
+                app.state.poller = SignalPoller(poll_client, holder, signals, metrics, settings.signals)
+                poller = asyncio.create_task(app.state.poller.run(), name="signal-poller")
+                poller.add_done_callback(_log_poller_end)
+                stack.push_async_callback(_cancel, poller)
             yield
 
     app = FastAPI(title="mlxpool router", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
@@ -158,6 +167,11 @@ def _log_source_end(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("routing table source stopped; the table will not change any more",
                   exc_info=task.exception())
+
+
+def _log_poller_end(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("signal poller stopped; agents' load reports will go stale", exc_info=task.exception())
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:

@@ -15,7 +15,14 @@ from pathlib import Path
 import uvicorn
 
 from mlxpool.router.app import create_app
-from mlxpool.router.settings import PoolRef, RouterSettings, TableSourceSettings, UpstreamSettings
+from mlxpool.router.settings import (
+    PoolRef,
+    RouterSettings,
+    SignalSettings,
+    StalePolicy,
+    TableSourceSettings,
+    UpstreamSettings,
+)
 
 log = logging.getLogger("mlxpool.router")
 
@@ -44,6 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
     upstream.add_argument("--first-byte-timeout", type=float, default=defaults.first_byte_timeout, metavar="SECONDS")
     upstream.add_argument("--read-timeout", type=float, default=defaults.read_timeout, metavar="SECONDS",
                           help="silence tolerated between two chunks of a streaming answer")
+    signals = parser.add_argument_group("agents' load signals (GET /v1/signals)")
+    sig = SignalSettings()
+    signals.add_argument("--signals-interval", type=float, default=sig.interval, metavar="SECONDS",
+                         help="poll every endpoint this often; 0 turns polling off")
+    signals.add_argument("--signals-max-age", type=float, default=sig.max_age, metavar="SECONDS",
+                         help="older reports are stale")
+    signals.add_argument("--signals-stale", choices=[p.value for p in StalePolicy], default=sig.stale_policy.value,
+                         help="a stale endpoint counts as saturated, or is scored on local counts (fallback)")
     return parser
 
 
@@ -68,6 +83,8 @@ def settings_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace
             tables=TableSourceSettings(pool=args.pool, kubeconfig=args.kubeconfig, routes_file=args.routes_file),
             upstream=UpstreamSettings(max_attempts=args.max_attempts, connect_timeout=args.connect_timeout,
                                       first_byte_timeout=args.first_byte_timeout, read_timeout=args.read_timeout),
+            signals=SignalSettings(interval=args.signals_interval, max_age=args.signals_max_age,
+                                   stale_policy=StalePolicy(args.signals_stale)),
             strategies_file=args.strategies,
         )
     except ValueError as exc:

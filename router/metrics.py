@@ -34,6 +34,13 @@ class RouterMetrics:
             "mlxpool_router_upstream_first_byte_seconds", "Seconds from sending a request to its first body byte.",
             ["model", "stream"], registry=r,
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
+        self.signal_age = Gauge(
+            "mlxpool_router_endpoint_signal_age_seconds",
+            "Age of the endpoint's last load report (-1: none yet); past the staleness bound it is not trusted.",
+            ["endpoint"], registry=r)
+        self.shed = Counter(
+            "mlxpool_router_shed_requests", "Requests refused with 429 because every endpoint was saturated, by tier.",
+            ["model", "priority"], registry=r)
         self.table_revision = Gauge(
             "mlxpool_router_table_revision", "Revision of the routing table in use (-1 before the first).", registry=r)
         self.table_revision.set(-1)

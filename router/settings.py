@@ -6,8 +6,18 @@ Only data and its validation live here: the CLI (`main`) fills these in, the app
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from pathlib import Path
+
+
+class StalePolicy(enum.Enum):
+    """What a load report older than the staleness bound means."""
+
+    SATURATED = "saturated"
+    """The endpoint counts as full: scorers rank it last, shedding counts it saturated."""
+    FALLBACK = "fallback"
+    """The endpoint is scored on this router's own counts (requests in flight)."""
 
 
 @dataclass(frozen=True)
@@ -90,10 +100,37 @@ class UpstreamSettings:
 
 
 @dataclass(frozen=True)
+class SignalSettings:
+    """How the router reads the agents' load reports (`GET /v1/signals`)."""
+
+    interval: float = 0.1
+    """Seconds between two polls of every endpoint (llm-d scrapes every 50 ms); 0 turns polling off."""
+
+    max_age: float = 0.5
+    """A report older than this is stale. llm-d uses 200 ms; ours is looser by default because
+    a 2-core machine shared by agents and routers can miss a 100 ms tick under load."""
+
+    stale_policy: StalePolicy = StalePolicy.SATURATED
+    """What a stale report means (see `StalePolicy`)."""
+
+    timeout: float = 0.5
+    """Seconds one poll of one endpoint may take."""
+
+    def __post_init__(self) -> None:
+        if self.interval < 0 or self.interval > 60:
+            raise ValueError("signals interval must be between 0 (off) and 60 seconds")
+        if self.max_age <= 0 or self.timeout <= 0:
+            raise ValueError("signals max_age and timeout must be positive")
+        if self.interval and self.max_age < self.interval:
+            raise ValueError("signals max_age must be at least the polling interval")
+
+
+@dataclass(frozen=True)
 class RouterSettings:
     """Everything one router process needs."""
 
     tables: TableSourceSettings
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
+    signals: SignalSettings = field(default_factory=SignalSettings)
     strategies_file: Path | None = None
     """YAML file of strategy profiles merged over the built-in ones (see `profiles`)."""

@@ -299,11 +299,13 @@ class BatchEngine:
             self._deliver([(sequence, EngineError(f"request id {request.request_id!r} is already running"))])
             return
         try:
-            self._waiting.push(request.request_id, sequence, request.priority, request.deadline)
+            self._waiting.push(request.request_id, sequence, request.priority, request.deadline,
+                               weight=len(request.prompt_tokens))
         except QueueFull as refusal:
             # The limit is on waiting: a request that the next admission takes anyway does not wait.
             if self._free_slots() > len(self._waiting):
-                self._waiting.push(request.request_id, sequence, request.priority, request.deadline, over_limit=True)
+                self._waiting.push(request.request_id, sequence, request.priority, request.deadline, over_limit=True,
+                                   weight=len(request.prompt_tokens))
             else:
                 self._rejected["queue_full"] += 1
                 self._stats.requests_rejected_total = dict(self._rejected)
@@ -398,13 +400,24 @@ class BatchEngine:
 
     def _step(self, generator: BatchGenerator) -> None:
         """One batched forward pass, then what follows from it, step by step (the hot loop)."""
+        started = time.perf_counter()
         prompt_responses, responses = generator.next()
+        spent = time.perf_counter() - started
+        stats = self._stats
+        # Measured rates for routers (`/v1/signals`): a step that processed prompt tokens
+        # counts as prefill time, one that only decoded as decode time.
+        prefilling = bool(prompt_responses) or self._prefilling > 0
+        if prefilling:
+            stats.prefill_seconds_total += spent
+        else:
+            stats.decode_seconds_total += spent
+            stats.decode_only_steps_total += 1
+            stats.decode_only_tokens_total += len(responses)
         self._note_prefilled(prompt_responses)
         if not responses:
             if self._held:
                 self._hand_over([], urgent=False)
             return
-        stats = self._stats
         stats.decode_steps_total += 1
         stats.generation_tokens_total += len(responses)
         deliveries, ended, first_token = self._detokenize(responses, self._read_logprobs(responses))
@@ -508,6 +521,7 @@ class BatchEngine:
         sequence.prefilled = True
         self._prefilling -= 1
         self._prefilling_tokens -= sequence.prefill_tokens
+        self._stats.queued_prompt_tokens = self._waiting.weight_total + self._prefilling_tokens
 
     def _hand_over(self, deliveries: list[Delivery], urgent: bool) -> None:
         """Deliver this step's events, or hold them until the stream interval has passed.
@@ -544,6 +558,7 @@ class BatchEngine:
         self._stats.running = len(self._running)
         self._stats.waiting = len(self._waiting)
         self._stats.waiting_by_priority = {p.value: n for p, n in self._waiting.counts().items()}
+        self._stats.queued_prompt_tokens = self._waiting.weight_total + self._prefilling_tokens
 
     def _count_prefix_cache(self) -> None:
         stats, prefix = self._stats, self._prefix
@@ -586,6 +601,7 @@ class BatchEngine:
         self._prefilling = self._prefilling_tokens = 0
         self._stats.running = self._stats.waiting = 0
         self._stats.waiting_by_priority = {}
+        self._stats.queued_prompt_tokens = 0
         self._deliver(failed)
 
     @staticmethod

@@ -33,6 +33,7 @@ class _Waiting(Generic[T]):
     item: T
     priority: Priority
     deadline: float | None
+    weight: int = 0
 
 
 class PriorityAdmission(Generic[T]):
@@ -45,9 +46,11 @@ class PriorityAdmission(Generic[T]):
         self._deadlines: list[tuple[float, int, str]] = []  # (deadline, arrival, request id)
         self._arrivals = itertools.count()
         self._counts: dict[Priority, int] = dict.fromkeys(Priority, 0)
+        self.weight_total = 0
+        """Sum of the `weight` of the waiting items (the engine's: their prompt tokens)."""
 
     def push(self, request_id: str, item: T, priority: Priority = Priority.NORMAL,
-             deadline: float | None = None, *, over_limit: bool = False) -> None:
+             deadline: float | None = None, *, over_limit: bool = False, weight: int = 0) -> None:
         """Queue `item`; QueueFull if its tier is at its limit, ValueError on a duplicate id.
 
         `over_limit` skips the tier limit: for a request the caller admits at once, which
@@ -59,8 +62,9 @@ class PriorityAdmission(Generic[T]):
         if not over_limit and limit is not None and self._counts[priority] >= limit:
             raise QueueFull(priority, limit)
         arrival = next(self._arrivals)
-        self._waiting[request_id] = _Waiting(arrival, item, priority, deadline)
+        self._waiting[request_id] = _Waiting(arrival, item, priority, deadline, weight)
         self._counts[priority] += 1
+        self.weight_total += weight
         heapq.heappush(self._order, (priority.rank, arrival, request_id))
         if deadline is not None:
             heapq.heappush(self._deadlines, (deadline, arrival, request_id))
@@ -118,6 +122,7 @@ class PriorityAdmission(Generic[T]):
         self._order.clear()
         self._deadlines.clear()
         self._counts = dict.fromkeys(Priority, 0)
+        self.weight_total = 0
         return items
 
     def counts(self) -> dict[Priority, int]:
@@ -130,6 +135,7 @@ class PriorityAdmission(Generic[T]):
     def _forget(self, request_id: str, entry: _Waiting[T]) -> None:
         del self._waiting[request_id]
         self._counts[entry.priority] -= 1
+        self.weight_total -= entry.weight
         # Keep the heaps from growing without bound when many entries leave out of order.
         if len(self._order) > 64 and len(self._order) > 4 * len(self._waiting):
             self._order = [e for e in self._order if self._live(e[2], e[1])]

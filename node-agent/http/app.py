@@ -3,7 +3,7 @@
 Routes parse the body (FastAPI + the `serving.openai` models) and the headers the data
 plane understands (`x-priority`, `x-deadline-ms`), call the data plane, and
 serialize: JSON, or Server-Sent Events (`sse`). The inference endpoints take the
-optional API key (`auth.require_api_key`); probes and /metrics are open.
+optional API key (`auth.require_api_key`); probes, /metrics and /v1/signals are open.
 The one HTTP concern handled here is the client going away: the request's
 generation is cancelled at once, freeing its batch slot (streaming: the SSE
 response watches the connection; before the stream starts and for whole responses:
@@ -31,6 +31,8 @@ from mlxpool.agent.http.metrics import AgentMetrics, HttpMetricsMiddleware
 from mlxpool.agent.http.sse import EventStreamResponse
 from mlxpool.agent.serving import openai as api
 from mlxpool.agent.serving.dataplane import DataPlane, RequestHints
+from mlxpool.agent.serving.signals import agent_signals
+from mlxpool.loadsignals import SIGNALS_PATH
 from mlxpool.priorities import DEADLINE_HEADER, PRIORITY_HEADER
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,11 @@ def create_app(
     async def prometheus() -> Response:
         content, content_type = metrics.render()
         return Response(content, media_type=content_type)
+
+    @app.get(SIGNALS_PATH)
+    async def signals() -> Response:
+        """Load signals for routers (`mlxpool.loadsignals`), open like /metrics."""
+        return _json(agent_signals(dataplane.models, dataplane.lifecycle))
 
     @app.get("/v1/models", dependencies=inference)
     async def list_models() -> Response:

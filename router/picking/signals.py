@@ -1,15 +1,47 @@
-"""Fast local signals about endpoints, observed by this router alone.
+"""Fast signals about endpoints: what this router observes, and what the agents report.
 
-The operator owns health; these are what one router sees between two table revisions:
-requests in flight, an EWMA of the time to first byte of streamed responses, and when
-a connection to the endpoint last failed. Scorers and filters read them; the forwarder
-writes them. Pure state keyed by endpoint URL: no clock, no I/O (callers pass `now`).
+The operator owns health; these are what one router knows between two table revisions:
+- its own observations: requests in flight, an EWMA of the time to first byte of
+  streamed responses, when a connection to the endpoint last failed;
+- the agent's own load report (`mlxpool.loadsignals`, polled every 50-200 ms by
+  `polling`), with the monotonic time it arrived. A report older than `max_age` is
+  not trusted: `load` then answers by the `StalePolicy` (treat the endpoint as
+  saturated, or fall back to this router's own counts), llm-d's rule that data older
+  than 200 ms means saturated.
+
+Scorers and filters read them; the forwarder and the poller write them. Pure state
+keyed by endpoint URL: no clock, no I/O (callers pass `now`).
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+from mlxpool.loadsignals import ModelSignals
+from mlxpool.router.settings import StalePolicy
+
+__all__ = ["EndpointSignal", "EndpointSignals", "Freshness", "LoadView", "StalePolicy"]
+
+
+class Freshness(enum.Enum):
+    FRESH = "fresh"
+    STALE = "stale"
+    """A report arrived once but is older than the bound (the poller cannot reach the agent)."""
+    NONE = "none"
+    """No report yet, or the agent serves no signals (an older agent): local counts only."""
+
+
+@dataclass(frozen=True)
+class LoadView:
+    """What a scorer may trust about one endpoint's model now."""
+
+    freshness: Freshness
+    report: ModelSignals | None = None
+    """The agent's figures for the model, only when fresh."""
+    saturated: bool = False
+    """Treat as full: stale under `StalePolicy.SATURATED`, or the agent is draining."""
 
 
 @dataclass
@@ -23,14 +55,26 @@ class EndpointSignal:
     connect_failed_at: float | None = None
     """Monotonic time of the last connection failure; cleared by the next success."""
 
+    reported: dict[str, ModelSignals] | None = None
+    """The agent's last load report, by model; None before the first."""
+    reported_at: float | None = None
+    """Monotonic time that report arrived."""
+    draining: bool = False
+    """The last report said the agent is draining."""
+
 
 class EndpointSignals:
     """Signals of every endpoint the router has talked to, by URL."""
 
-    def __init__(self, ewma_alpha: float = 0.3) -> None:
+    def __init__(self, ewma_alpha: float = 0.3, max_age: float = 0.5,
+                 stale_policy: StalePolicy = StalePolicy.SATURATED) -> None:
         if not 0 < ewma_alpha <= 1:
             raise ValueError("ewma_alpha must be in (0, 1]")
+        if max_age <= 0:
+            raise ValueError("max_age must be positive")
         self.ewma_alpha = ewma_alpha
+        self.max_age = max_age
+        self.stale_policy = stale_policy
         self._by_url: dict[str, EndpointSignal] = {}
 
     def get(self, url: str) -> EndpointSignal:
@@ -59,6 +103,31 @@ class EndpointSignals:
         entry = self._by_url.get(url)
         if entry is not None:
             entry.connect_failed_at = None
+
+    def report(self, url: str, models: dict[str, ModelSignals], draining: bool, now: float) -> None:
+        """Store the agent's load report, received at `now`."""
+        entry = self._entry(url)
+        entry.reported, entry.reported_at, entry.draining = models, now, draining
+
+    def age(self, url: str, now: float) -> float | None:
+        """Seconds since the endpoint's last report; None if it never reported."""
+        at = self.get(url).reported_at
+        return None if at is None else max(now - at, 0.0)
+
+    def load(self, url: str, model: str, now: float) -> LoadView:
+        """The endpoint's report for `model` if fresh; else what the stale policy says."""
+        entry = self.get(url)
+        age = self.age(url, now)
+        if age is None or entry.reported is None:
+            return LoadView(Freshness.NONE)
+        if age > self.max_age:
+            return LoadView(Freshness.STALE, saturated=self.stale_policy is StalePolicy.SATURATED)
+        # A fresh report without the model: the agent does not (yet) serve it: saturated.
+        report = entry.reported.get(model)
+        return LoadView(Freshness.FRESH, report, saturated=entry.draining or report is None)
+
+    def urls(self) -> list[str]:
+        return list(self._by_url)
 
     def retain(self, urls: Iterable[str]) -> None:
         """Forget endpoints that left the table, except those with requests still in flight."""

@@ -273,3 +273,23 @@ async def test_metrics_count_requests_by_route_and_export_engine_gauges(client, 
     ]:
         assert line in text, line
     assert 'vllm:lora_requests_info{max_lora="0",running_lora_adapters="",waiting_lora_adapters=""}' in text
+
+
+async def test_signals_are_open_and_report_the_engine_and_draining(fake_agent):
+    from mlxpool.agent.http.auth import Credentials
+    fake_agent.engine.stats.running, fake_agent.engine.stats.max_running = 3, 8
+    fake_agent.engine.stats.waiting_by_priority = {"high": 2, "low": 0}
+    fake_agent.engine.stats.queued_prompt_tokens = 500
+    fake_agent.engine.stats.prompt_tokens_total, fake_agent.engine.stats.prompt_tokens_cached_total = 1200, 200
+    fake_agent.engine.stats.prefill_seconds_total = 2.0
+    fake_agent.engine.stats.decode_seconds_total, fake_agent.engine.stats.decode_only_steps_total = 1.0, 50
+    fake_agent.engine.stats.decode_only_tokens_total = 200
+    async with make_client(fake_agent, Credentials(api_keys=frozenset({"k"}))) as c:  # no key needed, like /metrics
+        body = (await c.get("/v1/signals")).json()
+        assert body["draining"] is False
+        assert body["models"]["fake"] == {
+            "waiting": {"high": 2}, "running": 3, "slots": 8, "queued_prompt_tokens": 500, "kv_bytes": 0,
+            "prefix_cache_bytes": 0, "prefix_cache_max_bytes": 0, "prefill_tokens_per_second": 500.0,
+            "decode_step_seconds": 0.02, "decode_tokens_per_second": 200.0}
+        fake_agent.lifecycle.set_phase(Phase.DRAINING)
+        assert (await c.get("/v1/signals")).json()["draining"] is True

@@ -139,6 +139,35 @@ def test_concurrent_requests_all_complete_and_are_batched(client, agent):
     assert steps < tokens / 2  # several sequences per decode step on average
 
 
+def test_signals_report_load_while_busy_and_measured_rates_after(client, agent):
+    seen: list[dict] = []
+
+    def ask(i: int) -> None:
+        with httpx.Client(base_url=agent.url, timeout=60) as own:
+            own.post("/v1/completions", json={"model": "tiny", "prompt": f"{PROMPT} signals {i}", "max_tokens": 48,
+                                              "temperature": 0})
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 60
+    while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
+        seen.append(client.get("/v1/signals").json()["models"]["tiny"])
+        time.sleep(0.01)
+    for t in threads:
+        t.join(60)
+    assert max(s["running"] + sum(s["waiting"].values()) for s in seen) >= 1
+    rest = client.get("/v1/signals").json()
+    assert rest["draining"] is False and rest["version"] == 1
+    tiny = rest["models"]["tiny"]
+    assert tiny["running"] == 0 and tiny["waiting"] == {} and tiny["queued_prompt_tokens"] == 0
+    assert tiny["slots"] >= 1
+    assert tiny["prefill_tokens_per_second"] > 0
+    assert 0 < tiny["decode_step_seconds"] < 5
+    assert tiny["decode_tokens_per_second"] > 0
+    assert len(client.get("/v1/signals").content) < 1024  # compact: polled many times a second
+
+
 def test_unknown_model_is_404(client):
     r = client.post("/v1/chat/completions", json={"model": "gpt-4", "messages": CHAT})
     assert r.status_code == 404

@@ -32,7 +32,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from mlxpool.router.app import create_app
-from mlxpool.router.settings import RouterSettings, TableSourceSettings, UpstreamSettings
+from mlxpool.router.settings import RouterSettings, SignalSettings, TableSourceSettings, UpstreamSettings
 from mlxpool.routing import RouteEndpoint, RoutingTable
 
 LOOPBACK = "127.0.0.1"
@@ -80,6 +80,10 @@ class FakeAgent:
     only after taking one item from this queue."""
     break_stream: bool = False
     """Abort the connection after the first streamed chunk."""
+    signals: dict[str, Any] | None = None
+    """The body of GET /v1/signals (`mlxpool.loadsignals.AgentSignals`); None answers 404."""
+    signals_status: int = 200
+    signal_polls: int = 0
     received: list[dict[str, Any]] = field(default_factory=list)
     stream_closed: asyncio.Event = field(default_factory=asyncio.Event)
     url: str = ""
@@ -88,7 +92,14 @@ class FakeAgent:
         return Starlette(routes=[
             Route("/v1/completions", self._handle, methods=["POST"]),
             Route("/v1/chat/completions", self._handle, methods=["POST"]),
+            Route("/v1/signals", self._signals, methods=["GET"]),
         ])
+
+    async def _signals(self, request: Request) -> Response:
+        self.signal_polls += 1
+        if self.signals is None:
+            return JSONResponse({"error": {"message": "not found"}}, status_code=404)
+        return JSONResponse(self.signals, status_code=self.signals_status)
 
     async def _handle(self, request: Request) -> Response:
         body = json.loads(await request.body())
@@ -184,13 +195,14 @@ async def start_router(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
     """Factory: `await start_router(table, max_attempts=2, ...)` serves a router following a routes file."""
     async with contextlib.AsyncExitStack() as stack:
         async def start(table: RoutingTable | None = None, *, strategies_file: Path | None = None,
-                        **upstream: Any) -> RouterUnderTest:
+                        signals: SignalSettings | None = None, **upstream: Any) -> RouterUnderTest:
             routes_file = tmp_path / "routes.json"
             if table is not None:
                 write_atomically(routes_file, table.to_json())
             settings = RouterSettings(
                 tables=TableSourceSettings(pool=None, routes_file=routes_file, file_poll_interval=0.02),
                 upstream=UpstreamSettings(**{"connect_timeout": 2.0, "first_byte_timeout": 10.0, **upstream}),
+                signals=signals or SignalSettings(),
                 strategies_file=strategies_file,
             )
             app = create_app(settings)
