@@ -3,6 +3,10 @@
 The agent writes `spec` (who and where it is) when it registers and `status` (what it
 serves, when it last beat) on every heartbeat; the operator only reads both. Keys are
 camelCase on the wire, as in every Kubernetes object.
+
+Byte counts go with a human copy (`memory: "24.0 GiB"`): a CRD's printer columns
+cannot compute, so `kubectl get inode` shows what the object holds, and 25275990016
+reads as nothing to a person.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, computed_field
 from pydantic.alias_generators import to_camel
 
 
@@ -21,12 +25,23 @@ class _Wire(BaseModel):
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
+def gib(n: int) -> str:
+    """Bytes as the printer columns show them: `23.5 GiB`."""
+    return f"{n / 2**30:.1f} GiB"
+
+
 class Hardware(_Wire):
     chip: str = Field(description="e.g. 'Apple M2 Ultra', or the CPU model off a Mac.")
     memory_bytes: int = Field(ge=0, description="Unified (or system) memory.")
     cpu_cores: int = Field(ge=1)
     accelerator: str = Field(description="'metal' on Apple Silicon, 'cpu' elsewhere.")
     platform: str = Field(description="e.g. 'darwin-arm64', 'linux-x86_64'.")
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def memory(self) -> str:
+        """`memory_bytes` for people (the printer column)."""
+        return gib(self.memory_bytes)
 
 
 class NodeSpec(_Wire):
@@ -48,3 +63,9 @@ class NodeStatus(_Wire):
     heartbeat_time: datetime | None = None
     free_memory_bytes: int | None = None
     agent_version: str | None = None
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def free_memory(self) -> str | None:
+        """`free_memory_bytes` for people (the printer column)."""
+        return None if self.free_memory_bytes is None else gib(self.free_memory_bytes)

@@ -98,7 +98,7 @@ def test_spec_and_object_are_camel_case_wire_shapes():
     assert body["spec"] == {
         "endpoint": "http://10.0.0.5:8100",
         "hardware": {"chip": "Apple M2 Ultra", "memoryBytes": 192 * 2**30, "cpuCores": 24,
-                     "accelerator": "metal", "platform": "darwin-arm64"},
+                     "accelerator": "metal", "platform": "darwin-arm64", "memory": "192.0 GiB"},
         "maxModels": 1,
     }
 
@@ -110,7 +110,7 @@ def test_status_reports_models_heartbeat_and_version():
     assert wire["ready"] is True
     assert wire["models"] == [{"name": "tiny", "path": "/m/tiny", "memoryBytes": 4096}]
     assert wire["heartbeatTime"] == "2025-01-02T03:04:05Z"
-    assert wire["freeMemoryBytes"] == 2**30
+    assert wire["freeMemoryBytes"] == 2**30 and wire["freeMemory"] == "1.0 GiB"
     assert wire["agentVersion"]
     assert NodeStatus.model_validate(wire) == status  # round-trips through the shared contract
 
@@ -118,4 +118,4 @@ def test_status_reports_models_heartbeat_and_version():
 def test_status_without_free_memory_omits_the_field():
     wire = node_status(False, [], None).to_wire()
     assert wire["ready"] is False and wire["models"] == []
-    assert "freeMemoryBytes" not in wire
+    assert "freeMemoryBytes" not in wire and "freeMemory" not in wire

@@ -33,8 +33,12 @@ def schema(plural: str) -> dict:
     return version["schema"]["openAPIV3Schema"]
 
 
-def wire_names(model: type[BaseModel]) -> set[str]:
-    return {field.alias or name for name, field in model.model_fields.items()}
+def wire_names(model: type[BaseModel], computed: bool = True) -> set[str]:
+    """The keys `model` writes: its fields and (unless not `computed`) its human copies."""
+    names = {field.alias or name for name, field in model.model_fields.items()}
+    if computed:
+        names |= {field.alias or name for name, field in model.model_computed_fields.items()}
+    return names
 
 
 def test_every_kind_has_one_file_named_like_kubebuilder():
@@ -58,9 +62,23 @@ def test_inference_node_schema_has_exactly_the_fields_of_mlxpool_nodes():
     s = schema(NODE_PLURAL)["properties"]
     assert set(s["spec"]["properties"]) == wire_names(NodeSpec)
     assert set(s["spec"]["properties"]["hardware"]["properties"]) == wire_names(Hardware)
-    assert set(s["spec"]["properties"]["hardware"]["required"]) == wire_names(Hardware)
+    assert set(s["spec"]["properties"]["hardware"]["required"]) == wire_names(Hardware, computed=False)
     assert set(s["status"]["properties"]) == wire_names(NodeStatus) | {"conditions"}
     assert set(s["status"]["properties"]["models"]["items"]["properties"]) == wire_names(LoadedModel)
+
+
+def test_printer_columns_show_memory_in_gib_not_bytes():
+    columns = {c["name"]: c for c in crd(NODE_PLURAL)["spec"]["versions"][0]["additionalPrinterColumns"]}
+    assert columns["Memory"]["jsonPath"] == ".spec.hardware.memory" and columns["Memory"]["type"] == "string"
+    assert columns["Free"]["jsonPath"] == ".status.freeMemory"
+    assert columns["Heartbeat"]["type"] == "date"  # kubectl prints it as an age: 3s
+    hw = Hardware(chip="Apple M2 Ultra", memory_bytes=25275990016, cpu_cores=24, accelerator="metal",
+                  platform="darwin-arm64")
+    assert hw.to_wire()["memory"] == "23.5 GiB"
+    assert NodeStatus(free_memory_bytes=3 * 2**30).to_wire()["freeMemory"] == "3.0 GiB"
+    assert "freeMemory" not in NodeStatus().to_wire()
+    # Read back, the human copy is recomputed, never trusted from the object.
+    assert Hardware.model_validate({**hw.to_wire(), "memory": "1 TiB"}).memory == "23.5 GiB"
 
 
 def test_pool_enums_match_the_code():
