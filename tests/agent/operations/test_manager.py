@@ -63,6 +63,15 @@ class Harness:
         state = await self.manager.wait_settled(name)
         assert state.phase is ModelPhase.READY, state
 
+    async def engine_made(self, name: str) -> None:
+        """Wait for the load to reach its engine (the content identity is hashed off the loop first)."""
+        for _ in range(500):
+            if self.engines.get(name):
+                await asyncio.sleep(0.01)
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"no engine made for {name}")
+
     async def gone(self, name: str) -> None:
         for _ in range(200):
             if name not in {s.name for s in self.manager.states()}:
@@ -88,8 +97,11 @@ async def test_load_moves_through_loading_and_warming_to_ready_and_repeats_safel
     h.hold["a"] = asyncio.Event()
     state, ready = await h.load("a")
     assert (state.phase, ready) == (ModelPhase.LOADING, False)
-    await asyncio.sleep(0.01)  # the engine reported its weights loaded: warm-up runs
-    assert h.manager.state("a").phase is ModelPhase.WARMING
+    for _ in range(500):  # the identity is hashed off the loop, then the engine reports its weights loaded
+        if h.manager.state("a").phase is not ModelPhase.LOADING:
+            break
+        await asyncio.sleep(0.01)
+    assert h.manager.state("a").phase is ModelPhase.WARMING  # warm-up runs
     with pytest.raises(ModelLoading) as caught:
         h.repository.get("a")
     assert caught.value.status_code == 503 and "warming" in caught.value.message
@@ -119,7 +131,7 @@ async def test_load_without_warm_never_reports_warming(harness):
     h = harness()
     h.hold["a"] = asyncio.Event()
     await h.load("a", warm=False)
-    await asyncio.sleep(0.01)
+    await h.engine_made("a")
     assert h.manager.state("a").phase is ModelPhase.LOADING and h.engines["a"][0].warm is False
     h.hold["a"].set()
     assert (await h.manager.wait_settled("a")).phase is ModelPhase.READY
@@ -220,7 +232,7 @@ async def test_unload_during_loading_cancels_the_load(harness):
     h = harness()
     h.hold["a"] = asyncio.Event()  # never released
     await h.load("a")
-    await asyncio.sleep(0.01)
+    await h.engine_made("a")
     await h.manager.unload("a")
     await h.gone("a")
     assert h.engines["a"][0].stopped and h.repository.all() == []
