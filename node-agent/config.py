@@ -69,6 +69,26 @@ class ServingConfig(_Section):
     client. 0 writes every token as it comes."""
 
 
+class LimitsConfig(_Section):
+    """Sizes accepted at the HTTP boundary; past each the request is refused (413/431/400) before
+    any work is done for it. The wire models also hold hard maxima these cannot exceed."""
+
+    max_body_bytes: int = Field(default=8 * MIB, ge=1024, le=1024 * MIB)
+    """Largest request body (bytes); larger: 413 before it is read."""
+    max_header_bytes: int = Field(default=32 * 1024, ge=1024, le=1024 * 1024)
+    """Largest total of the request's header names and values (bytes); larger: 431."""
+    max_prompt_chars: int = Field(default=1_000_000, ge=1)
+    """Characters of a prompt (all chat messages together), checked before tokenizing; more: 400."""
+    max_messages: int = Field(default=1024, ge=1, le=65536)
+    """Chat messages per request."""
+    max_stop_strings: int = Field(default=16, ge=0, le=64)
+    """Stop sequences per request."""
+    max_stop_chars: int = Field(default=256, ge=1, le=65536)
+    """Characters of one stop sequence."""
+    max_logit_bias: int = Field(default=300, ge=0, le=100_000)
+    """Entries of logit_bias."""
+
+
 class AuthConfig(_Section):
     """Secrets, by file. Without files the environment is used (MLXPOOL_API_KEY, MLXPOOL_OPS_TOKEN)."""
 
@@ -155,6 +175,7 @@ class DistributedCache(_Section):
 
 class RuntimeConfig(_Section):
     serving: ServingConfig = ServingConfig()
+    limits: LimitsConfig = LimitsConfig()
     auth: AuthConfig = AuthConfig()
     priority_scheduling: PriorityScheduling = PriorityScheduling()
     weight_management: WeightManagement = WeightManagement()

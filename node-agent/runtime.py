@@ -41,6 +41,7 @@ from mlxpool.agent.serving.lifecycle import Lifecycle, Phase
 from mlxpool.agent.serving.promptcache import PromptCache
 from mlxpool.agent.serving.repository import ModelRepository
 from mlxpool.agentapi import ModelPhase
+from mlxpool.httpguards import SizeLimits
 from mlxpool.nodes import LoadedModel, NodeStatus
 
 if TYPE_CHECKING:  # imported when used: MLX and the Kubernetes client are heavy
@@ -124,7 +125,8 @@ class AgentRuntime:
             local_entries=serving.prompt_cache_entries if serving.prompt_cache_bytes else 0)
         if (collector := self.prompt_cache.collector()) is not None:
             self.metrics.registry.register(collector)
-        settings = DataPlaneSettings(serving.max_tokens_default, config.runtime.priority_scheduling)
+        limits = config.runtime.limits
+        settings = DataPlaneSettings(serving.max_tokens_default, config.runtime.priority_scheduling, limits)
         self.dataplane = DataPlane(self.models, self.lifecycle, settings, observer=self.metrics)
         # ---- operations API (/v1/node): model manager and model cache ----
         self._registrar: NodeRegistrar | None = None
@@ -140,7 +142,8 @@ class AgentRuntime:
         # ----
         self.app = create_app(self.dataplane, self.metrics, config.credentials,
                               ops=ops_router(self.operations.manager, self.operations.cache,
-                                             self.operations.reporter))
+                                             self.operations.reporter),
+                              limits=SizeLimits(limits.max_body_bytes, limits.max_header_bytes))
         self.url: str | None = None
         self._signals = 0
         self._background: list[asyncio.Task[object]] = []
@@ -154,6 +157,7 @@ class AgentRuntime:
         # The drain already waits for in-flight requests; uvicorn then only closes what is left.
         server = _Server(uvicorn.Config(
             self.app, lifespan="off", log_config=None, access_log=False, timeout_graceful_shutdown=1,
+            h11_max_incomplete_event_size=self.config.runtime.limits.max_header_bytes,  # where h11 parses
         ))
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

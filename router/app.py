@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from mlxpool.httpguards import SizeLimitsMiddleware, UnexpectedErrorsMiddleware
 from mlxpool.router.errors import NoRoutingTable, RouterError, error_body
 from mlxpool.router.forwarding import Forwarder
 from mlxpool.router.metrics import RouterMetrics
@@ -89,6 +90,9 @@ def create_app(settings: RouterSettings, metrics: RouterMetrics | None = None) -
             yield
 
     app = FastAPI(title="mlxpool router", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    # Innermost first: sizes checked before the body is read; anything unexpected answered as JSON.
+    app.add_middleware(SizeLimitsMiddleware, limits=settings.limits)
+    app.add_middleware(UnexpectedErrorsMiddleware)
     app.state.holder = holder
     app.state.metrics = metrics
     app.state.signals = signals
@@ -99,7 +103,7 @@ def create_app(settings: RouterSettings, metrics: RouterMetrics | None = None) -
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        body = error_body(f"{request.method} {request.url.path}: {exc.detail}", "invalid_request_error")
+        body = error_body(f"{request.method} {request.url.path[:256]}: {exc.detail}", "invalid_request_error")
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
     async def proxy(request: Request, path: str) -> Response:

@@ -7,7 +7,12 @@ one of these classes; `app` turns them into `{"error": {"message", "type", "para
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from mlxpool.apierrors import ApiError, error_body
+
+_RETRY_SOON: dict[str, str] = {"Retry-After": "1"}
+"""On every 503 of the router: a table, an endpoint or a failover is usually a second away."""
 
 __all__ = ["BadRequest", "ModelNotFound", "NoHealthyEndpoint", "NoRoutingTable", "RouterError",
            "UpstreamUnavailable", "error_body"]
@@ -38,6 +43,7 @@ class NoRoutingTable(RouterError):
     status_code = 503
     error_type = "service_unavailable"
     code = "no_routing_table"
+    headers: ClassVar[dict[str, str] | None] = _RETRY_SOON
 
 
 class NoHealthyEndpoint(RouterError):
@@ -46,6 +52,7 @@ class NoHealthyEndpoint(RouterError):
     status_code = 503
     error_type = "service_unavailable"
     code = "no_healthy_endpoint"
+    headers: ClassVar[dict[str, str] | None] = _RETRY_SOON
 
 
 class UpstreamUnavailable(RouterError):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import uvicorn
 
+from mlxpool.httpguards import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_HEADER_BYTES, SizeLimits
 from mlxpool.router.app import create_app
 from mlxpool.router.settings import (
     PoolRef,
@@ -43,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--strategies", type=Path, metavar="YAML",
                        help="strategy profiles added to or replacing the built-in ones")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, metavar="BYTES",
+                       help="largest request body accepted (larger: 413; as the agent's limits.max_body_bytes)")
+    serve.add_argument("--max-header-bytes", type=int, default=DEFAULT_MAX_HEADER_BYTES, metavar="BYTES",
+                       help="largest total of request header names and values (larger: 431)")
     upstream = parser.add_argument_group("upstream (agents)")
     defaults = UpstreamSettings()
     upstream.add_argument("--max-attempts", type=int, default=defaults.max_attempts,
@@ -86,6 +91,7 @@ def settings_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace
             signals=SignalSettings(interval=args.signals_interval, max_age=args.signals_max_age,
                                    stale_policy=StalePolicy(args.signals_stale)),
             strategies_file=args.strategies,
+            limits=SizeLimits(max_body_bytes=args.max_body_bytes, max_header_bytes=args.max_header_bytes),
         )
     except ValueError as exc:
         parser.error(str(exc))
@@ -112,7 +118,8 @@ def main(argv: list[str]) -> int:
     except ValueError as exc:  # a bad strategies file
         parser.error(str(exc))
     config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None, log_level=args.log_level,
-                            access_log=False, lifespan="on", timeout_graceful_shutdown=5)
+                            access_log=False, lifespan="on", timeout_graceful_shutdown=5,
+                            h11_max_incomplete_event_size=settings.limits.max_header_bytes)  # where h11 parses
     server = _Server(config)
     asyncio.run(server.serve())
     return 0 if server.started else 1

@@ -26,6 +26,10 @@ NOT_FORWARDED_UPSTREAM = HOP_BY_HOP | {"host", "content-length", "accept-encodin
 NOT_RELAYED_DOWNSTREAM = HOP_BY_HOP | {"content-length", "server", "date"}
 
 
+MAX_MODEL_CHARS = 512
+"""As the agent's: a longer name is no model's, and is never echoed back."""
+
+
 @dataclass(frozen=True)
 class InferenceRequest:
     model: str
@@ -43,6 +47,8 @@ def parse_inference_request(body: bytes, headers: Mapping[str, str]) -> Inferenc
         document = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:  # Python's parser has a nesting limit; no request of ours nests that deep
+        raise BadRequest("request body is nested too deeply") from None
     if not isinstance(document, dict):
         raise BadRequest(f"request body must be a JSON object, got {type(document).__name__}")
     model = document.get("model")
@@ -50,6 +56,8 @@ def parse_inference_request(body: bytes, headers: Mapping[str, str]) -> Inferenc
         raise BadRequest("missing required field 'model'", param="model")
     if not isinstance(model, str) or not model:
         raise BadRequest("'model' must be a non-empty string", param="model")
+    if len(model) > MAX_MODEL_CHARS:
+        raise BadRequest(f"'model' has {len(model)} characters; at most {MAX_MODEL_CHARS} are accepted", param="model")
     stream = document.get("stream", False)
     if not isinstance(stream, bool):
         raise BadRequest("'stream' must be a boolean", param="stream")
@@ -65,7 +73,7 @@ def _priority(value: Any, where: str) -> Priority | None:
         return Priority(value)
     except ValueError:
         allowed = ", ".join(p.value for p in Priority)
-        raise BadRequest(f"{where} must be one of {allowed}; got {value!r}", param=where) from None
+        raise BadRequest(f"{where} must be one of {allowed}; got {str(value)[:64]!r}", param=where) from None
 
 
 def _prompt_text(document: dict[str, Any]) -> str:

@@ -10,6 +10,8 @@ import enum
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mlxpool.httpguards import SizeLimits
+
 
 class StalePolicy(enum.Enum):
     """What a load report older than the staleness bound means."""
@@ -134,3 +136,5 @@ class RouterSettings:
     signals: SignalSettings = field(default_factory=SignalSettings)
     strategies_file: Path | None = None
     """YAML file of strategy profiles merged over the built-in ones (see `profiles`)."""
+    limits: SizeLimits = field(default_factory=SizeLimits)
+    """Request body and header sizes accepted (the agent's defaults: the same request passes both or neither)."""

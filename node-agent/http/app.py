@@ -32,6 +32,7 @@ from mlxpool.agent.http.sse import EventStreamResponse
 from mlxpool.agent.serving import openai as api
 from mlxpool.agent.serving.dataplane import DataPlane, RequestHints
 from mlxpool.agent.serving.signals import agent_signals
+from mlxpool.httpguards import SizeLimits, SizeLimitsMiddleware, UnexpectedErrorsMiddleware
 from mlxpool.loadsignals import SIGNALS_PATH
 from mlxpool.priorities import DEADLINE_HEADER, PRIORITY_HEADER
 
@@ -44,11 +45,16 @@ CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away first"
 
 def create_app(
     dataplane: DataPlane, metrics: AgentMetrics, credentials: Credentials | None = None, ops: APIRouter | None = None,
+    limits: SizeLimits | None = None,
 ) -> FastAPI:
     app = FastAPI(title="mlxpool node agent", version=__version__, exception_handlers=EXCEPTION_HANDLERS)
     app.state.credentials = credentials or Credentials()
     inference = [Depends(require_api_key)]
+    # Innermost first: sizes are checked before anything reads the body; what is refused is
+    # still counted; anything no handler expected is answered as JSON without dropping keep-alive.
+    app.add_middleware(SizeLimitsMiddleware, limits=limits or SizeLimits())
     app.add_middleware(HttpMetricsMiddleware, counter=metrics.http_requests)
+    app.add_middleware(UnexpectedErrorsMiddleware)
 
     @app.get("/health")
     async def health() -> JSONResponse:

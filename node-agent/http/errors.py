@@ -3,7 +3,7 @@
 Everything below the routes raises `errors.AgentError` subclasses (or lets request
 validation fail); this table turns each into OpenAI's error shape, so every client
 library parses our errors like OpenAI's, and anything unexpected into a 500 without
-a traceback in the body.
+a traceback in the body (`mlxpool.httpguards`).
 """
 
 from __future__ import annotations
@@ -69,15 +69,11 @@ async def _http_error(_: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(error_body(str(exc.detail), error_type), exc.status_code, headers=exc.headers)
 
 
-async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    log.error("unhandled error path=%s", request.url.path, exc_info=exc)
-    return JSONResponse(error_body("internal error", "server_error"), 500)
-
-
 # Typed as FastAPI's `exception_handlers` takes it (keys may also be status codes).
 EXCEPTION_HANDLERS: dict[int | type[Exception], Callable[[Request, Any], Coroutine[Any, Any, Response]]] = {
     AgentError: _agent_error,
     RequestValidationError: _validation_error,
     HTTPException: _http_error,
-    Exception: _unexpected,
 }
+"""Anything else is answered by `httpguards.UnexpectedErrorsMiddleware`: a handler for `Exception`
+would run in Starlette's outermost middleware, which re-raises, and uvicorn then drops the connection."""

@@ -341,7 +341,7 @@ class ModelManager:
         record = self._records.get(name)
         if record is None:
             known = ", ".join(sorted(self._records)) or "none"
-            raise ModelNotFound(f"model {name!r} is not on this node (models: {known})", param="name")
+            raise ModelNotFound(f"model {name[:256]!r} is not on this node (models: {known})", param="name")
         return record
 
     def _forget(self, record: _Record) -> None:

@@ -27,7 +27,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from mlxpool.agent.config import PriorityScheduling
+from mlxpool.agent.config import LimitsConfig, PriorityScheduling
 from mlxpool.agent.engine.interface import EngineError, GenerationRequest, SamplingParams, TokenEvent
 from mlxpool.agent.engine.prompts import PromptError
 from mlxpool.agent.errors import DeadlineExceeded, GenerationFailed, InvalidRequest, QueueFull
@@ -49,6 +49,8 @@ class DataPlaneSettings:
     """Completion budget when a request gives no max_tokens (capped by the context)."""
     scheduling: PriorityScheduling = field(default_factory=PriorityScheduling)
     """Default priority and the tiers' default deadlines."""
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    """Sizes checked before any work (prompt characters before tokenizing, stops, biases)."""
 
     def __post_init__(self) -> None:
         if self.default_max_tokens < 1:
@@ -183,6 +185,7 @@ class DataPlane:
         self.lifecycle.check_accepting()
         model = self.models.get(body.model)
         prompt = body.text_or_tokens()
+        self._check_sizes(body, len(prompt) if isinstance(prompt, str) else 0, "prompt")
         if isinstance(prompt, str):
             tokens = await model.encoder.encode_text(prompt)
         else:
@@ -248,11 +251,36 @@ class DataPlane:
     async def prepare_chat(self, body: api.ChatCompletionRequest, hints: RequestHints = RequestHints()) -> Prepared:
         self.lifecycle.check_accepting()
         model = self.models.get(body.model)
+        limits = self.settings.limits
+        if len(body.messages) > limits.max_messages:
+            raise InvalidRequest(f"messages: {len(body.messages)} messages; this server accepts at most "
+                                 f"{limits.max_messages} (limits.max_messages)", param="messages")
+        self._check_sizes(body, sum(len(m.text()) for m in body.messages), "messages")
         try:
             tokens = await model.encoder.encode_chat(body.template_messages())
         except PromptError as exc:
             raise InvalidRequest(str(exc), param="messages") from exc
         return self._prepare(body, hints, model, tokens, prompt_param="messages", id_prefix="chatcmpl")
+
+    def _check_sizes(self, body: api.CompletionRequest | api.ChatCompletionRequest, prompt_chars: int,
+                     prompt_param: str) -> None:
+        """The configured limits, checked before tokenizing: one request cannot hold the tokenizer long."""
+        limits = self.settings.limits
+        if prompt_chars > limits.max_prompt_chars:
+            raise InvalidRequest(f"{prompt_param}: the prompt has {prompt_chars} characters; this server accepts "
+                                 f"at most {limits.max_prompt_chars} (limits.max_prompt_chars)", param=prompt_param)
+        stops = body.stop_strings()
+        if len(stops) > limits.max_stop_strings:
+            raise InvalidRequest(f"stop: {len(stops)} stop sequences; this server accepts at most "
+                                 f"{limits.max_stop_strings} (limits.max_stop_strings)", param="stop")
+        longest = max((len(s) for s in stops), default=0)
+        if longest > limits.max_stop_chars:
+            raise InvalidRequest(f"stop: a stop sequence has {longest} characters; this server accepts at most "
+                                 f"{limits.max_stop_chars} (limits.max_stop_chars)", param="stop")
+        biases = len(body.logit_bias or {})
+        if biases > limits.max_logit_bias:
+            raise InvalidRequest(f"logit_bias: {biases} entries; this server accepts at most "
+                                 f"{limits.max_logit_bias} (limits.max_logit_bias)", param="logit_bias")
 
     # ---- models and readiness ----
 
@@ -397,7 +425,7 @@ def _header_priority(value: str | None) -> Priority | None:
         return Priority(value.strip().lower())
     except ValueError:
         allowed = ", ".join(p.value for p in Priority)
-        raise InvalidRequest(f"{PRIORITY_HEADER}: must be one of {allowed}; got {value!r}",
+        raise InvalidRequest(f"{PRIORITY_HEADER}: must be one of {allowed}; got {value[:64]!r}",
                              param=PRIORITY_HEADER) from None
 
 
@@ -407,12 +435,12 @@ def _wait_seconds(body_ms: int | None, header_ms: str | None, scheduling: Priori
     if body_ms is not None:
         return body_ms / 1000
     if header_ms is not None:
-        try:
-            value = int(header_ms.strip())
-        except ValueError:
-            value = 0
-        if value <= 0:
-            raise InvalidRequest(f"{DEADLINE_HEADER}: must be a positive integer (milliseconds); got {header_ms!r}",
-                                 param=DEADLINE_HEADER)
+        text = header_ms.strip()
+        # Digits only, and few of them: int() of a 4,300-digit header is refused by Python, and
+        # one of 400 digits overflows the float arithmetic of the deadline.
+        value = int(text) if text.isascii() and text.isdigit() and len(text) <= 12 else 0
+        if not 0 < value <= api.MAX_DEADLINE_MS:
+            raise InvalidRequest(f"{DEADLINE_HEADER}: must be an integer of milliseconds from 1 to "
+                                 f"{api.MAX_DEADLINE_MS}; got {header_ms[:64]!r}", param=DEADLINE_HEADER)
         return value / 1000
     return scheduling.tier(priority).deadline_seconds

@@ -26,10 +26,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from mlxpool.agent.engine.interface import MAX_TOP_LOGPROBS
 from mlxpool.priorities import Priority
 
-MAX_STOP_STRINGS = 16
+MAX_STOP_STRINGS = 64
+"""Hard maxima of the wire format; the configured limits (`config.LimitsConfig`) are at most these."""
 MAX_TOKENS_LIMIT = 1 << 20
 """Above any context length we serve; a larger max_tokens is a client bug."""
-MAX_LOGIT_BIAS = 300
+MAX_LOGIT_BIAS = 100_000
+MAX_DEADLINE_MS = 7 * 24 * 3600 * 1000
+"""A week: any longer wait is no deadline at all (and keeps the arithmetic finite)."""
+SEED_RANGE = (-(1 << 63), (1 << 64) - 1)
+"""What a 64-bit generator seed can hold, signed or not."""
 
 
 def _omit_none(value: object) -> bool:
@@ -43,13 +48,14 @@ class StreamOptions(BaseModel):
 class _GenerationRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    model: str = Field(min_length=1)
+    model: str = Field(min_length=1, max_length=512)
     max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=-1, description="0 or -1 disables it.")
+    top_k: int | None = Field(default=None, ge=-1, le=1 << 31, description="0 or -1 disables it.")
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
-    seed: int | None = Field(default=None, description="Same seed, same prompt and parameters: same tokens.")
+    seed: int | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1],
+                             description="Same seed, same prompt and parameters: same tokens.")
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
@@ -59,8 +65,17 @@ class _GenerationRequest(BaseModel):
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=1, description="Only one choice per request is supported.")
     priority: Priority | None = Field(default=None, description="SLA tier; see mlxpool.priorities.")
-    deadline_ms: int | None = Field(default=None, gt=0, description="Longest wait for a batch slot, in ms.")
+    deadline_ms: int | None = Field(default=None, gt=0, le=MAX_DEADLINE_MS,
+                                    description="Longest wait for a batch slot, in ms.")
     user: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_lone_surrogates(cls, data: Any) -> Any:
+        where = _lone_surrogate(data)
+        if where is not None:
+            raise ValueError(f"{where}: contains a lone UTF-16 surrogate (not valid Unicode text)")
+        return data
 
     @field_validator("stop")
     @classmethod
@@ -104,6 +119,26 @@ class _GenerationRequest(BaseModel):
     @property
     def include_usage_chunk(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
+
+
+def _lone_surrogate(data: Any) -> str | None:
+    """The path of the first string holding a lone surrogate (JSON's "\\ud800" decodes to one):
+    no tokenizer, regex or UTF-8 encoder downstream accepts it. Iterative: nesting is unbounded."""
+    stack: list[tuple[str, Any]] = [("body", data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return path.removeprefix("body.") if path != "body" else path
+        elif isinstance(value, dict):
+            stack.extend((f"{path}.{k}", v) for k, v in value.items())
+            if any(isinstance(k, str) for k in value):
+                stack.extend((f"{path} (a key)", k) for k in value if isinstance(k, str))
+        elif isinstance(value, list):
+            stack.extend((f"{path}.{i}", v) for i, v in enumerate(value))
+    return None
 
 
 def _refuse(name: str, what: str) -> None:

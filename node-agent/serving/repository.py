@@ -73,7 +73,7 @@ class ModelRepository:
         if phase is not None:
             raise ModelLoading(f"model {name!r} is {phase.value} on this node; retry shortly", param="model")
         served = ", ".join(sorted(self._models)) or "none"
-        raise ModelNotFound(f"model {name!r} is not served here (served: {served})", param="model")
+        raise ModelNotFound(f"model {name[:256]!r} is not served here (served: {served})", param="model")
 
     def find(self, name: str) -> ServedModel | None:
         """The served model, without counting it as used."""
