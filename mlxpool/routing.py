@@ -33,6 +33,8 @@ class RoutingTable(BaseModel):
     namespace: str
     revision: int = Field(ge=0, description="Increases by one on every change of the content.")
     strategy: str = "round-robin"
+    selectable_strategies: list[str] = Field(default_factory=list, max_length=16)
+    """Strategies a request may choose instead with the `x-mlxpool-strategy` header."""
     models: dict[str, list[RouteEndpoint]] = Field(default_factory=dict)
     updated: datetime | None = None
 
@@ -42,7 +44,8 @@ class RoutingTable(BaseModel):
 
     def same_routes(self, other: RoutingTable | None) -> bool:
         """True when `other` routes exactly like this table (revision and time aside)."""
-        return other is not None and (self.strategy, self.models) == (other.strategy, other.models)
+        return other is not None and (self.strategy, self.selectable_strategies, self.models) == (
+            other.strategy, other.selectable_strategies, other.models)
 
     def to_json(self) -> str:
         return self.model_dump_json(exclude_none=True)

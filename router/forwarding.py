@@ -21,15 +21,22 @@ from dataclasses import dataclass, field
 import anyio
 import httpx
 
-from mlxpool.router.errors import ModelNotFound, NoHealthyEndpoint, NoRoutingTable, UpstreamUnavailable, error_body
+from mlxpool.router.errors import (
+    BadRequest,
+    ModelNotFound,
+    NoHealthyEndpoint,
+    NoRoutingTable,
+    UpstreamUnavailable,
+    error_body,
+)
 from mlxpool.router.metrics import RouterMetrics
-from mlxpool.router.parsing import InferenceRequest, downstream_headers
+from mlxpool.router.parsing import STRATEGY_HEADER, InferenceRequest, downstream_headers
 from mlxpool.router.picking.plugins import PickRequest
 from mlxpool.router.picking.profiles import Strategies
 from mlxpool.router.picking.signals import EndpointSignals
 from mlxpool.router.settings import UpstreamSettings
 from mlxpool.router.tables.holder import TableHolder
-from mlxpool.routing import RouteEndpoint
+from mlxpool.routing import RouteEndpoint, RoutingTable
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +108,8 @@ class Forwarder:
                 f"model {request.model!r} is not served by pool {table.namespace}/{table.pool}", param="model")
         endpoints = table.endpoints_for(request.model)
         pick = PickRequest(request.model, request.prompt, request.priority, self.clock())
-        ranked = self.strategies.for_name(table.strategy).rank(pick, endpoints, self.signals) if endpoints else []
+        pipeline = self.strategies.for_name(self._strategy(table, request))
+        ranked = pipeline.rank(pick, endpoints, self.signals) if endpoints else []
         if not ranked:
             raise NoHealthyEndpoint(
                 f"model {request.model!r} has no healthy endpoint (routing table revision {table.revision})")
@@ -120,6 +128,17 @@ class Forwarder:
         if failures[-1].reply is not None:
             return failures[-1].reply  # the last agent answered: its own error tells the client most
         raise UpstreamUnavailable(f"all {len(failures)} candidate endpoints failed: {summary}")
+
+    def _strategy(self, table: RoutingTable, request: InferenceRequest) -> str:
+        """The table's strategy, or the one the request's header chose when the pool allows it."""
+        chosen = request.strategy
+        if chosen is None or chosen == table.strategy:
+            return table.strategy
+        if chosen not in table.selectable_strategies or not self.strategies.known(chosen):
+            allowed = ", ".join([table.strategy, *table.selectable_strategies])
+            raise BadRequest(f"{STRATEGY_HEADER}: strategy {chosen!r} is not selectable in pool "
+                             f"{table.namespace}/{table.pool} (allowed: {allowed})", param=STRATEGY_HEADER)
+        return chosen
 
     async def _attempt(self, endpoint: RouteEndpoint, path: str, request: InferenceRequest,
                        headers: list[tuple[str, str]]) -> UpstreamReply:

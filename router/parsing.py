@@ -29,6 +29,9 @@ NOT_RELAYED_DOWNSTREAM = HOP_BY_HOP | {"content-length", "server", "date"}
 MAX_MODEL_CHARS = 512
 """As the agent's: a longer name is no model's, and is never echoed back."""
 
+STRATEGY_HEADER = "x-mlxpool-strategy"
+"""Names the strategy profile for this request, among those the pool's table allows."""
+
 
 @dataclass(frozen=True)
 class InferenceRequest:
@@ -37,6 +40,8 @@ class InferenceRequest:
     priority: Priority | None
     prompt: str
     body: bytes
+    strategy: str | None = None
+    """The profile the request asked for (`STRATEGY_HEADER`), not yet checked against the table."""
 
 
 def parse_inference_request(body: bytes, headers: Mapping[str, str]) -> InferenceRequest:
@@ -63,7 +68,10 @@ def parse_inference_request(body: bytes, headers: Mapping[str, str]) -> Inferenc
         raise BadRequest("'stream' must be a boolean", param="stream")
     priority = _priority(document.get("priority"), "priority")
     header_priority = _priority(headers.get(PRIORITY_HEADER), PRIORITY_HEADER)
-    return InferenceRequest(model, stream, priority or header_priority, _prompt_text(document), body)
+    strategy = headers.get(STRATEGY_HEADER)
+    if strategy is not None and not (0 < len(strategy) <= 63):
+        raise BadRequest(f"{STRATEGY_HEADER} must name a strategy (1 to 63 characters)", param=STRATEGY_HEADER)
+    return InferenceRequest(model, stream, priority or header_priority, _prompt_text(document), body, strategy)
 
 
 def _priority(value: Any, where: str) -> Priority | None:

@@ -36,7 +36,8 @@ DEFAULT_WORKDIR = Path(os.environ.get("MLXPOOL_HOME", "~/.mlxpool")).expanduser(
 DEFAULT_PORT = 8080
 MAX_AGENTS = 16
 """Each agent holds its own copy of the model: more than this on one machine is a mistake."""
-STRATEGIES = ("round-robin", "least-loaded", "latency-aware", "prefix-affinity")
+STRATEGIES = ("round-robin", "least-loaded", "latency-aware", "prefix-affinity", "load-aware", "predicted-latency",
+              "sticky-prefix")
 LOCAL_POOL, LOCAL_NAMESPACE = "local", "local"
 _children: dict[int, subprocess.Popen] = {}
 """Processes this interpreter started, kept so that `down` in the same process reaps

@@ -18,7 +18,8 @@ from mlxpool.agentapi import StageRequest
 from mlxpool.priorities import Priority
 from mlxpool.resources import LABEL_POOL
 
-Strategy = Literal["round-robin", "least-loaded", "latency-aware", "prefix-affinity"]
+Strategy = Literal["round-robin", "least-loaded", "latency-aware", "prefix-affinity", "load-aware",
+                   "predicted-latency", "sticky-prefix"]
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 SelectorOperator = Literal["In", "NotIn", "Exists", "DoesNotExist"]
 DIGEST_PREFIX = "sha256:"
@@ -49,6 +50,8 @@ class LabelSelector(_Spec):
 
 class Routing(_Spec):
     strategy: Strategy = "round-robin"
+    selectable_strategies: tuple[Strategy, ...] = ()
+    """Strategies a request may choose instead with the `x-mlxpool-strategy` header."""
 
 
 class Tier(_Spec):

@@ -33,6 +33,7 @@ def next_table(
     pool: str,
     namespace: str,
     strategy: str,
+    selectable_strategies: tuple[str, ...] = (),
     models: dict[str, list[RouteEndpoint]],
     previous: RoutingTable | None,
     revision_floor: int = 0,
@@ -43,7 +44,8 @@ def next_table(
     `revision_floor` is the last revision known from elsewhere (the pool status), so
     the revision keeps increasing even if the ConfigMap was deleted.
     """
-    candidate = RoutingTable(pool=pool, namespace=namespace, revision=0, strategy=strategy, models=models)
+    candidate = RoutingTable(pool=pool, namespace=namespace, revision=0, strategy=strategy,
+                             selectable_strategies=list(selectable_strategies), models=models)
     if previous is not None and candidate.same_routes(previous):
         return previous
     last = max(previous.revision if previous is not None else 0, revision_floor)

@@ -174,6 +174,7 @@ class PoolReconciler:
             state.table_known = True
         table = next_table(
             pool=name, namespace=namespace, strategy=spec.routing.strategy,
+            selectable_strategies=spec.routing.selectable_strategies,
             models=route_models(spec.model_names, endpoints), previous=state.table,
             revision_floor=int(state.status.get("routingRevision") or 0), now=now,
         )

@@ -1,7 +1,7 @@
 """The plugin interface of endpoint picking (Gateway API inference-extension style).
 
 A pick runs filters (drop endpoints), then scorers (give each survivor a score in
-[0, 1]); `picking.Pipeline` ranks survivors by the weighted sum of scores. Each plugin
+[0, 1]), then a picker that orders survivors by the weighted sum of scores. Each plugin
 is a small class with a `type_name`, a strict pydantic `Params` model and synchronous,
 I/O-free methods, so one pick is atomic on the event loop and testable alone.
 
@@ -70,6 +70,15 @@ class Scorer(Plugin):
 
     def picked(self, request: PickRequest, ranked: Sequence[RouteEndpoint]) -> None:
         """Called once the pipeline has ranked `ranked` (first = chosen); for stateful scorers."""
+
+
+class Picker(Plugin):
+    """Orders the survivors from their total scores: the first is sent the request, the rest are failover."""
+
+    @abstractmethod
+    def order(self, request: PickRequest, endpoints: Sequence[RouteEndpoint], totals: Sequence[float],
+              ) -> list[RouteEndpoint]:
+        """Every endpoint given, best first."""
 
 
 def spread(values: Sequence[float], *, higher_is_better: bool) -> list[float]:

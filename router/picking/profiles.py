@@ -17,8 +17,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mlxpool.router.picking.filters import ConnectCooldownFilter, MaxInFlightFilter
-from mlxpool.router.picking.picker import Pipeline, WeightedScorer
-from mlxpool.router.picking.plugins import Filter, Plugin, Scorer
+from mlxpool.router.picking.loadscorers import (
+    PredictedTtftScorer,
+    QueueDepthScorer,
+    SlotUtilisationScorer,
+    StickyPrefixScorer,
+)
+from mlxpool.router.picking.picker import MaxScorePicker, Pipeline, WeightedRandomPicker, WeightedScorer
+from mlxpool.router.picking.plugins import Filter, Picker, Plugin, Scorer
 from mlxpool.router.picking.scorers import (
     LeastInFlightScorer,
     LowLatencyScorer,
@@ -35,6 +41,12 @@ PLUGIN_TYPES: tuple[type[Plugin], ...] = (
     LeastInFlightScorer,
     LowLatencyScorer,
     PrefixAffinityScorer,
+    QueueDepthScorer,
+    SlotUtilisationScorer,
+    PredictedTtftScorer,
+    StickyPrefixScorer,
+    MaxScorePicker,
+    WeightedRandomPicker,
 )
 REGISTRY: dict[str, type[Plugin]] = {p.type_name: p for p in PLUGIN_TYPES}
 
@@ -67,6 +79,29 @@ profiles:
       - {type: prefix-affinity, weight: 2.0}
       - {type: least-in-flight, weight: 1.0}
       - {type: weighted-round-robin, weight: 0.1}
+  # On the agents' own reports (GET /v1/signals), not this router's view: with several
+  # router replicas each sees only its own requests, the agents see them all.
+  load-aware:
+    filters: [{type: connect-cooldown}]
+    scorers:
+      - {type: queue-depth, weight: 1.0}
+      - {type: slot-utilisation, weight: 1.0}
+      - {type: weighted-round-robin, weight: 0.1}
+  predicted-latency:
+    filters: [{type: connect-cooldown}]
+    scorers:
+      - {type: predicted-ttft, weight: 2.0}
+      - {type: slot-utilisation, weight: 0.5}
+      - {type: weighted-round-robin, weight: 0.1}
+  # Stay on the warm endpoint until its queued prefill passes the threshold (then it
+  # scores 0 on affinity and load decides); new prefixes are spread by load.
+  sticky-prefix:
+    filters: [{type: connect-cooldown}]
+    scorers:
+      - {type: sticky-prefix, weight: 3.0}
+      - {type: queue-depth, weight: 1.0}
+      - {type: slot-utilisation, weight: 0.5}
+      - {type: weighted-round-robin, weight: 0.1}
 """
 
 
@@ -86,6 +121,7 @@ class ProfileConfig(BaseModel):
 
     filters: list[FilterRef] = Field(default_factory=list)
     scorers: list[ScorerRef] = Field(min_length=1)
+    picker: FilterRef = Field(default_factory=lambda: FilterRef(type="max-score"))
 
 
 class StrategiesConfig(BaseModel):
@@ -126,14 +162,15 @@ def _instantiate(profile: str, ref: FilterRef, kind: str) -> Plugin:
     return plugin
 
 
-_KINDS: dict[str, type[Plugin]] = {"filter": Filter, "scorer": Scorer}
+_KINDS: dict[str, type[Plugin]] = {"filter": Filter, "scorer": Scorer, "picker": Picker}
 
 
 def build_pipeline(name: str, profile: ProfileConfig) -> Pipeline:
     filters = tuple(cast(Filter, _instantiate(name, ref, "filter")) for ref in profile.filters)
     scorers = tuple(WeightedScorer(cast(Scorer, _instantiate(name, ref, "scorer")), ref.weight)
                     for ref in profile.scorers)
-    return Pipeline(name, filters, scorers)
+    picker = cast(Picker, _instantiate(name, profile.picker, "picker"))
+    return Pipeline(name, filters, scorers, picker)
 
 
 class Strategies:
@@ -146,6 +183,9 @@ class Strategies:
         self.default = config.default
         self.pipelines = {name: build_pipeline(name, p) for name, p in config.profiles.items()}
         self._warned: set[str] = set()
+
+    def known(self, name: str) -> bool:
+        return name in self.pipelines
 
     def for_name(self, name: str) -> Pipeline:
         pipeline = self.pipelines.get(name)

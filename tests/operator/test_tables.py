@@ -60,3 +60,11 @@ def test_revision_floor_keeps_revisions_increasing_when_the_configmap_was_lost()
 def test_table_round_trips_through_json():
     first = table([ep("n1")])
     assert RoutingTable.from_json(first.to_json()) == first
+
+
+def test_selectable_strategies_are_written_and_a_change_is_a_change():
+    first = table([ep("n1")])
+    second = next_table(pool="p", namespace="ns", strategy="round-robin", selectable_strategies=("sticky-prefix",),
+                        models=route_models(("tiny",), [ep("n1")]), previous=first, now=NOW)
+    assert second.revision == 2 and second.selectable_strategies == ["sticky-prefix"]
+    assert RoutingTable.from_json(second.to_json()).selectable_strategies == ["sticky-prefix"]
