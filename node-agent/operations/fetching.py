@@ -38,6 +38,11 @@ from mlxpool.agent.operations.sources import (
 )
 
 CHUNK_BYTES = 1 << 20
+MAX_SOURCE_FILES = 10_000
+"""Files a directory source may hold; a model has tens. Bounds a walk gone wrong."""
+MAX_SOURCE_DEPTH = 16
+MODEL_MARKER = "config.json"
+"""What makes a directory a model (mlx-lm and transformers read it first)."""
 TIMEOUT = httpx.Timeout(30.0, read=120.0)
 
 
@@ -104,9 +109,17 @@ class Fetcher:
 
     # ---- listing ----
 
-    def list_files(self, source: Source, digest_paths: list[str]) -> list[SourceFile]:
+    def list_files(self, source: Source, digest_paths: list[str],
+                   cancel: threading.Event | None = None) -> list[SourceFile]:
+        """The source's files; FetchError when there are none that make a model (no config.json)."""
+        files = self._list(source, digest_paths, cancel)
+        if not any(f.path == MODEL_MARKER for f in files):
+            raise FetchError(f"the source is not a model directory: it has no {MODEL_MARKER} at its top")
+        return files
+
+    def _list(self, source: Source, digest_paths: list[str], cancel: threading.Event | None) -> list[SourceFile]:
         if isinstance(source, FileSource):
-            return self._list_directory(source.directory, digest_paths)
+            return self._list_directory(source.directory, digest_paths, cancel)
         if isinstance(source, HttpSource):
             if digest_paths:  # the digests name the files: no manifest needed
                 return [SourceFile(p, self._head_size(source.url_of(p)), None, source.url_of(p))
@@ -114,11 +127,12 @@ class Fetcher:
             return self._list_manifest(source)
         return self._list_hub(source)
 
-    def _list_directory(self, directory: Path, digest_paths: list[str]) -> list[SourceFile]:
+    def _list_directory(self, directory: Path, digest_paths: list[str],
+                        cancel: threading.Event | None = None) -> list[SourceFile]:
         if not directory.is_dir():
             raise FetchError(f"source directory {directory} does not exist or is not a directory")
         files = []
-        for path in sorted(_walk(directory)):
+        for path in sorted(_walk(directory, cancel)):
             relative = path.relative_to(directory).as_posix()
             files.append(SourceFile(relative, path.stat().st_size, None, str(path)))
         present = {f.path for f in files}
@@ -237,15 +251,56 @@ def sha256_of(path: Path, cancel: threading.Event | None = None) -> str:
     return digest.hexdigest()
 
 
-def _walk(directory: Path) -> Iterator[Path]:
-    """Regular files under `directory` (symlinks followed, as in Hub cache snapshots);
-    hidden files and directories (.git, .cache) are skipped."""
-    for root, dirs, names in os.walk(directory, followlinks=True):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        for name in names:
-            path = Path(root) / name
-            if not name.startswith(".") and path.is_file():
-                yield path
+def _walk(directory: Path, cancel: threading.Event | None = None) -> Iterator[Path]:
+    """Regular files under `directory` (hidden files and directories, .git or .cache, skipped).
+
+    Symbolic links are followed only where they stay confined: to a directory inside
+    `directory`, each real directory walked once (so a link loop ends instead of spinning
+    forever), and to a file inside `directory` or, for a Hugging Face cache snapshot
+    (`models--org--name/snapshots/<rev>`), inside its repository's `blobs/`, where the
+    Hub's links point. Anything else is a FetchError naming the link. Bounded in files
+    and depth; `cancel` is honoured between directories.
+    """
+    root = directory.resolve()
+    allowed = [root]
+    if root.parent.name == "snapshots" and root.parent.parent.name.startswith("models--"):
+        allowed.append(root.parent.parent / "blobs")
+    seen: set[tuple[int, int]] = set()
+    pending = [(root, directory, 0)]
+    count = 0
+    while pending:
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("cancelled")
+        real, shown, depth = pending.pop()
+        status = real.stat()
+        if (status.st_dev, status.st_ino) in seen:  # a link loop, or a second link to one directory
+            continue
+        seen.add((status.st_dev, status.st_ino))
+        with os.scandir(real) as scan:
+            entries = sorted(scan, key=lambda e: e.name)
+        for item in entries:
+            if item.name.startswith("."):
+                continue
+            try:  # both follow links; a looping or dangling link is neither, and has no file to stage
+                is_dir, is_file = item.is_dir(), item.is_file()
+                if not (is_dir or is_file):
+                    continue
+                target = Path(os.path.realpath(item.path, strict=True))
+            except OSError:
+                continue
+            if is_dir:
+                if not target.is_relative_to(root):
+                    raise FetchError(f"{shown / item.name} links to {target}, outside the source directory")
+                if depth + 1 > MAX_SOURCE_DEPTH:
+                    raise FetchError(f"{shown / item.name}: directories nest deeper than {MAX_SOURCE_DEPTH}")
+                pending.append((target, shown / item.name, depth + 1))
+            else:
+                if item.is_symlink() and not any(target.is_relative_to(a) for a in allowed):
+                    raise FetchError(f"{shown / item.name} links to {target}, outside the source directory")
+                count += 1
+                if count > MAX_SOURCE_FILES:
+                    raise FetchError(f"{directory} holds more than {MAX_SOURCE_FILES} files; not a model directory")
+                yield shown / item.name
 
 
 def _try_hardlink(source: Path, target: Path) -> bool:

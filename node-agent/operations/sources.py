@@ -78,6 +78,9 @@ def parse_source(source: str, revision: str | None = None) -> Source:
         path = unquote(parts.path)
         if not path.startswith("/"):
             raise SourceError(f"source {source!r}: the path must be absolute", "source")
+        if any(part in ("..", ".") for part in path.split("/")) or "\x00" in path:
+            # /models/tiny/.. stages /models, which is no model: the path must name the directory itself
+            raise SourceError(f"source {source!r}: the path must not contain '.' or '..' segments", "source")
         _no_revision(revision, "file://")
         return FileSource(Path(path))
     if scheme in ("http", "https"):

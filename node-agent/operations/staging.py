@@ -198,7 +198,7 @@ class ModelCacheStore:
         fetcher = Fetcher(self._hub_endpoint, self._hub_token)
         try:
             entry.phase = CachePhase.DOWNLOADING
-            files = await asyncio.to_thread(fetcher.list_files, source, list(entry.digests))
+            files = await asyncio.to_thread(fetcher.list_files, source, list(entry.digests), entry.cancel)
             sizes = [f.size for f in files]
             total = sum(s for s in sizes if s is not None) if None not in sizes else None
             room = self._room(entry.key)
