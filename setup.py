@@ -11,7 +11,8 @@ setup(
     ext_modules=[
         Pybind11Extension(
             "mlxpool._native",
-            ["native/src/bindings.cpp", "native/src/mapped_file.cpp", "native/src/weight_set.cpp"],
+            ["native/src/bindings.cpp", "native/src/mapped_file.cpp", "native/src/weight_set.cpp",
+             "native/src/safetensors.cpp", "native/src/pinning.cpp", "native/src/prefetching.cpp"],
             include_dirs=["native/src"],
             cxx_std=17,
         )

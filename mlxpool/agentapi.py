@@ -78,6 +78,29 @@ class LoadModelRequest(_Strict):
         return self
 
 
+class ModelWeights(_Strict):
+    """How a loaded model's weights came into memory, and where they are now."""
+
+    reader: str
+    """native (the agent's weight manager) or mlx (mlx-lm's own reader)."""
+    transfer: str
+    """copy (read once into MLX's buffers) or zero-copy (arrays alias the mapped files)."""
+    files: int
+    load_bytes: int
+    read_seconds: float
+    load_gbps: float
+    prefetch_threads: int
+    pin_policy: str
+    pin_message: str | None = None
+    """Why fewer bytes were pinned than the policy asked (an OS refusal naming RLIMIT_MEMLOCK, the budget)."""
+    total_bytes: int | None = None
+    resident_bytes: int | None = None
+    """In physical memory now (mincore over the arrays' pages)."""
+    pinned_bytes: int = 0
+    mapped_bytes: int | None = None
+    """Still backed by the model files (0 once copied into MLX buffers)."""
+
+
 class ModelState(_Strict):
     name: str
     phase: ModelPhase
@@ -91,6 +114,8 @@ class ModelState(_Strict):
     identity: str | None = None
     """Content identity: a hash of the weight, tokenizer and config bytes (None until known).
     Equal identities mean the same model, whatever each node calls it."""
+    weights: ModelWeights | None = None
+    """Set once the model is loaded."""
 
 
 class StageRequest(_Strict):

@@ -7,7 +7,8 @@ byte-level BPE tokenizer trained on a seeded synthetic corpus (`tokenizer.json` 
 `tokenizer_config.json` with a chat template). Everything is deterministic from the
 seed, so two runs give byte-identical files.
 
-It uses numpy + safetensors + tokenizers only (no MLX), so any component may call it.
+It uses numpy + tokenizers only (no MLX; the safetensors files are written here, numpy has
+no bfloat16), so any component may call it.
 Float32 on purpose: half types skip BLAS on MLX's CPU backend (see notes/mlx-serving.md).
 """
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -112,13 +113,60 @@ def random_weights(shape: Shape, vocab: int, seed: int) -> dict[str, np.ndarray]
     return weights
 
 
-def make_tiny(path: str | Path, size: str = "tiny", seed: int = 0) -> Path:
-    """Write a model of `size` ('tiny' or 'bench') to `path`; returns the path."""
+DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+MAX_SHARDS = 64
+
+
+def encode(array: np.ndarray, dtype: str) -> bytes:
+    """The tensor's bytes in `dtype` (little-endian); bfloat16 keeps float32's upper half."""
+    if dtype == "float32":
+        return array.astype("<f4").tobytes()
+    if dtype == "float16":
+        return array.astype("<f2").tobytes()
+    bits = array.astype("<f4").view("<u4")
+    return ((bits + 0x8000) >> 16).astype("<u2").tobytes()  # round to nearest
+
+
+def save_safetensors(path: Path, tensors: dict[str, np.ndarray], dtype: str, metadata: dict[str, str]) -> None:
+    """A safetensors file (header, then the tensors in name order); numpy has no bfloat16."""
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for name in sorted(tensors):
+        nbytes = tensors[name].size * (4 if dtype == "float32" else 2)
+        header[name] = {"dtype": DTYPES[dtype], "shape": list(tensors[name].shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text)
+        for name in sorted(tensors):
+            f.write(encode(tensors[name], dtype))
+
+
+def make_tiny(path: str | Path, size: str = "tiny", seed: int = 0, *, layers: int | None = None,
+              hidden: int | None = None, intermediate: int | None = None, dtype: str = "float32",
+              shards: int = 1) -> Path:
+    """Write a model of `size` ('tiny' or 'bench') to `path`; returns the path. `layers`,
+    `hidden` and `intermediate` override the size's shape (hidden 2048 with 10 layers is
+    ~0.6 GB of float32), `dtype` the weights' type, `shards` splits them over that many files
+    (with a model.safetensors.index.json, as Hugging Face checkouts have)."""
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; expected one of {sorted(SIZES)}")
-    from safetensors.numpy import save_file
-
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+    if not 1 <= shards <= MAX_SHARDS:
+        raise ValueError(f"shards must be 1..{MAX_SHARDS}, got {shards}")
     shape, out = SIZES[size], Path(path)
+    heads = shape.num_attention_heads
+    if hidden is not None and (hidden < heads or hidden % heads or hidden > 16384):
+        raise ValueError(f"hidden must be a multiple of {heads} attention heads up to 16384, got {hidden}")
+    if layers is not None and not 1 <= layers <= 512:
+        raise ValueError(f"layers must be 1..512, got {layers}")
+    if intermediate is not None and not 1 <= intermediate <= 65536:
+        raise ValueError(f"intermediate must be 1..65536, got {intermediate}")
+    shape = replace(shape, num_hidden_layers=layers or shape.num_hidden_layers,
+                    hidden_size=hidden or shape.hidden_size,
+                    intermediate_size=intermediate or (2 * hidden if hidden else shape.intermediate_size))
     out.mkdir(parents=True, exist_ok=True)
     tok = train_tokenizer(shape.vocab_size, seed)
     vocab = tok.get_vocab_size()
@@ -140,8 +188,20 @@ def make_tiny(path: str | Path, size: str = "tiny", seed: int = 0) -> Path:
         "bos_token_id": tok.token_to_id(BOS), "eos_token_id": tok.token_to_id(EOS),
         "mlxpool": {"size": size, "seed": seed},
     }
+    config["torch_dtype"] = dtype
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    save_file(random_weights(shape, vocab, seed), str(out / "model.safetensors"), metadata={"format": "mlx"})
+    weights = random_weights(shape, vocab, seed)
+    if shards == 1:
+        save_safetensors(out / "model.safetensors", weights, dtype, {"format": "mlx"})
+        return out
+    names = sorted(weights)
+    index: dict[str, str] = {}
+    for k in range(shards):
+        part = {n: weights[n] for n in names[k::shards]}
+        file = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
+        save_safetensors(out / file, part, dtype, {"format": "mlx"})
+        index |= dict.fromkeys(part, file)
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}, indent=2))
     return out
 
 
@@ -171,8 +231,17 @@ def main(argv: list[str] | None = None) -> int:
     mk.add_argument("path", type=Path)
     mk.add_argument("--size", choices=sorted(SIZES), default="tiny")
     mk.add_argument("--seed", type=int, default=0)
+    mk.add_argument("--layers", type=int, help="decoder layers (overrides the size's)")
+    mk.add_argument("--hidden", type=int, help="hidden size (overrides the size's; intermediate 2x)")
+    mk.add_argument("--intermediate", type=int, help="MLP width (overrides)")
+    mk.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    mk.add_argument("--shards", type=int, default=1, help=f"weight files, 1..{MAX_SHARDS}")
     args = parser.parse_args(argv)
-    out = make_tiny(args.path, args.size, args.seed)
+    try:
+        out = make_tiny(args.path, args.size, args.seed, layers=args.layers, hidden=args.hidden,
+                        intermediate=args.intermediate, dtype=args.dtype, shards=args.shards)
+    except ValueError as exc:
+        parser.error(str(exc))
 
     print(f"made {args.size} model at {out}")  # noqa: T201 (the command's output)
     return 0

@@ -131,6 +131,18 @@ class WeightManagement(_Section):
     allow_pin: bool = True
     """Whether `pin: true` may mlock a cache entry's files. The OS may still refuse (RLIMIT_MEMLOCK
     without CAP_IPC_LOCK): the entry then stays Warm and its message says so."""
+    use_mmap: bool = True
+    """Read safetensors through the native weight manager (mmap, native header parse, prefetch);
+    false: mlx-lm's own reader (`mx.load`), without prefetch."""
+    pin_policy: Literal["none", "critical", "all"] = "critical"
+    """mlock the loaded weights: none; critical (embeddings, first and last layers, norms, output
+    head: the tensors every token touches); all. A refusal by the OS is a warning, not an error."""
+    pin_budget_bytes: int = Field(default=1024 * MIB, ge=0)
+    """Bytes of each model's weights pinned at most (critical tensors first)."""
+    prefetch_threads: int = Field(default=2, ge=0, le=64)
+    """Native threads paging the next layers' file pages in while a layer is copied; 0: none."""
+    prefetch_depth: int = Field(default=2, ge=1, le=64)
+    """Layers the prefetch runs ahead of the copy."""
 
 
 class MultiModel(_Section):

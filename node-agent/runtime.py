@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, TypeVar
 import uvicorn
 
 from mlxpool.agent.config import RuntimeConfig
-from mlxpool.agent.engine.interface import EngineConfig
+from mlxpool.agent.engine.interface import EngineConfig, LoadOptions
 from mlxpool.agent.http.app import create_app
 from mlxpool.agent.http.auth import Credentials
 from mlxpool.agent.http.metrics import AgentMetrics
@@ -189,6 +189,7 @@ class AgentRuntime:
     def engine_config(self) -> EngineConfig:
         """How every engine of this agent batches (the runtime file's `serving` and tier limits)."""
         serving, scheduling = self.config.runtime.serving, self.config.runtime.priority_scheduling
+        weights = self.config.runtime.weight_management
         return EngineConfig(
             max_running=serving.decode_concurrency,
             prefill_batch_size=serving.prefill_concurrency,
@@ -199,6 +200,9 @@ class AgentRuntime:
             max_waiting={p: t.max_waiting for p, t in scheduling.tiers.items() if t.max_waiting is not None},
             warmup_tokens=4 if serving.warmup else 0,
             stream_interval_s=serving.stream_interval_ms / 1000,
+            load=LoadOptions(native=weights.use_mmap, pin_policy=weights.pin_policy,
+                             pin_budget_bytes=weights.pin_budget_bytes, prefetch_threads=weights.prefetch_threads,
+                             prefetch_depth=weights.prefetch_depth),
         )
 
     # ---- operations API wiring: engines for the model manager, prompt status writes ----

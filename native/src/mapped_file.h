@@ -16,9 +16,13 @@ class MappedFile {
   MappedFile& operator=(const MappedFile&) = delete;
 
   std::size_t size() const { return size_; }
+  const unsigned char* data() const { return static_cast<const unsigned char*>(data_); }
   const std::string& path() const { return path_; }
   // Ask the kernel to read the whole file ahead (madvise WILLNEED); returns at once.
   void prefetch() const;
+  // The same for the pages of [offset, offset + length) only (clamped to the file):
+  // what the prefetch pool does one layer at a time. Returns the touched-bytes checksum.
+  std::uint64_t prefetch_range(std::size_t offset, std::size_t length) const;
   // Touch one byte per page so every page is resident; returns a checksum of the
   // touched bytes so the compiler cannot drop the reads.
   std::uint64_t touch() const;

@@ -218,7 +218,7 @@ class BatchEngine:
 
     def _run(self) -> None:
         try:
-            loaded = loading.load(self._path)
+            loaded = loading.load(self._path, self._config.load)
             generator = BatchGenerator(
                 loaded.model,
                 stop_tokens=[[t] for t in loaded.tokenizer.eos_token_ids],
@@ -242,6 +242,7 @@ class BatchEngine:
         if self._loaded.cancelled():  # the agent gave up waiting (shutdown during load)
             self._alive = False
             generator.close()
+            loaded.weights.close()
             return
         self._loaded.set_result(loaded.info)
         try:
@@ -257,6 +258,7 @@ class BatchEngine:
             generator.close()
             # Unloaded: drop the weights and the cached KV, then give MLX's freed buffers back.
             self._prefix = PrefixCache(0, 1)
+            loaded.weights.close()  # unlock the pinned pages before MLX may cache their buffers
             del generator, loaded
             mx.clear_cache()
 

@@ -25,6 +25,75 @@ class EngineError(RuntimeError):
     """The engine could not run a request: it is stopped or crashed, or the request id is taken."""
 
 
+PinPolicy = Literal["none", "critical", "all"]
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How a model's weights are read and kept (the runtime file's `weight_management`)."""
+
+    native: bool = True
+    """Read safetensors through the native weight manager (mmap, native header parse,
+    layer-ordered prefetch); False: mlx-lm's own reader (`mx.load`)."""
+    pin_policy: PinPolicy = "critical"
+    """Which loaded arrays to mlock: none, critical (embeddings, first and last layers,
+    norms, output head: what every token touches) or all."""
+    pin_budget_bytes: int = 1 << 30
+    """Bytes pinned per model at most; past it the rest stays unpinned."""
+    prefetch_threads: int = 2
+    """Native threads paging the next layers' file pages in while one layer is copied (0: none)."""
+    prefetch_depth: int = 2
+    """Layers the prefetch runs ahead of the copy."""
+
+    def __post_init__(self) -> None:
+        if self.pin_budget_bytes < 0 or not 0 <= self.prefetch_threads <= 64 or self.prefetch_depth < 1:
+            raise ValueError("pin_budget_bytes must be >= 0, prefetch_threads 0..64, prefetch_depth >= 1")
+
+
+@dataclass(frozen=True)
+class WeightResidency:
+    """Where a model's weights are now (bytes)."""
+
+    total: int
+    resident: int
+    """In physical memory (mincore over the arrays' pages)."""
+    pinned: int
+    """Locked in memory (the pin set)."""
+    mapped: int
+    """Still backed by the model's files (0 when the weights were copied into MLX buffers)."""
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """How the weights got into memory: what the load log and /v1/node say."""
+
+    reader: Literal["native", "mlx"]
+    transfer: Literal["copy", "zero-copy"]
+    """zero-copy: MLX arrays alias the mapped files; copy: read once into MLX's own buffers."""
+    files: int
+    bytes: int
+    seconds: float
+    """Reading the weights (not building the model or the tokenizer)."""
+    prefetch_threads: int
+    pin_policy: PinPolicy
+    pinned_bytes: int
+    pin_message: str | None = None
+    """Why fewer bytes were pinned than the policy asked for (a refusal or the budget)."""
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+
+class WeightsView(Protocol):
+    """A loaded model's weights as the layers above may inspect them (any thread)."""
+
+    @property
+    def report(self) -> LoadReport: ...
+
+    def residency(self) -> WeightResidency: ...
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """How one engine batches. Built from the runtime file's `serving` section."""
@@ -49,6 +118,8 @@ class EngineConfig:
     stream_interval_s: float = 0.0
     """Tokens of a request are handed over at most this often (first and last at once):
     fewer wake-ups and writes per token; 0 hands over every step."""
+    load: LoadOptions = field(default_factory=LoadOptions)
+    """How the model's weights are read, pinned and prefetched."""
 
     def __post_init__(self) -> None:
         if self.stream_interval_s < 0:
@@ -227,6 +298,8 @@ class ModelInfo:
     """Bytes of the model's parameters."""
     context_length: int | None
     """Longest sequence the model is configured for (prompt + completion), if known."""
+    weights: WeightsView | None = field(default=None, compare=False)
+    """The loaded weights (load report, residency); None for engines that cannot tell."""
 
 
 class Engine(Protocol):

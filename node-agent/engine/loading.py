@@ -3,6 +3,13 @@
 Called on the engine thread (all MLX work of a model stays on one thread). Only local
 directories are accepted: an agent never reaches out to a model hub on its own; the
 ModelCache machinery puts files on disk first.
+
+mlx-lm builds the model (its architecture classes, `sanitize`, quantization) exactly as
+`mlx_lm.load` does; with `LoadOptions.native` the bytes come through the native weight
+manager (`weightreading`) instead of `mx.load`: mlx-lm is asked for a lazy model (its
+own lazily-read arrays are never evaluated, so never read) and the native arrays replace
+them, strictly (a missing or extra tensor is an error). Pinning follows, then the log
+line says how the bytes came (reader, copy or zero-copy, GB/s, pinned).
 """
 
 from __future__ import annotations
@@ -17,10 +24,12 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx_lm
 from mlx.utils import tree_flatten
+from mlx_lm import utils as mlx_lm_utils
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from mlxpool.agent.engine import blas as _blas
-from mlxpool.agent.engine.interface import ModelInfo
+from mlxpool.agent.engine import weightreading
+from mlxpool.agent.engine.interface import LoadOptions, LoadReport, ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +41,8 @@ class LoadedModel:
     info: ModelInfo
     vocab_size: int
     """Width of the model's output (may exceed the tokenizer's vocabulary: padded vocabs)."""
+    weights: weightreading.Weights
+    """The parameters' pin set and residency; `close()` it before dropping the model."""
 
 
 def check_model_dir(path: str | Path) -> Path:
@@ -44,22 +55,59 @@ def check_model_dir(path: str | Path) -> Path:
     return directory
 
 
-def load(path: str | Path) -> LoadedModel:
+def load(path: str | Path, options: LoadOptions | None = None) -> LoadedModel:
+    options = options or LoadOptions()
     directory = check_model_dir(path)
     started = time.perf_counter()
-    # mlx-lm types both of these for all their call forms: with `return_config` it returns
-    # three items, and `tree_flatten` without a destination returns (path, array) pairs.
-    model, tokenizer, config = cast("tuple[nn.Module, TokenizerWrapper, dict[str, Any]]",
-                                    mlx_lm.load(str(directory), return_config=True))
-    memory = sum(v.nbytes for _, v in cast("list[tuple[str, mx.array]]", tree_flatten(model.parameters())))
-    info = ModelInfo(path=str(directory), memory_bytes=memory, context_length=_context_length(config))
+    if options.native:
+        model, tokenizer, config, report = _load_native(directory, options)
+    else:
+        model, tokenizer, config, report = _load_mlx(directory, options)
+    parameters = dict(cast("list[tuple[str, mx.array]]", tree_flatten(model.parameters())))
+    weights = weightreading.Weights(parameters, report)
+    if options.pin_policy != "none":
+        report = weights.pin(options.pin_policy, options.pin_budget_bytes)
+    memory = weights.total_bytes
+    info = ModelInfo(path=str(directory), memory_bytes=memory, context_length=_context_length(config),
+                     weights=weights)
     log.info(
-        "model loaded path=%s memory_bytes=%d context_length=%s seconds=%.2f blas=%s device=%s",
-        directory, memory, info.context_length, time.perf_counter() - started,
+        "model loaded path=%s memory_bytes=%d context_length=%s seconds=%.2f reader=%s transfer=%s files=%d "
+        "read_seconds=%.3f load_gbps=%.2f prefetch_threads=%d pin_policy=%s pinned_bytes=%d blas=%s device=%s",
+        directory, memory, info.context_length, time.perf_counter() - started, report.reader, report.transfer,
+        report.files, report.seconds, report.gbps, report.prefetch_threads, report.pin_policy, report.pinned_bytes,
         _blas.preloaded or "bundled", mx.default_device(),
     )
     vocab = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size") or len(tokenizer)
-    return LoadedModel(model, tokenizer, info, int(vocab))
+    return LoadedModel(model, tokenizer, info, int(vocab), weights)
+
+
+_Loaded = tuple[nn.Module, TokenizerWrapper, dict[str, Any], LoadReport]
+
+
+def _load_native(directory: Path, options: LoadOptions) -> _Loaded:
+    # The architecture, sanitize and quantization are mlx-lm's; lazy=True leaves its own
+    # (lazily read) weights unevaluated, so the files are read once, by the native path.
+    arrays, report = weightreading.read(directory, options)  # first: its errors name file and offset
+    model, config = cast("tuple[nn.Module, dict[str, Any]]", mlx_lm_utils.load_model(directory, lazy=True))
+    if hasattr(model, "sanitize"):
+        arrays = model.sanitize(arrays)
+    model.load_weights(list(arrays.items()), strict=True)
+    mx.eval(model.parameters())  # a no-op unless sanitize computed new arrays
+    model.eval()
+    tokenizer = mlx_lm_utils.load_tokenizer(directory, eos_token_ids=config.get("eos_token_id"))
+    return model, tokenizer, config, report
+
+
+def _load_mlx(directory: Path, options: LoadOptions) -> _Loaded:
+    started = time.perf_counter()
+    # mlx-lm types both of these for all their call forms: with `return_config` it returns three items.
+    model, tokenizer, config = cast("tuple[nn.Module, TokenizerWrapper, dict[str, Any]]",
+                                    mlx_lm.load(str(directory), return_config=True))
+    files = weightreading.weight_files(directory)
+    report = LoadReport(reader="mlx", transfer="copy", files=len(files), bytes=sum(f.stat().st_size for f in files),
+                        seconds=time.perf_counter() - started, prefetch_threads=0,
+                        pin_policy=options.pin_policy, pinned_bytes=0)
+    return model, tokenizer, config, report
 
 
 def _context_length(config: dict[str, Any]) -> int | None:

@@ -69,7 +69,8 @@ def create_app(
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        content, content_type = metrics.render()
+        # Off the loop: the collectors measure weight residency (mincore over every array).
+        content, content_type = await asyncio.to_thread(metrics.render)
         return Response(content, media_type=content_type)
 
     @app.get(SIGNALS_PATH)

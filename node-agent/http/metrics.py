@@ -8,7 +8,7 @@ Three sources:
 - Engine figures, read at scrape time from each engine's `EngineStats` (a custom
   collector), so the engine thread never touches prometheus-client: queue depth (also
   per tier), running sequences, tokens, prompt-cache bytes and hit rate, KV bytes,
-  model memory.
+  model memory, where the weights are (resident, pinned, mapped) and how fast they loaded.
 
 Also exported under vLLM's names, which inference gateways already scrape:
 `vllm:num_requests_running`, `vllm:num_requests_waiting`, `vllm:gpu_cache_usage_perc`
@@ -136,6 +136,11 @@ class _EngineCollector(Collector):
         hit_rate = gauge("mlxpool_prompt_cache_hit_rate", "Hits over lookups since start (0 before any lookup).")
         kv_bytes = gauge("mlxpool_kv_cache_bytes", "Key/value cache bytes of the running batch.")
         memory = gauge("mlxpool_model_memory_bytes", "Bytes of the model's parameters.")
+        weight_bytes = gauge("mlxpool_model_weight_bytes",
+                             "Bytes of the model's weights by where they are: resident (in physical memory, "
+                             "mincore), pinned (mlocked), mapped (still backed by the model files).", ("state",))
+        load_rate = gauge("mlxpool_model_load_gbps", "Rate the weights were read at when the model loaded (GB/s).",
+                          ("reader", "transfer"))
         for model in self._models.all():
             stats, name = model.engine.stats, [model.name]
             running.add_metric(name, stats.running)
@@ -165,6 +170,11 @@ class _EngineCollector(Collector):
             hit_rate.add_metric(name, stats.prompt_cache_hits_total / looked if looked else 0.0)
             kv_bytes.add_metric(name, stats.kv_cache_bytes)
             memory.add_metric(name, model.info.memory_bytes)
+            if (view := model.info.weights) is not None:
+                where = view.residency()
+                for state, value in (("resident", where.resident), ("pinned", where.pinned), ("mapped", where.mapped)):
+                    weight_bytes.add_metric([model.name, state], value)
+                load_rate.add_metric([model.name, view.report.reader, view.report.transfer], view.report.gbps)
         in_flight = GaugeMetricFamily("mlxpool_http_generations_in_flight", "Generation requests being answered.")
         in_flight.add_metric([], self._lifecycle.in_flight)
         # vLLM's shape: adapter lists as labels, the value the time of the reading.
@@ -173,7 +183,7 @@ class _EngineCollector(Collector):
         lora.add_metric(["", "", "0"], time.time())
         yield from (running, waiting, waiting_tier, vllm_running, vllm_waiting, vllm_cache, prompt, cached, shared,
                     generated, steps, finished, rejected, cache_bytes, cache_cap, cache_entries, lookups, hits,
-                    hit_rate, kv_bytes, memory, in_flight, lora)
+                    hit_rate, kv_bytes, memory, weight_bytes, load_rate, in_flight, lora)
 
 
 class HttpMetricsMiddleware:

@@ -34,10 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from mlxpool.agent.engine.interface import Engine, ModelInfo
+from mlxpool.agent.engine.interface import Engine, ModelInfo, WeightResidency, WeightsView
 from mlxpool.agent.engine.prompts import PromptEncoder
 from mlxpool.agent.errors import InvalidRequest, ModelNotFound
-from mlxpool.agent.operations import eviction, identity
+from mlxpool.agent.operations import eviction, identity, weights
 from mlxpool.agent.operations.errors import MaxModelsReached, MemoryBudgetExceeded, ModelConflict, UnloadInProgress
 from mlxpool.agent.serving.lifecycle import Lifecycle
 from mlxpool.agent.serving.promptcache import PromptCache
@@ -109,14 +109,20 @@ class _Record:
         """Ready, but its engine's thread has died."""
         return self.phase is ModelPhase.READY and self.served is not None and not self.served.engine.healthy
 
-    def state(self) -> ModelState:
+    @property
+    def weights(self) -> WeightsView | None:
+        return self.served.info.weights if self.served is not None else None
+
+    def state(self, residency: WeightResidency | None = None) -> ModelState:
         phase, message = self.phase, self.message
         if self.crashed:
             phase, message = ModelPhase.FAILED, "the engine stopped unexpectedly (see the agent's log)"
+        view = self.weights
         return ModelState(
             name=self.name, phase=phase, path=self.path, memory_bytes=self.memory_bytes or self.estimate_bytes,
             load_time_seconds=self.load_time_seconds, pinned=self.pinned, message=message, owner=self.owner,
             identity=self.identity,
+            weights=weights.describe(view.report, residency) if view is not None else None,
         )
 
     def resident(self) -> eviction.Resident:
@@ -147,8 +153,15 @@ class ModelManager:
 
     # ---- reading ----
 
-    def states(self) -> list[ModelState]:
-        return [r.state() for r in sorted(self._records.values(), key=lambda r: r.name)]
+    def states(self, residency: dict[str, WeightResidency] | None = None) -> list[ModelState]:
+        """Every model's state; `residency` (from `weight_views`, measured off the loop) fills in
+        where each model's weights are."""
+        residency = residency or {}
+        return [r.state(residency.get(r.name)) for r in sorted(self._records.values(), key=lambda r: r.name)]
+
+    def weight_views(self) -> dict[str, WeightsView]:
+        """The loaded models' weights, to measure residency from (any thread)."""
+        return {r.name: view for r in self._records.values() if (view := r.weights) is not None}
 
     def state(self, name: str) -> ModelState:
         return self._record(name).state()

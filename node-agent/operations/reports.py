@@ -41,9 +41,12 @@ class NodeReporter:
     async def report(self) -> NodeReport:
         hw = await self.hardware()
         free = await asyncio.to_thread(hardware.free_memory_bytes)
+        views = self._manager.weight_views()
+        # mincore over every array's pages: off the event loop.
+        residency = await asyncio.to_thread(lambda: {name: view.residency() for name, view in views.items()})
         return NodeReport(
             name=self._identity.name, endpoint=self._identity.endpoint(), hardware=hw,
             max_models=self._manager.capacity.max_models, free_memory_bytes=free,
-            models=self._manager.states(), cache=self._cache.entries(), queue=self._manager.queue(),
+            models=self._manager.states(residency), cache=self._cache.entries(), queue=self._manager.queue(),
             agent_version=__version__,
         )

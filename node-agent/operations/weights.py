@@ -6,6 +6,9 @@ the kernel keeps them resident. Pinning is refused by the OS when RLIMIT_MEMLOCK
 too low and the process lacks CAP_IPC_LOCK (Linux) — then `pin` raises `PinRefused`
 whose message says which limit to raise, and nothing stays half-locked.
 A pinned set stays mapped for as long as this object lives: `close()` releases it.
+
+`describe` turns a loaded model's load report and residency (the engine's `WeightsView`)
+into the wire form that /v1/node, the InferenceNode status and the ModelCache status carry.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import time
 from pathlib import Path
 
 from mlxpool import _native
+from mlxpool.agent.engine.interface import LoadReport, WeightResidency
+from mlxpool.agentapi import ModelWeights
 
 
 class PinRefused(RuntimeError):
@@ -82,3 +87,16 @@ def refusal_message(exc: OSError, size: int) -> str:
 def _model_files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.rglob("*")
                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(directory).parts))
+
+
+def describe(report: LoadReport, residency: WeightResidency | None = None) -> ModelWeights:
+    """The wire form of a model's weights; residency fields are None when not measured."""
+    return ModelWeights(
+        reader=report.reader, transfer=report.transfer, files=report.files, load_bytes=report.bytes,
+        read_seconds=round(report.seconds, 4), load_gbps=round(report.gbps, 3),
+        prefetch_threads=report.prefetch_threads, pin_policy=report.pin_policy, pin_message=report.pin_message,
+        total_bytes=residency.total if residency else None,
+        resident_bytes=residency.resident if residency else None,
+        pinned_bytes=residency.pinned if residency else report.pinned_bytes,
+        mapped_bytes=residency.mapped if residency else None,
+    )

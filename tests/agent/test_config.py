@@ -87,6 +87,11 @@ priority_scheduling:
     ("priority_scheduling: {tiers: {low: {max_wait: 3}}}", "priority_scheduling.tiers.low.max_wait: unknown key"),
     ("horizontal_scaling: {replicas: 3}", "horizontal_scaling.replicas: unknown key"),
     ("serving: [1, 2]", "serving: Input should be"),
+    ("weight_management: {pin_policy: some}", "weight_management.pin_policy: Input should be 'none', 'critical' or 'all'"),
+    ("weight_management: {pin_budget_bytes: -1}", "weight_management.pin_budget_bytes: Input should be greater"),
+    ("weight_management: {prefetch_threads: 65}", "weight_management.prefetch_threads: Input should be less"),
+    ("weight_management: {prefetch_depth: 0}", "weight_management.prefetch_depth: Input should be greater"),
+    ("weight_management: {use_mmap: maybe}", "weight_management.use_mmap: Input should be a valid boolean"),
     ("- a list", "must hold a mapping"),
     ("serving: {a: [", "not valid YAML"),
 ])
