@@ -140,8 +140,8 @@ def test_the_node_report_says_who_the_node_is_and_what_it_holds(ops_agent, clien
     assert weights["pin_policy"] == "critical" and weights["prefetch_threads"] == 2
     assert weights["total_bytes"] == tiny["memory_bytes"] and weights["mapped_bytes"] == 0
     assert 0 < weights["resident_bytes"] <= weights["total_bytes"]
-    if weights["pin_message"] is None:  # this host let us lock: the critical tensors are
-        assert 0 < weights["pinned_bytes"] < weights["total_bytes"]
+    if weights["pin_message"] is None:  # this host let us lock (tiny's 2 layers are all critical)
+        assert weights["pinned_bytes"] >= weights["total_bytes"]  # whole pages
     metrics = httpx.get(f"{ops_agent.url}/metrics").text
     assert 'mlxpool_model_weight_bytes{model_name="tiny",state="resident"}' in metrics
     assert 'mlxpool_model_load_gbps{model_name="tiny",reader="native",transfer="copy"}' in metrics
