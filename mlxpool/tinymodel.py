@@ -133,7 +133,8 @@ def save_safetensors(path: Path, tensors: dict[str, np.ndarray], dtype: str, met
     offset = 0
     for name in sorted(tensors):
         nbytes = tensors[name].size * (4 if dtype == "float32" else 2)
-        header[name] = {"dtype": DTYPES[dtype], "shape": list(tensors[name].shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {"dtype": DTYPES[dtype], "shape": list(tensors[name].shape),
+                        "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned

@@ -181,7 +181,7 @@ def test_the_prefetch_pool_joins_its_threads(tiny_model: Path):
     assert pool.closed and pool.running == 0 and pool.threads == 0
     with pytest.raises(RuntimeError, match="closed"):
         pool.submit(shard, 0, 1)
-    with pytest.raises(ValueError, match="prefetch threads must be 1..64"):
+    with pytest.raises(ValueError, match=r"prefetch threads must be 1\.\.64"):
         _native.Prefetcher(0)
 
 
