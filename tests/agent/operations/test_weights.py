@@ -16,7 +16,8 @@ from mlxpool.agent.operations.weights import WeightFiles
 
 async def test_warm_brings_every_page_in_and_pin_locks_them(tiny_model: Path):
     weights = await WeightFiles.open(tiny_model)
-    assert weights.size == sum(p.stat().st_size for p in tiny_model.iterdir())
+    # Hidden files (the content-identity cache an agent writes beside them) are not weights.
+    assert weights.size == sum(p.stat().st_size for p in tiny_model.iterdir() if not p.name.startswith("."))
     seconds = await weights.warm()
     assert seconds >= 0 and await weights.resident_fraction() == 1.0
     await weights.pin()
