@@ -19,15 +19,17 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mlxpool.httpguards import SizeLimitsMiddleware, UnexpectedErrorsMiddleware
-from mlxpool.router.errors import NoRoutingTable, RouterError, error_body
+from mlxpool.priorities import Priority
+from mlxpool.router.errors import NoRoutingTable, Overloaded, RouterError, error_body
 from mlxpool.router.forwarding import Forwarder
 from mlxpool.router.metrics import RouterMetrics
 from mlxpool.router.parsing import InferenceRequest, parse_inference_request, upstream_headers
 from mlxpool.router.picking.profiles import Strategies, load_strategies
+from mlxpool.router.picking.shedding import SheddingPolicy
 from mlxpool.router.picking.signals import EndpointSignals
 from mlxpool.router.polling import SignalPoller
 from mlxpool.router.relaying import ClientDisconnected, RelayResponse, cancel_on_disconnect
-from mlxpool.router.settings import RouterSettings, TableSourceSettings, UpstreamSettings
+from mlxpool.router.settings import RouterSettings, SheddingSettings, TableSourceSettings, UpstreamSettings
 from mlxpool.router.tables.files import follow_file
 from mlxpool.router.tables.holder import TableHolder
 
@@ -69,13 +71,17 @@ def create_app(settings: RouterSettings, metrics: RouterMetrics | None = None) -
     holder = TableHolder(settings.tables.pool)
     holder.on_accept(metrics.table_accepted)
     holder.on_result(metrics.table_offered)
-    signals = EndpointSignals(max_age=settings.signals.max_age, stale_policy=settings.signals.stale_policy)
+    signals = EndpointSignals(max_age=settings.signals.max_age, stale_policy=settings.signals.stale_policy,
+                              breaker_failures=settings.upstream.breaker_failures,
+                              breaker_open_seconds=settings.upstream.breaker_open_seconds)
+    shedding = shedding_policy(settings.shedding)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with AsyncExitStack() as stack:
             client = await stack.enter_async_context(http_client(settings.upstream))
-            app.state.forwarder = Forwarder(client, holder, strategies, signals, metrics, settings.upstream)
+            app.state.forwarder = Forwarder(client, holder, strategies, signals, metrics, settings.upstream,
+                                          shedding=shedding)
             task = asyncio.create_task(await table_source(settings.tables, holder, stack), name="routing-table-source")
             task.add_done_callback(_log_source_end)
             stack.push_async_callback(_cancel, task)
@@ -99,7 +105,10 @@ def create_app(settings: RouterSettings, metrics: RouterMetrics | None = None) -
 
     @app.exception_handler(RouterError)
     async def router_error(request: Request, exc: RouterError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
+        headers = dict(exc.headers or {})
+        if isinstance(exc, Overloaded):
+            headers["Retry-After"] = str(exc.retry_after)
+        return JSONResponse(exc.body(), status_code=exc.status_code, headers=headers or None)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -157,6 +166,12 @@ def create_app(settings: RouterSettings, metrics: RouterMetrics | None = None) -
         return Response(content, media_type=content_type)
 
     return app
+
+
+def shedding_policy(settings: SheddingSettings) -> SheddingPolicy:
+    tiers = {Priority.BACKGROUND: settings.background, Priority.LOW: settings.low,
+             Priority.NORMAL: settings.normal, Priority.HIGH: settings.high}
+    return SheddingPolicy({p: t for p, t in tiers.items() if t is not None}, settings.mean_output_tokens)
 
 
 def _model_label(holder: TableHolder, inference: InferenceRequest | None) -> str:

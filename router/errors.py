@@ -14,7 +14,7 @@ from mlxpool.apierrors import ApiError, error_body
 _RETRY_SOON: dict[str, str] = {"Retry-After": "1"}
 """On every 503 of the router: a table, an endpoint or a failover is usually a second away."""
 
-__all__ = ["BadRequest", "ModelNotFound", "NoHealthyEndpoint", "NoRoutingTable", "RouterError",
+__all__ = ["BadRequest", "ModelNotFound", "NoHealthyEndpoint", "NoRoutingTable", "Overloaded", "RouterError",
            "UpstreamUnavailable", "error_body"]
 
 
@@ -53,6 +53,18 @@ class NoHealthyEndpoint(RouterError):
     error_type = "service_unavailable"
     code = "no_healthy_endpoint"
     headers: ClassVar[dict[str, str] | None] = _RETRY_SOON
+
+
+class Overloaded(RouterError):
+    """Every endpoint is saturated for this request's tier: refused so more urgent ones get through."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "pool_saturated"
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class UpstreamUnavailable(RouterError):

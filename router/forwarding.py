@@ -21,11 +21,13 @@ from dataclasses import dataclass, field
 import anyio
 import httpx
 
+from mlxpool.priorities import Priority
 from mlxpool.router.errors import (
     BadRequest,
     ModelNotFound,
     NoHealthyEndpoint,
     NoRoutingTable,
+    Overloaded,
     UpstreamUnavailable,
     error_body,
 )
@@ -33,6 +35,7 @@ from mlxpool.router.metrics import RouterMetrics
 from mlxpool.router.parsing import STRATEGY_HEADER, InferenceRequest, downstream_headers
 from mlxpool.router.picking.plugins import PickRequest
 from mlxpool.router.picking.profiles import Strategies
+from mlxpool.router.picking.shedding import SheddingPolicy, shed
 from mlxpool.router.picking.signals import EndpointSignals
 from mlxpool.router.settings import UpstreamSettings
 from mlxpool.router.tables.holder import TableHolder
@@ -88,7 +91,7 @@ class _ServerError(Exception):
 class Forwarder:
     def __init__(self, client: httpx.AsyncClient, holder: TableHolder, strategies: Strategies,
                  signals: EndpointSignals, metrics: RouterMetrics, settings: UpstreamSettings,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, shedding: SheddingPolicy | None = None) -> None:
         self.client = client
         self.holder = holder
         self.strategies = strategies
@@ -96,6 +99,7 @@ class Forwarder:
         self.metrics = metrics
         self.settings = settings
         self.clock = clock
+        self.shedding = shedding
         holder.on_accept(lambda table: signals.retain(e.url for es in table.models.values() for e in es))
 
     async def open(self, path: str, request: InferenceRequest, headers: list[tuple[str, str]]) -> UpstreamReply:
@@ -108,6 +112,7 @@ class Forwarder:
                 f"model {request.model!r} is not served by pool {table.namespace}/{table.pool}", param="model")
         endpoints = table.endpoints_for(request.model)
         pick = PickRequest(request.model, request.prompt, request.priority, self.clock())
+        self._shed_if_saturated(pick, endpoints)
         pipeline = self.strategies.for_name(self._strategy(table, request))
         ranked = pipeline.rank(pick, endpoints, self.signals) if endpoints else []
         if not ranked:
@@ -129,6 +134,17 @@ class Forwarder:
             return failures[-1].reply  # the last agent answered: its own error tells the client most
         raise UpstreamUnavailable(f"all {len(failures)} candidate endpoints failed: {summary}")
 
+    def _shed_if_saturated(self, pick: PickRequest, endpoints: list[RouteEndpoint]) -> None:
+        if self.shedding is None or not endpoints:
+            return
+        priority = pick.priority or Priority.NORMAL
+        views = [self.signals.load(e.url, pick.model, pick.now) for e in endpoints]
+        retry_after = shed(priority, views, self.shedding)
+        if retry_after is not None:
+            self.metrics.shed.labels(pick.model, priority.value).inc()
+            raise Overloaded(f"every endpoint of model {pick.model!r} is saturated; {priority.value} requests are "
+                             f"refused first (retry after {retry_after} s)", retry_after)
+
     def _strategy(self, table: RoutingTable, request: InferenceRequest) -> str:
         """The table's strategy, or the one the request's header chose when the pool allows it."""
         chosen = request.strategy
@@ -143,6 +159,7 @@ class Forwarder:
     async def _attempt(self, endpoint: RouteEndpoint, path: str, request: InferenceRequest,
                        headers: list[tuple[str, str]]) -> UpstreamReply:
         self.signals.started(endpoint.url)
+        self.signals.attempting(endpoint.url, self.clock())
         self.metrics.in_flight.labels(endpoint.node).inc()
         started = self.clock()
         response: httpx.Response | None = None
@@ -165,7 +182,11 @@ class Forwarder:
             if failure is None:
                 raise
             self.metrics.upstream_errors.labels(endpoint.node, failure.kind).inc()
+            if self.signals.failed(endpoint.url, self.clock(), trip=failure.kind == "connect"):
+                self.metrics.breaker_trips.labels(endpoint.node).inc()
+                log.warning("circuit breaker open endpoint=%s reason=%s", endpoint.node, failure.detail)
             raise failure from exc
+        self.signals.succeeded(endpoint.url)
 
         elapsed = self.clock() - started
         self.metrics.first_byte_seconds.labels(request.model, str(request.stream).lower()).observe(elapsed)

@@ -38,6 +38,9 @@ class RouterMetrics:
             "mlxpool_router_endpoint_signal_age_seconds",
             "Age of the endpoint's last load report (-1: none yet); past the staleness bound it is not trusted.",
             ["endpoint"], registry=r)
+        self.breaker_trips = Counter(
+            "mlxpool_router_breaker_trips", "Times an endpoint's circuit breaker opened (or re-opened after a probe).",
+            ["endpoint"], registry=r)
         self.shed = Counter(
             "mlxpool_router_shed_requests", "Requests refused with 429 because every endpoint was saturated, by tier.",
             ["model", "priority"], registry=r)

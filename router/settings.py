@@ -93,9 +93,18 @@ class UpstreamSettings:
     max_keepalive_connections: int = 200
     """Idle connections kept for reuse."""
 
+    breaker_failures: int = 3
+    """Consecutive failed attempts (timeouts, 5xx, broken connections) that open an endpoint's
+    circuit breaker; a refused connection opens it at once."""
+
+    breaker_open_seconds: float = 5.0
+    """How long an open breaker keeps requests away before one probe is let through."""
+
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
+        if self.breaker_failures < 1 or self.breaker_open_seconds <= 0:
+            raise ValueError("breaker_failures must be at least 1 and breaker_open_seconds positive")
         for name in ("connect_timeout", "first_byte_timeout", "read_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
@@ -128,12 +137,26 @@ class SignalSettings:
 
 
 @dataclass(frozen=True)
+class SheddingSettings:
+    """When the router refuses low tiers with 429 (see `picking.shedding`): slot usage
+    (running + waiting over batch slots) every endpoint must reach; None: never shed."""
+
+    background: float | None = 1.0
+    low: float | None = 1.5
+    normal: float | None = None
+    high: float | None = None
+    mean_output_tokens: int = 128
+    """Decode steps a waiting request holds a slot for, in the Retry-After estimate."""
+
+
+@dataclass(frozen=True)
 class RouterSettings:
     """Everything one router process needs."""
 
     tables: TableSourceSettings
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
     signals: SignalSettings = field(default_factory=SignalSettings)
+    shedding: SheddingSettings = field(default_factory=SheddingSettings)
     strategies_file: Path | None = None
     """YAML file of strategy profiles merged over the built-in ones (see `profiles`)."""
     limits: SizeLimits = field(default_factory=SizeLimits)

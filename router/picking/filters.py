@@ -61,3 +61,22 @@ class MaxInFlightFilter(Filter):
         self, request: PickRequest, endpoints: Sequence[RouteEndpoint], signals: EndpointSignals
     ) -> list[RouteEndpoint]:
         return [e for e in endpoints if signals.get(e.url).in_flight < self.params.limit]
+
+
+class CircuitBreakerFilter(Filter):
+    """Skips endpoints whose circuit breaker is open (see `signals.Breaker`).
+
+    The breaker trips on a refused connection at once, and on `breaker_failures`
+    consecutive timeouts, 5xx answers or broken connections; after the open time one
+    probe request goes through (half-open) and its outcome closes or re-opens it. Like
+    `connect-cooldown` it never drops every endpoint: the table is the authority, and a
+    pool whose every breaker is open still gets its requests tried.
+    """
+
+    type_name = "circuit-breaker"
+
+    def filter(
+        self, request: PickRequest, endpoints: Sequence[RouteEndpoint], signals: EndpointSignals
+    ) -> list[RouteEndpoint]:
+        survivors = [e for e in endpoints if signals.admits(e.url, request.now)]
+        return survivors or list(endpoints)

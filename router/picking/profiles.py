@@ -16,7 +16,7 @@ from typing import Any, cast
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from mlxpool.router.picking.filters import ConnectCooldownFilter, MaxInFlightFilter
+from mlxpool.router.picking.filters import CircuitBreakerFilter, ConnectCooldownFilter, MaxInFlightFilter
 from mlxpool.router.picking.loadscorers import (
     PredictedTtftScorer,
     QueueDepthScorer,
@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 PLUGIN_TYPES: tuple[type[Plugin], ...] = (
     ConnectCooldownFilter,
+    CircuitBreakerFilter,
     MaxInFlightFilter,
     WeightedRoundRobinScorer,
     LeastInFlightScorer,
@@ -54,15 +55,15 @@ BUILTIN_STRATEGIES_YAML = """
 default: round-robin
 profiles:
   round-robin:
-    filters: [{type: connect-cooldown}]
+    filters: [{type: circuit-breaker}]
     scorers: [{type: weighted-round-robin}]
   least-loaded:
-    filters: [{type: connect-cooldown}]
+    filters: [{type: circuit-breaker}]
     scorers:
       - {type: least-in-flight, weight: 1.0}
       - {type: weighted-round-robin, weight: 0.1}  # breaks ties, in proportion to weights
   latency-aware:
-    filters: [{type: connect-cooldown}]
+    filters: [{type: circuit-breaker}]
     scorers:
       - {type: low-latency, weight: 1.0}
       - {type: least-in-flight, weight: 0.5}
@@ -74,7 +75,7 @@ profiles:
   # A hard cap per endpoint is a max-in-flight filter in a strategies file: a hot prefix
   # then spills onto a second endpoint, which from then on matches it too.
   prefix-affinity:
-    filters: [{type: connect-cooldown}]
+    filters: [{type: circuit-breaker}]
     scorers:
       - {type: prefix-affinity, weight: 2.0}
       - {type: least-in-flight, weight: 1.0}
@@ -82,13 +83,13 @@ profiles:
   # On the agents' own reports (GET /v1/signals), not this router's view: with several
   # router replicas each sees only its own requests, the agents see them all.
   load-aware:
-    filters: [{type: connect-cooldown}]
+    filters: [{type: circuit-breaker}]
     scorers:
       - {type: queue-depth, weight: 1.0}
       - {type: slot-utilisation, weight: 1.0}
       - {type: weighted-round-robin, weight: 0.1}
   predicted-latency:
-    filters: [{type: connect-cooldown}]
+    filters: [{type: circuit-breaker}]
     scorers:
       - {type: predicted-ttft, weight: 2.0}
       - {type: slot-utilisation, weight: 0.5}
@@ -96,7 +97,7 @@ profiles:
   # Stay on the warm endpoint until its queued prefill passes the threshold (then it
   # scores 0 on affinity and load decides); new prefixes are spread by load.
   sticky-prefix:
-    filters: [{type: connect-cooldown}]
+    filters: [{type: circuit-breaker}]
     scorers:
       - {type: sticky-prefix, weight: 3.0}
       - {type: queue-depth, weight: 1.0}

@@ -25,6 +25,16 @@ from mlxpool.router.settings import StalePolicy
 __all__ = ["EndpointSignal", "EndpointSignals", "Freshness", "LoadView", "StalePolicy"]
 
 
+class Breaker(enum.Enum):
+    """Circuit-breaker state of one endpoint."""
+
+    CLOSED = "closed"
+    OPEN = "open"
+    """Tripped: no request is sent until `open_seconds` have passed."""
+    HALF_OPEN = "half_open"
+    """The open time is over: one probe request may go; its outcome closes or re-opens."""
+
+
 class Freshness(enum.Enum):
     FRESH = "fresh"
     STALE = "stale"
@@ -62,14 +72,26 @@ class EndpointSignal:
     draining: bool = False
     """The last report said the agent is draining."""
 
+    failures: int = 0
+    """Consecutive failed attempts (connect, timeout, 5xx, protocol) since the last success."""
+    opened_at: float | None = None
+    """Monotonic time the breaker last tripped; None while closed."""
+    probing: bool = False
+    """A half-open probe is in flight."""
+
 
 class EndpointSignals:
     """Signals of every endpoint the router has talked to, by URL."""
 
     def __init__(self, ewma_alpha: float = 0.3, max_age: float = 0.5,
-                 stale_policy: StalePolicy = StalePolicy.SATURATED) -> None:
+                 stale_policy: StalePolicy = StalePolicy.SATURATED, breaker_failures: int = 3,
+                 breaker_open_seconds: float = 5.0) -> None:
         if not 0 < ewma_alpha <= 1:
             raise ValueError("ewma_alpha must be in (0, 1]")
+        if breaker_failures < 1 or breaker_open_seconds <= 0:
+            raise ValueError("breaker_failures must be >= 1 and breaker_open_seconds positive")
+        self.breaker_failures = breaker_failures
+        self.breaker_open_seconds = breaker_open_seconds
         if max_age <= 0:
             raise ValueError("max_age must be positive")
         self.ewma_alpha = ewma_alpha
@@ -90,6 +112,7 @@ class EndpointSignals:
     def finished(self, url: str) -> None:
         entry = self._entry(url)
         entry.in_flight = max(0, entry.in_flight - 1)
+        entry.probing = False  # a probe that ended without an outcome (cancelled) frees the half-open slot
 
     def observe_first_byte(self, url: str, seconds: float) -> None:
         entry = self._entry(url)
@@ -128,6 +151,44 @@ class EndpointSignals:
 
     def urls(self) -> list[str]:
         return list(self._by_url)
+
+    # ---- circuit breaker: closed -> open (N failures in a row, or a refused connection)
+    # -> half-open after open_seconds (one probe) -> closed on success / open on failure.
+
+    def breaker(self, url: str, now: float) -> Breaker:
+        entry = self.get(url)
+        if entry.opened_at is None:
+            return Breaker.CLOSED
+        if now - entry.opened_at < self.breaker_open_seconds:
+            return Breaker.OPEN
+        return Breaker.HALF_OPEN
+
+    def admits(self, url: str, now: float) -> bool:
+        """Whether the breaker lets a request through now (half-open: only while no probe is out)."""
+        state = self.breaker(url, now)
+        return state is Breaker.CLOSED or (state is Breaker.HALF_OPEN and not self.get(url).probing)
+
+    def attempting(self, url: str, now: float) -> None:
+        """A request is being sent: through a half-open breaker, it is the probe."""
+        if self.breaker(url, now) is Breaker.HALF_OPEN:
+            self._entry(url).probing = True
+
+    def succeeded(self, url: str) -> None:
+        entry = self._by_url.get(url)
+        if entry is not None:
+            entry.failures, entry.opened_at, entry.probing = 0, None, False
+            entry.connect_failed_at = None
+
+    def failed(self, url: str, now: float, *, trip: bool = False) -> bool:
+        """Count a failed attempt; True when this trips (or re-trips) the breaker."""
+        entry = self._entry(url)
+        half_open = self.breaker(url, now) is Breaker.HALF_OPEN
+        entry.failures += 1
+        entry.probing = False
+        if trip or half_open or entry.failures >= self.breaker_failures:
+            entry.opened_at = now
+            return True
+        return False
 
     def retain(self, urls: Iterable[str]) -> None:
         """Forget endpoints that left the table, except those with requests still in flight."""
