@@ -13,7 +13,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "up": ("mlxpool.dev.local:main_up", "agents + router on loopback, no Kubernetes: a first look in seconds"),
     "down": ("mlxpool.dev.local:main_down", "stop what `mlxpool up` started"),
-    "agent": ("mlxpool.agent.main", "run a node agent serving models with MLX"),
+    "agent": ("mlxpool.agent.main", "run a node agent serving models with MLX (install|uninstall: launchd)"),
     "router": ("mlxpool.router.main", "run a router following a pool's routing table"),
     "operator": ("mlxpool.operator.main", "run the kopf operator"),
     "dev": ("mlxpool.dev.main", "local control plane + operator + agents + router (up|down|status)"),
@@ -41,7 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"mlxpool: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    module_name, _, function = COMMANDS[name][0].partition(":")
+    target = COMMANDS[name][0]
+    if name == "agent" and rest[:1] in (["install"], ["uninstall"]):
+        target = "mlxpool.agentinstall"  # the launchd service, not the agent process
+    module_name, _, function = target.partition(":")
     module = importlib.import_module(module_name)
     return int(getattr(module, function or "main")(rest) or 0)
 
