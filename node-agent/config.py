@@ -96,6 +96,8 @@ class AuthConfig(_Section):
     """API keys for the inference endpoints, one per line; none: those endpoints are open."""
     ops_token_file: Path | None = None
     """The bearer token of the operations API (/v1/node); none: that API answers 403."""
+    reload_seconds: float = Field(default=1.0, ge=0, le=3600)
+    """How often the secret files are checked for a rotation (applied without a restart); 0: never."""
 
 
 class TierConfig(_Section):

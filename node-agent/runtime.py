@@ -30,7 +30,7 @@ import uvicorn
 from mlxpool.agent.config import RuntimeConfig
 from mlxpool.agent.engine.interface import EngineConfig, LoadOptions
 from mlxpool.agent.http.app import create_app
-from mlxpool.agent.http.auth import Credentials
+from mlxpool.agent.http.auth import CredentialReloader, Credentials
 from mlxpool.agent.http.metrics import AgentMetrics
 from mlxpool.agent.http.operations import ops_router
 from mlxpool.agent.node import hardware
@@ -147,6 +147,8 @@ class AgentRuntime:
         self.url: str | None = None
         self._signals = 0
         self._background: list[asyncio.Task[object]] = []
+        auth = config.runtime.auth
+        self._reloader = CredentialReloader(self.app, auth.api_key_file, auth.ops_token_file, auth.reload_seconds)
 
     async def run(self) -> int:
         """Serve until signalled; the process exit code."""
@@ -163,6 +165,8 @@ class AgentRuntime:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, server, sig)
         serving = asyncio.create_task(server.serve(sockets=[sock]), name="http-server")
+        if self._reloader.watching and self._reloader.interval > 0:
+            self._background.append(asyncio.create_task(self._reloader.run(), name="secret-reload"))
         try:
             listening = asyncio.ensure_future(server.listening.wait())
             try:

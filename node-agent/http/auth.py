@@ -14,21 +14,31 @@ files (`--api-key-file`, `--ops-token-file`) or the environment (`MLXPOOL_API_KE
 `Credentials` in `app.state.credentials`, where the dependencies read them, so a
 router of routes only needs `dependencies=[Depends(require_ops_token)]`.
 
+Secrets from files rotate without a restart: `CredentialReloader` watches the files
+(size, mtime, inode: an atomic rename or an in-place write both show) and swaps the
+app's `Credentials` when they change. A file that became unreadable or empty keeps the
+previous secrets (a half-written rotation must not open or lock the API) and is logged,
+by path, never by content. Secrets from the environment are fixed for the process.
+
 Comparisons are constant-time (`hmac.compare_digest`). What this module does not do:
 users, scopes, rate limits — a key either opens the inference API or it does not.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import logging
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fastapi import Request
+from fastapi import FastAPI, Request
 
 from mlxpool.agent.errors import AgentError
+
+log = logging.getLogger(__name__)
 
 API_KEY_ENV = "MLXPOOL_API_KEY"
 OPS_TOKEN_ENV = "MLXPOOL_OPS_TOKEN"
@@ -126,9 +136,8 @@ def require_ops_token(request: Request) -> None:
 
 
 def _credentials(request: Request) -> Credentials:
-    credentials = getattr(request.app.state, "credentials", None)
     # An app built without credentials has open inference and a closed ops API.
-    return credentials if isinstance(credentials, Credentials) else Credentials()
+    return _credentials_of(request.app)
 
 
 def _bearer(authorization: str | None) -> str:
@@ -143,3 +152,57 @@ def _bearer(authorization: str | None) -> str:
 def _env_secret(env: Mapping[str, str], name: str) -> list[str]:
     value = env.get(name, "").strip()
     return [value] if value else []
+
+
+class CredentialReloader:
+    """Re-reads the secret files every `interval` seconds when they changed; `run()` until cancelled."""
+
+    def __init__(self, app: FastAPI, api_key_file: str | Path | None, ops_token_file: str | Path | None,
+                 interval: float = 1.0) -> None:
+        self.app = app
+        self.files = (api_key_file, ops_token_file)
+        self.interval = interval
+        self._seen = self._stamp()
+
+    @property
+    def watching(self) -> bool:
+        return any(self.files)
+
+    def _stamp(self) -> tuple[tuple[int, int, int] | None, ...]:
+        stamps: list[tuple[int, int, int] | None] = []
+        for path in self.files:
+            try:
+                st = os.stat(Path(path).expanduser()) if path else None
+            except OSError:
+                st = None
+            stamps.append((st.st_ino, st.st_size, st.st_mtime_ns) if st else None)
+        return tuple(stamps)
+
+    def reload_if_changed(self) -> bool:
+        """Swap the app's credentials if a file changed and still holds secrets; whether it swapped."""
+        stamp = self._stamp()
+        if stamp == self._seen:
+            return False
+        self._seen = stamp
+        try:
+            fresh = Credentials.load(*self.files)
+        except ValueError as exc:  # the message names the file, never a secret
+            log.warning("secret files changed but cannot be used; keeping the previous secrets error=%s", exc)
+            return False
+        current = _credentials_of(self.app)
+        if fresh == current:
+            return False
+        self.app.state.credentials = fresh
+        log.info("secrets reloaded api_keys=%d ops_token=%s", len(fresh.api_keys),
+                 "set" if fresh.ops_token else "unset")
+        return True
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            await asyncio.to_thread(self.reload_if_changed)  # file reads stay off the event loop
+
+
+def _credentials_of(app: FastAPI) -> Credentials:
+    credentials = getattr(app.state, "credentials", None)
+    return credentials if isinstance(credentials, Credentials) else Credentials()

@@ -97,3 +97,7 @@ def stack(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     finally:
         router.stop(10)
         agent.stop(10)
+    # Everything the suites made these processes write: no secret in it.
+    produced = "".join(p.read_text(errors="replace") for p in log_dir.rglob("*.log"))
+    for secret in (API_KEY, OPS_TOKEN):
+        assert secret not in produced, "a secret leaked into the agent's or the router's log"
