@@ -70,6 +70,9 @@ class LoadModelRequest(_Strict):
     pin: bool = Field(default=False, description="Keep the weights resident (never evicted).")
     owner: str | None = Field(default=None, min_length=1, max_length=253,
                               description="Who asked for the load, reported back in ModelState.owner.")
+    keep_alive_seconds: float | None = Field(
+        default=None, ge=0, le=30 * 86400,
+        description="Not evicted within this many seconds of its last use (None: multi_model.keep_alive_seconds).")
 
     @model_validator(mode="after")
     def _one_source(self) -> LoadModelRequest:

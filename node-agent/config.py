@@ -156,9 +156,16 @@ class MultiModel(_Section):
     """Bytes of model weights this node may hold; unset: memory_budget_fraction of RAM."""
     memory_budget_fraction: float = Field(default=0.75, gt=0, le=1)
     """The budget as a fraction of physical memory, when memory_budget_bytes is unset."""
-    eviction: Literal["lru", "none"] = "lru"
-    """When a load does not fit: 'lru' unloads the least recently used idle, unpinned models;
-    'none' refuses the load (409 max_models_reached / 507 memory_budget_exceeded)."""
+    eviction: Literal["cost", "lru", "none"] = "cost"
+    """When a load does not fit: 'cost' unloads the idle, unpinned models least worth keeping
+    (how often they are asked for times what bringing them back costs); 'lru' the least
+    recently used; 'none' refuses the load (409 max_models_reached / 507 memory_budget_exceeded)."""
+    usage_half_life_seconds: float = Field(default=600.0, gt=0, le=30 * 86400)
+    """How fast a model's request count fades for 'cost' eviction: it halves every this many seconds."""
+    keep_alive_seconds: float = Field(default=0.0, ge=0, le=30 * 86400)
+    """A model used within this many seconds is not evicted (a load may set its own, keep_alive_seconds)."""
+    default_load_gbps: float = Field(default=1.0, gt=0, le=1000)
+    """The load rate (GB/s) assumed for a model's cost to bring back until loads on this node are measured."""
     unload_timeout_seconds: float = Field(default=30.0, ge=0)
     """How long an unload waits for the model's in-flight requests before stopping its engine."""
 

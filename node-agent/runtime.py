@@ -40,6 +40,7 @@ from mlxpool.agent.serving.dataplane import DataPlane, DataPlaneSettings
 from mlxpool.agent.serving.lifecycle import Lifecycle, Phase
 from mlxpool.agent.serving.promptcache import PromptCache
 from mlxpool.agent.serving.repository import ModelRepository
+from mlxpool.agent.serving.usage import UsageCounts
 from mlxpool.agentapi import ModelPhase
 from mlxpool.httpguards import SizeLimits
 from mlxpool.nodes import LoadedModel, NodeStatus
@@ -116,7 +117,7 @@ class AgentRuntime:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.lifecycle = Lifecycle()
-        self.models = ModelRepository()
+        self.models = ModelRepository(UsageCounts(config.runtime.multi_model.usage_half_life_seconds))
         self.metrics = AgentMetrics(self.models, self.lifecycle)
         # ---- the prompt cache beyond the engines: shared with other agents through Redis, if set ----
         serving = config.runtime.serving

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlxpool.agent.config import MultiModel, WeightManagement
+from mlxpool.agent.operations import eviction
 from mlxpool.agent.operations.manager import Capacity, EngineFactory, ModelManager
 from mlxpool.agent.operations.reports import NodeIdentity, NodeReporter
 from mlxpool.agent.operations.sources import DEFAULT_HUB_ENDPOINT
@@ -77,7 +78,10 @@ class Operations:
         capacity = Capacity(
             max_models=multi_model.max_models,
             budget_bytes=multi_model.memory_budget_bytes or int(multi_model.memory_budget_fraction * physical_memory()),
-            evict=multi_model.eviction == "lru",
+            evict=multi_model.eviction != "none",
+            order=eviction.Order.LRU if multi_model.eviction == "lru" else eviction.Order.COST,
+            keep_alive=multi_model.keep_alive_seconds,
+            default_load_bps=multi_model.default_load_gbps * 1e9,
             unload_timeout=multi_model.unload_timeout_seconds,
         )
         manager: ModelManager | None = None

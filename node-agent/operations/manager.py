@@ -79,6 +79,11 @@ class Capacity:
     budget_bytes: int | None
     """Bytes of model weights allowed at once; None: not limited."""
     evict: bool = True
+    order: eviction.Order = eviction.Order.COST
+    keep_alive: float = 0.0
+    """Seconds after its last use a model is not evicted (a load may set its own)."""
+    default_load_bps: float = 1e9
+    """Load rate assumed for a model's cost to bring back until a load has been measured."""
     unload_timeout: float = 30.0
 
 
@@ -92,6 +97,7 @@ class _Record:
     estimate_bytes: int
     owner: str | None = None
     identity: str | None = None
+    keep_alive: float | None = None
     phase: ModelPhase = ModelPhase.LOADING
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     engine: ManagedEngine | None = None
@@ -125,12 +131,14 @@ class _Record:
             weights=weights.describe(view.report, residency) if view is not None else None,
         )
 
-    def resident(self) -> eviction.Resident:
+    def resident(self, uses: float, load_bps: float, keep_alive: float, now: float) -> eviction.Resident:
         served = self.served.engine if self.served is not None else None
         busy = self.phase is not ModelPhase.READY or (isinstance(served, ServedEngine) and served.busy)
         last_used = self.served.last_used if self.served is not None else self.admitted_at
-        return eviction.Resident(self.name, self.memory_bytes or self.estimate_bytes, last_used,
-                                 pinned=self.pinned, busy=busy)
+        size = self.memory_bytes or self.estimate_bytes
+        alive = self.keep_alive if self.keep_alive is not None else keep_alive
+        return eviction.Resident(self.name, size, last_used, pinned=self.pinned, busy=busy, uses=uses,
+                                 reload_seconds=size / load_bps, kept_alive=now - last_used < alive)
 
 
 class ModelManager:
@@ -150,6 +158,8 @@ class ModelManager:
         self._on_change = on_change
         self._records: dict[str, _Record] = {}
         self._admission = asyncio.Lock()  # one capacity decision at a time
+        self.load_bps: float | None = None
+        """Bytes per second of this node's loads (a moving average), once one has been measured."""
 
     # ---- reading ----
 
@@ -202,7 +212,7 @@ class ModelManager:
             estimate = await asyncio.to_thread(weights_bytes, path)
             victims = self._admit(request.name, estimate)
             record = _Record(request.name, str(path), request.cache_key, request.warm, request.pin, estimate,
-                             owner=request.owner)
+                             owner=request.owner, keep_alive=request.keep_alive_seconds)
             self._records[record.name] = record
             self.repository.mark(record.name, ModelPhase.LOADING)
             record.task = asyncio.create_task(self._load(record, victims), name=f"load-{record.name}")
@@ -218,10 +228,13 @@ class ModelManager:
         return record.state()
 
     def _admit(self, name: str, estimate: int) -> list[_Record]:
-        residents = [r.resident() for r in self._records.values()
+        now, rate = time.monotonic(), self.load_bps or self.capacity.default_load_bps
+        residents = [r.resident(self.repository.usage.uses(r.name, now), rate, self.capacity.keep_alive, now)
+                     for r in self._records.values()
                      if r.phase in (ModelPhase.LOADING, ModelPhase.WARMING, ModelPhase.READY)]
         decision = eviction.admit(residents, estimate, max_models=self.capacity.max_models,
-                                  budget_bytes=self.capacity.budget_bytes, evict=self.capacity.evict)
+                                  budget_bytes=self.capacity.budget_bytes, evict=self.capacity.evict,
+                                  order=self.capacity.order)
         if decision.refusal is not None:
             kind = MaxModelsReached if decision.refusal.shortage is eviction.Shortage.SLOTS else MemoryBudgetExceeded
             raise kind(f"cannot load {name!r}: {decision.refusal.message}", param="name")
@@ -262,6 +275,7 @@ class ModelManager:
                 return
             record.load_time_seconds = round(time.perf_counter() - started, 4)
             record.memory_bytes = info.memory_bytes
+            self._measured(info.memory_bytes, time.perf_counter() - started)
             served_engine = ServedEngine(record.engine, record.name, digest, self._lifecycle,
                                          self._prompt_cache)
             record.served = ServedModel(record.name, served_engine, encoder, info, int(time.time()),
@@ -335,6 +349,13 @@ class ModelManager:
         await asyncio.gather(*(r.task for r in list(self._records.values()) if r.task), return_exceptions=True)
 
     # ---- helpers ----
+
+    def _measured(self, size: int, seconds: float) -> None:
+        """Fold one load into the node's load rate (the cost of bringing a model back)."""
+        if size <= 0 or seconds <= 0:
+            return
+        rate = size / seconds
+        self.load_bps = rate if self.load_bps is None else 0.7 * self.load_bps + 0.3 * rate
 
     async def _resolve(self, request: LoadModelRequest) -> Path:
         if request.cache_key is not None:

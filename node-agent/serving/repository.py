@@ -1,7 +1,7 @@
 """The models this agent serves, by the name clients use in `"model"`.
 
 The registry the data plane reads: `get(name)` for each request (which also marks
-the model as just used, the clock LRU eviction goes by) and `all()` for
+the model as just used and counts the use: what eviction goes by) and `all()` for
 `/v1/models`, metrics and the InferenceNode status. The model manager
 (`operations.manager`) writes it: a model appears in `all()` once it is ready and
 leaves when its unload begins. While a model is on its way in or out (its
@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from mlxpool.agent.engine.interface import Engine, ModelInfo
 from mlxpool.agent.engine.prompts import PromptEncoder
 from mlxpool.agent.errors import ModelLoading, ModelNotFound, ModelUnloading
+from mlxpool.agent.serving.usage import UsageCounts
 from mlxpool.agentapi import ModelPhase
 
 
@@ -41,7 +42,9 @@ class ServedModel:
 
 
 class ModelRepository:
-    def __init__(self) -> None:
+    def __init__(self, usage: UsageCounts | None = None) -> None:
+        self.usage = usage or UsageCounts()
+        """How often each name was asked for (what cost-aware eviction weighs), kept across unloads."""
         self._models: dict[str, ServedModel] = {}
         self._transitions: dict[str, ModelPhase] = {}
         """Names on their way in (loading, warming) or out (unloading), not servable."""
@@ -66,6 +69,7 @@ class ModelRepository:
         model = self._models.get(name)
         if model is not None:
             model.last_used = time.monotonic()
+            self.usage.used(name, model.last_used)
             return model
         phase = self._transitions.get(name)
         if phase is ModelPhase.UNLOADING:

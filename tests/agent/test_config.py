@@ -78,6 +78,15 @@ priority_scheduling:
     assert config.priority_scheduling.tier(Priority.HIGH).max_waiting is None
 
 
+def test_multi_model_eviction_is_cost_aware_by_default_and_configurable(tmp_path):
+    assert RuntimeConfig().multi_model.eviction == "cost"
+    config = load_runtime_config(write(tmp_path, """
+multi_model: {eviction: lru, usage_half_life_seconds: 60, keep_alive_seconds: 300, default_load_gbps: 2.5}
+"""), environ={})
+    m = config.multi_model
+    assert (m.eviction, m.usage_half_life_seconds, m.keep_alive_seconds, m.default_load_gbps) == ("lru", 60, 300, 2.5)
+
+
 @pytest.mark.parametrize(("text", "needle"), [
     ("serving: {decode_concurency: 4}", "serving.decode_concurency: unknown key"),
     ("servng: {}", "servng: unknown key"),
@@ -86,6 +95,10 @@ priority_scheduling:
     ("priority_scheduling: {tiers: {urgent: {}}}", "priority_scheduling.tiers.urgent"),
     ("priority_scheduling: {tiers: {low: {max_wait: 3}}}", "priority_scheduling.tiers.low.max_wait: unknown key"),
     ("horizontal_scaling: {replicas: 3}", "horizontal_scaling.replicas: unknown key"),
+    ("multi_model: {eviction: lfu}", "multi_model.eviction: Input should be 'cost', 'lru' or 'none'"),
+    ("multi_model: {usage_half_life_seconds: 0}", "multi_model.usage_half_life_seconds: Input should be greater"),
+    ("multi_model: {keep_alive_seconds: -1}", "multi_model.keep_alive_seconds: Input should be greater"),
+    ("multi_model: {default_load_gbps: 0}", "multi_model.default_load_gbps: Input should be greater"),
     ("serving: [1, 2]", "serving: Input should be"),
     ("weight_management: {pin_policy: some}",
      "weight_management.pin_policy: Input should be 'none', 'critical' or 'all'"),

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
-from mlxpool.agent.operations.eviction import Resident, Shortage, admit, eviction_order
+from mlxpool.agent.operations.eviction import Order, Resident, Shortage, admit, eviction_order, replay
+from mlxpool.agent.serving.usage import MAX_NAMES, UsageCounts
 
 MIB = 1024 * 1024
 
@@ -59,3 +62,54 @@ def test_admit_without_eviction_refuses_when_full_and_says_eviction_is_off():
 def test_eviction_order_skips_pinned_and_busy_and_orders_by_last_use():
     order = eviction_order([r("c", used=3), r("p", used=0, pinned=True), r("a", used=1), r("x", used=0, busy=True)])
     assert [m.name for m in order] == ["a", "c"]
+
+
+# ---- cost-aware order ----
+
+
+def c(name: str, uses: float, reload_s: float = 1.0, used: float = 0.0, **kw) -> Resident:
+    return Resident(name, 100 * MIB, used, uses=uses, reload_seconds=reload_s, **kw)
+
+
+@pytest.mark.parametrize(("residents", "victims"), [
+    ([c("popular", 50, used=1), c("rare", 1, used=2)], ("rare",)),          # LRU would drop "popular"
+    ([c("small", 5, reload_s=0.1), c("big", 5, reload_s=4.0)], ("small",)),  # equal use: cheaper to bring back goes
+    ([c("big-rare", 1, reload_s=4.0), c("small-hot", 10, reload_s=0.1)], ("small-hot",)),  # 1*4 > 10*0.1
+    ([c("a", 2, used=1), c("b", 2, used=2)], ("a",)),                       # equal worth: least recent first
+    ([c("rare", 1, pinned=True), c("hot", 9)], ("hot",)),                    # pinned stays whatever its worth
+    ([c("rare", 1, busy=True), c("hot", 9)], ("hot",)),                      # busy stays
+    ([c("rare", 1, kept_alive=True), c("hot", 9)], ("hot",)),                # within its keep-alive: stays
+])
+def test_cost_order_evicts_what_is_least_worth_keeping(residents, victims):
+    decision = admit(residents, 0, max_models=len(residents), budget_bytes=None, order=Order.COST)
+    assert decision.admitted and decision.victims == victims
+
+
+def test_a_refusal_names_models_within_their_keep_alive():
+    decision = admit([c("a", 1, kept_alive=True)], 0, max_models=1, budget_bytes=None, order=Order.COST)
+    assert decision.refusal is not None and "within keep-alive: a" in decision.refusal.message
+
+
+def test_on_a_zipf_trace_cost_aware_eviction_loads_less_than_lru_and_spares_the_popular():
+    rng = random.Random(11)
+    names = [f"m{i}" for i in range(5)]
+    trace = rng.choices(names, weights=[1 / (i + 1) ** 2 for i in range(5)], k=3000)
+    costs = dict.fromkeys(names, 1.0)
+    cost = replay(trace, costs, max_models=3, order=Order.COST)
+    lru = replay(trace, costs, max_models=3, order=Order.LRU)
+    assert cost.requests_by_model == lru.requests_by_model and sum(cost.requests_by_model.values()) == 3000
+    assert cost.loads < lru.loads
+    assert cost.loads_by_model["m0"] == 1 and lru.loads_by_model["m0"] > 1  # the favourite loads once
+
+
+def test_usage_counts_fade_and_are_bounded():
+    usage = UsageCounts(half_life=10)
+    for t in range(4):
+        usage.used("a", float(t))
+    assert usage.uses("a", 3.0) == pytest.approx(sum(0.5 ** (i / 10) for i in range(4)))
+    assert usage.uses("a", 13.0) == pytest.approx(usage.uses("a", 3.0) / 2)
+    assert usage.uses("never", 0.0) == 0.0
+    many = UsageCounts()
+    for i in range(MAX_NAMES + 10):
+        many.used(f"n{i}", 0.0)
+    assert len(many._counts) == MAX_NAMES

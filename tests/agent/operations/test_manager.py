@@ -16,6 +16,7 @@ from mlxpool.agent.operations.errors import (
     ModelConflict,
     UnloadInProgress,
 )
+from mlxpool.agent.operations.eviction import Order
 from mlxpool.agent.operations.manager import Capacity, ModelManager
 from mlxpool.agent.serving.lifecycle import Lifecycle
 from mlxpool.agent.serving.repository import ModelRepository
@@ -251,6 +252,44 @@ async def test_a_full_node_evicts_the_least_recently_used_idle_model(harness):
     assert h.engines["b"][0].stopped and not h.engines["a"][0].stopped
 
 
+@pytest.mark.parametrize(("order", "evicted", "kept"),
+                         [(Order.COST, "rare", "popular"), (Order.LRU, "popular", "rare")])
+async def test_cost_aware_eviction_keeps_the_popular_model_lru_does_not(harness, order, evicted, kept):
+    h = harness(max_models=2, order=order)
+    await h.ready("popular")
+    await h.ready("rare")
+    for _ in range(20):
+        h.repository.get("popular")
+    h.repository.get("rare")  # the most recent, asked for once
+    await h.load("newcomer")
+    assert h.manager.state(evicted).phase is ModelPhase.UNLOADING
+    assert h.manager.state(kept).phase is ModelPhase.READY
+
+
+async def test_a_model_within_its_keep_alive_is_not_evicted(harness):
+    h = harness(max_models=2)
+    await h.ready("kept", keep_alive_seconds=3600)
+    await h.ready("popular")
+    for _ in range(20):
+        h.repository.get("popular")
+    await h.load("newcomer")
+    assert h.manager.state("popular").phase is ModelPhase.UNLOADING  # worth more, but not kept alive
+    assert h.manager.state("kept").phase is ModelPhase.READY
+    with pytest.raises(MaxModelsReached, match="within keep-alive: kept"):
+        await h.load("third")  # newcomer is loading (busy), kept is kept alive
+
+
+async def test_a_model_s_use_is_remembered_after_it_is_unloaded(harness):
+    h = harness(max_models=2)
+    await h.ready("a")
+    for _ in range(5):
+        h.repository.get("a")
+    await h.manager.unload("a")
+    await h.gone("a")
+    assert h.repository.usage.uses("a") > 4  # brought back later, it is not a newcomer
+    assert h.manager.load_bps is not None and h.manager.load_bps > 0  # loads are measured
+
+
 async def test_a_model_serving_a_request_is_not_evicted(harness):
     h = harness(max_models=2)
     await h.ready("a")
@@ -387,3 +426,11 @@ async def test_a_dead_engine_reports_failed_and_a_new_load_clears_it_first(harne
     await h.gone("a")
     await h.ready("a")
     assert len(h.engines["a"]) == 2 and h.engines["a"][0].stopped
+
+
+def test_a_keep_alive_out_of_range_is_refused_naming_the_field():
+    from pydantic import ValidationError
+
+    for bad in (-1, 31 * 86400):
+        with pytest.raises(ValidationError, match="keep_alive_seconds"):
+            LoadModelRequest(name="a", path="/m/a", keep_alive_seconds=bad)
