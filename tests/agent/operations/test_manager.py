@@ -272,11 +272,13 @@ async def test_a_model_within_its_keep_alive_is_not_evicted(harness):
     await h.ready("popular")
     for _ in range(20):
         h.repository.get("popular")
+    h.hold["newcomer"] = asyncio.Event()  # stays loading (busy)
     await h.load("newcomer")
     assert h.manager.state("popular").phase is ModelPhase.UNLOADING  # worth more, but not kept alive
     assert h.manager.state("kept").phase is ModelPhase.READY
     with pytest.raises(MaxModelsReached, match="within keep-alive: kept"):
         await h.load("third")  # newcomer is loading (busy), kept is kept alive
+    h.hold["newcomer"].set()
 
 
 async def test_a_model_s_use_is_remembered_after_it_is_unloaded(harness):
