@@ -1,8 +1,10 @@
-"""The InferenceNode shape: what an agent registers about itself.
+"""The InferenceNode shape: what an agent registers about itself, and its node Lease.
 
 The agent writes `spec` (who and where it is) when it registers and `status` (what it
-serves, when it last beat) on every heartbeat; the operator only reads both. Keys are
-camelCase on the wire, as in every Kubernetes object.
+serves) when that changes; it renews a `coordination.k8s.io/v1` Lease of the node's
+name every heartbeat interval, which is the heartbeat the operator reads (the status's
+`heartbeatTime` counts too: the later of the two). The operator only reads all three.
+Keys are camelCase on the wire, as in every Kubernetes object.
 
 Byte counts go with a human copy (`memory: "24.0 GiB"`): a CRD's printer columns
 cannot compute, so `kubectl get inode` shows what the object holds, and 25275990016
@@ -11,11 +13,14 @@ reads as nothing to a person.
 
 from __future__ import annotations
 
-from datetime import datetime
+import math
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 from pydantic.alias_generators import to_camel
+
+from mlxpool.resources import LABEL_NODE_LEASE
 
 
 class _Wire(BaseModel):
@@ -69,3 +74,45 @@ class NodeStatus(_Wire):
     def free_memory(self) -> str | None:
         """`free_memory_bytes` for people (the printer column)."""
         return None if self.free_memory_bytes is None else gib(self.free_memory_bytes)
+
+LEASE_RENEWALS_PER_DURATION = 4
+"""A Lease is good for this many renewal intervals (kubelet: renew every 10 s, last 40 s)."""
+
+
+def lease_duration_seconds(interval: float) -> int:
+    return max(math.ceil(interval * LEASE_RENEWALS_PER_DURATION), 1)
+
+
+def micro_time(moment: datetime) -> str:
+    """A metav1.MicroTime (RFC 3339 with microseconds, UTC)."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def lease_object(node: str, namespace: str, interval: float, now: datetime) -> dict[str, Any]:
+    """The node Lease an agent creates (then renews by patching `spec.renewTime`)."""
+    return {
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": {"name": node, "namespace": namespace, "labels": {LABEL_NODE_LEASE: "true"}},
+        "spec": {"holderIdentity": node, "leaseDurationSeconds": lease_duration_seconds(interval),
+                 "renewTime": micro_time(now)},
+    }
+
+
+def lease_renewal(body: dict[str, Any]) -> tuple[str, datetime | None]:
+    """(node name, last renewal) of a node Lease; ValueError names what is wrong."""
+    meta = body.get("metadata") or {}
+    spec = body.get("spec") or {}
+    name = meta.get("name")
+    if not isinstance(name, str) or not name:
+        raise ValueError("a node Lease without a name")
+    raw = spec.get("renewTime")
+    if raw is None:
+        return name, None
+    if isinstance(raw, datetime):
+        return name, raw if raw.tzinfo else raw.replace(tzinfo=UTC)
+    try:
+        moment = datetime.fromisoformat(str(raw))
+    except ValueError as exc:
+        raise ValueError(f"node Lease {name!r}: renewTime {raw!r} is not a time") from exc
+    return name, moment if moment.tzinfo else moment.replace(tzinfo=UTC)

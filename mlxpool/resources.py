@@ -26,3 +26,12 @@ FINALIZER = f"{GROUP}/cleanup"
 def routes_configmap_name(pool_name: str) -> str:
     """The routing-table ConfigMap of a pool: `<pool>-routes`."""
     return f"{pool_name}-routes"
+
+
+NODE_LEASE_NAMESPACE = "mlxpool-system"
+"""Where agents renew their node Leases (kubelets use `kube-node-lease`): one Lease per
+InferenceNode, of the same name. Both the agent and the operator take another with
+`--lease-namespace`."""
+
+LABEL_NODE_LEASE = f"{GROUP}/node-lease"
+"""Label on every node Lease (value "true"): the operator watches only those."""

@@ -17,6 +17,7 @@ from mlxpool.agent.config import RuntimeConfig, load_runtime_config
 from mlxpool.agent.http.auth import API_KEY_ENV, OPS_TOKEN_ENV, Credentials
 from mlxpool.agent.node.nodeinfo import check_node_name, default_node_name, parse_labels
 from mlxpool.agent.runtime import AgentConfig, AgentRuntime, RegistrationConfig
+from mlxpool.resources import NODE_LEASE_NAMESPACE
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 CONFIG_ENV = "MLXPOOL_CONFIG"
@@ -71,8 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
                      help="label on the InferenceNode; repeatable")
     reg.add_argument("--advertise-url", help="URL others reach this agent at (default: the bound URL)")
-    reg.add_argument("--heartbeat-interval", type=float, default=5.0,
-                     help="seconds between status updates (default: %(default)s)")
+    reg.add_argument("--heartbeat-interval", type=float, default=10.0,
+                     help="seconds between renewals of the node's Lease; the status is written when it changes "
+                          "(default: %(default)s)")
+    reg.add_argument("--lease-namespace", default=NODE_LEASE_NAMESPACE,
+                     help="namespace of the node's Lease (default: %(default)s)")
     return p
 
 
@@ -100,6 +104,7 @@ def parse_config(argv: list[str]) -> AgentConfig:
         registration = RegistrationConfig(
             kubeconfig=args.kubeconfig, node_name=node_name, labels=labels,
             advertise_url=args.advertise_url, heartbeat_interval=args.heartbeat_interval,
+            lease_namespace=args.lease_namespace,
         )
     elif args.label or args.node_name or args.advertise_url:
         parser.error("--node-name, --label and --advertise-url need --kubeconfig")

@@ -44,6 +44,7 @@ from mlxpool.agent.serving.usage import UsageCounts
 from mlxpool.agentapi import ModelPhase
 from mlxpool.httpguards import SizeLimits
 from mlxpool.nodes import LoadedModel, NodeStatus
+from mlxpool.resources import NODE_LEASE_NAMESPACE
 
 if TYPE_CHECKING:  # imported when used: MLX and the Kubernetes client are heavy
     from mlxpool.agent.engine.generation import BatchEngine
@@ -65,8 +66,9 @@ class RegistrationConfig:
     labels: dict[str, str] = field(default_factory=dict)
     advertise_url: str | None = None
     """URL the operator and routers use to reach this agent; the bound URL if unset."""
-    heartbeat_interval: float = 5.0
-    """Seconds between status writes."""
+    heartbeat_interval: float = 10.0
+    """Seconds between renewals of the node Lease (the status is written when it changes)."""
+    lease_namespace: str = NODE_LEASE_NAMESPACE
 
 
 @dataclass(frozen=True)
@@ -255,7 +257,7 @@ class AgentRuntime:
         hw = await asyncio.to_thread(hardware.detect_hardware)
         spec = node_spec(reg.advertise_url or self.url or "", hw, max_models=self.config.runtime.multi_model.max_models)
         self._registrar = NodeRegistrar(reg.kubeconfig, reg.node_name, reg.labels, spec, self._node_status,
-                                        interval=reg.heartbeat_interval)
+                                        interval=reg.heartbeat_interval, lease_namespace=reg.lease_namespace)
         self._background.append(asyncio.create_task(self._registrar.run(), name="heartbeat"))
 
     async def _drain(self) -> None:

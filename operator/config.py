@@ -12,6 +12,8 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mlxpool.resources import NODE_LEASE_NAMESPACE
+
 OWNER_PREFIX = "mlxpool-operator"
 
 
@@ -32,12 +34,17 @@ class OperatorConfig:
     probe_timeout: float = 0.5
     """Seconds an endpoint has to answer `GET /health` before it counts as failed."""
 
-    node_stale_after: float = 20.0
-    """Seconds without an InferenceNode heartbeat after which the node is not routed to.
+    node_stale_after: float = 40.0
+    """Seconds without a heartbeat (node Lease renewal, or the status's `heartbeatTime`)
+    after which the node is not routed to.
 
-    Agents beat every 5 s; this tolerates a few lost beats. The probe is what reacts
-    fast to a dead agent; staleness catches an agent that answers but lost the API server.
+    Agents renew every 10 s; this tolerates three lost renewals (kubelet's Lease lasts
+    40 s too). The probe is what reacts fast to a dead agent; staleness catches an agent
+    that answers but lost the API server.
     """
+
+    lease_namespace: str = NODE_LEASE_NAMESPACE
+    """Namespace of the agents' node Leases (`mlxpool.resources.NODE_LEASE_NAMESPACE`)."""
 
     metrics_port: int | None = None
     """Port of the Prometheus `/metrics` endpoint; 0 picks a free one; None disables it."""

@@ -34,6 +34,8 @@ def parse_args(argv: list[str]) -> tuple[OperatorConfig, argparse.Namespace]:
                         help="seconds an agent has to answer GET /health (default: %(default)s)")
     parser.add_argument("--node-stale-seconds", type=_positive, default=OperatorConfig.node_stale_after, metavar="S",
                         help="route no more to nodes whose heartbeat is older (default: %(default)s)")
+    parser.add_argument("--lease-namespace", default=OperatorConfig.lease_namespace, metavar="NS",
+                        help="namespace of the agents' node Leases (default: %(default)s)")
     parser.add_argument("--metrics-port", type=int, metavar="N",
                         help="serve Prometheus /metrics on this port (0: a free one, logged in the ready line)")
     parser.add_argument("--metrics-address", default=OperatorConfig.metrics_address, metavar="ADDR",
@@ -63,6 +65,7 @@ def parse_args(argv: list[str]) -> tuple[OperatorConfig, argparse.Namespace]:
         probe_interval=args.probe_interval,
         probe_timeout=args.probe_timeout,
         node_stale_after=args.node_stale_seconds,
+        lease_namespace=args.lease_namespace,
         metrics_port=args.metrics_port,
         metrics_address=args.metrics_address,
         liveness_endpoint=args.liveness,

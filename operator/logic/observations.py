@@ -1,7 +1,8 @@
 """What the operator has observed of every node, shared by all pools: memory only.
 
 One `Observations` per operator process (inside the `fleet`) holds the InferenceNode
-views (from the watch), the latest probe result and agent report per node (from the
+views (from the watch; a view's heartbeat is the later of the status's `heartbeatTime`
+and the node Lease's last renewal, from the lease watch), the latest probe result and agent report per node (from the
 node monitors), what the answers to the operator's own calls taught it (`note_*`), and
 the loads it saw fail, kept for `retry_after` seconds so that pools stay away from that
 node and model before trying again. Listeners hear which node changed and how
@@ -20,6 +21,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from datetime import datetime
 from enum import StrEnum
 
 from mlxpool.agentapi import CacheEntry, CachePhase, ModelPhase, ModelState, NodeReport
@@ -56,6 +58,10 @@ class Observations:
     def __init__(self, retry_after: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.views: dict[str, NodeView] = {}
         self.nodes: dict[str, Observation] = {}
+        self._renewals: dict[str, datetime] = {}
+        """Node -> its Lease's last renewal (kept for nodes whose object is not seen yet)."""
+        self._status_beats: dict[str, datetime | None] = {}
+        """Node -> the heartbeat its InferenceNode's status says."""
         self._failures: dict[tuple[str, str], tuple[str, float]] = {}
         """(node, model) -> (message, clock time) of the last failed load seen there."""
         self._noted_at: dict[str, float] = {}
@@ -72,13 +78,25 @@ class Observations:
     def set_view(self, view: NodeView) -> bool:
         """Record a node's object; True when placement could see a difference."""
         old = self.views.get(view.name)
-        self.views[view.name] = view
+        self._status_beats[view.name] = view.heartbeat
+        self.views[view.name] = replace(view, heartbeat=_later(view.heartbeat, self._renewals.get(view.name)))
         return old is None or old.routing_key() != view.routing_key()
+
+    def renew(self, name: str, renewed: datetime | None) -> None:
+        """The node's Lease was renewed at `renewed` (None: the Lease is gone). Staleness is
+        read at every monitor tick, so nobody is told here."""
+        if renewed is None:
+            self._renewals.pop(name, None)
+        else:
+            self._renewals[name] = renewed
+        if (view := self.views.get(name)) is not None:
+            self.views[name] = replace(view, heartbeat=_later(self._status_beats.get(name), renewed))
 
     def drop_view(self, name: str) -> None:
         """The node is gone (or unreadable): forget everything seen there."""
         self.views.pop(name, None)
         self.nodes.pop(name, None)
+        self._status_beats.pop(name, None)
         self._noted_at.pop(name, None)
         self._failures = {k: v for k, v in self._failures.items() if k[0] != name}
 
@@ -188,6 +206,12 @@ class Observations:
             for model, size in (*view.model_bytes.items(), *(agent.model_bytes.items() if agent else ())):
                 sizes[model] = max(sizes.get(model, 0), size)
         return sizes
+
+
+def _later(a: datetime | None, b: datetime | None) -> datetime | None:
+    if a is None or b is None:
+        return a or b
+    return max(a, b)
 
 
 _Digest = tuple[tuple[tuple[str, ModelPhase], ...], tuple[tuple[str, CachePhase], ...], int]

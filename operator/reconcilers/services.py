@@ -5,7 +5,7 @@ operator memo under one key (kopf copies the operator memo shallowly into every
 resource's memo, so all handlers reach this same object) and reads typed fields from
 it. It holds the settings, the API and HTTP clients, the fleet, the two reconcilers,
 the node monitors, the daemons' shared runtimes, the usage scraper's task and the
-metrics server. Opening it seeds the fleet's claims from every pool's status before
+metrics server, and the node-lease watch. Opening it seeds the fleet's claims from every pool's status before
 any pool acts.
 
 Kopf-agnostic like the rest of this folder: `handlers` opens and closes it.
@@ -24,6 +24,7 @@ from mlxpool.kubeclients import open_api_client
 from mlxpool.operator.config import OperatorConfig
 from mlxpool.operator.io.agentclient import AgentClient
 from mlxpool.operator.io.kube import KubeClient
+from mlxpool.operator.io.leases import LeaseWatcher
 from mlxpool.operator.io.metrics import MetricsServer
 from mlxpool.operator.io.probing import Prober
 from mlxpool.operator.io.scraping import UsageScraper
@@ -34,6 +35,8 @@ from mlxpool.operator.reconcilers.pools import PoolReconciler, pool_probe_interv
 from mlxpool.operator.reconcilers.runtimes import Runtimes
 
 log = logging.getLogger(__name__)
+
+LEASE_SYNC_TIMEOUT_S = 15.0
 
 
 @dataclass(frozen=True)
@@ -48,12 +51,15 @@ class OperatorServices:
     monitors: NodeMonitors
     runtimes: Runtimes
     scraper: asyncio.Task[None]
+    leases: asyncio.Task[None]
+    """Follows the agents' node Leases into the fleet's views (their heartbeats)."""
     metrics: MetricsServer | None
     """None without `--metrics-port`."""
 
     @classmethod
     async def open(cls, config: OperatorConfig) -> OperatorServices:
-        kube = KubeClient(await open_api_client(config.kubeconfig))
+        api_client = await open_api_client(config.kubeconfig)
+        kube = KubeClient(api_client)
         # Many agents, probed every second: keep their connections open.
         http = httpx.AsyncClient(trust_env=False, follow_redirects=False,
                                  limits=httpx.Limits(max_connections=512, max_keepalive_connections=256))
@@ -67,6 +73,15 @@ class OperatorServices:
             stale_after=config.node_stale_after, orphan_grace=config.orphan_grace)
         runtimes = Runtimes()
         fleet.observed.subscribe(runtimes.node_changed)
+        watcher = LeaseWatcher(api_client, config.lease_namespace, fleet.observed.renew)
+        leases = asyncio.create_task(watcher.run(), name="node-leases")
+        # Agents write their status only on change: until the leases are in, every node's
+        # heartbeat looks stale and a pool would route to none. Wait for the first list.
+        try:
+            await asyncio.wait_for(watcher.synced.wait(), LEASE_SYNC_TIMEOUT_S)
+        except TimeoutError:
+            log.warning("node leases not listed within %gs namespace=%s: nodes whose agents write no status "
+                        "look stale until they are", LEASE_SYNC_TIMEOUT_S, config.lease_namespace)
         await _seed(kube, fleet, config)
         scraper = asyncio.create_task(UsageScraper(fleet, agents, config.scrape_interval).run(), name="scraper")
         server = None
@@ -74,12 +89,14 @@ class OperatorServices:
             server = MetricsServer(config.metrics_port, config.metrics_address)
         return cls(config=config, kube=kube, http=http, fleet=fleet, pool_reconciler=pool_reconciler,
                    cache_reconciler=cache_reconciler, monitors=monitors, runtimes=runtimes, scraper=scraper,
+                   leases=leases,
                    metrics=server)
 
     async def close(self) -> None:
         """Stop the scraper and the monitors, then close the clients and the metrics server."""
-        self.scraper.cancel()
-        await asyncio.gather(self.scraper, return_exceptions=True)
+        for task in (self.scraper, self.leases):
+            task.cancel()
+        await asyncio.gather(self.scraper, self.leases, return_exceptions=True)
         await self.monitors.close()
         await self.kube.close()
         await self.http.aclose()

@@ -224,3 +224,17 @@ def test_without_an_owner_nothing_is_an_orphan():
     fleet.observed.set_view(view("n1"))
     fleet.observed.observe_report("n1", owned_report({"x": ("ready", None)}))
     assert fleet.orphans_due("n1", grace=0) == [] and fleet.claims.managed == set()
+
+
+def test_a_view_beats_with_the_later_of_its_status_and_its_lease():
+    observed = Observations()
+    old, new = datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 1, 1, 0, 5, tzinfo=UTC)
+    observed.renew("a", new)  # the lease can come before the object
+    assert observed.set_view(view("a"))  # a new node matters
+    assert observed.views["a"].heartbeat == new
+    observed.renew("a", datetime(2026, 1, 1, 0, 6, tzinfo=UTC))
+    assert observed.views["a"].heartbeat == datetime(2026, 1, 1, 0, 6, tzinfo=UTC)
+    assert observed.set_view(view("a")) is False  # a status write with the old heartbeat keeps the lease's
+    assert observed.views["a"].heartbeat == datetime(2026, 1, 1, 0, 6, tzinfo=UTC)
+    observed.renew("a", None)  # the lease is gone: the status's heartbeat is all there is
+    assert observed.views["a"].heartbeat == old

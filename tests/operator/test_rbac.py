@@ -55,7 +55,7 @@ CASES = [
     ("operator", "delete", "customresourcedefinitions.apiextensions.k8s.io", False, False),
     ("operator", "create", "clusterrolebindings.rbac.authorization.k8s.io", False, False),
     ("operator", "escalate", "clusterroles.rbac.authorization.k8s.io", False, False),
-    # The agent: its own InferenceNode, nothing else.
+    # The agent: its own InferenceNode (and its Lease: LEASE_CASES), nothing else.
     ("agent", "create", "inferencenodes.mlxpool.dev", False, True),
     ("agent", "get", "inferencenodes.mlxpool.dev", False, True),
     ("agent", "patch", "inferencenodes.mlxpool.dev", False, True),
@@ -73,6 +73,37 @@ CASES = [
     ("router", "list", "inferencepools.mlxpool.dev", True, False),
     ("router", "get", "secrets", True, False),
 ]
+
+
+# Node Leases: (identity, verb, namespace, allowed). Agents renew theirs in mlxpool-system,
+# the operator follows them there; neither may touch a Lease anywhere else.
+LEASE_CASES = [
+    ("agent", "create", "mlxpool-system", True),
+    ("agent", "get", "mlxpool-system", True),
+    ("agent", "patch", "mlxpool-system", True),
+    ("agent", "update", "mlxpool-system", True),
+    ("agent", "delete", "mlxpool-system", False),
+    ("agent", "list", "mlxpool-system", False),
+    ("agent", "watch", "mlxpool-system", False),
+    ("agent", "create", "default", False),
+    ("agent", "patch", "kube-node-lease", False),
+    ("operator", "list", "mlxpool-system", True),
+    ("operator", "watch", "mlxpool-system", True),
+    ("operator", "create", "mlxpool-system", False),
+    ("operator", "patch", "mlxpool-system", False),
+    ("operator", "update", "mlxpool-system", False),
+    ("operator", "delete", "mlxpool-system", False),
+    ("operator", "list", "default", False),
+    ("router", "list", "mlxpool-system", False),
+]
+
+
+@pytest.mark.parametrize(("identity", "verb", "namespace", "allowed"), LEASE_CASES,
+                         ids=[f"{c[0]}-{c[1]}-leases-{c[2]}" for c in LEASE_CASES])
+def test_can_i_leases(controlplane: ControlPlane, identity, verb, namespace, allowed):
+    result = controlplane.kubectl("auth", "can-i", verb, "leases.coordination.k8s.io", "-n", namespace,
+                                  identity=identity, check=False)
+    assert result.stdout.strip() == ("yes" if allowed else "no"), result.stderr
 
 
 @pytest.mark.parametrize(("identity", "verb", "resource", "namespaced", "allowed"), CASES,
