@@ -16,11 +16,17 @@ heartbeating their InferenceNodes every 5 s as the agent identity), and the oper
    watched through the API server (p50, p99); it is revived and every pool made whole
    before the next kill.
 Also reported: the operator's own API requests per reconcile pass (its /metrics), the
-load calls it made (exactly one per replica means no duplicates), and the machine's
-load average before anything started (the figures mean little on a busy machine).
+load calls it made (exactly one per replica means no duplicates), the API server's
+requests and writes per second at rest (its own /metrics: lease renewals included),
+the operator's probes per second at rest, its CPU (cores) and RSS at rest and while
+converging (/proc), and the machine's load average before anything started (the
+figures mean little on a busy machine).
 
-Usage: python -m bench.controlplane [--quick] [--pools N] [--nodes N] [--kills N]
-Prints a table, then one JSON line last. `--quick` (8 kills) takes about a minute.
+Usage: python -m bench.controlplane [--quick] [--pools N] [--nodes N] [--kills N] [--curve]
+Prints a table, then one JSON line last. `--quick`: 100 nodes, 50 pools, 8 kills (a few
+minutes). The default is the full fleet, 1,000 nodes and 500 pools; `--curve` runs
+100/50, 300/150 and 1,000/500 one after the other (a fresh control plane each) and
+prints the growth curve.
 """
 
 from __future__ import annotations
@@ -49,22 +55,49 @@ from mlxpool.resources import LABEL_POOL, ROUTES_DATA_KEY
 NAMESPACE = "bench"
 LABEL = "mlxpool.dev/bench"
 REPLICAS = 2
-STEADY_SECONDS = 10.0
+STEADY_SECONDS = 20.0
+HEARTBEAT_SECONDS = 10.0
+CURVE = ((100, 50), (300, 150), (1000, 500))
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+WRITE_VERBS = {"POST", "PUT", "PATCH", "DELETE"}
 API_REQUESTS, RECONCILES = "mlxpool_operator_api_requests_total", "mlxpool_operator_reconciles_total"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.controlplane", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer kills (the whole run stays under 5 minutes)")
-    parser.add_argument("--pools", type=int, default=100)
-    parser.add_argument("--nodes", type=int, default=50)
+    parser.add_argument("--quick", action="store_true", help="100 nodes, 50 pools, 8 kills (under 5 minutes)")
+    parser.add_argument("--pools", type=int)
+    parser.add_argument("--nodes", type=int)
+    parser.add_argument("--curve", action="store_true", help="100/300/1,000 nodes one after the other")
+    parser.add_argument("--converge-timeout", type=float, default=300.0)
     parser.add_argument("--kills", type=int, help="agents to kill one after the other (default 20, quick: 8)")
     parser.add_argument("--load-seconds", type=float, default=0.5)
     parser.add_argument("--workdir", type=Path, help="keep logs here (default: a temporary directory)")
     args = parser.parse_args(argv)
     if args.kills is None:
         args.kills = 8 if args.quick else 20
+    if args.nodes is None:
+        args.nodes = 100 if args.quick else 1000
+    if args.pools is None:
+        args.pools = 50 if args.quick else 500
     return args
+
+
+class Usage:
+    """A process's CPU time and RSS, from /proc (Linux)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -102,6 +135,19 @@ class Api:
     async def pools(self) -> list[dict]:
         response = await self.request("GET", f"/apis/mlxpool.dev/v1alpha1/namespaces/{NAMESPACE}/inferencepools")
         return response.json()["items"]
+
+    async def request_counts(self) -> dict[str, float]:
+        """The API server's own count of the requests it served: all of them, and writes."""
+        text = (await self.request("GET", "/metrics")).text
+        counts = {"requests": 0.0, "writes": 0.0}
+        for line in text.splitlines():
+            if line.startswith("apiserver_request_total{"):
+                labels, value = line.rsplit(" ", 1)
+                verb = re.search(r'verb="([A-Z]+)"', labels)
+                counts["requests"] += float(value)
+                if verb and verb.group(1) in WRITE_VERBS:
+                    counts["writes"] += float(value)
+        return counts
 
     async def node_count(self) -> int:
         response = await self.request("GET", "/apis/mlxpool.dev/v1alpha1/inferencenodes",
@@ -188,7 +234,7 @@ def operator_counters(url: str) -> dict[str, float]:
     text = httpx.get(f"{url}/metrics", timeout=10).text
     sums: dict[str, float] = {}
     for line in text.splitlines():
-        match = re.match(r"^(mlxpool_operator_(?:api_requests|reconciles|cache_reconciles|agent_requests)_total)"
+        match = re.match(r"^(mlxpool_operator_(?:api_requests|reconciles|cache_reconciles|agent_requests|probes)_total)"
                          r"(\{[^}]*\})? (\S+)$", line)
         if match:
             name, labels, value = match.groups()
@@ -228,12 +274,13 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict:
 
         sims = Process.start("simagents", [
             sys.executable, "-m", "bench.simagents", "--count", str(args.nodes), "--prefix", "node",
-            "--kubeconfig", str(cp.kubeconfig("agent")), "--label", f"{LABEL}=true", "--heartbeat-interval", "5",
+            "--kubeconfig", str(cp.kubeconfig("agent")), "--label", f"{LABEL}=true",
+            "--heartbeat-interval", str(HEARTBEAT_SECONDS),
             "--ops-token-file", str(token), "--max-models", "8", "--memory-gib", "64", "--model-gib", "2",
             "--load-seconds", str(args.load_seconds)], workdir / "simagents.log",
             env={"PYTHONPATH": str(REPO_ROOT)})
         procs.append(sims)
-        sims_url = sims.wait_for_log(r"simagents ready url=(http://\S+)", 120).group(1)
+        sims_url = sims.wait_for_log(r"simagents ready url=(http://\S+)", 600).group(1)
         api = Api(cp)
         while await api.node_count() < args.nodes:  # noqa: ASYNC110 (polling the apiserver: no event to wait on)
             await asyncio.sleep(0.2)
@@ -243,9 +290,9 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict:
             "--namespace", NAMESPACE, "--metrics-port", "0", "--agent-token-file", str(token),
             "--log-format", "plain"], workdir / "operator.log")
         procs.append(operator)
-        metrics_url = operator.wait_for_log(r"operator ready url=(http://[0-9.]+:\d+)", 60).group(1)
-        await asyncio.sleep(2.0)  # every node probed and reported once
-        counters = await measure(api, args, metrics_url, sims_url)
+        metrics_url = operator.wait_for_log(r"operator ready url=(http://[0-9.]+:\d+)", 120).group(1)
+        await asyncio.sleep(2.0 + args.nodes / 200)  # every node probed and reported once
+        counters = await measure(api, args, metrics_url, sims_url, Usage(operator.pid))
         await api.client.aclose()
         return summarize(args, counters, load_at_start)
     finally:
@@ -254,16 +301,20 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict:
         cp.stop()
 
 
-async def measure(api: Api, args: argparse.Namespace, metrics_url: str, sims_url: str) -> dict:
+async def measure(api: Api, args: argparse.Namespace, metrics_url: str, sims_url: str, usage: Usage) -> dict:
     """The three phases; the operator's counters between them, and the measured times."""
     async def counters() -> dict[str, float]:
-        return await asyncio.to_thread(operator_counters, metrics_url)  # a blocking GET: off the loop
+        found = await asyncio.to_thread(operator_counters, metrics_url)  # a blocking GET: off the loop
+        found.update({f"apiserver_{k}": v for k, v in (await api.request_counts()).items()})
+        found["cpu_s"], found["rss_mb"], found["t"] = usage.cpu_seconds(), usage.rss_mb(), time.monotonic()
+        return found
 
     # 1. Convergence.
     before = await counters()
     started = time.monotonic()
-    await asyncio.gather(*(api.create_pool(i) for i in range(args.pools)))
-    await until_all_ready(api, args.pools, timeout=300)
+    for first in range(0, args.pools, 100):  # in batches: one API server, a shared machine
+        await asyncio.gather(*(api.create_pool(i) for i in range(first, min(first + 100, args.pools))))
+    await until_all_ready(api, args.pools, timeout=args.converge_timeout)
     converge = time.monotonic() - started
     converged = await counters()
     print(f"converged: {args.pools} pools over {args.nodes} nodes in {converge:.2f}s", flush=True)
@@ -302,7 +353,10 @@ def summarize(args: argparse.Namespace, m: dict, load_at_start: float) -> dict:
     latencies = m["latencies"]
 
     def rate(name: str) -> float:
-        return round((steady.get(name, 0) - quiet.get(name, 0)) / STEADY_SECONDS, 3)
+        return round((steady.get(name, 0) - quiet.get(name, 0)) / (steady["t"] - quiet["t"]), 3)
+
+    def cores(a: dict, b: dict) -> float:
+        return round((b["cpu_s"] - a["cpu_s"]) / (b["t"] - a["t"]), 3)
 
     return {
         "pools": args.pools, "nodes": args.nodes, "replicas": REPLICAS, "kills": args.kills,
@@ -319,6 +373,14 @@ def summarize(args: argparse.Namespace, m: dict, load_at_start: float) -> dict:
         "converge_load_calls": int(converged.get("loads", 0) - before.get("loads", 0)),
         "load_calls_total": int(end.get("loads", 0)),
         "reconcile_errors": int(end.get("errors", 0)),
+        "steady_apiserver_requests_per_s": rate("apiserver_requests"),
+        "steady_apiserver_writes_per_s": rate("apiserver_writes"),
+        "steady_apiserver_writes_per_node_per_10s": round(rate("apiserver_writes") * 10 / args.nodes, 3),
+        "steady_probes_per_s": rate("mlxpool_operator_probes_total"),
+        "operator_cpu_cores_converging": cores(before, converged),
+        "operator_cpu_cores_at_rest": cores(quiet, steady),
+        "operator_rss_mb_converged": round(converged["rss_mb"], 1),
+        "operator_rss_mb_at_rest": round(steady["rss_mb"], 1),
         "load_avg_1m_at_start": round(load_at_start, 2),
         "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
     }
@@ -338,6 +400,15 @@ def print_table(result: dict) -> None:
         ("load calls to converge (expected)",
          f"{result['converge_load_calls']} ({result['pools'] * result['replicas']})"),
         ("reconcile errors", str(result["reconcile_errors"])),
+        ("API server at rest: requests / writes per s", f"{result['steady_apiserver_requests_per_s']:.1f} / "
+                                                        f"{result['steady_apiserver_writes_per_s']:.1f} "
+                                                        f"({result['steady_apiserver_writes_per_node_per_10s']:.2f}"
+                                                        " per node per 10 s)"),
+        ("probes / s at rest", f"{result['steady_probes_per_s']:.1f}"),
+        ("operator CPU converging / at rest", f"{result['operator_cpu_cores_converging']:.2f} / "
+                                              f"{result['operator_cpu_cores_at_rest']:.2f} cores"),
+        ("operator RSS converged / at rest", f"{result['operator_rss_mb_converged']:.0f} / "
+                                             f"{result['operator_rss_mb_at_rest']:.0f} MB"),
         ("load average (1 min) at start / end", f"{result['load_avg_1m_at_start']} / {result['load_avg_1m_at_end']}"),
     ]
     width = max(len(k) for k, _ in rows)
@@ -345,16 +416,38 @@ def print_table(result: dict) -> None:
         print(f"{key:<{width}}  {value}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+def one_run(args: argparse.Namespace) -> dict:
     if args.workdir is not None:
         args.workdir.mkdir(parents=True, exist_ok=True)
-        result = asyncio.run(run(args, args.workdir))
-    else:
-        with tempfile.TemporaryDirectory(prefix="mlxpool-bench-") as tmp:
-            result = asyncio.run(run(args, Path(tmp)))
-    print_table(result)
-    print(json.dumps(result))
+        return asyncio.run(run(args, args.workdir))
+    with tempfile.TemporaryDirectory(prefix="mlxpool-bench-") as tmp:
+        return asyncio.run(run(args, Path(tmp)))
+
+
+CURVE_KEYS = ("nodes", "pools", "converge_s", "failover_p50_s", "failover_p99_s", "operator_cpu_cores_at_rest",
+              "operator_cpu_cores_converging", "operator_rss_mb_at_rest", "steady_apiserver_writes_per_s",
+              "steady_probes_per_s", "converge_api_requests_per_reconcile")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if not args.curve:
+        result = one_run(args)
+        print_table(result)
+        print(json.dumps(result))
+        return 0
+    runs = []
+    for nodes, pools in CURVE:
+        args.nodes, args.pools = nodes, pools
+        try:
+            runs.append(one_run(args))
+        except TimeoutError as exc:  # a size that does not converge is a figure too
+            runs.append({"nodes": nodes, "pools": pools, "error": str(exc)[:200]})
+        print_table(runs[-1]) if "error" not in runs[-1] else print(runs[-1], flush=True)
+    print(" | ".join(CURVE_KEYS))
+    for run_ in runs:
+        print(" | ".join(str(run_.get(k, "-")) for k in CURVE_KEYS))
+    print(json.dumps({"curve": runs}))
     return 0
 
 

@@ -129,6 +129,7 @@ class SimAgent:
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._auth])
         app.router.add_get("/health", self._health)
+        app.router.add_get("/health/watch", self._health_watch)
         app.router.add_get("/ready", self._ready)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get(OPS_PREFIX, self._node)
@@ -150,7 +151,19 @@ class SimAgent:
         return await handler(request)
 
     async def _health(self, request: web.Request) -> web.Response:
+        self.calls["health"] += 1
         return web.json_response({"status": "ok"})
+
+    async def _health_watch(self, request: web.Request) -> web.StreamResponse:
+        """As the agent's: a line now and every `interval` seconds until the agent is killed
+        (which closes the connection: that is what the watcher hears)."""
+        self.calls["health_watch"] += 1
+        interval = float(request.query.get("interval", "10"))
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await response.prepare(request)
+        while True:
+            await response.write(b'{"status":"alive"}\n')
+            await asyncio.sleep(interval)
 
     async def _ready(self, request: web.Request) -> web.Response:
         return web.json_response({"ready": self.ready}, status=200 if self.ready else 503)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import random
 import signal
 import sys
 from dataclasses import dataclass, field
@@ -31,6 +32,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from aiohttp import web
+from kubernetes_asyncio import config as kube_config
+from kubernetes_asyncio.client import ApiClient, Configuration
 
 from bench.simagent import GIB, SimAgent, SimSettings, Usage
 from mlxpool.agent.node.registration import NodeRegistrar
@@ -62,6 +65,8 @@ class SimFleet:
                                model_bytes=int(args.model_gib * GIB), load_seconds=args.load_seconds,
                                stage_seconds=args.stage_seconds, token=token)
         labels = dict(pair.split("=", 1) for pair in args.label)
+        self.api_client: ApiClient | None = None
+        """One API client for every agent: a thousand would each load the kubeconfig and keep a pool."""
         self.hosted = {}
         for i in range(args.count):
             name = f"{args.prefix}-{i:03d}"
@@ -86,15 +91,18 @@ class SimFleet:
                     return agent.node_status(datetime.now(UTC))
 
                 hosted.registrar = NodeRegistrar(str(self.args.kubeconfig), hosted.agent.name, hosted.labels, spec,
-                                                 status, interval=self.args.heartbeat_interval)
+                                                 status, interval=self.args.heartbeat_interval,
+                                                 api_client=self.api_client)
             await hosted.registrar.beat()
             hosted.beating = asyncio.create_task(self._beat(hosted))
 
     async def _beat(self, hosted: Hosted) -> None:
+        # Spread the fleet's beats over the interval, as independent machines would be.
+        await asyncio.sleep(random.uniform(0, self.args.heartbeat_interval))
         while True:
-            await asyncio.sleep(self.args.heartbeat_interval)
             if not hosted.paused and hosted.registrar is not None:
                 await hosted.registrar.beat()
+            await asyncio.sleep(self.args.heartbeat_interval)
 
     async def kill(self, hosted: Hosted) -> None:
         if hosted.beating is not None:
@@ -107,13 +115,24 @@ class SimFleet:
         hosted.agent.forget_everything()
 
     async def start(self) -> None:
-        await asyncio.gather(*(self.start_agent(h) for h in self.hosted.values()))
+        if self.args.kubeconfig is not None:
+            configuration = Configuration()
+            await kube_config.load_kube_config(config_file=str(self.args.kubeconfig),
+                                               client_configuration=configuration)
+            configuration.connection_pool_maxsize = 32  # read when the client is made
+            self.api_client = ApiClient(configuration)
+        # In batches: a thousand registrations at once would time out against one API server.
+        agents = list(self.hosted.values())
+        for start in range(0, len(agents), 50):
+            await asyncio.gather(*(self.start_agent(h) for h in agents[start:start + 50]))
 
     async def stop(self) -> None:
         await asyncio.gather(*(self.kill(h) for h in self.hosted.values()))
         for h in self.hosted.values():
             if h.registrar is not None:
                 await h.registrar.close()
+        if self.api_client is not None:
+            await self.api_client.close()
 
     # -- control API -------------------------------------------------------------------
     def control_app(self) -> web.Application:

@@ -26,6 +26,14 @@ class InvalidRequest(AgentError):
     error_type = "invalid_request_error"
 
 
+class TooManyWatches(AgentError):
+    """Every `GET /health/watch` slot is taken (each holds a connection open)."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "too_many_watches"
+
+
 class ModelNotFound(AgentError):
     status_code = 404
     error_type = "invalid_request_error"

@@ -34,6 +34,23 @@ class OperatorConfig:
     probe_timeout: float = 0.5
     """Seconds an endpoint has to answer `GET /health` before it counts as failed."""
 
+    probes_per_second: float = 50.0
+    """Budget of periodic probes for the whole fleet: an agent whose health watch is open is
+    probed every `nodes / probes_per_second` seconds (at least every probe interval).
+    Suspect nodes (watch ended, lease late) and failing ones are probed at once regardless."""
+
+    max_probes_in_flight: int = 64
+    """Probes outstanding at once; more wait their turn (a burst of suspicions, a restart)."""
+
+    watch_interval: float = 10.0
+    """Seconds between the lines of an agent's health watch (`GET /health/watch`); it counts
+    as ended after 2.5 of them in silence. 0 turns watches off: every agent is then probed
+    every probe interval, as agents without a watch are."""
+
+    reports_per_second: float = 20.0
+    """Budget of periodic `GET /v1/node` reports for the whole fleet (at least every
+    `report_interval` per agent; every tick while a load or staging is under way there)."""
+
     node_stale_after: float = 40.0
     """Seconds without a heartbeat (node Lease renewal, or the status's `heartbeatTime`)
     after which the node is not routed to.

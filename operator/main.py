@@ -32,6 +32,15 @@ def parse_args(argv: list[str]) -> tuple[OperatorConfig, argparse.Namespace]:
                         help="probe every S seconds, overriding each pool's spec.healthCheck.intervalSeconds")
     parser.add_argument("--probe-timeout", type=_positive, default=OperatorConfig.probe_timeout, metavar="S",
                         help="seconds an agent has to answer GET /health (default: %(default)s)")
+    parser.add_argument("--probes-per-second", type=_positive, default=OperatorConfig.probes_per_second, metavar="N",
+                        help="periodic probes of watched agents, for the whole fleet (default: %(default)s)")
+    parser.add_argument("--max-probes-in-flight", type=_count, default=OperatorConfig.max_probes_in_flight,
+                        metavar="N", help="probes outstanding at once (default: %(default)s)")
+    parser.add_argument("--watch-interval", type=_non_negative, default=OperatorConfig.watch_interval, metavar="S",
+                        help="seconds between lines of an agent's health watch; 0: no watches, probe every "
+                             "agent every interval (default: %(default)s)")
+    parser.add_argument("--reports-per-second", type=_positive, default=OperatorConfig.reports_per_second,
+                        metavar="N", help="periodic GET /v1/node reports, for the whole fleet (default: %(default)s)")
     parser.add_argument("--node-stale-seconds", type=_positive, default=OperatorConfig.node_stale_after, metavar="S",
                         help="route no more to nodes whose heartbeat is older (default: %(default)s)")
     parser.add_argument("--lease-namespace", default=OperatorConfig.lease_namespace, metavar="NS",
@@ -65,6 +74,10 @@ def parse_args(argv: list[str]) -> tuple[OperatorConfig, argparse.Namespace]:
         probe_interval=args.probe_interval,
         probe_timeout=args.probe_timeout,
         node_stale_after=args.node_stale_seconds,
+        probes_per_second=args.probes_per_second,
+        max_probes_in_flight=args.max_probes_in_flight,
+        watch_interval=args.watch_interval,
+        reports_per_second=args.reports_per_second,
         lease_namespace=args.lease_namespace,
         metrics_port=args.metrics_port,
         metrics_address=args.metrics_address,
@@ -96,6 +109,20 @@ def _positive(text: str) -> float:
     value = float(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {text}")
     return value
 
 

@@ -15,15 +15,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from typing import TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
 from mlxpool import __version__
-from mlxpool.agent.errors import AgentError
+from mlxpool.agent.errors import AgentError, InvalidRequest, TooManyWatches
 from mlxpool.agent.http.auth import Credentials, require_api_key
 from mlxpool.agent.http.disconnects import disconnected
 from mlxpool.agent.http.errors import EXCEPTION_HANDLERS
@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away first"
+HEALTH_WATCHES = 16
+"""`GET /health/watch` streams open at once (operator replicas, a few tools): each holds a connection."""
+WATCH_INTERVAL_RANGE = (0.1, 300.0)
 
 
 def create_app(
@@ -60,6 +63,31 @@ def create_app(
     async def health() -> JSONResponse:
         """Liveness: 200 for as long as the process serves HTTP."""
         return JSONResponse({"status": "alive"})
+
+    watching = [0]  # open /health/watch streams
+
+    @app.get("/health/watch")
+    async def health_watch(interval: float = 10.0) -> StreamingResponse:
+        """Liveness as a stream: a line now and every `interval` seconds for as long as the
+        process serves. A watcher (the operator) hears of the agent's death the moment its
+        connection closes, without polling `/health`; the lines prove a hung one alive."""
+        low, high = WATCH_INTERVAL_RANGE
+        if not low <= interval <= high:
+            raise InvalidRequest(f"interval must be between {low:g} and {high:g} seconds, got {interval:g}",
+                                 param="interval")
+        if watching[0] >= HEALTH_WATCHES:
+            raise TooManyWatches(f"{HEALTH_WATCHES} health watches are open already (the most this agent keeps)")
+        watching[0] += 1
+
+        async def lines() -> AsyncIterator[bytes]:
+            try:
+                while True:
+                    yield b'{"status":"alive"}\n'
+                    await asyncio.sleep(interval)
+            finally:
+                watching[0] -= 1
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson", headers={"Cache-Control": "no-cache"})
 
     @app.get("/ready")
     async def ready() -> JSONResponse:

@@ -56,7 +56,10 @@ class NodeRegistrar:
         interval: float = 10.0,
         lease_namespace: str = NODE_LEASE_NAMESPACE,
         clock: Callable[[], float] = time.monotonic,
+        api_client: ApiClient | None = None,
     ) -> None:
+        """`api_client`: one to share (many simulated agents in one process); it is then
+        the caller's to close."""
         self.name = name
         self._kubeconfig = kubeconfig
         self._labels = labels
@@ -65,7 +68,8 @@ class NodeRegistrar:
         self._interval = interval
         self._lease_namespace = lease_namespace
         self._clock = clock
-        self._client: ApiClient | None = None
+        self._client: ApiClient | None = api_client
+        self._owns_client = api_client is None
         self._registered = False
         self._lease_exists = False
         self._renewed_at: float | None = None
@@ -110,7 +114,7 @@ class NodeRegistrar:
                 return False
 
     async def close(self) -> None:
-        if self._client is not None:
+        if self._client is not None and self._owns_client:
             await self._client.close()
             self._client = None
 

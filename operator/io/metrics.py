@@ -37,6 +37,14 @@ PROBE_SECONDS = Histogram(
     "Duration of agent health probes.",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
+PROBES = Counter(
+    "mlxpool_operator_probes_total",
+    "Agent health probes, by why they were sent.",
+    ["reason"],  # first | scheduled | suspected | unhealthy
+)
+WATCHES_OPEN = Gauge("mlxpool_operator_health_watches", "Agent health watches open now.")
+WATCH_ENDS = Counter("mlxpool_operator_health_watch_ends_total",
+                     "Agent health watches that ended (each one a suspicion).")
 PROBE_FAILURES = Counter("mlxpool_operator_probe_failures_total", "Agent health probes that failed.")
 READY_ENDPOINTS = Gauge(
     "mlxpool_operator_pool_ready_endpoints",

@@ -4,6 +4,14 @@ The monitor (`reconcilers.monitors`) probes the agent, asks for its report, unlo
 and writes the InferenceNode's Ready condition; every decision on the way is here,
 taken from values it passes in:
 
+- `probe_now` and `probe_period`: whether to probe at this tick. A node is probed at
+  once when something makes it suspect (its health watch ended or went quiet, its
+  lease renewal is late), at every tick while its last probe failed (to see it come
+  back) or timed out (to confirm), and otherwise only every `probe_period`: the pool's
+  interval for an agent that cannot be watched, else spread so that the whole fleet
+  costs at most `probes_per_second` (a watched agent's death is heard, not polled for).
+- `report_period`: how often to ask an agent for its report when nothing is in transit
+  there, spread likewise over the fleet (`reports_per_second`).
 - `probe_verdict`: whether a probe result counts. A timeout counts only when
   `TIMEOUTS_TO_FAIL` come in a row (a busy agent is not a dead one); a refused
   connection or an error answer counts at once.
@@ -34,6 +42,30 @@ MARK_RETRY_SECONDS = 30.0
 """Seconds before a Ready condition that could not be written is tried again."""
 MESSAGE_LIMIT = 32768
 """metav1.Condition's message length limit."""
+
+
+def probe_period(interval: float, *, nodes: int, probes_per_second: float, watched: bool) -> float:
+    """Seconds between probes of a node nothing makes suspect."""
+    if not watched:
+        return interval  # the probe is all there is to hear a death by
+    return max(interval, nodes / probes_per_second)
+
+
+def probe_now(*, now: float, due_at: float, suspected: bool, healthy: bool, timeouts: int) -> bool:
+    """Whether to probe at this tick (`due_at`: when the periodic probe is due)."""
+    return suspected or not healthy or timeouts > 0 or now >= due_at
+
+
+def report_period(report_interval: float, *, nodes: int, reports_per_second: float) -> float:
+    """Seconds between reports of an agent with nothing in transit (loads and stagings are
+    followed at every tick, and the operator's own calls update what it knows at once)."""
+    return max(report_interval, nodes / reports_per_second)
+
+
+def lease_late(view: NodeView, now: datetime, stale_after: float) -> bool:
+    """The heartbeat is half way to stale: the agent may have lost the API server, or died."""
+    age = heartbeat_age(view, now)
+    return age is not None and age > stale_after / 2
 
 
 def probe_verdict(result: ProbeResult, timeouts: int, recorded: ProbeResult) -> tuple[ProbeResult, int]:

@@ -1,13 +1,18 @@
-"""One monitor task per InferenceNode: probe the agent, refresh its report, mark the node.
+"""One monitor task per InferenceNode: watch and probe the agent, refresh its report, mark the node.
 
-Every probe interval (the shortest of the pools using the node, else the operator's
-default) a monitor sends `GET /health`; the result goes to the fleet, which wakes the
-pools concerned when it changed, so a dead agent leaves the routing tables within one
-interval. The agent's report (`GET /v1/node`: models and their phases, cache entries,
-free memory) is refreshed every `report_interval`, and at every tick while a load or a
-staging is under way there, in a task of its own so that a slow agent never delays
-the probes. A node whose probe fails loses its report (an agent that comes back after
-a restart holds nothing).
+Each monitor keeps a health watch open on its agent (`GET /health/watch`, a stream the
+agent keeps alive); when it ends (the agent died: its connection closed) or goes quiet
+(a hung agent), the node is suspect and is probed at once. So is a node whose lease
+renewal is late. Otherwise a watched agent is probed only now and then, spread so the
+whole fleet costs at most `probes_per_second`; an agent without a watch (an older one)
+is probed every probe interval (the shortest of the pools using the node, else the
+operator's default), as before. Every probe result goes to the fleet, which wakes the
+pools concerned when it changed, so a dead agent leaves the routing tables within
+moments of its death. The agent's report (`GET /v1/node`: models and their phases,
+cache entries, free memory) is refreshed every `report_interval` (spread over the fleet
+likewise), and at every tick while a load or a staging is under way there, in a task of
+its own so that a slow agent never delays the probes. A node whose probe fails loses
+its report (an agent that comes back after a restart holds nothing).
 
 A probe that times out counts only when the next one times out too (a busy agent is
 not a dead one); a refused connection or an error answer counts at once. When the
@@ -19,9 +24,9 @@ only when the verdict changes): not ready when the heartbeat is stale, the agent
 it is not ready, or the probe fails. Placement applies the same rules itself; the
 condition is for people and other tools (`kubectl get inode`).
 
-Every decision of a tick (does a probe count, which unloads now, is a report due,
-did the heartbeat's freshness flip, must the condition be written) is a pure function
-of `logic.monitoring`; this module does the I/O and applies them.
+Every decision of a tick (probe now or not, does a probe count, which unloads now, is
+a report due, did the heartbeat's freshness flip, must the condition be written) is a
+pure function of `logic.monitoring`; this module does the I/O and applies them.
 
 Plain asyncio tasks, not kopf daemons: a kopf daemon would put a finalizer on every
 InferenceNode, which the agents own.
@@ -30,6 +35,7 @@ InferenceNode, which the agents own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -39,15 +45,21 @@ from typing import Any, Protocol
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from mlxpool.agentapi import ModelState, NodeReport
+from mlxpool.operator.io import metrics
 from mlxpool.operator.io.agentclient import AgentError
-from mlxpool.operator.logic.endpoints import ProbeResult
+from mlxpool.operator.io.probing import WatchUnsupported
+from mlxpool.operator.logic.endpoints import NOT_PROBED, ProbeResult
 from mlxpool.operator.logic.fleet import Fleet
 from mlxpool.operator.logic.monitoring import (
     MARK_RETRY_SECONDS,
     ReportStep,
     heartbeat_news,
+    lease_late,
+    probe_now,
+    probe_period,
     probe_verdict,
     ready_mark,
+    report_period,
     report_step,
     unloads_due,
 )
@@ -62,7 +74,10 @@ class Kube(Protocol):
 
 
 class Prober(Protocol):
-    async def probe(self, endpoint: str) -> ProbeResult: ...
+    @property
+    def watches(self) -> bool: ...
+    async def probe(self, endpoint: str, reason: str = ...) -> ProbeResult: ...
+    async def watch(self, endpoint: str, alive: Callable[[], None]) -> str: ...
 
 
 class MonitorAgents(Protocol):
@@ -73,7 +88,7 @@ class MonitorAgents(Protocol):
 class NodeMonitors:
     def __init__(self, fleet: Fleet, prober: Prober, agents: MonitorAgents, kube: Kube, *, default_interval: float,
                  override_interval: float | None, report_interval: float, stale_after: float,
-                 orphan_grace: float = 30.0,
+                 orphan_grace: float = 30.0, probes_per_second: float = 50.0, reports_per_second: float = 20.0,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         self._fleet = fleet
         self._prober = prober
@@ -85,7 +100,17 @@ class NodeMonitors:
         self._stale_after = stale_after
         self._orphan_grace = orphan_grace
         self._clock = clock
+        self._probes_per_second = probes_per_second
+        self._reports_per_second = reports_per_second
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._watches: dict[str, asyncio.Task[None]] = {}
+        self._watched: set[str] = set()
+        """Nodes whose watch is open and has spoken: their deaths are heard, not polled for."""
+        self._unwatchable: set[str] = set()
+        """Nodes whose agent has no health watch (until it registers again)."""
+        self._suspicions: dict[str, str] = {}
+        """Node -> why it is suspect, until its monitor probes it."""
+        self._wake: dict[str, asyncio.Event] = {}
         self._written: dict[str, tuple[bool, str]] = {}
         self._retry_at: dict[str, float] = {}
 
@@ -97,14 +122,26 @@ class NodeMonitors:
 
     async def stop(self, name: str) -> None:
         task = self._tasks.pop(name, None)
+        watch = self._watches.pop(name, None)
         self._written.pop(name, None)
         self._retry_at.pop(name, None)
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        self._suspicions.pop(name, None)
+        self._unwatchable.discard(name)
+        self._watched.discard(name)
+        self._wake.pop(name, None)
+        for each in (task, watch):
+            if each is not None:
+                each.cancel()
+                await asyncio.gather(each, return_exceptions=True)
+
+    def suspect(self, name: str, why: str) -> None:
+        """Probe `name` at once (its watch ended, a router saw it fail, ...)."""
+        self._suspicions.setdefault(name, why)
+        if (wake := self._wake.get(name)) is not None:
+            wake.set()
 
     async def close(self) -> None:
-        for name in list(self._tasks):
+        for name in list(self._tasks) + list(self._watches):
             await self.stop(name)
 
     def interval(self, name: str) -> float:
@@ -120,13 +157,37 @@ class NodeMonitors:
         report: asyncio.Task[None] | None = None
         unloads: asyncio.Task[None] | None = None
         next_report = 0.0
+        probed_at = float("-inf")
+        wake = self._wake.setdefault(name, asyncio.Event())
         try:
             while (view := observed.views.get(name)) is not None:
                 tick = time.monotonic()
+                wake.clear()
                 try:
-                    probe, timeouts = probe_verdict(await self._prober.probe(view.endpoint), timeouts,
-                                                    observed.of(name).probe)
-                    observed.observe_probe(name, probe)
+                    nodes = len(observed.views)
+                    recorded = observed.of(name).probe
+                    suspicion = self._suspicions.pop(name, None)
+                    if suspicion is None and lease_late(view, self._clock(), self._stale_after):
+                        suspicion = "its lease renewal is late"
+                    # The period is read at every tick: it lengthens once the watch has spoken.
+                    due_at = probed_at + probe_period(self.interval(name), nodes=nodes,
+                                                      probes_per_second=self._probes_per_second,
+                                                      watched=name in self._watched)
+                    if probe_now(now=tick, due_at=due_at, suspected=suspicion is not None,
+                                 healthy=recorded.healthy or recorded is NOT_PROBED, timeouts=timeouts):
+                        reason = ("suspected" if suspicion else "first" if recorded is NOT_PROBED
+                                  else "unhealthy" if not recorded.healthy else "scheduled")
+                        probe, timeouts = probe_verdict(await self._prober.probe(view.endpoint, reason), timeouts,
+                                                        recorded)
+                        if suspicion and not probe.healthy and recorded.healthy:
+                            log.info("suspect node failed its probe node=%s suspicion=%r probe=%r", name,
+                                     suspicion, probe.message)
+                        observed.observe_probe(name, probe)
+                        probed_at = tick
+                    else:
+                        probe = recorded
+                    if probe.healthy:
+                        self._keep_watching(name, view)
                     due = unloads_due(self._fleet, name, healthy=probe.healthy, unloading=_running(unloads),
                                       orphan_grace=self._orphan_grace)
                     if due is not None:
@@ -140,7 +201,8 @@ class NodeMonitors:
                         observed.observe_report(name, None, "the agent does not answer its health probe")
                         next_report = 0.0
                     elif step is ReportStep.ASK:
-                        next_report = tick + self._report_interval
+                        next_report = tick + report_period(self._report_interval, nodes=nodes,
+                                                           reports_per_second=self._reports_per_second)
                         report = asyncio.create_task(self._refresh_report(name, view))
                     stale, news = heartbeat_news(view, self._clock(), self._stale_after, stale)
                     if news:
@@ -148,12 +210,33 @@ class NodeMonitors:
                     await self._mark(name, view, probe)
                 except Exception:  # a monitor must never die: log and go on at the next tick
                     log.exception("node monitor tick failed node=%s", name)
-                await asyncio.sleep(max(self.interval(name) - (time.monotonic() - tick), 0.05))
+                with contextlib.suppress(TimeoutError):  # woken early by a suspicion
+                    await asyncio.wait_for(wake.wait(), max(self.interval(name) - (time.monotonic() - tick), 0.05))
         finally:
             for task in (report, unloads):
                 if task is not None:
                     task.cancel()
                     await asyncio.gather(task, return_exceptions=True)
+
+    def _keep_watching(self, name: str, view: NodeView) -> None:
+        """A watch runs on a healthy agent that has one (started again after it ended)."""
+        if not self._prober.watches or name in self._unwatchable:
+            return
+        task = self._watches.get(name)
+        if task is None or task.done():
+            self._watches[name] = asyncio.create_task(self._watch(name, view.endpoint), name=f"watch-{name}")
+
+    async def _watch(self, name: str, endpoint: str) -> None:
+        try:
+            why = await self._prober.watch(endpoint, lambda: self._watched.add(name))
+        except WatchUnsupported as exc:
+            log.info("agent has no health watch node=%s (%s): probing it every interval", name, exc)
+            self._unwatchable.add(name)
+            return
+        finally:
+            self._watched.discard(name)
+        metrics.WATCH_ENDS.inc()
+        self.suspect(name, why)
 
     async def _unload_deferred(self, name: str, view: NodeView, models: Sequence[str]) -> None:
         """Models a pool gave up while this agent did not answer (or orphans): unload them now."""

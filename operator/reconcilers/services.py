@@ -45,6 +45,8 @@ class OperatorServices:
     kube: KubeClient
     http: httpx.AsyncClient
     """Shared by the probes, the operations calls and the scrapes."""
+    watch_http: httpx.AsyncClient
+    """The agents' health watches: one long-lived connection each, no pool limit."""
     fleet: Fleet
     pool_reconciler: PoolReconciler
     cache_reconciler: CacheReconciler
@@ -63,14 +65,20 @@ class OperatorServices:
         # Many agents, probed every second: keep their connections open.
         http = httpx.AsyncClient(trust_env=False, follow_redirects=False,
                                  limits=httpx.Limits(max_connections=512, max_keepalive_connections=256))
+        watch_http = httpx.AsyncClient(trust_env=False, follow_redirects=False,
+                                       limits=httpx.Limits(max_connections=None, max_keepalive_connections=0))
         fleet = Fleet(retry_after=config.load_retry_after, owner=config.owner)
         agents = AgentClient(http, config.agent_token, config.agent_timeout, owner=config.owner)
         pool_reconciler = PoolReconciler(kube, agents, fleet, config.node_stale_after)
         cache_reconciler = CacheReconciler(kube, agents, fleet, config.node_stale_after)
         monitors = NodeMonitors(
-            fleet, Prober(http, config.probe_timeout), agents, kube, default_interval=1.0,
-            override_interval=config.probe_interval, report_interval=config.report_interval,
-            stale_after=config.node_stale_after, orphan_grace=config.orphan_grace)
+            fleet, Prober(http, config.probe_timeout, max_in_flight=config.max_probes_in_flight,
+                          watch_client=watch_http if config.watch_interval > 0 else None,
+                          watch_interval=config.watch_interval or 10.0),
+            agents, kube, default_interval=1.0, override_interval=config.probe_interval,
+            report_interval=config.report_interval, stale_after=config.node_stale_after,
+            orphan_grace=config.orphan_grace, probes_per_second=config.probes_per_second,
+            reports_per_second=config.reports_per_second)
         runtimes = Runtimes()
         fleet.observed.subscribe(runtimes.node_changed)
         watcher = LeaseWatcher(api_client, config.lease_namespace, fleet.observed.renew)
@@ -87,7 +95,8 @@ class OperatorServices:
         server = None
         if config.metrics_port is not None:
             server = MetricsServer(config.metrics_port, config.metrics_address)
-        return cls(config=config, kube=kube, http=http, fleet=fleet, pool_reconciler=pool_reconciler,
+        return cls(config=config, kube=kube, http=http, watch_http=watch_http,
+                   fleet=fleet, pool_reconciler=pool_reconciler,
                    cache_reconciler=cache_reconciler, monitors=monitors, runtimes=runtimes, scraper=scraper,
                    leases=leases,
                    metrics=server)
@@ -100,6 +109,7 @@ class OperatorServices:
         await self.monitors.close()
         await self.kube.close()
         await self.http.aclose()
+        await self.watch_http.aclose()
         if self.metrics is not None:
             await asyncio.to_thread(self.metrics.close)  # joins a thread: not on the event loop
 

@@ -70,3 +70,21 @@ def test_drain_timeout_bounds_the_wait(agent_factory, tiny_model: Path):
     assert agent.popen.wait(15) == 0
     assert "data: [DONE]" not in payloads  # not waited for: 1,900 tokens take far longer
     assert "drain timed out" in agent.log_text()
+
+
+def test_a_health_watch_speaks_until_the_agent_stops(agent_factory, tiny_model: Path):
+    agent = agent_factory(tiny_model)
+    with httpx.Client(base_url=agent.url, timeout=10) as client:
+        bad = client.get("/health/watch", params={"interval": "0"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "interval"
+        with client.stream("GET", "/health/watch", params={"interval": "0.2"}) as stream:
+            lines = stream.iter_lines()
+            assert [json.loads(next(lines)) for _ in range(3)] == [{"status": "alive"}] * 3
+            os.kill(agent.pid, signal.SIGTERM)  # the watch ends when the process stops serving
+            started = time.monotonic()
+            try:
+                for _ in lines:
+                    assert time.monotonic() - started < 10
+            except httpx.RemoteProtocolError:
+                pass  # cut mid-stream: what a watcher hears as the agent's end
+    assert agent.popen.wait(30) == 0

@@ -17,8 +17,12 @@ from mlxpool.operator.logic.monitoring import (
     ReportStep,
     Unloads,
     heartbeat_news,
+    lease_late,
+    probe_now,
+    probe_period,
     probe_verdict,
     ready_mark,
+    report_period,
     report_step,
     unloads_due,
 )
@@ -156,3 +160,32 @@ def test_orphans_are_not_looked_for_while_a_deferred_unload_is_owed():
     assert unloads_due(fleet, "n", healthy=True, unloading=False, orphan_grace=10) is None  # grace starts now
     clock.now = 30
     assert unloads_due(fleet, "n", healthy=True, unloading=False, orphan_grace=10) == Unloads(("o",), orphans=True)
+
+
+@pytest.mark.parametrize(("interval", "nodes", "watched", "expected"), [
+    (1.0, 1000, False, 1.0),  # no watch: the probe is all there is, every interval
+    (1.0, 1000, True, 20.0),  # watched: 1,000 nodes within 50 probes a second
+    (1.0, 10, True, 1.0),  # a small fleet: never less often than the interval
+    (5.0, 100, True, 5.0),
+])
+def test_probe_period_spreads_a_watched_fleet_over_the_budget(interval, nodes, watched, expected):
+    assert probe_period(interval, nodes=nodes, probes_per_second=50, watched=watched) == expected
+
+
+@pytest.mark.parametrize(("kw", "expected"), [
+    ({}, False),  # healthy, not due, nothing suspect: wait
+    ({"due_at": 5.0}, True),  # the periodic probe is due
+    ({"suspected": True}, True),  # a watch ended, a lease is late
+    ({"healthy": False}, True),  # failing: probe at every interval to see it back
+    ({"timeouts": 1}, True),  # one timeout: confirm at once
+])
+def test_probe_now(kw, expected):
+    args = {"now": 5.0, "due_at": 20.0, "suspected": False, "healthy": True, "timeouts": 0, **kw}
+    assert probe_now(**args) is expected
+
+
+def test_report_period_and_lease_lateness():
+    assert report_period(5.0, nodes=1000, reports_per_second=20) == 50.0
+    assert report_period(5.0, nodes=10, reports_per_second=20) == 5.0
+    assert not lease_late(view(age=15), NOW, 40) and lease_late(view(age=25), NOW, 40)
+    assert not lease_late(view(age=None), NOW, 40)  # no heartbeat at all: staleness says so

@@ -23,11 +23,16 @@ REFUSED = ProbeResult(False, "cannot connect: refused")
 
 
 class ScriptedProber:
+    watches = False  # probed every interval, as an agent without a health watch is
+
     def __init__(self, script: list[ProbeResult]) -> None:
         self.script = script
         self.done = asyncio.Event()
 
-    async def probe(self, endpoint: str) -> ProbeResult:
+    async def watch(self, endpoint: str, alive) -> str:
+        raise AssertionError("this prober watches nothing")
+
+    async def probe(self, endpoint: str, reason: str = "scheduled") -> ProbeResult:
         if len(self.script) == 1:
             self.done.set()
         return self.script.pop(0) if len(self.script) > 1 else self.script[0]
@@ -97,3 +102,50 @@ async def test_deferred_unloads_happen_when_the_agent_answers_again():
     fleet.claims.defer_unload("n", "x")
     _, _, agents = await watch([REFUSED, REFUSED, UP], fleet=fleet)
     assert agents.unloads == ["x"] and fleet.claims.deferred_unloads("n") == []
+
+
+class WatchedProber:
+    """An agent with a health watch: it speaks, then dies (`kill`), closing the watch."""
+
+    watches = True
+
+    def __init__(self) -> None:
+        self.reasons: list[str] = []
+        self.dead = False
+        self.killed = asyncio.Event()
+        self.failed = asyncio.Event()
+
+    async def watch(self, endpoint: str, alive) -> str:
+        alive()
+        await self.killed.wait()
+        return "the health watch broke: RemoteProtocolError"
+
+    async def probe(self, endpoint: str, reason: str = "scheduled") -> ProbeResult:
+        self.reasons.append(reason)
+        if self.dead:
+            self.failed.set()
+            return REFUSED
+        return UP
+
+
+async def test_a_watched_agent_is_probed_rarely_and_at_once_when_its_watch_ends():
+    fleet = Fleet()
+    fleet.observed.set_view(NodeView(name="n", endpoint="http://n", labels={}, ready=True,
+                                     heartbeat=datetime.now(UTC), free_memory_bytes=None, models=frozenset()))
+    prober = WatchedProber()
+    # A 0.05 s interval, but 1,000 probes' worth of budget per node: periodic probes come
+    # every 20 s once the watch is open (one node, 0.05 probes a second).
+    monitors = NodeMonitors(fleet, prober, Agents(), Kube(), default_interval=0.05, override_interval=0.05,
+                            report_interval=60, stale_after=30, probes_per_second=0.05)
+    monitors.ensure("n")
+    await asyncio.sleep(0.5)  # ten ticks
+    assert prober.reasons == ["first"], prober.reasons  # the first probe, then the watch only
+    prober.dead = True
+    prober.killed.set()
+    started = asyncio.get_running_loop().time()
+    await asyncio.wait_for(prober.failed.wait(), 1)
+    assert asyncio.get_running_loop().time() - started < 0.1  # woken by the watch, not by a tick
+    assert prober.reasons[1] == "suspected"
+    await asyncio.sleep(0.05)
+    assert not fleet.observed.of("n").probe.healthy
+    await monitors.close()
