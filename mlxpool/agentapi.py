@@ -15,12 +15,18 @@ JSON `{"error": {"message", "type", "param", "code"}}` with a 4xx status.
 | PUT    /v1/node/cache/{key}     | StageRequest       | 202 CacheEntry (idempotent)    |
 | GET    /v1/node/cache/{key}     |                    | 200 CacheEntry, 404 if unknown |
 | DELETE /v1/node/cache/{key}     |                    | 200, 404 if unknown            |
+| PUT    /v1/node/scheduling/{model} | SchedulingPolicy | 200 SchedulingPolicy (applied) |
+| DELETE /v1/node/scheduling/{model} |                  | 200, back to the node's defaults |
 
 Loading, unloading and staging are asynchronous: the call answers at once and the
 caller polls the state. Repeating a call with the same body is always safe. A load
 may name its `owner`; the node reports it with the model, so a manager that restarted
 (and lost what it remembered) still recognises, and may clean up, what it loaded.
 Keys are snake_case here (an HTTP API, not a Kubernetes object).
+
+A pool's scheduling policy (its `spec.scheduling`: default tier, per-tier TTFT target,
+wait deadline, queue bound, preemption) is put per model; it may come before the model
+is loaded (it applies from the load on) and `NodeReport.scheduling` says what is applied.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from enum import StrEnum
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mlxpool.nodes import Hardware
+from mlxpool.priorities import Priority
 
 OPS_PREFIX = "/v1/node"
 CACHE_KEY_PATTERN = r"^[a-z0-9]([a-z0-9._-]{0,251}[a-z0-9])?$"
@@ -144,6 +151,43 @@ class CacheEntry(_Strict):
     message: str | None = None
 
 
+MAX_QUEUE_DEPTH = 1_000_000
+MAX_TTFT_TARGET_MS = 3_600_000.0
+MAX_DEADLINE_SECONDS = 86_400.0
+
+
+class TierPolicy(_Strict):
+    """One tier's terms in a pool's policy; a field left out keeps the node's own setting."""
+
+    priority: Priority
+    ttft_target_ms: float | None = Field(default=None, gt=0, le=MAX_TTFT_TARGET_MS,
+                                         description="Time-to-first-token target of the tier.")
+    deadline_seconds: float | None = Field(default=None, gt=0, le=MAX_DEADLINE_SECONDS,
+                                           description="Longest wait for a batch slot; past it: 504.")
+    max_queue_depth: int | None = Field(default=None, ge=0, le=MAX_QUEUE_DEPTH,
+                                        description="Requests of the tier that may wait; more get 429.")
+    preempt: bool | None = Field(default=None, description="May pause lower tiers' running sequences.")
+    sheddable: bool | None = Field(default=None,
+                                   description="Refused at once (429) when its target cannot be met.")
+
+
+class SchedulingPolicy(_Strict):
+    """A pool's `spec.scheduling` as the agents of the pool apply it to one model."""
+
+    default_priority: Priority = Priority.NORMAL
+    tiers: list[TierPolicy] = Field(default_factory=list, max_length=len(Priority))
+
+    @model_validator(mode="after")
+    def _one_entry_per_tier(self) -> SchedulingPolicy:
+        seen = [t.priority for t in self.tiers]
+        if len(set(seen)) != len(seen):
+            raise ValueError("tiers: each priority may be listed once")
+        return self
+
+    def tier(self, priority: Priority) -> TierPolicy | None:
+        return next((t for t in self.tiers if t.priority is priority), None)
+
+
 class QueueReport(_Strict):
     running: int = 0
     waiting: int = 0
@@ -161,3 +205,5 @@ class NodeReport(_Strict):
     cache: list[CacheEntry] = Field(default_factory=list)
     queue: QueueReport = Field(default_factory=QueueReport)
     agent_version: str
+    scheduling: dict[str, SchedulingPolicy] = Field(default_factory=dict)
+    """Model name -> the pool policy applied to it (models without one use the node's defaults)."""

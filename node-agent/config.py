@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -100,23 +100,73 @@ class AuthConfig(_Section):
     """How often the secret files are checked for a rotation (applied without a restart); 0: never."""
 
 
+MAX_QUEUE_BOUND = 1_000_000
+
+
 class TierConfig(_Section):
-    max_waiting: int | None = Field(default=None, ge=0)
-    """Requests of this tier that may wait for a batch slot; more are refused (503 queue_full)."""
-    deadline_seconds: float | None = Field(default=None, gt=0)
+    """One SLA tier's terms. A key left out takes that tier's default (`DEFAULT_TIERS`)."""
+
+    ttft_target_ms: float | None = Field(default=None, gt=0, le=3_600_000)
+    """Time-to-first-token target; null: none (the tier is never urgent, only aged)."""
+    max_waiting: int | None = Field(default=None, ge=0, le=MAX_QUEUE_BOUND)
+    """Requests of this tier that may wait for a batch slot; more are refused (429 queue_full).
+    null: unbounded."""
+    deadline_seconds: float | None = Field(default=None, gt=0, le=86_400)
     """Longest wait for a batch slot when the request sets no deadline; past it: 504."""
+    preempt: bool = False
+    """A request of this tier that would miss its target may pause a lower tier's running
+    sequence (its KV kept, resumed later without recomputing)."""
+    sheddable: bool = False
+    """Refused at once (429 with Retry-After) when the predicted wait already misses its target."""
+
+
+DEFAULT_TIERS: dict[Priority, TierConfig] = {
+    Priority.CRITICAL: TierConfig(ttft_target_ms=1_000, max_waiting=256, preempt=True),
+    Priority.HIGH: TierConfig(ttft_target_ms=3_000, max_waiting=256),
+    Priority.NORMAL: TierConfig(ttft_target_ms=10_000, max_waiting=512),
+    Priority.LOW: TierConfig(ttft_target_ms=30_000, max_waiting=512, sheddable=True),
+    Priority.BACKGROUND: TierConfig(ttft_target_ms=None, max_waiting=1024, sheddable=True),
+}
+"""The tiers' defaults: bounded queues, targets a user of an interactive service expects,
+preemption for `critical`, shedding for the two lowest tiers."""
 
 
 class PriorityScheduling(_Section):
-    """The waiting queue is ordered by priority (critical first), then arrival."""
+    """SLA tiers: TTFT targets, queue bounds, preemption, shedding, aging, fairness, key limits."""
 
     default_priority: Priority = Priority.NORMAL
     """Tier of requests that name none (body `priority` or header `x-priority`)."""
     tiers: dict[Priority, TierConfig] = Field(default_factory=dict)
-    """Limits per tier; tiers not listed are unlimited and wait without deadline."""
+    """Terms per tier; a tier or key not listed takes its default (`DEFAULT_TIERS`)."""
+    aging_seconds: float = Field(default=10.0, gt=0, le=3600)
+    """A waiting request rises one tier per this many seconds waited, so no tier starves:
+    a request of rank r (critical 0 .. background 4) waits at most about r x aging_seconds
+    more than a critical request arriving with it (docs/scheduling.md states the bound)."""
+    edf_slack_ms: float = Field(default=200.0, ge=0, le=60_000)
+    """A request whose TTFT deadline is closer than its predicted prefill plus this slack
+    is taken earliest-deadline-first, ahead of the tier order."""
+    max_paused: int = Field(default=32, ge=0, le=1024)
+    """Preempted sequences kept paused at once, at most; 0 disables preemption."""
+    allow_tenant_header: bool = False
+    """Whether the `x-tenant` header names the tenant (fair share inside a tier); otherwise
+    the tenant is the API key (or `anonymous`)."""
+    tenant_weights: dict[str, Annotated[float, Field(gt=0, le=1000)]] = Field(default_factory=dict, max_length=10_000)
+    """Weighted fair queuing inside a tier: tenant -> weight (default 1)."""
+    key_tiers: dict[str, Priority] = Field(default_factory=dict, max_length=10_000)
+    """Highest tier each API key may claim, by the key's name (`name:key` lines of the key
+    file) or, without names, by the key itself. Keys not listed get `default_key_tier`."""
+    default_key_tier: Priority = Priority.CRITICAL
+    """Highest tier of a key not in `key_tiers` (and of requests without a key when the
+    inference endpoints are open)."""
+    over_tier: Literal["downgrade", "reject"] = "downgrade"
+    """A request asking for more than its key may claim: served at the key's tier, or 403."""
 
     def tier(self, priority: Priority) -> TierConfig:
-        return self.tiers.get(priority) or TierConfig()
+        default = DEFAULT_TIERS[priority]
+        listed = self.tiers.get(priority)
+        if listed is None:
+            return default
+        return TierConfig.model_validate({**default.model_dump(), **listed.model_dump(include=listed.model_fields_set)})
 
 
 # ---- sections owned by other parts of the agent (empty until they implement options) ----

@@ -38,6 +38,7 @@ from mlxpool.agent.node.nodeinfo import default_node_name, node_spec, node_statu
 from mlxpool.agent.operations.assembly import Operations, StatusNudger
 from mlxpool.agent.serving.dataplane import DataPlane, DataPlaneSettings
 from mlxpool.agent.serving.lifecycle import Lifecycle, Phase
+from mlxpool.agent.serving.policies import SchedulingPolicies
 from mlxpool.agent.serving.promptcache import PromptCache
 from mlxpool.agent.serving.repository import ModelRepository
 from mlxpool.agent.serving.usage import UsageCounts
@@ -130,7 +131,9 @@ class AgentRuntime:
             self.metrics.registry.register(collector)
         limits = config.runtime.limits
         settings = DataPlaneSettings(serving.max_tokens_default, config.runtime.priority_scheduling, limits)
-        self.dataplane = DataPlane(self.models, self.lifecycle, settings, observer=self.metrics)
+        self.policies = SchedulingPolicies(config.runtime.priority_scheduling)
+        self.dataplane = DataPlane(self.models, self.lifecycle, settings, observer=self.metrics,
+                                   policies=self.policies)
         # ---- operations API (/v1/node): model manager and model cache ----
         self._registrar: NodeRegistrar | None = None
         self._status_nudger = StatusNudger(self._write_status_now)  # a load/unload shows at once
@@ -140,7 +143,7 @@ class AgentRuntime:
             make_engine=self.make_engine, multi_model=config.runtime.multi_model,
             weights=config.runtime.weight_management, node_name=reg.node_name if reg else default_node_name(),
             endpoint=lambda: (reg.advertise_url if reg and reg.advertise_url else None) or self.url or "",
-            on_change=self._status_nudger.nudge,
+            on_change=self._status_nudger.nudge, policies=self.policies,
         )
         # ----
         self.app = create_app(self.dataplane, self.metrics, config.credentials,

@@ -300,8 +300,9 @@ class BatchEngine:
         if request.request_id in self._by_id:
             self._deliver([(sequence, EngineError(f"request id {request.request_id!r} is already running"))])
             return
+        limit = request.terms.max_waiting if request.terms is not None else None
         try:
-            self._waiting.push(request.request_id, sequence, request.priority, request.deadline,
+            self._waiting.push(request.request_id, sequence, request.priority, request.deadline, limit=limit,
                                weight=len(request.prompt_tokens))
         except QueueFull as refusal:
             # The limit is on waiting: a request that the next admission takes anyway does not wait.

@@ -193,6 +193,21 @@ class SharedPrefix:
 
 
 @dataclass(frozen=True)
+class TierTerms:
+    """What the request's tier promises and allows, as the data plane resolved it (the
+    node's `priority_scheduling`, or the pool's policy for the model)."""
+
+    ttft_target_s: float | None = None
+    """Time-to-first-token target, from arrival; None: none."""
+    max_waiting: int | None = None
+    """Requests of this tier that may wait; the next is refused (QueueFull). None: no bound."""
+    preempt: bool = False
+    """May pause a lower tier's running sequence rather than miss its target."""
+    sheddable: bool = False
+    """Refused at once when the predicted wait already misses the target."""
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     """One sequence to generate: an already-tokenized prompt plus sampling and scheduling."""
 
@@ -205,6 +220,12 @@ class GenerationRequest:
     waiting, it fails with `errors.DeadlineExceeded` instead of running."""
     shared_prefix: SharedPrefix | None = None
     """A prefix's KV state from the fleet; used when it is longer than the local cache's."""
+    terms: TierTerms | None = None
+    """The tier's terms; None: the engine's own (`EngineConfig.max_waiting`, no target)."""
+    tenant: str = "anonymous"
+    """Who the request is for (API key name or `x-tenant`): tenants of a tier share it fairly."""
+    arrival: float | None = None
+    """`time.monotonic()` when the request arrived (TTFT is measured from it); None: at submit."""
 
     def __post_init__(self) -> None:
         if not self.prompt_tokens:

@@ -50,15 +50,18 @@ class PriorityAdmission(Generic[T]):
         """Sum of the `weight` of the waiting items (the engine's: their prompt tokens)."""
 
     def push(self, request_id: str, item: T, priority: Priority = Priority.NORMAL,
-             deadline: float | None = None, *, over_limit: bool = False, weight: int = 0) -> None:
+             deadline: float | None = None, *, over_limit: bool = False, limit: int | None = None,
+             weight: int = 0) -> None:
         """Queue `item`; QueueFull if its tier is at its limit, ValueError on a duplicate id.
 
-        `over_limit` skips the tier limit: for a request the caller admits at once, which
-        does not really wait.
+        `limit` is the tier's bound as the request's policy says (else the queue's own);
+        `over_limit` skips it: for a request the caller admits at once, which does not
+        really wait.
         """
         if request_id in self._waiting:
             raise ValueError(f"request {request_id!r} is already waiting")
-        limit = self._max_waiting.get(priority)
+        if limit is None:
+            limit = self._max_waiting.get(priority)
         if not over_limit and limit is not None and self._counts[priority] >= limit:
             raise QueueFull(priority, limit)
         arrival = next(self._arrivals)

@@ -8,6 +8,7 @@ models and bad ones answer 400 naming the field, through the agent's error table
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import TypeVar
 
@@ -17,15 +18,19 @@ from pydantic import BaseModel, ValidationError
 
 from mlxpool.agent.errors import InvalidRequest
 from mlxpool.agent.http.auth import require_ops_token
+from mlxpool.agent.operations.errors import PolicyNotFound
 from mlxpool.agent.operations.manager import ModelManager
 from mlxpool.agent.operations.reports import NodeReporter
 from mlxpool.agent.operations.sources import SourceError
 from mlxpool.agent.operations.staging import ModelCacheStore
-from mlxpool.agentapi import CACHE_KEY_PATTERN, OPS_PREFIX, LoadModelRequest, StageRequest
+from mlxpool.agent.serving.policies import TooManyPolicies
+from mlxpool.agentapi import CACHE_KEY_PATTERN, OPS_PREFIX, LoadModelRequest, SchedulingPolicy, StageRequest
 
 M = TypeVar("M", bound=BaseModel)
 
 _CACHE_KEY = re.compile(CACHE_KEY_PATTERN)
+MAX_MODEL_NAME = 253  # as LoadModelRequest.name
+log = logging.getLogger(__name__)
 
 
 def ops_router(manager: ModelManager, cache: ModelCacheStore, reporter: NodeReporter) -> APIRouter:
@@ -44,6 +49,31 @@ def ops_router(manager: ModelManager, cache: ModelCacheStore, reporter: NodeRepo
     @router.delete("/models/{name:path}")
     async def unload_model(name: str) -> Response:
         return _json(await manager.unload(name))
+
+    @router.put("/scheduling/{model:path}")
+    async def put_scheduling(model: str, request: Request) -> Response:
+        _check_model(model)
+        body = await _parse(request, SchedulingPolicy)
+        try:
+            applied = reporter.policies.put(model, body)
+        except TooManyPolicies as exc:
+            raise InvalidRequest(str(exc), param="model") from None
+        log.info("scheduling policy applied model=%s default_priority=%s tiers=%s", model,
+                 applied.default_priority.value, ",".join(t.priority.value for t in applied.tiers) or "-")
+        return _json(applied)
+
+    @router.get("/scheduling/{model:path}")
+    async def get_scheduling(model: str) -> Response:
+        policy = reporter.policies.get(model)
+        if policy is None:
+            raise _no_policy(model)
+        return _json(policy)
+
+    @router.delete("/scheduling/{model:path}")
+    async def delete_scheduling(model: str) -> Response:
+        if not reporter.policies.delete(model):
+            raise _no_policy(model)
+        return Response(status_code=200, content="{}", media_type="application/json")
 
     @router.get("/cache")
     async def list_cache() -> Response:
@@ -79,6 +109,15 @@ async def _parse(request: Request, model: type[M]) -> M:
         return model.model_validate_json(await request.body())
     except ValidationError as exc:
         raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
+
+
+def _no_policy(model: str) -> PolicyNotFound:
+    return PolicyNotFound(f"model {model!r} has no scheduling policy (it uses the node's defaults)", param="model")
+
+
+def _check_model(model: str) -> None:
+    if not 0 < len(model) <= MAX_MODEL_NAME:
+        raise InvalidRequest(f"model: the name must have 1 to {MAX_MODEL_NAME} characters", param="model")
 
 
 def _check_key(key: str) -> None:

@@ -25,6 +25,7 @@ from mlxpool.agent.operations.reports import NodeIdentity, NodeReporter
 from mlxpool.agent.operations.sources import DEFAULT_HUB_ENDPOINT
 from mlxpool.agent.operations.staging import ModelCacheStore
 from mlxpool.agent.serving.lifecycle import Lifecycle
+from mlxpool.agent.serving.policies import SchedulingPolicies
 from mlxpool.agent.serving.promptcache import PromptCache
 from mlxpool.agent.serving.repository import ModelRepository
 from mlxpool.agentapi import LoadModelRequest, ModelState
@@ -72,7 +73,7 @@ class Operations:
         cls, *, repository: ModelRepository, lifecycle: Lifecycle, make_engine: EngineFactory,
         multi_model: MultiModel, weights: WeightManagement, node_name: str, endpoint: Callable[[], str],
         prompt_cache: PromptCache | None = None, on_change: Callable[[], None] | None = None,
-        environ: Mapping[str, str] | None = None,
+        environ: Mapping[str, str] | None = None, policies: SchedulingPolicies | None = None,
     ) -> Operations:
         env = os.environ if environ is None else environ
         capacity = Capacity(
@@ -93,7 +94,7 @@ class Operations:
         )
         manager = ModelManager(repository, make_engine, capacity, lifecycle=lifecycle, prompt_cache=prompt_cache,
                                cache_path=cache.ready_path, on_change=on_change)
-        reporter = NodeReporter(NodeIdentity(node_name, endpoint), manager, cache)
+        reporter = NodeReporter(NodeIdentity(node_name, endpoint), manager, cache, policies)
         return cls(manager, cache, reporter)
 
     async def start(self) -> None:

@@ -58,3 +58,11 @@ class CacheInUse(_Conflict):
 
 class CacheNotReady(_Conflict):
     code = "cache_not_ready"
+
+
+class PolicyNotFound(AgentError):
+    """The model has no pool scheduling policy on this node (it runs under the node's defaults)."""
+
+    status_code = 404
+    error_type = "not_found_error"
+    code = "scheduling_policy_not_found"

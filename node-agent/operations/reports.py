@@ -14,6 +14,7 @@ from mlxpool import __version__
 from mlxpool.agent.node import hardware
 from mlxpool.agent.operations.manager import ModelManager
 from mlxpool.agent.operations.staging import ModelCacheStore
+from mlxpool.agent.serving.policies import SchedulingPolicies
 from mlxpool.agentapi import NodeReport
 from mlxpool.nodes import Hardware
 
@@ -27,8 +28,11 @@ class NodeIdentity:
 
 
 class NodeReporter:
-    def __init__(self, identity: NodeIdentity, manager: ModelManager, cache: ModelCacheStore) -> None:
+    def __init__(self, identity: NodeIdentity, manager: ModelManager, cache: ModelCacheStore,
+                 policies: SchedulingPolicies | None = None) -> None:
         self._identity = identity
+        self.policies = policies or SchedulingPolicies()
+        """The pools' scheduling policies per model (`PUT /v1/node/scheduling/{model}`)."""
         self._manager = manager
         self._cache = cache
         self._hardware: Hardware | None = None
@@ -48,5 +52,5 @@ class NodeReporter:
             name=self._identity.name, endpoint=self._identity.endpoint(), hardware=hw,
             max_models=self._manager.capacity.max_models, free_memory_bytes=free,
             models=self._manager.states(residency), cache=self._cache.entries(), queue=self._manager.queue(),
-            agent_version=__version__,
+            agent_version=__version__, scheduling=self.policies.applied(),
         )

@@ -28,11 +28,12 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from mlxpool.agent.config import LimitsConfig, PriorityScheduling
-from mlxpool.agent.engine.interface import EngineError, GenerationRequest, SamplingParams, TokenEvent
+from mlxpool.agent.engine.interface import EngineError, GenerationRequest, SamplingParams, TierTerms, TokenEvent
 from mlxpool.agent.engine.prompts import PromptError
 from mlxpool.agent.errors import DeadlineExceeded, GenerationFailed, InvalidRequest, QueueFull
 from mlxpool.agent.serving import openai as api
 from mlxpool.agent.serving.lifecycle import Lifecycle, Phase
+from mlxpool.agent.serving.policies import SchedulingPolicies
 from mlxpool.agent.serving.repository import ModelRepository, ServedModel
 from mlxpool.agent.serving.shaping import ChunkTemplate, chat_logprobs, completion_logprobs
 from mlxpool.priorities import DEADLINE_HEADER, PRIORITY_HEADER, Priority
@@ -48,7 +49,8 @@ class DataPlaneSettings:
     default_max_tokens: int = 256
     """Completion budget when a request gives no max_tokens (capped by the context)."""
     scheduling: PriorityScheduling = field(default_factory=PriorityScheduling)
-    """Default priority and the tiers' default deadlines."""
+    """The node's tiers (default priority, targets, deadlines, bounds); a pool's policy for a
+    model overrides them (`SchedulingPolicies`)."""
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     """Sizes checked before any work (prompt characters before tokenizing, stops, biases)."""
 
@@ -123,11 +125,12 @@ class ChunkStream:
 
 class DataPlane:
     def __init__(self, models: ModelRepository, lifecycle: Lifecycle, settings: DataPlaneSettings | None = None,
-                 observer: RequestObserver | None = None) -> None:
+                 observer: RequestObserver | None = None, policies: SchedulingPolicies | None = None) -> None:
         self.models = models
         self.lifecycle = lifecycle
         self.settings = settings or DataPlaneSettings()
         self.observer = observer
+        self.policies = policies or SchedulingPolicies(self.settings.scheduling)
 
     # ---- completions ----
 
@@ -325,11 +328,18 @@ class DataPlane:
             repetition_penalty=body.repetition_penalty or 1.0,
             logit_bias=biases,
         )
-        priority = body.priority or _header_priority(hints.priority) or self.settings.scheduling.default_priority
-        wait_s = _wait_seconds(body.deadline_ms, hints.deadline_ms, self.settings.scheduling, priority)
+        scheduling = self.policies.effective(model.name)
+        priority = body.priority or _header_priority(hints.priority) or scheduling.default_priority
+        wait_s = _wait_seconds(body.deadline_ms, hints.deadline_ms, scheduling, priority)
+        tier = scheduling.tier(priority)
+        terms = TierTerms(
+            ttft_target_s=None if tier.ttft_target_ms is None else tier.ttft_target_ms / 1000,
+            max_waiting=tier.max_waiting, preempt=tier.preempt, sheddable=tier.sheddable,
+        )
+        now = time.monotonic()
         request = GenerationRequest(
             request_id=uuid.uuid4().hex, prompt_tokens=tuple(tokens), sampling=sampling, priority=priority,
-            deadline=None if wait_s is None else time.monotonic() + wait_s,
+            deadline=None if wait_s is None else now + wait_s, terms=terms, arrival=now,
         )
         return Prepared(model, request, api.new_id(id_prefix), api.now(), arrival)
 

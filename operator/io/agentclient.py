@@ -15,7 +15,15 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from mlxpool.agentapi import OPS_PREFIX, CacheEntry, LoadModelRequest, ModelState, NodeReport, StageRequest
+from mlxpool.agentapi import (
+    OPS_PREFIX,
+    CacheEntry,
+    LoadModelRequest,
+    ModelState,
+    NodeReport,
+    SchedulingPolicy,
+    StageRequest,
+)
 from mlxpool.operator.io import metrics
 
 M = TypeVar("M", bound=BaseModel)
@@ -57,6 +65,10 @@ class AgentClient:
 
     async def stage(self, url: str, key: str, request: StageRequest) -> CacheEntry:
         return await self._call("stage", "PUT", url, f"/cache/{key}", CacheEntry, request)
+
+    async def put_scheduling(self, url: str, model: str, policy: SchedulingPolicy) -> SchedulingPolicy:
+        return await self._call("scheduling", "PUT", url, f"/scheduling/{quote(model, safe='')}",
+                                SchedulingPolicy, policy)
 
     async def cache_entry(self, url: str, key: str) -> CacheEntry | None:
         """The entry, or None when the agent does not hold `key`."""

@@ -7,6 +7,11 @@ agent already holds in any phase, or that cannot be loaded there, gets no call, 
 repeating the plan against an unchanged report asks for nothing twice, and a
 restarted operator that reads the agents' reports first repeats no call either.
 Executing the calls is `reconcilers.pools`' job; unloads are decided by the `claims`.
+
+`policy_plan` does the same for the pool's `spec.scheduling`: every chosen node whose
+agent does not report the pool's policy for a pool model gets it put (before the model
+is even loaded: the agent keeps it by name), so a change of the spec reaches every
+agent at the next pass and an unchanged one costs no call.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from mlxpool.agentapi import CachePhase, LoadModelRequest, ModelPhase, StageRequest
+from mlxpool.agentapi import CachePhase, LoadModelRequest, ModelPhase, SchedulingPolicy, StageRequest
 from mlxpool.operator.logic.placement import READY_CACHE_PHASES, Candidate, loadable
 from mlxpool.operator.logic.sources import LoadSource
 
@@ -43,6 +48,14 @@ class UnloadAction:
     model: str
 
 
+@dataclass(frozen=True)
+class PolicyAction:
+    node: str
+    url: str
+    model: str
+    policy: SchedulingPolicy
+
+
 Action = LoadAction | StageAction
 
 
@@ -68,6 +81,17 @@ def plan(chosen: Sequence[Candidate], model_names: Sequence[str],
                     continue  # still downloading or verifying: load when it is there
             actions.append(LoadAction(c.name, c.view.endpoint, model, source.request(model)))
     return actions
+
+
+def policy_plan(chosen: Sequence[Candidate], model_names: Sequence[str],
+                policy: SchedulingPolicy | None) -> list[PolicyAction]:
+    """The scheduling calls to make now: none for a pool without a policy, none to a node
+    that fails its probe or has no report, none where the agent reports the policy already."""
+    if policy is None:
+        return []
+    return [PolicyAction(c.name, c.view.endpoint, model, policy)
+            for c in chosen if c.agent is not None and c.probe.healthy
+            for model in model_names if c.agent.scheduling.get(model) != policy]
 
 
 def progress(chosen: Sequence[Candidate], model_names: Sequence[str],

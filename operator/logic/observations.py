@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import StrEnum
 
-from mlxpool.agentapi import CacheEntry, CachePhase, ModelPhase, ModelState, NodeReport
+from mlxpool.agentapi import CacheEntry, CachePhase, ModelPhase, ModelState, NodeReport, SchedulingPolicy
 from mlxpool.operator.logic.endpoints import NOT_PROBED, ProbeResult
 from mlxpool.operator.logic.placement import IN_TRANSIT, AgentView, NodeView
 
@@ -144,6 +144,13 @@ class Observations:
         agent = self.of(node).agent
         if agent is not None:
             self._set_agent(node, agent.with_model(state), None)
+
+    def note_policy(self, node: str, model: str, policy: SchedulingPolicy) -> None:
+        """An agent answered a scheduling call: it applies `policy` to `model` now."""
+        self._noted_at[node] = self._clock()
+        agent = self.of(node).agent
+        if agent is not None:
+            self._set_agent(node, agent.with_policy(model, policy), None)
 
     def note_unloaded(self, node: str, model: str) -> None:
         self._noted_at[node] = self._clock()

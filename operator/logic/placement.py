@@ -24,7 +24,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from mlxpool.agentapi import CacheEntry, CachePhase, ModelPhase, ModelState, NodeReport
+from mlxpool.agentapi import CacheEntry, CachePhase, ModelPhase, ModelState, NodeReport, SchedulingPolicy
 from mlxpool.nodes import NodeSpec, NodeStatus
 from mlxpool.operator.logic.conditions import READY
 from mlxpool.operator.logic.endpoints import NOT_PROBED, PlacedEndpoint, ProbeResult
@@ -98,10 +98,13 @@ class AgentView:
     max_models: int = 1
     owners: Mapping[str, str] = field(default_factory=dict)
     """Model name -> who loaded it, for models loaded with an owner."""
+    scheduling: Mapping[str, SchedulingPolicy] = field(default_factory=dict)
+    """Model name -> the pool scheduling policy the agent applies to it."""
 
     @classmethod
     def from_report(cls, report: NodeReport) -> AgentView:
-        view = cls(free_memory_bytes=report.free_memory_bytes, max_models=report.max_models)
+        view = cls(free_memory_bytes=report.free_memory_bytes, max_models=report.max_models,
+                   scheduling=dict(report.scheduling))
         for state in report.models:
             view = view.with_model(state)
         for entry in report.cache:
@@ -125,6 +128,10 @@ class AgentView:
     def without_model(self, name: str) -> AgentView:
         return replace(self, models={k: v for k, v in self.models.items() if k != name},
                        owners={k: v for k, v in self.owners.items() if k != name})
+
+    def with_policy(self, model: str, policy: SchedulingPolicy) -> AgentView:
+        """This view after the agent answered a scheduling call with `policy`."""
+        return replace(self, scheduling={**self.scheduling, model: policy})
 
     def with_cache(self, entry: CacheEntry) -> AgentView:
         return replace(self, cache={**self.cache, entry.key: entry.phase})

@@ -14,7 +14,7 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from mlxpool.agentapi import StageRequest
+from mlxpool.agentapi import SchedulingPolicy, StageRequest, TierPolicy
 from mlxpool.priorities import Priority
 from mlxpool.resources import LABEL_POOL
 
@@ -58,11 +58,21 @@ class Tier(_Spec):
     priority: Priority
     deadline_seconds: float | None = None
     max_queue_depth: int | None = None
+    ttft_target_ms: float | None = None
+    preempt: bool | None = None
+    sheddable: bool | None = None
 
 
 class Scheduling(_Spec):
     default_priority: Priority = Priority.NORMAL
     tiers: tuple[Tier, ...] = ()
+
+    def policy(self) -> SchedulingPolicy:
+        """What the agents of the pool get for each of its models (`PUT /v1/node/scheduling/{model}`)."""
+        return SchedulingPolicy(default_priority=self.default_priority, tiers=[
+            TierPolicy(priority=t.priority, ttft_target_ms=t.ttft_target_ms, deadline_seconds=t.deadline_seconds,
+                       max_queue_depth=t.max_queue_depth, preempt=t.preempt, sheddable=t.sheddable)
+            for t in self.tiers])
 
 
 class HealthCheck(_Spec):
@@ -76,7 +86,8 @@ class PoolSpec(_Spec):
     max_replicas: int | None = None
     node_selector: LabelSelector | None = None
     routing: Routing = Routing()
-    scheduling: Scheduling = Scheduling()
+    scheduling: Scheduling | None = None
+    """None (the pool sets none): the agents' own `priority_scheduling` applies."""
     health_check: HealthCheck = HealthCheck()
 
     @property

@@ -22,11 +22,11 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
-from mlxpool.agentapi import CacheEntry, LoadModelRequest, ModelState, StageRequest
+from mlxpool.agentapi import CacheEntry, LoadModelRequest, ModelState, SchedulingPolicy, StageRequest
 from mlxpool.operator.config import OperatorConfig
 from mlxpool.operator.io import metrics
 from mlxpool.operator.io.agentclient import AgentError
-from mlxpool.operator.logic.assignments import LoadAction, StageAction, plan, progress
+from mlxpool.operator.logic.assignments import LoadAction, PolicyAction, StageAction, plan, policy_plan, progress
 from mlxpool.operator.logic.claims import PoolKey
 from mlxpool.operator.logic.endpoints import NOT_PROBED, PlacedEndpoint, ProbeResult
 from mlxpool.operator.logic.fleet import Fleet
@@ -50,6 +50,7 @@ class Agents(Protocol):
     async def load(self, url: str, request: LoadModelRequest) -> ModelState: ...
     async def unload(self, url: str, model: str) -> ModelState: ...
     async def stage(self, url: str, key: str, request: StageRequest) -> CacheEntry: ...
+    async def put_scheduling(self, url: str, model: str, policy: SchedulingPolicy) -> SchedulingPolicy: ...
 
 
 class Events(Protocol):
@@ -158,7 +159,9 @@ class PoolReconciler:
         placement = place(candidates, spec, sources, sizes, before.keys(), now, self._stale_after)
         chosen_names = [c.name for c in placement.chosen]
         unloads = self._fleet.claims.claim(key, dict.fromkeys(chosen_names, spec.model_names), probe_interval)
-        actions = plan(placement.chosen, spec.model_names, sources)
+        actions: list[LoadAction | StageAction | PolicyAction] = [*plan(placement.chosen, spec.model_names, sources)]
+        actions += policy_plan(placement.chosen, spec.model_names,
+                               spec.scheduling.policy() if spec.scheduling is not None else None)
         calls = await self._act(actions, events) + await self.unload(unloads, events)
 
         # Placement again from what the calls just taught the fleet (loading, staging, failed).
@@ -202,9 +205,22 @@ class PoolReconciler:
         metrics.ROUTING_REVISION.labels(namespace, name).set(table.revision)
         return result
 
-    async def _act(self, actions: Sequence[LoadAction | StageAction], events: Events) -> int:
-        await asyncio.gather(*(self._do(a, events) for a in actions))
+    async def _act(self, actions: Sequence[LoadAction | StageAction | PolicyAction], events: Events) -> int:
+        await asyncio.gather(*(self._do(a, events) if not isinstance(a, PolicyAction) else self._apply_policy(a, events)
+                               for a in actions))
         return len(actions)
+
+    async def _apply_policy(self, action: PolicyAction, events: Events) -> None:
+        try:
+            applied = await self._agents.put_scheduling(action.url, action.model, action.policy)
+        except AgentError as exc:
+            events.warn("SchedulingFailed", f"cannot apply the scheduling policy of {action.model} on "
+                                            f"{action.node}: {exc}")
+            log.warning("agent call failed node=%s model=%s action=scheduling error=%s",
+                        action.node, action.model, exc)
+            return
+        self._fleet.observed.note_policy(action.node, action.model, applied)
+        log.info("scheduling policy applied node=%s model=%s", action.node, action.model)
 
     async def _do(self, action: LoadAction | StageAction, events: Events) -> None:
         observed, claims = self._fleet.observed, self._fleet.claims

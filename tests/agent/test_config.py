@@ -75,7 +75,42 @@ priority_scheduling:
     assert config.priority_scheduling.default_priority is Priority.LOW
     assert config.priority_scheduling.tier(Priority.BACKGROUND).max_waiting == 2
     assert config.priority_scheduling.tier(Priority.BACKGROUND).deadline_seconds == 1.5
-    assert config.priority_scheduling.tier(Priority.HIGH).max_waiting is None
+    assert config.priority_scheduling.tier(Priority.HIGH).max_waiting == 256  # its default: queues are bounded
+    # A key a tier does not list keeps that tier's default.
+    assert config.priority_scheduling.tier(Priority.BACKGROUND).sheddable is True
+
+
+def test_every_scheduling_key_is_read(tmp_path):
+    config = load_runtime_config(write(tmp_path, """
+priority_scheduling:
+  tiers:
+    critical: {ttft_target_ms: 250, preempt: false}
+    low: {max_waiting: null, sheddable: false}
+  aging_seconds: 2.5
+  edf_slack_ms: 50
+  max_paused: 4
+  allow_tenant_header: true
+  tenant_weights: {acme: 2}
+  key_tiers: {batch-jobs: low}
+  default_key_tier: normal
+  over_tier: reject
+"""), environ={}).priority_scheduling
+    assert config.tier(Priority.CRITICAL).ttft_target_ms == 250 and config.tier(Priority.CRITICAL).preempt is False
+    assert config.tier(Priority.CRITICAL).max_waiting == 256  # not listed: the default
+    assert config.tier(Priority.LOW).max_waiting is None and config.tier(Priority.LOW).sheddable is False
+    assert config.tier(Priority.HIGH).ttft_target_ms == 3000
+    assert (config.aging_seconds, config.edf_slack_ms, config.max_paused) == (2.5, 50, 4)
+    assert config.allow_tenant_header and config.tenant_weights == {"acme": 2}
+    assert config.key_tiers == {"batch-jobs": Priority.LOW} and config.default_key_tier is Priority.NORMAL
+    assert config.over_tier == "reject"
+
+
+def test_the_default_tiers_bound_every_queue_and_preempt_for_critical():
+    config = RuntimeConfig().priority_scheduling
+    assert all(config.tier(p).max_waiting is not None for p in Priority)
+    assert [p for p in Priority if config.tier(p).preempt] == [Priority.CRITICAL]
+    targets = [config.tier(p).ttft_target_ms for p in Priority][:4]
+    assert targets == sorted(targets)
 
 
 def test_multi_model_eviction_is_cost_aware_by_default_and_configurable(tmp_path):
@@ -94,6 +129,17 @@ multi_model: {eviction: lru, usage_half_life_seconds: 60, keep_alive_seconds: 30
     ("serving: {warmup: sometimes}", "serving.warmup: Input should be a valid boolean"),
     ("priority_scheduling: {tiers: {urgent: {}}}", "priority_scheduling.tiers.urgent"),
     ("priority_scheduling: {tiers: {low: {max_wait: 3}}}", "priority_scheduling.tiers.low.max_wait: unknown key"),
+    ("priority_scheduling: {tiers: {low: {ttft_target_ms: 0}}}", "priority_scheduling.tiers.low.ttft_target_ms"),
+    ("priority_scheduling: {tiers: {low: {preempt: maybe}}}", "priority_scheduling.tiers.low.preempt"),
+    ("priority_scheduling: {tiers: {low: {max_waiting: -1}}}", "priority_scheduling.tiers.low.max_waiting"),
+    ("priority_scheduling: {aging_seconds: 0}", "priority_scheduling.aging_seconds"),
+    ("priority_scheduling: {edf_slack_ms: -1}", "priority_scheduling.edf_slack_ms"),
+    ("priority_scheduling: {max_paused: 5000}", "priority_scheduling.max_paused"),
+    ("priority_scheduling: {tenant_weights: {a: 0}}", "priority_scheduling.tenant_weights.a"),
+    ("priority_scheduling: {key_tiers: {k: vip}}", "priority_scheduling.key_tiers.k"),
+    ("priority_scheduling: {default_key_tier: vip}", "priority_scheduling.default_key_tier"),
+    ("priority_scheduling: {over_tier: ignore}", "priority_scheduling.over_tier"),
+    ("priority_scheduling: {allow_tenant_header: perhaps}", "priority_scheduling.allow_tenant_header"),
     ("horizontal_scaling: {replicas: 3}", "horizontal_scaling.replicas: unknown key"),
     ("multi_model: {eviction: lfu}", "multi_model.eviction: Input should be 'cost', 'lru' or 'none'"),
     ("multi_model: {usage_half_life_seconds: 0}", "multi_model.usage_half_life_seconds: Input should be greater"),

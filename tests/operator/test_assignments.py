@@ -67,3 +67,41 @@ def test_progress_lists_loads_stagings_and_failures():
     loading, failed = progress(chosen, ["w", "x", "y", "z"], sources)
     assert loading == ["x on n", "z on n (staging)"]
     assert failed == ["w on n: no memory"]
+
+
+# ---- the pool's scheduling policy ----
+
+
+def test_the_pools_policy_goes_to_every_chosen_node_that_does_not_report_it():
+    from dataclasses import replace
+
+    from mlxpool.agentapi import SchedulingPolicy, TierPolicy
+    from mlxpool.operator.logic.assignments import PolicyAction, policy_plan
+    from mlxpool.priorities import Priority
+
+    policy = SchedulingPolicy(default_priority=Priority.HIGH, tiers=[TierPolicy(priority=Priority.LOW, preempt=False)])
+    fresh = cand()
+    (action,) = policy_plan([fresh], ["x"], policy)
+    assert action == PolicyAction("n", "http://n", "x", policy)
+    assert fresh.agent is not None
+    applied = replace(fresh, agent=fresh.agent.with_policy("x", policy))
+    assert policy_plan([applied], ["x"], policy) == []  # unchanged: no call
+    changed = policy.model_copy(update={"default_priority": Priority.LOW})
+    assert [a.policy for a in policy_plan([applied], ["x"], changed)] == [changed]
+    assert policy_plan([fresh], ["x"], None) == []  # the pool sets none: the agents' own
+    assert policy_plan([cand(report=False), cand(healthy=False)], ["x"], policy) == []
+
+
+def test_the_spec_becomes_the_wire_policy():
+    from mlxpool.operator.logic.specs import PoolSpec
+
+    spec = PoolSpec.model_validate({"models": [{"name": "x"}], "scheduling": {
+        "defaultPriority": "high", "tiers": [{"priority": "critical", "ttftTargetMs": 300, "preempt": True,
+                                               "maxQueueDepth": 4, "deadlineSeconds": 2, "sheddable": False}]}})
+    assert spec.scheduling is not None
+    policy = spec.scheduling.policy()
+    assert policy.default_priority == "high"
+    (tier,) = policy.tiers
+    assert (tier.ttft_target_ms, tier.preempt, tier.max_queue_depth, tier.deadline_seconds, tier.sheddable) == \
+        (300, True, 4, 2, False)
+    assert PoolSpec.model_validate({"models": [{"name": "x"}]}).scheduling is None

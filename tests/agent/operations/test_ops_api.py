@@ -132,7 +132,7 @@ def test_the_node_report_says_who_the_node_is_and_what_it_holds(ops_agent, clien
     assert tiny["name"] == "tiny" and tiny["phase"] == "ready" and tiny["memory_bytes"] > 0
     assert tiny["load_time_seconds"] > 0 and tiny["pinned"] is False
     assert node["cache"] == [] and node["queue"] == {"running": 0, "waiting": 0}
-    assert node["agent_version"]
+    assert node["agent_version"] and node["scheduling"] == {}
     # How the weights came in (the native reader, copied once) and where they are now.
     weights = tiny["weights"]
     assert weights["reader"] == "native" and weights["transfer"] == "copy" and weights["files"] == 1
@@ -145,6 +145,44 @@ def test_the_node_report_says_who_the_node_is_and_what_it_holds(ops_agent, clien
     metrics = httpx.get(f"{ops_agent.url}/metrics").text
     assert 'mlxpool_model_weight_bytes{model_name="tiny",state="resident"}' in metrics
     assert 'mlxpool_model_load_gbps{model_name="tiny",reader="native",transfer="copy"}' in metrics
+
+
+# ---- scheduling policies (a pool's spec.scheduling) ----
+
+
+def test_a_scheduling_policy_is_applied_reported_and_removed(ops_agent, client):
+    policy = {"default_priority": "low", "tiers": [{"priority": "critical", "ttft_target_ms": 400, "preempt": True}]}
+    r = client.put("/v1/node/scheduling/tiny", json=policy)
+    assert r.status_code == 200, r.text
+    applied = client.get("/v1/node").json()["scheduling"]["tiny"]
+    assert applied["default_priority"] == "low" and applied["tiers"][0]["ttft_target_ms"] == 400
+    assert client.get("/v1/node/scheduling/tiny").json() == applied
+    # In force for the next request: one that names no tier runs as `low`.
+    assert complete(ops_agent, "tiny").status_code == 200
+    metrics = httpx.get(f"{ops_agent.url}/metrics", timeout=10).text
+    assert 'mlxpool_requests_total{model_name="tiny",outcome="length",priority="low"}' in metrics
+    # A policy may name a model that is not loaded yet: kept for when it is.
+    assert client.put("/v1/node/scheduling/later", json={"default_priority": "high"}).status_code == 200
+    assert client.delete("/v1/node/scheduling/later").status_code == 200
+    assert client.delete("/v1/node/scheduling/tiny").status_code == 200
+    assert client.get("/v1/node").json()["scheduling"] == {}
+    r = client.get("/v1/node/scheduling/tiny")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "scheduling_policy_not_found"
+
+
+@pytest.mark.parametrize(("policy", "needle"), [
+    ({"tiers": [{"priority": "urgent"}]}, "'critical', 'high', 'normal', 'low' or 'background'"),
+    ({"default_priority": "vip"}, "'critical', 'high', 'normal', 'low' or 'background'"),
+    ({"tiers": [{"priority": "low"}, {"priority": "low"}]}, "each priority may be listed once"),
+    ({"tiers": [{"priority": "low", "ttft_target_ms": 0}]}, "ttft_target_ms"),
+    ({"tiers": [{"priority": "low", "max_queue_depth": -1}]}, "max_queue_depth"),
+    ({"tiers": [{"priority": "low", "speed": 1}]}, "speed"),
+])
+def test_a_bad_scheduling_policy_is_a_400_naming_what_is_wrong(client, policy, needle):
+    r = client.put("/v1/node/scheduling/tiny", json=policy)
+    assert r.status_code == 400, r.text
+    assert needle in r.json()["error"]["message"], r.json()
+    assert client.get("/v1/node").json()["scheduling"] == {}
 
 
 # ---- models ----
