@@ -1,0 +1,87 @@
+"""Admission decisions: how long a new request would wait, whether to refuse it at once,
+and which running sequence to pause for an urgent one.
+
+- `predicted_wait`: list scheduling over the batch slots. Each running sequence frees
+  its slot after its predicted remaining time; the waiting requests that go before the
+  new one (its tier and more urgent ones) then take the earliest free slots for their
+  predicted durations; the new request gets the next free slot. Free slots count as
+  free now. Its predicted time to first token is that wait plus its prefill.
+- `shed`: a sheddable request whose predicted first token already misses its target is
+  refused at once (429 with Retry-After = the predicted wait, rounded up), never left
+  to time out: it was doomed on arrival.
+- `choose_victim`: when a request that may preempt would miss its target waiting for
+  a slot, the running sequence to pause: a decoding one of a strictly lower tier, the
+  lowest tier first, then the one with the most work left (it would hold its slot
+  longest). None when no slot would be freed in time by preempting, or none qualifies.
+
+Pure: no MLX, no clock (callers pass `now`), no engine state beyond the views given.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from mlxpool.priorities import Priority
+
+MAX_RETRY_AFTER_S = 3600
+"""Retry-After never says more than this (a prediction that far out is not worth trusting)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RunningView:
+    """A running sequence as admission sees it."""
+
+    key: str
+    priority: Priority
+    remaining_s: float
+    """Predicted time until it ends and frees its slot."""
+    decoding: bool = True
+    """Its prompt is processed (only those can be paused with their KV)."""
+    preemptible: bool = True
+    """False for one resumed very recently (pausing it again would thrash)."""
+
+
+def predicted_wait(slots: int, running: Sequence[float], ahead: Iterable[float]) -> float:
+    """Seconds until a slot is free for a new request.
+
+    `running`: remaining seconds of each running sequence; `ahead`: predicted durations
+    of the waiting requests that go before the new one, in the order they go.
+    """
+    if slots <= 0:
+        return math.inf
+    busy = sorted(max(0.0, r) for r in running)[:slots]
+    free_at = [0.0] * (slots - len(busy)) + busy
+    heapq.heapify(free_at)
+    for duration in ahead:
+        start = heapq.heappop(free_at)
+        heapq.heappush(free_at, start + max(0.0, duration))
+    return free_at[0]
+
+
+def retry_after_seconds(wait_s: float) -> int:
+    """The Retry-After of a refusal: the predicted wait, rounded up, at least 1."""
+    if not math.isfinite(wait_s):
+        return MAX_RETRY_AFTER_S
+    return max(1, min(MAX_RETRY_AFTER_S, math.ceil(wait_s)))
+
+
+def shed(sheddable: bool, ttft_target_s: float | None, wait_s: float, prefill_s: float) -> bool:
+    """Whether to refuse at once: sheddable, with a target the predicted first token misses."""
+    return sheddable and ttft_target_s is not None and wait_s + prefill_s > ttft_target_s
+
+
+def choose_victim(priority: Priority, slack_s: float, free_slots: int, running: Sequence[RunningView]
+                  ) -> RunningView | None:
+    """The running sequence to pause for a request of `priority` that has `slack_s` seconds
+    before it must start (its TTFT deadline minus its prefill, from now); None to wait."""
+    if free_slots > 0:
+        return None
+    if running and min(r.remaining_s for r in running) <= max(0.0, slack_s):
+        return None  # a slot frees in time anyway
+    candidates = [r for r in running if r.decoding and r.preemptible and r.priority.rank > priority.rank]
+    if not candidates:
+        return None
+    return max(candidates, key=lambda r: (r.priority.rank, r.remaining_s))

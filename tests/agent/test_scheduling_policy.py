@@ -1,0 +1,214 @@
+"""The scheduler's pure policy: aged tiers, EDF, SJF, fair share, speed model, admission."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mlxpool.agent.engine.admission import RunningView, choose_victim, predicted_wait, retry_after_seconds, shed
+from mlxpool.agent.engine.scheduling import Forecast, PriorityAdmission
+from mlxpool.agent.engine.speed import PRIOR_PREFILL_TPS, PRIOR_STEP_S, SpeedModel
+from mlxpool.priorities import Priority
+
+CRITICAL, HIGH, NORMAL, LOW, BACKGROUND = Priority
+
+
+def queue(**kw) -> PriorityAdmission[str]:
+    return PriorityAdmission(aging_s=10.0, edf_slack_s=0.2, **kw)
+
+
+# ---- shortest job first within a tier ----
+
+
+def test_shortest_predicted_job_first_within_a_tier_tier_still_first():
+    q = queue()
+    q.push("long", "long", NORMAL, forecast=Forecast(arrival=0.0, duration_s=5.0))
+    q.push("short", "short", NORMAL, forecast=Forecast(arrival=0.1, duration_s=0.5))
+    q.push("mid", "mid", NORMAL, forecast=Forecast(arrival=0.2, duration_s=2.0))
+    q.push("low-short", "low-short", LOW, forecast=Forecast(arrival=0.0, duration_s=0.1))
+    assert q.ordered(now=1.0) == ["short", "mid", "long", "low-short"]
+
+
+def test_a_long_job_is_overtaken_only_by_jobs_that_would_finish_before_it():
+    q = queue()
+    q.push("long", "long", NORMAL, forecast=Forecast(arrival=0.0, duration_s=3.0))
+    q.push("later-short", "later-short", NORMAL, forecast=Forecast(arrival=3.5, duration_s=0.1))
+    assert q.ordered(now=4.0) == ["long", "later-short"]  # 0 + 3 < 3.5 + 0.1
+
+
+# ---- earliest deadline first when a deadline is near ----
+
+
+def test_requests_near_their_deadline_go_earliest_deadline_first():
+    q = queue()
+    q.push("short", "short", HIGH, forecast=Forecast(arrival=0.0, duration_s=0.1))
+    q.push("due-later", "due-later", HIGH, forecast=Forecast(arrival=0.0, duration_s=9.0, ttft_deadline=1.15,
+                                                             prefill_s=0.0))
+    q.push("due-first", "due-first", HIGH, forecast=Forecast(arrival=0.0, duration_s=8.0, ttft_deadline=1.1,
+                                                             prefill_s=0.0))
+    q.push("not-near", "not-near", HIGH, forecast=Forecast(arrival=0.0, duration_s=5.0, ttft_deadline=9.0))
+    assert q.ordered(now=1.0) == ["due-first", "due-later", "short", "not-near"]
+    # A deadline already missed is not urgent any more: it takes its turn by size.
+    assert q.ordered(now=1.2) == ["short", "not-near", "due-first", "due-later"]
+
+
+def test_edf_does_not_jump_tiers():
+    q = queue()
+    q.push("normal-due", "normal-due", NORMAL, forecast=Forecast(ttft_deadline=1.1))
+    q.push("critical", "critical", CRITICAL, forecast=Forecast(ttft_deadline=50.0))
+    assert q.ordered(now=1.0) == ["critical", "normal-due"]
+
+
+# ---- aging ----
+
+
+def test_a_request_rises_one_tier_per_aging_period_and_then_past_critical():
+    q = queue()
+    q.push("old-background", "old-background", BACKGROUND, forecast=Forecast(arrival=0.0))
+    q.push("new-critical", "new-critical", CRITICAL, forecast=Forecast(arrival=39.0))
+    assert q.ordered(now=39.0) == ["new-critical", "old-background"]  # aged 3 tiers: rank 1
+    assert q.group(BACKGROUND, 0.0, 40.0) == 0
+    q.push("newer-critical", "newer-critical", CRITICAL,
+           forecast=Forecast(arrival=49.0, ttft_deadline=49.1))  # urgent, even
+    assert q.ordered(now=50.0)[0] == "old-background"  # rank 4 - 5 = -1: ahead of any critical
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(list(Priority)), st.floats(0, 100), st.floats(0, 20)),
+                min_size=1, max_size=30),
+       st.sampled_from(list(Priority)), st.floats(0, 50), st.floats(0.001, 30))
+def test_aging_bound_nothing_arriving_rank_plus_one_periods_later_goes_first(entries, tier, arrival, later):
+    """The stated bound: a request of rank r goes before every request that arrives more than
+    (r + 1) x aging_seconds after it, whatever its tier, size or deadline; so its wait is at
+    most that plus the time to serve what was already queued (bounded by the queue limits)."""
+    q = queue()
+    for i, (t, a, duration) in enumerate(entries):
+        q.push(str(i), str(i), t, forecast=Forecast(arrival=a, duration_s=duration, ttft_deadline=a + 0.1))
+    q.push("x", "x", tier, forecast=Forecast(arrival=arrival, duration_s=1000.0))
+    newcomer = arrival + (tier.rank + 1) * q.aging_s + later
+    q.push("late", "late", CRITICAL, forecast=Forecast(arrival=newcomer, duration_s=0.0, ttft_deadline=newcomer + 0.1))
+    for now in (newcomer, newcomer + 0.05, newcomer + 7.0, newcomer + 100.0):
+        order = q.ordered(now=now)
+        assert order.index("x") < order.index("late"), now
+
+
+# ---- weighted fair queuing between tenants ----
+
+
+def _drain_in_turns(q: PriorityAdmission[str], n: int) -> list[str]:
+    return [q.pop(1, now=0.0)[0] for _ in range(n)]
+
+
+def test_one_tenants_flood_does_not_starve_another():
+    q = queue()
+    for i in range(20):
+        q.push(f"a{i}", "a", NORMAL, forecast=Forecast(arrival=0.0, tokens=10, tenant="a"))
+    for i in range(3):
+        q.push(f"b{i}", "b", NORMAL, forecast=Forecast(arrival=1.0, tokens=10, tenant="b"))
+    first = _drain_in_turns(q, 6)
+    assert first.count("b") == 3  # alternating while b has work, though a came first
+
+
+def test_tenants_share_by_weight_on_tokens():
+    q = PriorityAdmission(aging_s=10.0, tenant_weights={"gold": 3.0})
+    for i in range(40):
+        q.push(f"g{i}", "gold", NORMAL, forecast=Forecast(tokens=10, tenant="gold"))
+        q.push(f"s{i}", "silver", NORMAL, forecast=Forecast(tokens=10, tenant="silver"))
+    taken = _drain_in_turns(q, 40)
+    assert taken.count("gold") == pytest.approx(30, abs=1)
+
+
+def test_fair_share_is_on_tokens_not_requests():
+    q = queue()
+    for i in range(30):
+        q.push(f"big{i}", "big", NORMAL, forecast=Forecast(tokens=100, tenant="big"))
+        q.push(f"small{i}", "small", NORMAL, forecast=Forecast(tokens=10, tenant="small"))
+    taken = _drain_in_turns(q, 22)
+    assert taken.count("small") == 20  # 20 x 10 tokens vs 2 x 100
+
+
+def test_a_returning_tenant_gets_no_saved_up_credit():
+    q = queue()
+    for i in range(10):
+        q.push(f"a{i}", "a", NORMAL, forecast=Forecast(tokens=10, tenant="a"))
+    _drain_in_turns(q, 5)  # only a was there: its virtual time is 50
+    for i in range(4):
+        q.push(f"b{i}", "b", NORMAL, forecast=Forecast(tokens=10, tenant="b"))
+    assert _drain_in_turns(q, 4).count("b") == 2  # level, not b x 4
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.sampled_from(["t1", "t2", "t3", "t4"]), min_size=40, max_size=120))
+def test_backlogged_tenants_get_equal_shares(arrivals):
+    q = queue()
+    for i, tenant in enumerate(arrivals):
+        q.push(str(i), tenant, NORMAL, forecast=Forecast(tokens=5, tenant=tenant))
+    backlog = {t: arrivals.count(t) for t in set(arrivals)}
+    n = len(backlog) * min(backlog.values())
+    taken = _drain_in_turns(q, n)
+    counts = [taken.count(t) for t in backlog]
+    assert max(counts) - min(counts) <= 1
+
+
+# ---- the speed model ----
+
+
+def test_the_speed_model_starts_from_priors_and_learns():
+    speed = SpeedModel()
+    assert speed.prefill_seconds(400) == pytest.approx(400 / PRIOR_PREFILL_TPS)
+    assert speed.step_seconds(8) == PRIOR_STEP_S
+    speed.observe_prefill(1000, 0.5)
+    assert speed.prefill_seconds(1000) == pytest.approx(0.5)
+    for _ in range(50):
+        speed.observe_step(1, 0.01)
+        speed.observe_step(16, 0.04)
+        speed.observe_finished(25, 100)
+    assert speed.step_seconds(1) == pytest.approx(0.01)
+    assert 0.01 < speed.step_seconds(4) < 0.04  # between the buckets seen
+    assert speed.step_seconds(64) == pytest.approx(0.16)  # per-sequence cost past what was seen
+    assert speed.produced_tokens(100) == pytest.approx(25)
+    assert speed.duration_seconds(1000, 100, 16) == pytest.approx(0.5 + 25 * 0.04)
+    assert speed.remaining_seconds(10, 100, 1) == pytest.approx(15 * 0.01)
+    assert speed.remaining_seconds(40, 100, 1) == pytest.approx(30 * 0.01)  # past the estimate: halfway
+
+
+def test_the_speed_model_follows_a_slower_machine():
+    speed = SpeedModel()
+    for _ in range(30):
+        speed.observe_step(2, 0.01)
+    for _ in range(30):
+        speed.observe_step(2, 0.05)
+    assert speed.step_seconds(2) == pytest.approx(0.05, rel=0.01)
+
+
+# ---- admission ----
+
+
+def test_predicted_wait_is_list_scheduling_over_the_slots():
+    assert predicted_wait(4, [1.0, 2.0], []) == 0.0  # a slot is free
+    assert predicted_wait(2, [1.0, 2.0], []) == 1.0
+    assert predicted_wait(2, [1.0, 2.0], [3.0]) == 2.0  # the one ahead takes the slot freed at 1
+    assert predicted_wait(2, [1.0, 2.0], [3.0, 0.5]) == 2.5
+    assert predicted_wait(0, [], []) == math.inf
+
+
+def test_shedding_and_retry_after():
+    assert shed(True, 1.0, wait_s=0.9, prefill_s=0.2)
+    assert not shed(True, 1.0, wait_s=0.7, prefill_s=0.2)
+    assert not shed(False, 1.0, wait_s=9.0, prefill_s=0.2)
+    assert not shed(True, None, wait_s=9.0, prefill_s=0.2)
+    assert [retry_after_seconds(w) for w in (0.0, 0.2, 1.0, 1.01, math.inf)] == [1, 1, 1, 2, 3600]
+
+
+def test_the_victim_is_the_lowest_tier_with_the_most_work_left():
+    running = [RunningView("n", NORMAL, 5.0), RunningView("l1", LOW, 1.0), RunningView("l2", LOW, 4.0),
+               RunningView("b-prefilling", BACKGROUND, 9.0, decoding=False)]
+    assert choose_victim(CRITICAL, 0.5, 0, running).key == "l2"
+    assert choose_victim(CRITICAL, 0.5, 1, running) is None  # a slot is free
+    assert choose_victim(CRITICAL, 2.0, 0, running) is None  # l1 ends in time
+    assert choose_victim(LOW, 0.5, 0, running) is None  # nothing strictly lower decodes
+    assert choose_victim(CRITICAL, 0.5, 0, [RunningView("c", CRITICAL, 9.0)]) is None
+    assert choose_victim(HIGH, 0.1, 0, [RunningView("x", LOW, 9.0, preemptible=False)]) is None
