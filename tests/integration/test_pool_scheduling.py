@@ -9,10 +9,10 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from mlxpool.dev.controlplane import ControlPlane
 from mlxpool.dev.processes import wait_for
-from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
