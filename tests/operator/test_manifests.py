@@ -26,7 +26,7 @@ def test_default_overlay_builds_crds_rbac_and_a_recreate_operator(controlplane: 
     assert pod["serviceAccountName"] == "mlxpool-operator"
     (container,) = pod["containers"]
     assert container["args"][0] == "operator" and "--all-namespaces" in container["args"]
-    assert container["image"].startswith("ghcr.io/mlxpool/mlxpool:")
+    assert container["image"].startswith("ghcr.io/mlxpool/mlxpool-operator:")  # the kustomize override
 
 
 def test_default_overlay_is_accepted_by_the_api_server(controlplane: ControlPlane):
@@ -60,3 +60,22 @@ def test_launchd_plist_runs_the_agent_with_registration():
     argv = plist["ProgramArguments"]
     assert argv[1] == "agent" and "--kubeconfig" in argv and "--model" in argv
     assert plist["KeepAlive"] is True and plist["RunAtLoad"] is True
+
+
+def test_router_overlay_builds_with_the_image_override_and_the_api_server_accepts_it(controlplane: ControlPlane):
+    from mlxpool.router.main import build_parser, settings_from_args
+
+    docs = list(yaml.safe_load_all(controlplane.kubectl("kustomize", str(MANIFESTS / "router")).stdout))
+    assert sorted(d["kind"] for d in docs) == ["Deployment", "Service"]
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["image"] == "ghcr.io/mlxpool/mlxpool-router:0.1.0"
+    assert pod["serviceAccountName"] == "mlxpool-router" and container["securityContext"]["readOnlyRootFilesystem"]
+    parser = build_parser()
+    settings = settings_from_args(parser, parser.parse_args(container["args"][1:]))
+    assert str(settings.tables.pool) == "default/tiny"
+    # The server-side dry run needs the namespace and service account of manifests/default.
+    controlplane.kubectl("apply", "-k", str(MANIFESTS / "rbac"))
+    result = controlplane.kubectl("apply", "-k", str(MANIFESTS / "router"), "--dry-run=server")
+    assert "deployment.apps/mlxpool-router-tiny" in result.stdout and "service/mlxpool-router-tiny" in result.stdout
