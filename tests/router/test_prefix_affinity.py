@@ -164,7 +164,7 @@ def test_the_profile_is_built_in():
     pipeline = Strategies(load_strategies()).for_name("prefix-affinity")
     assert [(w.scorer.type_name, w.weight) for w in pipeline.scorers] == [
         ("prefix-affinity", 2.0), ("least-in-flight", 1.0), ("weighted-round-robin", 0.1)]
-    assert [f.type_name for f in pipeline.filters] == ["connect-cooldown"]
+    assert [f.type_name for f in pipeline.filters] == ["circuit-breaker"]
 
 
 def profile() -> Pipeline:
