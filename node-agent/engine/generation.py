@@ -61,7 +61,8 @@ from mlxpool.agent.engine.interface import (
 from mlxpool.agent.engine.logprobs import LogprobReader
 from mlxpool.agent.engine.prefixcache import PrefixCache
 from mlxpool.agent.engine.sampling import SamplerFactory, logits_processors
-from mlxpool.agent.engine.scheduling import PriorityAdmission
+from mlxpool.agent.engine.scheduling import Forecast, PriorityAdmission
+from mlxpool.agent.engine.speed import SpeedModel
 from mlxpool.agent.engine.stopping import StopStringMatcher
 from mlxpool.agent.errors import DeadlineExceeded, QueueFull
 
@@ -87,6 +88,8 @@ class _Sequence:
     cached_tokens: int = 0
     prefilled: bool = False
     """The whole prompt is processed (the sequence is decoding)."""
+    admitted_at: float = 0.0
+    """`time.perf_counter()` when it entered the batch (its prefill time is measured from it)."""
     prefill_tokens: int = 0
     """What it counts against the prefill token budget until prefilled: its whole prompt."""
 
@@ -153,7 +156,11 @@ class BatchEngine:
         self.tokenizer: Any = None
         """mlx-lm's TokenizerWrapper, set once the model is loaded."""
         # Engine-thread state.
-        self._waiting: PriorityAdmission[_Sequence] = PriorityAdmission(self._config.max_waiting)
+        self._waiting: PriorityAdmission[_Sequence] = PriorityAdmission(
+            self._config.max_waiting, aging_s=self._config.aging_s, edf_slack_s=self._config.edf_slack_s,
+            tenant_weights=self._config.tenant_weights)
+        self._speed = SpeedModel()
+        """This engine's measured speed: the forecasts the queue orders by."""
         self._running: dict[int, _Sequence] = {}
         self._by_id: dict[str, _Sequence] = {}
         self._prefilling = 0  # admitted sequences whose prompt is not fully processed yet
@@ -301,14 +308,15 @@ class BatchEngine:
             self._deliver([(sequence, EngineError(f"request id {request.request_id!r} is already running"))])
             return
         limit = request.terms.max_waiting if request.terms is not None else None
+        forecast = self._forecast(request)
         try:
             self._waiting.push(request.request_id, sequence, request.priority, request.deadline, limit=limit,
-                               weight=len(request.prompt_tokens))
+                               weight=len(request.prompt_tokens), forecast=forecast)
         except QueueFull as refusal:
             # The limit is on waiting: a request that the next admission takes anyway does not wait.
             if self._free_slots() > len(self._waiting):
                 self._waiting.push(request.request_id, sequence, request.priority, request.deadline, over_limit=True,
-                                   weight=len(request.prompt_tokens))
+                                   weight=len(request.prompt_tokens), forecast=forecast)
             else:
                 self._rejected["queue_full"] += 1
                 self._stats.requests_rejected_total = dict(self._rejected)
@@ -318,6 +326,19 @@ class BatchEngine:
         sequence.stops = StopStringMatcher(request.sampling.stop)
         self._by_id[request.request_id] = sequence
         self._count_queues()
+
+    def _forecast(self, request: GenerationRequest) -> Forecast:
+        """What the queue orders a request by: its TTFT deadline and predicted costs, from the speed model."""
+        arrival = request.arrival if request.arrival is not None else time.monotonic()
+        target = request.terms.ttft_target_s if request.terms is not None else None
+        due = None if target is None else arrival + target
+        if request.deadline is not None:
+            due = request.deadline if due is None else min(due, request.deadline)
+        prompt, max_tokens = len(request.prompt_tokens), request.sampling.max_tokens
+        speed = self._speed
+        return Forecast(arrival=arrival, ttft_deadline=due, prefill_s=speed.prefill_seconds(prompt),
+                        duration_s=speed.duration_seconds(prompt, max_tokens, max(1, len(self._running))),
+                        tokens=prompt + speed.produced_tokens(max_tokens), tenant=request.tenant)
 
     def _cancel(self, generator: BatchGenerator, request_id: str) -> None:
         sequence = self._by_id.pop(request_id, None)
@@ -359,7 +380,7 @@ class BatchEngine:
         admitted = self._waiting.pop(
             free, cost=lambda s: len(s.request.prompt_tokens),
             budget=self._config.prefill_token_budget - self._prefilling_tokens,
-            at_least_one=self._prefilling == 0,
+            at_least_one=self._prefilling == 0, now=time.monotonic(),
         ) if free > 0 else []
         if not admitted:
             return
@@ -391,8 +412,10 @@ class BatchEngine:
             samplers=[self._samplers.sampler(s.request.sampling) for s in admitted],
             logits_processors=[logits_processors(s.request.sampling) for s in admitted],
         )
+        admitted_at = time.perf_counter()
         for uid, sequence in zip(uids, admitted, strict=True):
             sequence.uid = uid
+            sequence.admitted_at = admitted_at
             self._running[uid] = sequence
             self._stats.prompt_tokens_total += len(sequence.request.prompt_tokens)
             self._stats.prompt_tokens_cached_total += sequence.cached_tokens
@@ -413,6 +436,7 @@ class BatchEngine:
         if prefilling:
             stats.prefill_seconds_total += spent
         else:
+            self._speed.observe_step(len(responses), spent)
             stats.decode_seconds_total += spent
             stats.decode_only_steps_total += 1
             stats.decode_only_tokens_total += len(responses)
@@ -436,6 +460,10 @@ class BatchEngine:
         for progress in prompt_responses:
             if progress.end_of_prompt and (sequence := self._running.get(progress.uid)) is not None:
                 self._prefill_done(sequence)
+                # Admission to prefilled: slower than the prefill alone (decode steps share it),
+                # so the speed model errs on the slow side.
+                self._speed.observe_prefill(len(sequence.request.prompt_tokens) - sequence.cached_tokens,
+                                            time.perf_counter() - sequence.admitted_at)
 
     def _detokenize(self, responses: list[Any], logprobs: dict[int, TokenLogprob],
                     ) -> tuple[list[Delivery], list[_Ended], bool]:
@@ -480,6 +508,7 @@ class BatchEngine:
             del self._running[end.response.uid]
             self._by_id.pop(end.sequence.request.request_id, None)
             self._count_finished(end.reason)
+            self._speed.observe_finished(end.sequence.generated, end.sequence.request.sampling.max_tokens)
 
     def _keep_prompts(self, generator: BatchGenerator, ended: list[_Ended]) -> None:
         """Store the ended sequences' KV in the prefix cache, and publish their prompts' to the fleet.

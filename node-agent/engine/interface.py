@@ -113,6 +113,12 @@ class EngineConfig:
     """Cached sequences at most."""
     max_waiting: dict[Priority, int] = field(default_factory=dict)
     """Per tier: requests allowed to wait; tiers not listed are unlimited."""
+    aging_s: float = 10.0
+    """A waiting request rises one tier per this many seconds waited (`scheduling`)."""
+    edf_slack_s: float = 0.2
+    """A request this close to its TTFT deadline (beyond its predicted prefill) goes earliest-deadline-first."""
+    tenant_weights: dict[str, float] = field(default_factory=dict)
+    """Fair-share weight per tenant inside a tier (default 1)."""
     warmup_tokens: int = 4
     """Tokens generated per warm-up run (0 disables warm-up)."""
     stream_interval_s: float = 0.0
