@@ -71,7 +71,9 @@ def test_printer_columns_show_memory_in_gib_not_bytes():
     columns = {c["name"]: c for c in crd(NODE_PLURAL)["spec"]["versions"][0]["additionalPrinterColumns"]}
     assert columns["Memory"]["jsonPath"] == ".spec.hardware.memory" and columns["Memory"]["type"] == "string"
     assert columns["Free"]["jsonPath"] == ".status.freeMemory"
-    assert columns["Heartbeat"]["type"] == "date"  # kubectl prints it as an age: 3s
+    # Not "Heartbeat": beats renew the Lease; heartbeatTime moves only when status is written.
+    assert "Heartbeat" not in columns and columns["Reported"]["jsonPath"] == ".status.heartbeatTime"
+    assert columns["Reported"]["type"] == "date"  # kubectl prints it as an age: 3s
     hw = Hardware(chip="Apple M2 Ultra", memory_bytes=25275990016, cpu_cores=24, accelerator="metal",
                   platform="darwin-arm64")
     assert hw.to_wire()["memory"] == "23.5 GiB"

@@ -183,7 +183,7 @@ def test_printer_columns_short_names_and_category(controlplane: ControlPlane, na
     assert {"inferencepool.mlxpool.dev/shown", "modelcache.mlxpool.dev/c"} <= set(listed)
     header = controlplane.kubectl("get", "inode").stdout.splitlines()
     if header:  # other tests' nodes may or may not exist: check the columns only
-        assert header[0].split() == ["NAME", "ENDPOINT", "CHIP", "MEMORY", "MODELS", "READY", "HEARTBEAT", "AGE"]
+        assert header[0].split() == ["NAME", "ENDPOINT", "CHIP", "MEMORY", "MODELS", "READY", "REPORTED", "AGE"]
 
 
 def test_samples_kustomization_builds(controlplane: ControlPlane):

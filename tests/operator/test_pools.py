@@ -76,7 +76,7 @@ def test_models_are_loaded_on_chosen_agents_and_failures_move_them(cluster, sim_
     row = next(r for r in rows if r.startswith(dead))
     # The READY column (the operator's verdict), read by position: an empty MODELS cell
     # (the sim may not have reported its models yet) would shift a whitespace split.
-    assert row[header.index("READY"):header.index("HEARTBEAT")].strip() == "False", (header, row)
+    assert row[header.index("READY"):header.index("REPORTED")].strip() == "False", (header, row)
 
 
 def test_a_restarted_operator_repeats_no_load(cluster, sim_agents, run_operator):
