@@ -221,7 +221,11 @@ class MultiModel(_Section):
 
 
 class HorizontalScaling(_Section):
-    """Reserved; no option is implemented yet."""
+    """What this node tells routers about its load (`GET /v1/signals`, `mlxpool.loadsignals`)."""
+
+    publish_signals: bool = True
+    """Serve the load report routers poll every 50-200 ms; false answers 404, and routers
+    score this node on their own in-flight counts only."""
 
 
 class DistributedCache(_Section):

@@ -149,7 +149,8 @@ class AgentRuntime:
         self.app = create_app(self.dataplane, self.metrics, config.credentials,
                               ops=ops_router(self.operations.manager, self.operations.cache,
                                              self.operations.reporter),
-                              limits=SizeLimits(limits.max_body_bytes, limits.max_header_bytes))
+                              limits=SizeLimits(limits.max_body_bytes, limits.max_header_bytes),
+                              publish_signals=config.runtime.horizontal_scaling.publish_signals)
         self.url: str | None = None
         self._signals = 0
         self._background: list[asyncio.Task[object]] = []

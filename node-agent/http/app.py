@@ -48,7 +48,7 @@ WATCH_INTERVAL_RANGE = (0.1, 300.0)
 
 def create_app(
     dataplane: DataPlane, metrics: AgentMetrics, credentials: Credentials | None = None, ops: APIRouter | None = None,
-    limits: SizeLimits | None = None,
+    limits: SizeLimits | None = None, publish_signals: bool = True,
 ) -> FastAPI:
     app = FastAPI(title="mlxpool node agent", version=__version__, exception_handlers=EXCEPTION_HANDLERS)
     app.state.credentials = credentials or Credentials()
@@ -101,10 +101,11 @@ def create_app(
         content, content_type = await asyncio.to_thread(metrics.render)
         return Response(content, media_type=content_type)
 
-    @app.get(SIGNALS_PATH)
-    async def signals() -> Response:
-        """Load signals for routers (`mlxpool.loadsignals`), open like /metrics."""
-        return _json(agent_signals(dataplane.models, dataplane.lifecycle))
+    if publish_signals:  # off (runtime.yaml horizontal_scaling.publish_signals): 404, routers use local counts
+        @app.get(SIGNALS_PATH)
+        async def signals() -> Response:
+            """Load signals for routers (`mlxpool.loadsignals`), open like /metrics."""
+            return _json(agent_signals(dataplane.models, dataplane.lifecycle))
 
     @app.get("/v1/models", dependencies=inference)
     async def list_models() -> Response:

@@ -293,3 +293,10 @@ async def test_signals_are_open_and_report_the_engine_and_draining(fake_agent):
             "decode_step_seconds": 0.02, "decode_tokens_per_second": 200.0}
         fake_agent.lifecycle.set_phase(Phase.DRAINING)
         assert (await c.get("/v1/signals")).json()["draining"] is True
+
+
+async def test_signals_can_be_turned_off(fake_agent):
+    metrics = AgentMetrics(fake_agent.models, fake_agent.lifecycle)
+    app = create_app(fake_agent.plane, metrics, publish_signals=False)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://agent") as c:
+        assert (await c.get("/v1/signals")).status_code == 404

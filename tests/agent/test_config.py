@@ -141,6 +141,7 @@ multi_model: {eviction: lru, usage_half_life_seconds: 60, keep_alive_seconds: 30
     ("priority_scheduling: {over_tier: ignore}", "priority_scheduling.over_tier"),
     ("priority_scheduling: {allow_tenant_header: perhaps}", "priority_scheduling.allow_tenant_header"),
     ("horizontal_scaling: {replicas: 3}", "horizontal_scaling.replicas: unknown key"),
+    ("horizontal_scaling: {publish_signals: sometimes}", "horizontal_scaling.publish_signals"),
     ("multi_model: {eviction: lfu}", "multi_model.eviction: Input should be 'cost', 'lru' or 'none'"),
     ("multi_model: {usage_half_life_seconds: 0}", "multi_model.usage_half_life_seconds: Input should be greater"),
     ("multi_model: {keep_alive_seconds: -1}", "multi_model.keep_alive_seconds: Input should be greater"),
