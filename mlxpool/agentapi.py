@@ -126,6 +126,9 @@ class ModelState(_Strict):
     Equal identities mean the same model, whatever each node calls it."""
     weights: ModelWeights | None = None
     """Set once the model is loaded."""
+    warmup_shapes_done: int | None = None
+    """Shapes compiled so far by its warm-up (`engine.shapes`); None before the plan is made."""
+    warmup_shapes_total: int | None = None
 
 
 class StageRequest(_Strict):
@@ -201,6 +204,9 @@ class NodeReport(_Strict):
     hardware: Hardware
     max_models: int
     free_memory_bytes: int | None = None
+    """Memory a model could still take (the accelerator's on a discrete GPU)."""
+    device_memory_used_bytes: int | None = None
+    """Bytes MLX holds on the accelerator now (live arrays and its buffer cache)."""
     models: list[ModelState] = Field(default_factory=list)
     cache: list[CacheEntry] = Field(default_factory=list)
     queue: QueueReport = Field(default_factory=QueueReport)

@@ -39,8 +39,11 @@ class Hardware(_Wire):
     chip: str = Field(description="e.g. 'Apple M2 Ultra', or the CPU model off a Mac.")
     memory_bytes: int = Field(ge=0, description="Unified (or system) memory.")
     cpu_cores: int = Field(ge=1)
-    accelerator: str = Field(description="'metal' on Apple Silicon, 'cpu' elsewhere.")
+    accelerator: str = Field(description="What MLX computes on: 'metal', 'cuda' or 'cpu'.")
     platform: str = Field(description="e.g. 'darwin-arm64', 'linux-x86_64'.")
+    device_name: str | None = Field(default=None, description="The accelerator as MLX names it, e.g. 'NVIDIA H200'.")
+    device_memory_bytes: int | None = Field(
+        default=None, ge=0, description="The accelerator's own memory (unified memory on Metal); unset on the CPU.")
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -62,11 +65,21 @@ class LoadedModel(_Wire):
     identity: str | None = Field(default=None, description="Content identity (hash of weights, tokenizer, config).")
 
 
+class WarmupProgress(_Wire):
+    model: str
+    shapes_done: int = Field(ge=0)
+    shapes_total: int = Field(ge=0)
+
+
 class NodeStatus(_Wire):
     ready: bool = False
     models: list[LoadedModel] = Field(default_factory=list)
     heartbeat_time: datetime | None = None
     free_memory_bytes: int | None = None
+    device_memory_used_bytes: int | None = None
+    """Bytes MLX holds on the accelerator (live arrays and its buffer cache)."""
+    warmup: list[WarmupProgress] = Field(default_factory=list)
+    """Models still compiling their shapes before they serve."""
     agent_version: str | None = None
 
     @computed_field  # type: ignore[prop-decorator]

@@ -62,7 +62,10 @@ class ServingConfig(_Section):
     prompt_cache_entries: int = Field(default=64, ge=1)
     """Cached sequences per model at most (least recently used go first)."""
     warmup: bool = True
-    """Run a short generation at the batch shapes before reporting ready."""
+    """Run every batch shape once (each decode width, each prefill bucket) before reporting ready."""
+    compile_cache_dir: Path | None = Path("~/.cache/mlxpool/compile")
+    """Where the accelerator backend keeps compiled kernels across restarts (MLX's CUDA
+    backend: MLX_PTX_CACHE_DIR, which wins when set); null: the backend's own default."""
     stream_interval_ms: float = Field(default=0.0, ge=0, le=1000)
     """A streamed request's tokens are written at most this often (its first and last at
     once): tokens that come faster go out together, in one write and one wake-up of the

@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from mlxpool.agent.config import RuntimeConfig, load_runtime_config
 from mlxpool.agent.http.auth import API_KEY_ENV, OPS_TOKEN_ENV, Credentials
@@ -21,6 +22,8 @@ from mlxpool.resources import NODE_LEASE_NAMESPACE
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 CONFIG_ENV = "MLXPOOL_CONFIG"
+PTX_CACHE_ENV = "MLX_PTX_CACHE_DIR"
+"""Where MLX's CUDA backend keeps the kernels it compiled (read when it first compiles)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,19 +137,50 @@ def _runtime_config(args: argparse.Namespace) -> RuntimeConfig:
     return runtime.with_overrides("auth", api_key_file=args.api_key_file, ops_token_file=args.ops_token_file)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, exit_process: bool = True) -> int:
+    """Run the agent; with `exit_process` (the command line) the process ends here (`exit_now`)."""
     args = sys.argv[1:] if argv is None else argv
     config = parse_config(args)
     logging.basicConfig(level=config.log_level, format=LOG_FORMAT, stream=sys.stderr, force=True)
     from uvicorn.loops.auto import auto_loop_factory  # uvloop when it is installed
 
-
+    compile_cache = use_compile_cache(config.runtime.serving.compile_cache_dir)
+    if compile_cache is not None:
+        logging.getLogger("mlxpool.agent").info("compile cache dir=%s", compile_cache)
     try:
         with asyncio.Runner(loop_factory=auto_loop_factory()) as runner:
-            return runner.run(AgentRuntime(config).run())
+            code = runner.run(AgentRuntime(config).run())
     except OSError as exc:  # e.g. the port is taken
         logging.getLogger("mlxpool.agent").error("agent failed to start error=%s", exc)
-        return 1
+        code = 1
+    if exit_process:
+        exit_now(code)
+    return code
+
+
+def use_compile_cache(directory: Path | None) -> Path | None:
+    """Point MLX's CUDA kernel cache at `directory` (unless the environment already names one),
+    so a restarted agent finds its kernels compiled. Must run before MLX first compiles."""
+    if directory is None:
+        return None
+    directory = directory.expanduser()
+    current = os.environ.get(PTX_CACHE_ENV)
+    if current:
+        return Path(current)
+    directory.mkdir(parents=True, exist_ok=True)
+    os.environ[PTX_CACHE_ENV] = str(directory)
+    return directory
+
+
+def exit_now(code: int) -> NoReturn:
+    """Leave without running C++ static destructors: the agent has stopped everything (engine
+    threads joined, the device synchronized, logs flushed). MLX's CUDA backend tears down its
+    device objects after Python's finalization and aborts there ("terminate called without an
+    active exception"), turning a clean exit 0 into SIGABRT; nothing is left to clean up."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _positive_int(text: str) -> int:
@@ -164,4 +198,4 @@ def _non_negative_int(text: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

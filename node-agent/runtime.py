@@ -28,14 +28,14 @@ from typing import TYPE_CHECKING, TypeVar
 import uvicorn
 
 from mlxpool.agent.config import RuntimeConfig
-from mlxpool.agent.engine.interface import EngineConfig, LoadOptions
+from mlxpool.agent.engine.interface import Accelerator, DeviceMemory, DeviceProbe, EngineConfig, LoadOptions
 from mlxpool.agent.http.app import create_app
 from mlxpool.agent.http.auth import CredentialReloader, Credentials
 from mlxpool.agent.http.metrics import AgentMetrics
 from mlxpool.agent.http.operations import ops_router
-from mlxpool.agent.node import hardware
 from mlxpool.agent.node.nodeinfo import default_node_name, node_spec, node_status
 from mlxpool.agent.operations.assembly import Operations, StatusNudger
+from mlxpool.agent.operations.reports import memory_readings
 from mlxpool.agent.serving.dataplane import DataPlane, DataPlaneSettings
 from mlxpool.agent.serving.lifecycle import Lifecycle, Phase
 from mlxpool.agent.serving.policies import SchedulingPolicies
@@ -44,7 +44,7 @@ from mlxpool.agent.serving.repository import ModelRepository
 from mlxpool.agent.serving.usage import UsageCounts
 from mlxpool.agentapi import ModelPhase
 from mlxpool.httpguards import SizeLimits
-from mlxpool.nodes import LoadedModel, NodeStatus
+from mlxpool.nodes import LoadedModel, NodeStatus, WarmupProgress
 from mlxpool.resources import NODE_LEASE_NAMESPACE
 
 if TYPE_CHECKING:  # imported when used: MLX and the Kubernetes client are heavy
@@ -120,8 +120,8 @@ class AgentRuntime:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.lifecycle = Lifecycle()
-        self.models = ModelRepository(UsageCounts(config.runtime.multi_model.usage_half_life_seconds))
-        self.metrics = AgentMetrics(self.models, self.lifecycle)
+from mlxpool.nodes import LoadedModel, NodeStatus, WarmupProgress
+from mlxpool.resources import NODE_LEASE_NAMESPACE
         # ---- the prompt cache beyond the engines: shared with other agents through Redis, if set ----
         serving = config.runtime.serving
         self.prompt_cache = PromptCache.from_settings(
@@ -139,7 +139,7 @@ class AgentRuntime:
         self._status_nudger = StatusNudger(self._write_status_now)  # a load/unload shows at once
         reg = config.registration
         self.operations = Operations.build(
-            repository=self.models, lifecycle=self.lifecycle, prompt_cache=self.prompt_cache,
+            probe=self.probe, repository=self.models, lifecycle=self.lifecycle, prompt_cache=self.prompt_cache,
             make_engine=self.make_engine, multi_model=config.runtime.multi_model,
             weights=config.runtime.weight_management, node_name=reg.node_name if reg else default_node_name(),
             endpoint=lambda: (reg.advertise_url if reg and reg.advertise_url else None) or self.url or "",
@@ -260,7 +260,7 @@ class AgentRuntime:
             return
         from mlxpool.agent.node.registration import NodeRegistrar  # imports the Kubernetes client
 
-        hw = await asyncio.to_thread(hardware.detect_hardware)
+        hw = await self.operations.reporter.hardware()
         spec = node_spec(reg.advertise_url or self.url or "", hw, max_models=self.config.runtime.multi_model.max_models)
         self._registrar = NodeRegistrar(reg.kubeconfig, reg.node_name, reg.labels, spec, self._node_status,
                                         interval=reg.heartbeat_interval, lease_namespace=reg.lease_namespace)
@@ -303,11 +303,28 @@ class AgentRuntime:
         return await _race(work, self._force)
 
     async def _node_status(self) -> NodeStatus:
-        free = await asyncio.to_thread(hardware.free_memory_bytes)
+        free, used = await asyncio.to_thread(memory_readings, self.probe)
         ready, _ = self.dataplane.readiness()
         loaded = [LoadedModel(name=m.name, path=m.info.path, memory_bytes=m.info.memory_bytes, identity=m.identity)
                   for m in self.models.all()]
-        return node_status(ready, loaded, free)
+        warmup = [WarmupProgress(model=name, shapes_done=done, shapes_total=total)
+                  for name, done, total in self.operations.manager.warming()]
+        return node_status(ready, loaded, free, device_memory_used_bytes=used, warmup=warmup)
+
+
+def device_probe() -> DeviceProbe:
+    """Reads of the device through the engine's MLX side, imported on first use."""
+    def accelerator() -> Accelerator:
+        from mlxpool.agent.engine import device
+
+        return device.accelerator()
+
+    def memory() -> DeviceMemory:
+        from mlxpool.agent.engine import device
+
+        return device.memory()
+
+    return DeviceProbe(accelerator, memory)
 
 
 async def _race(work: Awaitable[T], event: asyncio.Event) -> T | None:

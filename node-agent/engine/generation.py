@@ -55,6 +55,7 @@ from mlxpool.agent.engine.interface import (
     FinishReason,
     GenerationRequest,
     ModelInfo,
+    SamplingParams,
     TokenEvent,
     TokenLogprob,
 )
@@ -62,6 +63,7 @@ from mlxpool.agent.engine.logprobs import LogprobReader
 from mlxpool.agent.engine.prefixcache import PrefixCache
 from mlxpool.agent.engine.sampling import SamplerFactory, logits_processors
 from mlxpool.agent.engine.scheduling import Forecast, PriorityAdmission
+from mlxpool.agent.engine.shapes import CPU_PREFILL_LIMIT, Shape, ShapeBook, ShapeKind, ShapePlan, WarmupRun
 from mlxpool.agent.engine.speed import SpeedModel
 from mlxpool.agent.engine.stopping import StopStringMatcher
 from mlxpool.agent.errors import DeadlineExceeded, QueueFull
@@ -70,8 +72,8 @@ __all__ = ["BatchEngine", "EngineConfig"]
 
 log = logging.getLogger(__name__)
 
-WARMUP_PROMPTS = ("Hello", "The quick brown fox jumps over the lazy dog.")
-KV_BYTES_EVERY_STEPS = 32  # how often the batch's KV bytes are recounted for /metrics
+KV_BYTES_EVERY_STEPS = 32  # how often the batch's KV bytes and device memory are recounted for /metrics
+WARMUP_FIRST_TOKEN = 3  # warm-up prompts use ids from here up (0-2 are special in most vocabularies)
 
 
 @dataclass(eq=False, slots=True)
@@ -172,6 +174,11 @@ class BatchEngine:
         self._logprobs: LogprobReader | None = None
         self._held: list[Delivery] = []  # token events waiting for the next hand-over
         self._handed_over = 0.0  # time.monotonic() of the last hand-over
+        on_cpu = mx.default_device() == mx.cpu
+        self._shapes = ShapeBook(ShapePlan(
+            self._config.max_running, min(self._config.prefill_batch_size, self._config.max_running),
+            self._config.prefill_step_size, prefill_warm_limit=CPU_PREFILL_LIMIT if on_cpu else None))
+        self._decode_width = 0  # the width of the last decode step (a new one is noted in the book)
 
     # ---- asyncio side ----
 
@@ -192,12 +199,18 @@ class BatchEngine:
         return info
 
     async def stop(self, timeout: float = 10.0) -> None:
-        """Stop the thread; requests still running fail with EngineError."""
+        """Stop the thread and wait for it to end; requests still running fail with EngineError.
+
+        The thread ends only after the device has finished its work (`_run`); after `timeout`
+        this stops waiting (logged), and the process exit waits for nothing more of it.
+        """
         with self._accepting_lock:
             self._accepting = False
         if self._thread.is_alive():
             self._commands.put(_STOP)
             await asyncio.to_thread(self._thread.join, timeout)
+            if self._thread.is_alive():
+                log.warning("engine thread still running after stop path=%s timeout_s=%.1f", self._path, timeout)
 
     async def submit(self, request: GenerationRequest) -> AsyncGenerator[TokenEvent, None]:
         sequence = _Sequence(request, asyncio.Queue(), asyncio.get_running_loop())
@@ -238,7 +251,7 @@ class BatchEngine:
             self._logprobs = LogprobReader(loaded.tokenizer)
             if self._on_weights_loaded is not None:
                 self._on_weights_loaded()
-            self._warm_up(generator, loaded.tokenizer)
+            self._warm_up(generator, loaded.vocab_size)
         except BaseException as exc:
             log.exception("engine failed to load model path=%s", self._path)
             if not self._loaded.cancelled():
@@ -267,6 +280,9 @@ class BatchEngine:
             self._prefix = PrefixCache(0, 1)
             loaded.weights.close()  # unlock the pinned pages before MLX may cache their buffers
             del generator, loaded
+            # The last step was evaluated asynchronously: let the device finish it before this
+            # thread ends (on CUDA, work still in flight at exit aborts the process).
+            mx.synchronize()
             mx.clear_cache()
 
     def _serve(self, generator: BatchGenerator) -> None:
@@ -283,6 +299,7 @@ class BatchEngine:
                 steps += 1
                 if steps % KV_BYTES_EVERY_STEPS == 0 or not self._running:
                     self._stats.kv_cache_bytes = generator.prompt_cache_nbytes if self._running else 0
+                    self._count_device_memory()
 
     def _take_commands(self, generator: BatchGenerator, block: bool) -> bool:
         """Apply every queued command; False when asked to stop."""
@@ -404,6 +421,7 @@ class BatchEngine:
             prompts.append(list(tokens[cached:]))
             caches.append(cache)
             cached_tokens.append(list(tokens[:cached]))
+        self._note_prefill([len(p) for p in prompts])
         uids = generator.insert(
             prompts,
             max_tokens=[s.request.sampling.max_tokens for s in admitted],
@@ -447,6 +465,8 @@ class BatchEngine:
             return
         stats.decode_steps_total += 1
         stats.generation_tokens_total += len(responses)
+        if len(responses) != self._decode_width:
+            self._note_decode_width(len(responses))
         deliveries, ended, first_token = self._detokenize(responses, self._read_logprobs(responses))
         if ended:
             self._retire(ended)
@@ -599,19 +619,71 @@ class BatchEngine:
         stats.prompt_cache_lookups_total = prefix.lookups
         stats.prompt_cache_hits_total = prefix.hits
 
-    def _warm_up(self, generator: BatchGenerator, tokenizer: Any) -> None:
-        """Run the first shapes once so kernel compilation does not hit users."""
+    # ---- shapes: warm-up before ready, unwarmed shapes after ----
+
+    def _note_decode_width(self, width: int) -> None:
+        self._decode_width = width
+        self._note_shape(Shape(ShapeKind.DECODE, width))
+
+    def _note_prefill(self, prompt_lengths: list[int]) -> None:
+        for shape in self._shapes.plan.prefill_shapes(prompt_lengths):
+            self._note_shape(shape)
+
+    def _note_shape(self, shape: Shape) -> None:
+        book = self._shapes
+        if book.note(shape):
+            self._stats.unwarmed_shapes_total = len(book.unwarmed)
+            log.warning("unwarmed shape compiled while serving shape=%s path=%s", shape, self._path)
+        elif not book.warmed:
+            self._stats.warmup_shapes_done = book.progress[0]
+
+    def _warm_up(self, generator: BatchGenerator, vocab_size: int) -> None:
+        """Run every shape of the plan once (`engine.shapes`) so that kernel compilation does not
+        hit users; `stats.warmup_shapes_done/total` say how far it got."""
+        book = self._shapes
         if self._config.warmup_tokens < 1:
+            book.warmed = True
             return
-        prompts = [tokenizer.encode(p) or [0] for p in WARMUP_PROMPTS]
-        for batch in (prompts[:1], prompts):
-            pending = set(generator.insert(batch, max_tokens=[self._config.warmup_tokens] * len(batch)))
-            while pending:
-                prompt_responses, responses = generator.next()
-                pending -= {r.uid for r in responses if r.finish_reason is not None}
-                if not prompt_responses and not responses:
-                    break
-        log.info("engine warmed up path=%s", self._path)
+        started = time.perf_counter()
+        self._stats.warmup_shapes_total = book.progress[1]
+        for run in book.plan.runs(self._config.warmup_tokens):
+            self._warm_run(generator, run, vocab_size)
+        for run in book.plan.decode_top_up(book.seen):
+            self._warm_run(generator, run, vocab_size)
+        mx.synchronize()
+        book.warmed = True
+        self._decode_width = 0
+        done, total = book.progress
+        self._stats.warmup_shapes_done = done
+        self._count_device_memory()
+        log.info("engine warmed up path=%s shapes=%d/%d seconds=%.2f", self._path, done, total,
+                 time.perf_counter() - started)
+
+    def _warm_run(self, generator: BatchGenerator, run: WarmupRun, vocab_size: int) -> None:
+        assert self._samplers is not None
+        span = max(1, vocab_size - WARMUP_FIRST_TOKEN)
+        prompts = [[WARMUP_FIRST_TOKEN + (7 * i + 13 * j) % span for j in range(length)]
+                   for i, length in enumerate(run.prompt_lengths)]
+        params = SamplingParams(max_tokens=1, temperature=0.0 if run.sampler == "greedy" else 1.0)
+        sampler = self._samplers.sampler(params)
+        self._note_prefill([len(p) for p in prompts])
+        pending = set(generator.insert(prompts, max_tokens=list(run.max_tokens),
+                                       samplers=[sampler] * len(prompts)))
+        while pending:
+            prompt_responses, responses = generator.next()
+            if responses and len(responses) != self._decode_width:
+                self._note_decode_width(len(responses))
+            pending -= {r.uid for r in responses if r.finish_reason is not None}
+            if not prompt_responses and not responses:
+                break
+        self._decode_width = 0
+
+    def _count_device_memory(self) -> None:
+        """MLX's allocator counters (read on this thread: no other thread talks to MLX)."""
+        stats = self._stats
+        stats.device_memory_active_bytes = mx.get_active_memory()
+        stats.device_memory_peak_bytes = mx.get_peak_memory()
+        stats.device_memory_cache_bytes = mx.get_cache_memory()
 
     def _count_finished(self, reason: str) -> None:
         self._finished[reason] += 1

@@ -9,8 +9,9 @@ which reaches the client as it is; `EngineError` is the engine itself failing.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Literal, Protocol
 
 from mlxpool.priorities import Priority
@@ -19,6 +20,51 @@ FinishReason = Literal["stop", "length"]
 
 MAX_TOP_LOGPROBS = 20
 """Most alternatives a request may ask log-probabilities for (the wire models' limit too)."""
+
+
+class AcceleratorKind(StrEnum):
+    METAL = "metal"
+    CUDA = "cuda"
+    CPU = "cpu"
+
+
+@dataclass(frozen=True)
+class Accelerator:
+    """The device MLX computes on, as MLX reports it (`engine.device`)."""
+
+    kind: AcceleratorKind
+    device_name: str | None
+    memory_bytes: int | None
+    """The device's memory (unified memory on Metal); None on the CPU backend."""
+
+    @property
+    def discrete(self) -> bool:
+        """Its memory is not the host's: the weights and the KV cache live there."""
+        return self.kind is AcceleratorKind.CUDA
+
+
+@dataclass(frozen=True)
+class DeviceMemory:
+    """MLX's allocator counters, process-wide."""
+
+    active_bytes: int
+    """In live arrays."""
+    peak_bytes: int
+    cache_bytes: int
+    """Freed buffers kept for reuse."""
+
+    @property
+    def held_bytes(self) -> int:
+        return self.active_bytes + self.cache_bytes
+
+
+@dataclass(frozen=True)
+class DeviceProbe:
+    """Reads of the device for the layers above the engine, which import no MLX: the runtime
+    builds one over `engine.device` (tests over fixed values). Both calls block (off the loop)."""
+
+    accelerator: Callable[[], Accelerator]
+    memory: Callable[[], DeviceMemory]
 
 
 class EngineError(RuntimeError):
@@ -314,6 +360,17 @@ class EngineStats:
     """Bytes of the running batch's key/value cache."""
     shared_prefix_tokens_total: int = 0
     """Prompt tokens served from KV state fetched from other agents (not computed here)."""
+    warmup_shapes_done: int = 0
+    """Shapes of the warm-up plan compiled so far (`engine.shapes`)."""
+    warmup_shapes_total: int = 0
+    """Shapes of the warm-up plan; 0 until the plan is made (or with warm-up off)."""
+    unwarmed_shapes_total: int = 0
+    """Distinct shapes that first appeared after warm-up (each compiled while users waited)."""
+    device_memory_active_bytes: int = 0
+    """MLX's allocator: bytes in live arrays, on the accelerator (all of MLX in this process)."""
+    device_memory_peak_bytes: int = 0
+    device_memory_cache_bytes: int = 0
+    """Freed buffers MLX keeps for reuse."""
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from mlxpool.agent.engine.interface import DeviceProbe
 from mlxpool.agent.serving.lifecycle import Lifecycle
 from mlxpool.agent.serving.repository import ModelRepository
 from mlxpool.priorities import Priority
@@ -55,7 +56,7 @@ LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0,
 class AgentMetrics:
     """The agent's registry; also the data plane's `RequestObserver`."""
 
-    def __init__(self, models: ModelRepository, lifecycle: Lifecycle) -> None:
+    def __init__(self, models: ModelRepository, lifecycle: Lifecycle, probe: DeviceProbe | None = None) -> None:
         self.registry = registry = CollectorRegistry()
         labels = ["model_name", "priority"]
         self.http_requests = Counter(
@@ -78,7 +79,7 @@ class AgentMetrics:
             "mlxpool_e2e_request_latency_seconds", "From the request reaching the data plane to its last token.",
             labels, buckets=LATENCY_BUCKETS, registry=registry,
         )
-        registry.register(_EngineCollector(models, lifecycle))
+        registry.register(_EngineCollector(models, lifecycle, probe))
 
     def request_done(self, model: str, priority: Priority, outcome: str, ttft: float | None,
                      inter_token: list[float], latency: float) -> None:
@@ -97,9 +98,10 @@ class AgentMetrics:
 
 
 class _EngineCollector(Collector):
-    def __init__(self, models: ModelRepository, lifecycle: Lifecycle) -> None:
+    def __init__(self, models: ModelRepository, lifecycle: Lifecycle, probe: DeviceProbe | None) -> None:
         self._models = models
         self._lifecycle = lifecycle
+        self._probe = probe
 
     def collect(self) -> Iterator[Metric]:
         label = ["model_name"]
@@ -141,6 +143,18 @@ class _EngineCollector(Collector):
                              "mincore), pinned (mlocked), mapped (still backed by the model files).", ("state",))
         load_rate = gauge("mlxpool_model_load_gbps", "Rate the weights were read at when the model loaded (GB/s).",
                           ("reader", "transfer"))
+        warmup = gauge("mlxpool_warmup_shapes", "Shapes of the engine's warm-up plan, planned and warmed.", ("state",))
+        unwarmed = counter("mlxpool_unwarmed_shapes",
+                           "Distinct shapes first compiled after warm-up, while requests waited.")
+        device = GaugeMetricFamily("mlxpool_device_memory_bytes",
+                                   "The accelerator's memory: total, and MLX's active, peak and cached bytes.",
+                                   labels=["accelerator", "kind"])
+        # The accelerator is read once (cached by the probe); the counters come from the engines'
+        # own readings, taken on their threads, so a scrape never calls into MLX.
+        accelerator = self._probe.accelerator() if self._probe is not None else None
+        if accelerator is not None and accelerator.memory_bytes:
+            device.add_metric([accelerator.kind.value, "total"], accelerator.memory_bytes)
+        reading = None
         for model in self._models.all():
             stats, name = model.engine.stats, [model.name]
             running.add_metric(name, stats.running)
@@ -175,6 +189,15 @@ class _EngineCollector(Collector):
                 for state, value in (("resident", where.resident), ("pinned", where.pinned), ("mapped", where.mapped)):
                     weight_bytes.add_metric([model.name, state], value)
                 load_rate.add_metric([model.name, view.report.reader, view.report.transfer], view.report.gbps)
+            warmup.add_metric([model.name, "planned"], stats.warmup_shapes_total)
+            warmup.add_metric([model.name, "warmed"], stats.warmup_shapes_done)
+            unwarmed.add_metric(name, stats.unwarmed_shapes_total)
+            reading = stats  # the allocator's counters are the process's: any engine's last reading
+        if reading is not None and accelerator is not None:
+            for kind, value in (("active", reading.device_memory_active_bytes),
+                                ("peak", reading.device_memory_peak_bytes),
+                                ("cache", reading.device_memory_cache_bytes)):
+                device.add_metric([accelerator.kind.value, kind], value)
         in_flight = GaugeMetricFamily("mlxpool_http_generations_in_flight", "Generation requests being answered.")
         in_flight.add_metric([], self._lifecycle.in_flight)
         # vLLM's shape: adapter lists as labels, the value the time of the reading.
@@ -183,7 +206,8 @@ class _EngineCollector(Collector):
         lora.add_metric(["", "", "0"], time.time())
         yield from (running, waiting, waiting_tier, vllm_running, vllm_waiting, vllm_cache, prompt, cached, shared,
                     generated, steps, finished, rejected, cache_bytes, cache_cap, cache_entries, lookups, hits,
-                    hit_rate, kv_bytes, memory, weight_bytes, load_rate, in_flight, lora)
+                    hit_rate, kv_bytes, memory, weight_bytes, load_rate, warmup, unwarmed, device, in_flight,
+                    lora)
 
 
 class HttpMetricsMiddleware:

@@ -1,5 +1,10 @@
 """What machine is this: chip, memory, cores, accelerator, platform, free memory.
 
+The accelerator's facts (kind, name, memory) come from MLX itself through the engine
+(`engine.device`) and are passed in here; on a discrete GPU the model's weights and KV
+live in device memory, so free memory means the device's there (on unified memory and
+the CPU it is the host's).
+
 Parsing is split from reading so the parsers can be tested on captured text. Reading
 may run `sysctl` / `vm_stat` on macOS (blocking, quick): call `detect_hardware()` and
 `free_memory_bytes()` off the event loop.
@@ -56,18 +61,32 @@ def parse_vm_stat_free(text: str) -> int | None:
     return pages * int(size.group(1))
 
 
-def detect_hardware() -> Hardware:
+def detect_hardware(accelerator: str | None = None, device_name: str | None = None,
+                    device_memory_bytes: int | None = None) -> Hardware:
+    """This machine; the accelerator as MLX reported it (else guessed from the platform)."""
     tag = platform_tag(platform.system(), platform.machine())
     return Hardware(
         chip=_chip_name(tag) or platform.processor() or platform.machine(),
-        memory_bytes=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+        memory_bytes=physical_memory_bytes(),
         cpu_cores=os.cpu_count() or 1,
-        accelerator=accelerator_for(tag),
+        accelerator=accelerator or accelerator_for(tag),
         platform=tag,
+        device_name=device_name,
+        device_memory_bytes=device_memory_bytes,
     )
 
 
+def physical_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def device_free_bytes(total: int, used: int) -> int:
+    """What a discrete device can still hold: its memory less what MLX holds there."""
+    return max(0, total - used)
+
+
 def free_memory_bytes() -> int | None:
+    """The host's memory the kernel can hand out now."""
     system = platform.system()
     if system == "Linux":
         return parse_meminfo_available(_read("/proc/meminfo"))

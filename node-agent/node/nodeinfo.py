@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from mlxpool import __version__
-from mlxpool.nodes import Hardware, LoadedModel, NodeSpec, NodeStatus
+from mlxpool.nodes import Hardware, LoadedModel, NodeSpec, NodeStatus, WarmupProgress
 from mlxpool.resources import API_VERSION, NODE_KIND
 
 _NAME = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
@@ -59,12 +59,15 @@ def node_spec(endpoint: str, hardware: Hardware, max_models: int = 1) -> NodeSpe
 
 def node_status(
     ready: bool, models: Iterable[LoadedModel], free_memory_bytes: int | None, now: datetime | None = None,
+    device_memory_used_bytes: int | None = None, warmup: Iterable[WarmupProgress] = (),
 ) -> NodeStatus:
     return NodeStatus(
         ready=ready,
         models=list(models),
         heartbeat_time=(now or datetime.now(UTC)).replace(microsecond=0),
         free_memory_bytes=free_memory_bytes,
+        device_memory_used_bytes=device_memory_used_bytes,
+        warmup=list(warmup),
         agent_version=__version__,
     )
 

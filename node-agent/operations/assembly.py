@@ -20,8 +20,9 @@ from pathlib import Path
 
 from mlxpool.agent.config import MultiModel, WeightManagement
 from mlxpool.agent.operations import eviction
+from mlxpool.agent.engine.interface import DeviceProbe
 from mlxpool.agent.operations.manager import Capacity, EngineFactory, ModelManager
-from mlxpool.agent.operations.reports import NodeIdentity, NodeReporter
+from mlxpool.agent.operations.reports import NodeIdentity, NodeReporter, model_memory_bytes
 from mlxpool.agent.operations.sources import DEFAULT_HUB_ENDPOINT
 from mlxpool.agent.operations.staging import ModelCacheStore
 from mlxpool.agent.serving.lifecycle import Lifecycle
@@ -74,11 +75,13 @@ class Operations:
         multi_model: MultiModel, weights: WeightManagement, node_name: str, endpoint: Callable[[], str],
         prompt_cache: PromptCache | None = None, on_change: Callable[[], None] | None = None,
         environ: Mapping[str, str] | None = None, policies: SchedulingPolicies | None = None,
+        probe: DeviceProbe | None = None,
     ) -> Operations:
         env = os.environ if environ is None else environ
         capacity = Capacity(
             max_models=multi_model.max_models,
-            budget_bytes=multi_model.memory_budget_bytes or int(multi_model.memory_budget_fraction * physical_memory()),
+            budget_bytes=multi_model.memory_budget_bytes
+            or int(multi_model.memory_budget_fraction * model_memory_bytes(probe)),
             evict=multi_model.eviction != "none",
             order=eviction.Order.LRU if multi_model.eviction == "lru" else eviction.Order.COST,
             keep_alive=multi_model.keep_alive_seconds,
@@ -94,7 +97,7 @@ class Operations:
         )
         manager = ModelManager(repository, make_engine, capacity, lifecycle=lifecycle, prompt_cache=prompt_cache,
                                cache_path=cache.ready_path, on_change=on_change)
-        reporter = NodeReporter(NodeIdentity(node_name, endpoint), manager, cache, policies)
+        reporter = NodeReporter(NodeIdentity(node_name, endpoint), manager, cache, policies, probe)
         return cls(manager, cache, reporter)
 
     async def start(self) -> None:
@@ -110,5 +113,4 @@ class Operations:
         await self.cache.close()
 
 
-def physical_memory() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+

@@ -124,12 +124,21 @@ class _Record:
         if self.crashed:
             phase, message = ModelPhase.FAILED, "the engine stopped unexpectedly (see the agent's log)"
         view = self.weights
+        done, total = self.warmup_progress() or (None, None)
         return ModelState(
             name=self.name, phase=phase, path=self.path, memory_bytes=self.memory_bytes or self.estimate_bytes,
             load_time_seconds=self.load_time_seconds, pinned=self.pinned, message=message, owner=self.owner,
             identity=self.identity,
             weights=weights.describe(view.report, residency) if view is not None else None,
+            warmup_shapes_done=done, warmup_shapes_total=total,
         )
+
+    def warmup_progress(self) -> tuple[int, int] | None:
+        """(shapes warmed, shapes planned) once its engine has a warm-up plan."""
+        stats = self.engine.stats if self.engine is not None else None
+        if stats is None or not stats.warmup_shapes_total:
+            return None
+        return stats.warmup_shapes_done, stats.warmup_shapes_total
 
     def resident(self, uses: float, load_bps: float, keep_alive: float, now: float) -> eviction.Resident:
         served = self.served.engine if self.served is not None else None
@@ -336,6 +345,11 @@ class ModelManager:
             self.repository.mark(record.name, None)
         log.info("model unloaded name=%s reason=%s", record.name, record.message)
         self._changed()
+
+    def warming(self) -> list[tuple[str, int, int]]:
+        """(name, shapes warmed, shapes planned) of each model still warming up."""
+        return [(r.name, *progress) for r in self._records.values()
+                if r.phase in (ModelPhase.LOADING, ModelPhase.WARMING) and (progress := r.warmup_progress())]
 
     async def close(self) -> None:
         """Stop every engine now (shutdown: the drain already waited for requests)."""

@@ -6,9 +6,15 @@ import asyncio
 from pathlib import Path
 
 from mlxpool.agent.config import MultiModel, WeightManagement
-from mlxpool.agent.operations.assembly import Operations, StatusNudger, physical_memory
+from mlxpool.agent.engine.interface import Accelerator, AcceleratorKind, DeviceMemory, DeviceProbe
+from mlxpool.agent.node.hardware import physical_memory_bytes
+from mlxpool.agent.operations.assembly import Operations, StatusNudger
 from mlxpool.agent.serving.lifecycle import Lifecycle
 from mlxpool.agent.serving.repository import ModelRepository
+
+CPU = DeviceProbe(lambda: Accelerator(AcceleratorKind.CPU, "x86_64", None), lambda: DeviceMemory(0, 0, 0))
+H200 = DeviceProbe(lambda: Accelerator(AcceleratorKind.CUDA, "NVIDIA H200", 140 << 30),
+                   lambda: DeviceMemory(4 << 30, 5 << 30, 1 << 30))
 
 
 async def test_nudges_during_a_write_cause_exactly_one_more_write():
@@ -39,10 +45,11 @@ def test_settings_become_capacity_cache_and_hub(tmp_path: Path):
         multi_model=MultiModel(max_models=3, memory_budget_fraction=0.5, eviction="none", unload_timeout_seconds=2),
         weights=WeightManagement(cache_dir=tmp_path / "c", max_cache_bytes=10, allow_pin=False),
         node_name="n1", endpoint=lambda: "http://x", environ={"HF_ENDPOINT": "http://hub.local", "HF_TOKEN": "t"},
+        probe=CPU,
     )
     capacity = ops.manager.capacity
     assert (capacity.max_models, capacity.evict, capacity.unload_timeout) == (3, False, 2)
-    assert capacity.budget_bytes == int(physical_memory() * 0.5)
+    assert capacity.budget_bytes == int(physical_memory_bytes() * 0.5)
     assert ops.cache.root == tmp_path / "c"
     assert (ops.cache._max_bytes, ops.cache._allow_pin) == (10, False)
     assert (ops.cache._hub_endpoint, ops.cache._hub_token) == ("http://hub.local", "t")
@@ -50,11 +57,30 @@ def test_settings_become_capacity_cache_and_hub(tmp_path: Path):
         repository=ModelRepository(), lifecycle=Lifecycle(),
         make_engine=lambda *a, **k: None,  # type: ignore[arg-type,return-value]
         multi_model=MultiModel(memory_budget_bytes=1234), weights=WeightManagement(),
-        node_name="n1", endpoint=lambda: "http://x", environ={},
+        node_name="n1", endpoint=lambda: "http://x", environ={}, probe=CPU,
     )
     assert explicit.manager.capacity.budget_bytes == 1234 and explicit.manager.capacity.evict
     assert explicit.cache.root == Path("~/.cache/mlxpool/models").expanduser()
     assert explicit.cache._hub_endpoint == "https://huggingface.co" and explicit.cache._hub_token is None
+
+
+async def test_on_a_discrete_gpu_the_budget_and_free_memory_are_the_devices(tmp_path: Path):
+    ops = Operations.build(
+        repository=ModelRepository(), lifecycle=Lifecycle(),
+        make_engine=lambda *a, **k: None,  # type: ignore[arg-type,return-value]
+        multi_model=MultiModel(memory_budget_fraction=0.5), weights=WeightManagement(cache_dir=tmp_path / "c"),
+        node_name="n1", endpoint=lambda: "http://x", environ={}, probe=H200,
+    )
+    assert ops.manager.capacity.budget_bytes == 70 << 30
+    await ops.start()
+    try:
+        report = await ops.reporter.report()
+    finally:
+        await ops.close()
+    assert report.hardware.accelerator == "cuda" and report.hardware.device_name == "NVIDIA H200"
+    assert report.hardware.device_memory_bytes == 140 << 30
+    assert report.device_memory_used_bytes == 5 << 30  # active + cached
+    assert report.free_memory_bytes == 135 << 30  # the device's, not the host's
 
 
 def test_bad_settings_are_rejected_naming_the_key():

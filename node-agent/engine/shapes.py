@@ -1,0 +1,174 @@
+"""Which shapes the engine's forward passes take, and which of them are warm.
+
+MLX compiles kernels on first use of a shape (on CUDA through NVRTC: seconds each, the
+first 8-wide burst on an H200 stalled ~30 s; Metal and the CPU compile too, for less).
+A shape compiled while users wait freezes every stream of the batch, so the engine
+runs each shape it can produce once before `/ready`. The set is kept small on
+purpose, and known:
+
+- decode: one step per batch width, 1 .. decode concurrency. All widths are warmed
+  (a ladder of sequences ending one step apart walks them all in about one pass), so
+  nothing is padded: a padded row costs a whole sequence's compute on every step of a
+  request's life, a compile is paid once, before ready.
+- prefill: chunks of at most `prefill_step_size` tokens, bucketed by powers of two
+  (16, 32, .. the step size): one prompt of each bucket's length, and groups of
+  2, 4, .. prefill concurrency short prompts. On the CPU backend, which compiles
+  nothing per prompt length (BLAS and fixed kernels; only `mx.compile`d graphs such as
+  the samplers are compiled, per batch width), the lengths stop at `CPU_PREFILL_LIMIT`:
+  longer ones would cost seconds of compute and buy nothing.
+- samplers: greedy and plain temperature sampling (mlx-lm compiles its samplers per
+  shape); top-p/top-k/min-p and log-probabilities are not warmed.
+
+A shape seen after warm-up that was not warmed is counted (`ShapeBook.note` says True
+once per shape, so the caller logs it once and counts it). Pure: no MLX here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+MIN_PREFILL_BUCKET = 16
+CPU_PREFILL_LIMIT = 256
+
+
+class ShapeKind(StrEnum):
+    DECODE = "decode"
+    """One decode step; size = batch width."""
+    PREFILL = "prefill"
+    """One prompt's prefill chunk; size = its length bucket."""
+    PREFILL_GROUP = "prefill_group"
+    """Prompts prefilled together; size = the group's size bucket."""
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Shape:
+    kind: ShapeKind
+    size: int
+
+    def __str__(self) -> str:
+        return f"{self.kind.value}:{self.size}"
+
+
+def pow2_buckets(low: int, high: int) -> list[int]:
+    """Powers of two from `low` up to `high`, and `high` itself (the cap is a bucket too)."""
+    buckets, size = [], max(1, low)
+    while size < high:
+        buckets.append(size)
+        size *= 2
+    buckets.append(high)
+    return buckets
+
+
+def length_bucket(tokens: int, step_size: int) -> int:
+    """The prefill bucket of a prompt of `tokens` tokens (its chunks are at most `step_size`)."""
+    chunk = min(max(tokens, 1), step_size)
+    for bucket in pow2_buckets(MIN_PREFILL_BUCKET, step_size):
+        if chunk <= bucket:
+            return bucket
+    return step_size
+
+
+def group_bucket(size: int, prefill_concurrency: int) -> int:
+    for bucket in pow2_buckets(1, prefill_concurrency):
+        if size <= bucket:
+            return bucket
+    return prefill_concurrency
+
+
+@dataclass(frozen=True)
+class WarmupRun:
+    """One insertion of warm-up sequences: their prompt lengths and tokens to generate."""
+
+    prompt_lengths: tuple[int, ...]
+    max_tokens: tuple[int, ...]
+    sampler: str
+    """'greedy' or 'temperature'."""
+
+
+@dataclass(frozen=True)
+class ShapePlan:
+    """The shapes an engine with these bounds produces, and how to warm them."""
+
+    max_running: int
+    prefill_concurrency: int
+    prefill_step_size: int
+    samplers: tuple[str, ...] = ("greedy", "temperature")
+    prefill_warm_limit: int | None = None
+    """Longest prefill bucket warmed (None: the step size); longer buckets are not planned."""
+
+    @property
+    def decode_widths(self) -> list[int]:
+        return list(range(1, self.max_running + 1))
+
+    @property
+    def prefill_lengths(self) -> list[int]:
+        limit = self.prefill_step_size if self.prefill_warm_limit is None else self.prefill_warm_limit
+        return [n for n in pow2_buckets(MIN_PREFILL_BUCKET, self.prefill_step_size) if n <= max(limit, 16)]
+
+    @property
+    def prefill_groups(self) -> list[int]:
+        return [g for g in pow2_buckets(1, min(self.prefill_concurrency, self.max_running)) if g > 1]
+
+    def shapes(self) -> set[Shape]:
+        """Every shape the warm-up covers."""
+        return ({Shape(ShapeKind.DECODE, w) for w in self.decode_widths}
+                | {Shape(ShapeKind.PREFILL, n) for n in self.prefill_lengths}
+                | {Shape(ShapeKind.PREFILL_GROUP, 1)}
+                | {Shape(ShapeKind.PREFILL_GROUP, g) for g in self.prefill_groups})
+
+    def runs(self, tokens: int = 2) -> list[WarmupRun]:
+        """The warm-up, in order: per sampler a decode ladder (sequence i generates `tokens + i`
+        tokens, so the batch narrows by one each step: every width once); then one prompt per
+        prefill length bucket; then the prefill groups."""
+        runs: list[WarmupRun] = []
+        short = MIN_PREFILL_BUCKET
+        for sampler in self.samplers:
+            n = self.max_running
+            runs.append(WarmupRun((short,) * n, tuple(tokens + i for i in range(n)), sampler))
+        runs += [WarmupRun((length,), (tokens,), "greedy") for length in self.prefill_lengths]
+        runs += [WarmupRun((short,) * g, (tokens,) * g, "greedy") for g in self.prefill_groups]
+        return runs
+
+    def decode_top_up(self, seen: set[Shape]) -> list[WarmupRun]:
+        """Runs for the decode widths a ladder missed (a sequence ended early on an EOS token)."""
+        missing = [w for w in self.decode_widths if Shape(ShapeKind.DECODE, w) not in seen]
+        return [WarmupRun((MIN_PREFILL_BUCKET,) * w, (3,) * w, "greedy") for w in missing]
+
+    def prefill_shapes(self, prompt_lengths: list[int]) -> list[Shape]:
+        """The prefill shapes of one admission of prompts (uncached tokens) of these lengths."""
+        shapes = [Shape(ShapeKind.PREFILL, length_bucket(n, self.prefill_step_size)) for n in prompt_lengths]
+        for start in range(0, len(prompt_lengths), self.prefill_concurrency):
+            size = min(self.prefill_concurrency, len(prompt_lengths) - start)
+            shapes.append(Shape(ShapeKind.PREFILL_GROUP, group_bucket(size, self.prefill_concurrency)))
+        return shapes
+
+
+@dataclass
+class ShapeBook:
+    """Shapes seen, against the plan: warm-up progress, and unwarmed shapes once each."""
+
+    plan: ShapePlan
+    planned: set[Shape] = field(init=False)
+    seen: set[Shape] = field(default_factory=set)
+    warmed: bool = False
+    """Warm-up is over: shapes seen from now on that were not warmed count as unwarmed."""
+    unwarmed: set[Shape] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.planned = self.plan.shapes()
+
+    @property
+    def progress(self) -> tuple[int, int]:
+        """(planned shapes warmed, planned shapes)."""
+        return len(self.planned & self.seen), len(self.planned)
+
+    def note(self, shape: Shape) -> bool:
+        """Record a shape; True the first time an unwarmed one appears after warm-up."""
+        if shape in self.seen:
+            return False
+        self.seen.add(shape)
+        if self.warmed:
+            self.unwarmed.add(shape)
+            return True
+        return False
