@@ -3,6 +3,8 @@ one real agent process refusing a bad file)."""
 
 from __future__ import annotations
 
+import os
+
 import subprocess
 import sys
 from pathlib import Path
@@ -127,6 +129,7 @@ multi_model: {eviction: lru, usage_half_life_seconds: 60, keep_alive_seconds: 30
     ("servng: {}", "servng: unknown key"),
     ("serving: {decode_concurrency: 0}", "serving.decode_concurrency: Input should be greater than or equal to 1"),
     ("serving: {warmup: sometimes}", "serving.warmup: Input should be a valid boolean"),
+    ("serving: {compile_cache_dir: [a]}", "serving.compile_cache_dir: Input is not a valid path"),
     ("priority_scheduling: {tiers: {urgent: {}}}", "priority_scheduling.tiers.urgent"),
     ("priority_scheduling: {tiers: {low: {max_wait: 3}}}", "priority_scheduling.tiers.low.max_wait: unknown key"),
     ("priority_scheduling: {tiers: {low: {ttft_target_ms: 0}}}", "priority_scheduling.tiers.low.ttft_target_ms"),
@@ -243,3 +246,16 @@ def test_the_agent_refuses_to_start_on_bad_configuration(tiny_model, tmp_path):
     assert two_tokens.returncode == 2 and "expected one" in two_tokens.stderr
     missing = run_agent("--model", str(tiny_model), "--ops-token-file", str(tmp_path / "absent"))
     assert missing.returncode == 2 and "cannot read secret file" in missing.stderr
+
+
+def test_compile_cache_dir_defaults_under_the_agents_cache_and_is_given_to_mlx(tmp_path, monkeypatch):
+    from mlxpool.agent.main import PTX_CACHE_ENV, use_compile_cache
+
+    assert load_runtime_config(None, environ={}).serving.compile_cache_dir == Path("~/.cache/mlxpool/compile")
+    config = load_runtime_config(write(tmp_path, f"serving: {{compile_cache_dir: {tmp_path / 'k'}}}"), environ={})
+    monkeypatch.delenv(PTX_CACHE_ENV, raising=False)
+    assert use_compile_cache(config.serving.compile_cache_dir) == tmp_path / "k"
+    assert (tmp_path / "k").is_dir() and os.environ[PTX_CACHE_ENV] == str(tmp_path / "k")
+    monkeypatch.setenv(PTX_CACHE_ENV, "/elsewhere")  # the environment wins
+    assert use_compile_cache(tmp_path / "other") == Path("/elsewhere")
+    assert use_compile_cache(None) is None

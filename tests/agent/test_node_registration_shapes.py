@@ -119,3 +119,23 @@ def test_status_without_free_memory_omits_the_field():
     wire = node_status(False, [], None).to_wire()
     assert wire["ready"] is False and wire["models"] == []
     assert "freeMemoryBytes" not in wire and "freeMemory" not in wire
+
+
+def test_device_info_of_each_backend_becomes_the_accelerator():
+    from mlxpool.agent.engine.device import accelerator, parse_device_info
+    from mlxpool.agent.engine.interface import AcceleratorKind
+
+    cuda = parse_device_info(AcceleratorKind.CUDA, {"device_name": "NVIDIA H200", "total_memory": 150 << 30})
+    assert (cuda.device_name, cuda.memory_bytes, cuda.discrete) == ("NVIDIA H200", 150 << 30, True)
+    metal = parse_device_info(AcceleratorKind.METAL, {"device_name": "Apple M2 Ultra", "memory_size": 192 << 30})
+    assert (metal.memory_bytes, metal.discrete) == (192 << 30, False)
+    cpu = parse_device_info(AcceleratorKind.CPU, {"device_name": "AMD EPYC", "architecture": "x86_64"})
+    assert (cpu.device_name, cpu.memory_bytes) == ("AMD EPYC", None)
+    here = accelerator()  # this machine, as MLX reports it: the CPU backend in CI
+    assert here.kind is AcceleratorKind.CPU and here.memory_bytes is None
+
+
+def test_hardware_carries_the_accelerator_it_is_given():
+    hw = hardware.detect_hardware("cuda", "NVIDIA H200", 150 << 30)
+    assert (hw.accelerator, hw.device_name, hw.device_memory_bytes) == ("cuda", "NVIDIA H200", 150 << 30)
+    assert hardware.device_free_bytes(10, 4) == 6 and hardware.device_free_bytes(4, 10) == 0
