@@ -4,7 +4,6 @@ one real agent process refusing a bad file)."""
 from __future__ import annotations
 
 import os
-
 import subprocess
 import sys
 from pathlib import Path
