@@ -120,8 +120,9 @@ class AgentRuntime:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.lifecycle = Lifecycle()
-from mlxpool.nodes import LoadedModel, NodeStatus, WarmupProgress
-from mlxpool.resources import NODE_LEASE_NAMESPACE
+        self.models = ModelRepository(UsageCounts(config.runtime.multi_model.usage_half_life_seconds))
+        self.probe = device_probe()
+        self.metrics = AgentMetrics(self.models, self.lifecycle, self.probe)
         # ---- the prompt cache beyond the engines: shared with other agents through Redis, if set ----
         serving = config.runtime.serving
         self.prompt_cache = PromptCache.from_settings(

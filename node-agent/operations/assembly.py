@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlxpool.agent.config import MultiModel, WeightManagement
-from mlxpool.agent.operations import eviction
 from mlxpool.agent.engine.interface import DeviceProbe
+from mlxpool.agent.operations import eviction
 from mlxpool.agent.operations.manager import Capacity, EngineFactory, ModelManager
 from mlxpool.agent.operations.reports import NodeIdentity, NodeReporter, model_memory_bytes
 from mlxpool.agent.operations.sources import DEFAULT_HUB_ENDPOINT
