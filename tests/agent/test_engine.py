@@ -380,3 +380,24 @@ async def test_a_stream_interval_hands_tokens_over_together(make_engine):
     assert [e.token_id for e in plain] == [e.token_id for e in events]
     unbatched = await make_engine(max_running=2)
     assert not any(e.more for e in await collect(unbatched, request("each", tokens, max_tokens=8)))
+
+
+async def test_within_a_tier_the_shortest_predicted_job_goes_first(make_engine):
+    """Against the real engine: same tier, a long job queued before a short one; the short one
+    runs first (its predicted duration, from the engine's own speed model, is shorter)."""
+    engine = await make_engine(max_running=1, prefill_batch_size=1)
+    tokens = await prompt_tokens(engine)
+    blocker = await hold_the_only_slot(engine, tokens)
+    order: list[str] = []
+
+    async def one(name: str, max_tokens: int) -> None:
+        await collect(engine, request(name, tokens, Priority.NORMAL, max_tokens=max_tokens))
+        order.append(name)
+
+    long = asyncio.create_task(one("long", 64))
+    await wait_for(lambda: engine.stats.waiting == 1)
+    short = asyncio.create_task(one("short", 2))
+    await wait_for(lambda: engine.stats.waiting == 2)
+    await blocker.aclose()
+    await asyncio.gather(long, short)
+    assert order == ["short", "long"]
