@@ -103,7 +103,7 @@ priority_scheduling:
         queued: dict = {}
         waiter = threading.Thread(target=lambda: queued.setdefault("r", httpx.post(
             f"{agent.url}/v1/completions", json={"model": "tiny", "prompt": PROMPT, "max_tokens": 3,
-                                                 "priority": "low"}, timeout=60)))
+                                                 "temperature": 0, "priority": "low"}, timeout=60)))
         waiter.start()
         wait_until(lambda: gauge(client, "vllm:num_requests_waiting") == 1)
         full = client.post("/v1/completions", json={"model": "tiny", "prompt": PROMPT, "priority": "low"})
