@@ -37,8 +37,8 @@ def parse_args(argv: list[str]) -> tuple[OperatorConfig, argparse.Namespace]:
     parser.add_argument("--max-probes-in-flight", type=_count, default=OperatorConfig.max_probes_in_flight,
                         metavar="N", help="probes outstanding at once (default: %(default)s)")
     parser.add_argument("--watch-interval", type=_non_negative, default=OperatorConfig.watch_interval, metavar="S",
-                        help="seconds between lines of an agent's health watch; 0: no watches, probe every "
-                             "agent every interval (default: %(default)s)")
+                        help="seconds between lines of an agent's health watch, e.g. 10; 0: no watches, probe "
+                             "every agent every interval (default: %(default)s)")
     parser.add_argument("--reports-per-second", type=_positive, default=OperatorConfig.reports_per_second,
                         metavar="N", help="periodic GET /v1/node reports, for the whole fleet (default: %(default)s)")
     parser.add_argument("--node-stale-seconds", type=_positive, default=OperatorConfig.node_stale_after, metavar="S",
