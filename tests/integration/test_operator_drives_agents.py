@@ -21,6 +21,13 @@ from mlxpool.dev.processes import LOOPBACK, wait_for
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 
+def visible_files(directory: Path) -> list[Path]:
+    """The model's files as staging sees them: hidden ones (the content-identity cache an agent
+    writes beside the files it loaded) are never staged."""
+    return sorted(p for p in directory.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+
 @pytest.fixture
 def ops_token(tmp_path: Path) -> Path:
     path = tmp_path / "ops-token"
@@ -145,7 +152,7 @@ def test_modelcache_stages_over_http_on_real_agents(
     launched.operator(kubeconfig=controlplane.kubeconfig("operator"), agent_token_file=ops_token,
                       extra=["--namespace", namespace])
     _empty_agents(launched, controlplane, namespace, node_label, ops_token)
-    files = sorted(p.name for p in tiny_model.iterdir() if p.is_file())
+    files = sorted(p.name for p in visible_files(tiny_model) if p.is_file())
     digests = {name: hashlib.sha256((tiny_model / name).read_bytes()).hexdigest() for name in files}
     cache = {
         "apiVersion": "mlxpool.dev/v1alpha1", "kind": "ModelCache",

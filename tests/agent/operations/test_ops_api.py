@@ -22,6 +22,13 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 JSON = {"Content-Type": "application/json"}
 
 
+def visible_files(directory: Path) -> list[Path]:
+    """The model's files as staging sees them: hidden ones (the content-identity cache an agent
+    writes beside the files it loaded) are never staged."""
+    return sorted(p for p in directory.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+
 @pytest.fixture(scope="module")
 def ops_agent(tiny_model: Path, ops_token_file: Path, module_model_server, tmp_path_factory) -> Iterator:
     workdir = tmp_path_factory.mktemp("ops-agent")
@@ -236,7 +243,7 @@ def test_a_full_node_evicts_the_least_recently_used_model_or_refuses(ops_agent, 
 def test_stage_over_http_warm_load_from_the_cache_then_delete(ops_agent, client, module_model_server,
                                                               tiny_model):
     url = module_model_server.add("tiny", tiny_model)
-    digests = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in tiny_model.iterdir()}
+    digests = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in visible_files(tiny_model)}
     module_model_server.chunk_delay = 0.05
     try:
         staged = client.put("/v1/node/cache/tiny-http", json={"source": url, "digests": digests, "warm": True})
@@ -248,7 +255,7 @@ def test_stage_over_http_warm_load_from_the_cache_then_delete(ops_agent, client,
     finally:
         module_model_server.chunk_delay = 0
     assert any(e["phase"] == "Downloading" and 0 < e["progress"] < 1 for e in seen), seen
-    assert entry["bytes_done"] == entry["bytes_total"] == sum(p.stat().st_size for p in tiny_model.iterdir())
+    assert entry["bytes_done"] == entry["bytes_total"] == sum(p.stat().st_size for p in visible_files(tiny_model))
     assert entry["load_time_seconds"] is not None and entry["progress"] == 1.0
     assert client.put("/v1/node/cache/tiny-http", json={"source": url, "digests": digests, "warm": True}
                       ).json()["phase"] == "Warm"  # idempotent
@@ -276,7 +283,7 @@ def test_stage_from_the_hub_protocol(ops_agent, client, module_model_server, tin
     client.put("/v1/node/cache/hub-tiny", json={"source": "hf://org/tiny", "revision": "main"})
     entry = wait_entry(client, "hub-tiny", ("Cached", "Failed"))
     assert entry["phase"] == "Cached", entry
-    assert sorted(p.name for p in Path(entry["path"]).iterdir()) == sorted(p.name for p in tiny_model.iterdir())
+    assert sorted(p.name for p in Path(entry["path"]).iterdir()) == sorted(p.name for p in visible_files(tiny_model))
     hub_calls = [(p, h) for _, p, h in module_model_server.requests if p.startswith("/api/models/org/tiny")]
     assert hub_calls and hub_calls[-1][0] == "/api/models/org/tiny/revision/main"
     assert hub_calls[-1][1].get("Authorization") == "Bearer hf_module_token"

@@ -17,6 +17,13 @@ from mlxpool.agentapi import CacheEntry, CachePhase, StageRequest
 SETTLED = (CachePhase.CACHED, CachePhase.WARM, CachePhase.PINNED, CachePhase.FAILED)
 
 
+def visible_files(directory: Path) -> list[Path]:
+    """The model's files as staging sees them: hidden ones (the content-identity cache an agent
+    writes beside the files it loaded) are never staged."""
+    return sorted(p for p in directory.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+
 def store(root: Path, users: dict[str, list[str]] | None = None, hub: str = "http://127.0.0.1:9", **kwargs
           ) -> ModelCacheStore:
     users = users if users is not None else {}
@@ -101,7 +108,7 @@ async def test_http_source_without_manifest_takes_the_file_list_from_digests(cac
     await c.stage("tiny", StageRequest(source=url, digests=digests))
     entry = await settle(c, "tiny")
     assert entry.phase is CachePhase.CACHED, entry.message
-    assert entry.bytes_total == sum(p.stat().st_size for p in tiny_model.iterdir())
+    assert entry.bytes_total == sum(p.stat().st_size for p in visible_files(tiny_model))
     assert not any(p.endswith("index.json") for _, p, _ in model_server.requests)
 
 
@@ -139,7 +146,7 @@ async def test_hub_source_speaks_the_hub_protocol(tmp_path, tiny_model, model_se
         entry = await settle(c, "tiny-hub")
         assert entry.phase is CachePhase.CACHED, entry.message
         # README.md is listed by the Hub but is not a file mlx-lm loads: not fetched.
-        assert sorted(p.name for p in Path(entry.path).iterdir()) == sorted(p.name for p in tiny_model.iterdir())
+        assert sorted(p.name for p in Path(entry.path).iterdir()) == sorted(p.name for p in visible_files(tiny_model))
         paths = [p for _, p, _ in model_server.requests]
         assert "/api/models/org/tiny/revision/v1" in paths
         assert f"/org/tiny/resolve/{'0123456789abcdef' * 2 + '01234567'}/model.safetensors" in paths
@@ -167,7 +174,7 @@ async def test_hub_lfs_digests_are_verified_without_request_digests(tmp_path, ti
 
 
 async def test_the_cache_size_cap_is_enforced(cache, tiny_model, second_model):
-    size = sum(p.stat().st_size for p in tiny_model.iterdir())
+    size = sum(p.stat().st_size for p in visible_files(tiny_model))
     c = await cache(max_bytes=size + size // 2)
     await c.stage("a", StageRequest(source=f"file://{tiny_model}"))
     assert (await settle(c, "a")).phase is CachePhase.CACHED
@@ -282,7 +289,7 @@ async def test_a_restarted_store_finds_its_entries_again(tmp_path, tiny_model):
 def digests(tiny_model: Path) -> dict[str, str]:
     import hashlib
 
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(tiny_model.iterdir())}
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(visible_files(tiny_model))}
 
 
 def test_links_are_possible_here(tmp_path):  # the hardlink test above relies on it
