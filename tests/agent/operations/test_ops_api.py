@@ -283,7 +283,8 @@ def test_stage_from_the_hub_protocol(ops_agent, client, module_model_server, tin
     client.put("/v1/node/cache/hub-tiny", json={"source": "hf://org/tiny", "revision": "main"})
     entry = wait_entry(client, "hub-tiny", ("Cached", "Failed"))
     assert entry["phase"] == "Cached", entry
-    assert sorted(p.name for p in Path(entry["path"]).iterdir()) == sorted(p.name for p in visible_files(tiny_model))
+    names = sorted(p.name for p in visible_files(tiny_model))
+    assert sorted(p.name for p in visible_files(Path(entry["path"]))) == names
     hub_calls = [(p, h) for _, p, h in module_model_server.requests if p.startswith("/api/models/org/tiny")]
     assert hub_calls and hub_calls[-1][0] == "/api/models/org/tiny/revision/main"
     assert hub_calls[-1][1].get("Authorization") == "Bearer hf_module_token"

@@ -146,7 +146,8 @@ async def test_hub_source_speaks_the_hub_protocol(tmp_path, tiny_model, model_se
         entry = await settle(c, "tiny-hub")
         assert entry.phase is CachePhase.CACHED, entry.message
         # README.md is listed by the Hub but is not a file mlx-lm loads: not fetched.
-        assert sorted(p.name for p in Path(entry.path).iterdir()) == sorted(p.name for p in visible_files(tiny_model))
+        names = sorted(p.name for p in visible_files(tiny_model))
+        assert sorted(p.name for p in visible_files(Path(entry.path))) == names
         paths = [p for _, p, _ in model_server.requests]
         assert "/api/models/org/tiny/revision/v1" in paths
         assert f"/org/tiny/resolve/{'0123456789abcdef' * 2 + '01234567'}/model.safetensors" in paths
