@@ -198,6 +198,22 @@ class WeightManagement(_Section):
     """Native threads paging the next layers' file pages in while a layer is copied; 0: none."""
     prefetch_depth: int = Field(default=2, ge=1, le=64)
     """Layers the prefetch runs ahead of the copy."""
+    memory_admission: bool = True
+    """Admit a request only when its projected KV (prompt + max_tokens) fits the node's memory;
+    false: no memory books (mlx_lm.server's behaviour: grow until the OS says no)."""
+    memory_capacity_bytes: int | None = Field(default=None, ge=1)
+    """Memory the agent may use in all; null: physical memory, or the cgroup's limit when lower."""
+    memory_headroom_bytes: int = Field(default=1024 * MIB, ge=0)
+    """Left to the OS and other processes; never budgeted for weights or KV."""
+    memory_pressure_free_bytes: int = Field(default=512 * MIB, ge=0)
+    """Below this much available memory (as the OS reports it) the node is under pressure: the prefix
+    cache is shed and long requests are refused."""
+    long_request_kv_bytes: int = Field(default=256 * MIB, ge=0)
+    """Under pressure, requests projecting more KV bytes than this are refused (503)."""
+    memory_wait_seconds: float = Field(default=30.0, ge=0, le=3600)
+    """Longest a request waits for its KV to fit before a 503 insufficient_memory."""
+    mlx_cache_limit_bytes: int | None = Field(default=None, ge=0)
+    """Cap on MLX's buffer cache (mx.set_cache_limit); null: MLX's default."""
 
 
 class MultiModel(_Section):

@@ -80,6 +80,19 @@ class QueueFull(AgentError):
         self.limit = limit
 
 
+class InsufficientMemory(AgentError):
+    """The request's projected KV cache (prompt + max_tokens) does not fit in the node's memory."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+    code = "insufficient_memory"
+    headers: ClassVar[dict[str, str] | None] = _RETRY_SOON
+
+    def __init__(self, message: str, shortfall_bytes: int) -> None:
+        super().__init__(message, param="max_tokens")
+        self.shortfall_bytes = shortfall_bytes
+
+
 class DeadlineExceeded(AgentError):
     """The request's deadline passed while it waited for a batch slot; it never ran."""
 

@@ -27,12 +27,14 @@ from typing import TYPE_CHECKING, TypeVar
 
 import uvicorn
 
-from mlxpool.agent.config import RuntimeConfig
+from mlxpool.agent.config import RuntimeConfig, WeightManagement
 from mlxpool.agent.engine.interface import Accelerator, DeviceMemory, DeviceProbe, EngineConfig, LoadOptions
+from mlxpool.agent.engine.memory import MemoryBooks, MemoryPolicy
 from mlxpool.agent.http.app import create_app
 from mlxpool.agent.http.auth import CredentialReloader, Credentials
 from mlxpool.agent.http.metrics import AgentMetrics
 from mlxpool.agent.http.operations import ops_router
+from mlxpool.agent.node import memoryinfo
 from mlxpool.agent.node.nodeinfo import default_node_name, node_spec, node_status
 from mlxpool.agent.operations.assembly import Operations, StatusNudger
 from mlxpool.agent.operations.reports import memory_readings
@@ -56,6 +58,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 FINAL_STATUS_TIMEOUT_S = 5.0
+MEMORY_WATCH_SECONDS = 0.25
+"""How often the OS's available memory is read for the engines' admission decisions."""
 
 
 @dataclass(frozen=True)
@@ -153,6 +157,10 @@ class AgentRuntime:
                               limits=SizeLimits(limits.max_body_bytes, limits.max_header_bytes),
                               publish_signals=config.runtime.horizontal_scaling.publish_signals)
         self.url: str | None = None
+        # ---- the node's memory books (engine.memory), shared by every engine ----
+        self.memory = _memory_books(config.runtime.weight_management)
+        self._available_memory: int | None = None
+        """The OS's available bytes, refreshed off the loop (`_watch_memory`); engines read it."""
         self._signals = 0
         self._background: list[asyncio.Task[object]] = []
         auth = config.runtime.auth
@@ -182,6 +190,9 @@ class AgentRuntime:
             finally:
                 listening.cancel()
             log.info("agent listening url=%s", self.url)
+            if self.memory is not None:
+                self._available_memory = await asyncio.to_thread(memoryinfo.available_bytes)
+                self._background.append(asyncio.create_task(self._watch_memory(), name="memory-watch"))
             if not await self._load_model():
                 return 1
             if self.lifecycle.phase is Phase.READY:
@@ -217,6 +228,8 @@ class AgentRuntime:
             load=LoadOptions(native=weights.use_mmap, pin_policy=weights.pin_policy,
                              pin_budget_bytes=weights.pin_budget_bytes, prefetch_threads=weights.prefetch_threads,
                              prefetch_depth=weights.prefetch_depth),
+            memory_wait_s=weights.memory_wait_seconds,
+            mlx_cache_limit_bytes=weights.mlx_cache_limit_bytes,
         )
 
     # ---- operations API wiring: engines for the model manager, prompt status writes ----
@@ -229,7 +242,8 @@ class AgentRuntime:
 
         config = self.engine_config() if warm else replace(self.engine_config(), warmup_tokens=0)
         publisher = self.prompt_cache.publisher(identity, asyncio.get_running_loop())
-        return BatchEngine(path, config, name=name, on_weights_loaded=on_weights_loaded, kv_publisher=publisher)
+        return BatchEngine(path, config, name=name, on_weights_loaded=on_weights_loaded, kv_publisher=publisher,
+                           memory=self.memory, available_memory=lambda: self._available_memory)
 
     async def _write_status_now(self) -> None:
         if self._registrar is not None:
@@ -254,6 +268,11 @@ class AgentRuntime:
                 return False
         self.lifecycle.set_phase(Phase.READY)
         return True
+
+    async def _watch_memory(self) -> None:
+        while True:
+            await asyncio.sleep(MEMORY_WATCH_SECONDS)
+            self._available_memory = await asyncio.to_thread(memoryinfo.available_bytes)
 
     async def _register(self) -> None:
         reg = self.config.registration
@@ -340,6 +359,17 @@ async def _race(work: Awaitable[T], event: asyncio.Event) -> T | None:
             task.cancel()
         await asyncio.gather(task, waiter, return_exceptions=True)
     return task.result() if not task.cancelled() else None
+
+
+def _memory_books(weights: WeightManagement) -> MemoryBooks | None:
+    """The node's memory books from `weight_management`; None when memory admission is off."""
+    if not weights.memory_admission:
+        return None
+    capacity = weights.memory_capacity_bytes or memoryinfo.capacity_bytes()
+    policy = MemoryPolicy(capacity_bytes=capacity, headroom_bytes=weights.memory_headroom_bytes,
+                          pressure_free_bytes=weights.memory_pressure_free_bytes,
+                          long_request_bytes=weights.long_request_kv_bytes)
+    return MemoryBooks(policy)
 
 
 def _bind(host: str, port: int) -> socket.socket:

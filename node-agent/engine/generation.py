@@ -60,6 +60,8 @@ from mlxpool.agent.engine.interface import (
     TokenLogprob,
 )
 from mlxpool.agent.engine.logprobs import LogprobReader
+from mlxpool.agent.engine.memory import MemoryBooks
+from mlxpool.agent.engine.memorygate import MemoryGate
 from mlxpool.agent.engine.prefixcache import PrefixCache
 from mlxpool.agent.engine.sampling import SamplerFactory, logits_processors
 from mlxpool.agent.engine.scheduling import Forecast, PriorityAdmission
@@ -139,8 +141,15 @@ class BatchEngine:
 
     def __init__(self, model_path: str, config: EngineConfig | None = None, name: str = "model",
                  on_weights_loaded: Callable[[], None] | None = None,
-                 kv_publisher: KVPublisher | None = None) -> None:
+                 kv_publisher: KVPublisher | None = None, memory: MemoryBooks | None = None,
+                 available_memory: Callable[[], int | None] | None = None) -> None:
         self._path = model_path
+        self._name = name
+        self._memory = memory
+        """The node's memory books (`engine.memory`), shared by every engine; None: no memory admission."""
+        self._available_memory = available_memory or (lambda: None)
+        """The OS's available bytes, as last read (off this thread) by the runtime."""
+        self._gate: MemoryGate | None = None
         self._publisher = kv_publisher
         """Where finished prompts' KV goes for other agents (`serving.promptcache`); None: not shared."""
         self._on_weights_loaded = on_weights_loaded
@@ -249,6 +258,7 @@ class BatchEngine:
             )
             self._samplers = SamplerFactory(loaded.vocab_size)
             self._logprobs = LogprobReader(loaded.tokenizer)
+            self._open_gate(loaded)
             if self._on_weights_loaded is not None:
                 self._on_weights_loaded()
             self._warm_up(generator, loaded.vocab_size)
@@ -279,6 +289,8 @@ class BatchEngine:
             # Unloaded: drop the weights and the cached KV, then give MLX's freed buffers back.
             self._prefix = PrefixCache(0, 1)
             loaded.weights.close()  # unlock the pinned pages before MLX may cache their buffers
+            if self._memory is not None:
+                self._memory.remove_weights(self._name)
             del generator, loaded
             # The last step was evaluated asynchronously: let the device finish it before this
             # thread ends (on CUDA, work still in flight at exit aborts the process).
@@ -324,6 +336,9 @@ class BatchEngine:
         if request.request_id in self._by_id:
             self._deliver([(sequence, EngineError(f"request id {request.request_id!r} is already running"))])
             return
+        if self._gate is not None and (refusal := self._gate.refuse_on_arrival(request)) is not None:
+            self._refuse_for_memory([(sequence, refusal)])  # it can never fit (or the node is pressed)
+            return
         limit = request.terms.max_waiting if request.terms is not None else None
         forecast = self._forecast(request)
         try:
@@ -361,6 +376,8 @@ class BatchEngine:
         sequence = self._by_id.pop(request_id, None)
         if sequence is None:  # already finished
             return
+        if self._gate is not None:
+            self._gate.done(request_id)
         if self._waiting.remove(request_id) is None and sequence.uid is not None:
             generator.remove([sequence.uid])
             self._running.pop(sequence.uid, None)
@@ -399,6 +416,8 @@ class BatchEngine:
             budget=self._config.prefill_token_budget - self._prefilling_tokens,
             at_least_one=self._prefilling == 0, now=time.monotonic(),
         ) if free > 0 else []
+        if self._gate is not None and admitted:
+            admitted = self._gate_admission(admitted)
         if not admitted:
             return
         # mlx-lm prefills its queue in groups, each padded to its longest prompt: neighbours of
@@ -529,6 +548,8 @@ class BatchEngine:
             self._by_id.pop(end.sequence.request.request_id, None)
             self._count_finished(end.reason)
             self._speed.observe_finished(end.sequence.generated, end.sequence.request.sampling.max_tokens)
+            if self._gate is not None:
+                self._gate.done(end.sequence.request.request_id)
 
     def _keep_prompts(self, generator: BatchGenerator, ended: list[_Ended]) -> None:
         """Store the ended sequences' KV in the prefix cache, and publish their prompts' to the fleet.
@@ -618,6 +639,8 @@ class BatchEngine:
         stats.prompt_cache_entries = len(prefix)
         stats.prompt_cache_lookups_total = prefix.lookups
         stats.prompt_cache_hits_total = prefix.hits
+        if self._gate is not None:
+            self._gate.prefix_changed(prefix.nbytes)
 
     # ---- shapes: warm-up before ready, unwarmed shapes after ----
 
@@ -688,6 +711,44 @@ class BatchEngine:
     def _count_finished(self, reason: str) -> None:
         self._finished[reason] += 1
         self._stats.requests_finished_total = dict(self._finished)
+
+    # ---- memory admission (engine.memorygate: the node's books, projected KV bytes) ----
+
+    def _open_gate(self, loaded: loading.LoadedModel) -> None:
+        memory, per_token = self._memory, loaded.info.kv_bytes_per_token
+        if memory is None or per_token is None:
+            return
+        memory.add_weights(self._name, loaded.info.memory_bytes)
+        self._gate = MemoryGate(memory, self._name, per_token, self._available_memory,
+                                self._config.memory_wait_s)
+        # MLX's own limits, process-wide: allocations past the limit wait for frees (and the
+        # buffer cache is bounded) instead of growing until the OS kills us.
+        mx.set_memory_limit(max(memory.policy.capacity_bytes - memory.policy.headroom_bytes, 1))
+        if self._config.mlx_cache_limit_bytes is not None:
+            mx.set_cache_limit(self._config.mlx_cache_limit_bytes)
+        log.info("memory admission on model=%s kv_bytes_per_token=%d %s", self._name, per_token,
+                 " ".join(f"{k}={v}" for k, v in memory.snapshot().items()))
+
+    def _gate_admission(self, admitted: list[_Sequence]) -> list[_Sequence]:
+        """What the scheduler picked, less what does not fit: back to wait, or refused."""
+        assert self._gate is not None
+        go, back, refused = self._gate.admit(admitted, self._prefix)
+        for sequence in back:
+            request = sequence.request
+            self._waiting.push(request.request_id, sequence, request.priority, request.deadline, over_limit=True,
+                               weight=len(request.prompt_tokens))
+        if refused:
+            for sequence, _ in refused:
+                self._by_id.pop(sequence.request.request_id, None)
+            self._refuse_for_memory(list(refused))
+        self._count_prefix_cache()
+        return go
+
+    def _refuse_for_memory(self, refused: list[Delivery]) -> None:
+        self._rejected["memory"] += len(refused)
+        self._stats.requests_rejected_total = dict(self._rejected)
+        self._count_queues()
+        self._deliver(refused)
 
     def _fail_all(self, error: EngineError) -> None:
         failed: list[Delivery] = [*self._held, *((s, error) for s in self._by_id.values())]

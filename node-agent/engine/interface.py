@@ -172,6 +172,10 @@ class EngineConfig:
     fewer wake-ups and writes per token; 0 hands over every step."""
     load: LoadOptions = field(default_factory=LoadOptions)
     """How the model's weights are read, pinned and prefetched."""
+    memory_wait_s: float = 30.0
+    """Longest a request waits for its projected KV to fit before a 503 (memory admission on)."""
+    mlx_cache_limit_bytes: int | None = None
+    """Cap on MLX's buffer cache (freed buffers kept for reuse); None: MLX's default."""
 
     def __post_init__(self) -> None:
         if self.stream_interval_s < 0:
@@ -382,6 +386,8 @@ class ModelInfo:
     """Bytes of the model's parameters."""
     context_length: int | None
     """Longest sequence the model is configured for (prompt + completion), if known."""
+    kv_bytes_per_token: int | None = None
+    """KV cache bytes one token of a sequence costs (every layer's keys and values), if known."""
     weights: WeightsView | None = field(default=None, compare=False)
     """The loaded weights (load report, residency); None for engines that cannot tell."""
 

@@ -30,6 +30,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlxpool.agent.engine import blas as _blas
 from mlxpool.agent.engine import weightreading
 from mlxpool.agent.engine.interface import LoadOptions, LoadReport, ModelInfo
+from mlxpool.agent.engine.memory import kv_bytes_per_token
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def load(path: str | Path, options: LoadOptions | None = None) -> LoadedModel:
         report = weights.pin(options.pin_policy, options.pin_budget_bytes)
     memory = weights.total_bytes
     info = ModelInfo(path=str(directory), memory_bytes=memory, context_length=_context_length(config),
-                     weights=weights)
+                     kv_bytes_per_token=_kv_bytes_per_token(config, parameters), weights=weights)
     log.info(
         "model loaded path=%s memory_bytes=%d context_length=%s seconds=%.2f reader=%s transfer=%s files=%d "
         "read_seconds=%.3f load_gbps=%.2f prefetch_threads=%d pin_policy=%s pinned_bytes=%d blas=%s device=%s",
@@ -108,6 +109,16 @@ def _load_mlx(directory: Path, options: LoadOptions) -> _Loaded:
                         seconds=time.perf_counter() - started, prefetch_threads=0,
                         pin_policy=options.pin_policy, pinned_bytes=0)
     return model, tokenizer, config, report
+
+
+def _kv_bytes_per_token(config: dict[str, Any], parameters: dict[str, mx.array]) -> int | None:
+    # The KV cache takes the dtype the model computes in: that of its floating weights.
+    floating = [a.dtype for a in parameters.values() if mx.issubdtype(a.dtype, mx.floating)]
+    itemsize = floating[0].size if floating else 2
+    try:
+        return kv_bytes_per_token(config, itemsize)
+    except ValueError:
+        return None  # an architecture whose config we cannot size: no memory admission for it
 
 
 def _context_length(config: dict[str, Any]) -> int | None:

@@ -67,6 +67,14 @@ class PrefixCache:
         self.hits += 1
         return cache, cached
 
+    def shed(self, nbytes: int) -> int:
+        """Drop least recently used entries until `nbytes` are freed or none is left; bytes freed."""
+        if self._lru is None or nbytes <= 0:
+            return 0
+        before = self._lru.nbytes
+        self._lru.trim_to(n_bytes=max(before - nbytes, 0))
+        return before - self._lru.nbytes
+
     def store(self, tokens: Sequence[int], cache: list[Any]) -> None:
         """Keep `cache` (the KV state of exactly `tokens`), evicting to stay within the caps."""
         if self._lru is None or len(tokens) < MIN_REUSE_TOKENS:

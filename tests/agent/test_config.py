@@ -155,6 +155,13 @@ multi_model: {eviction: lru, usage_half_life_seconds: 60, keep_alive_seconds: 30
     ("weight_management: {prefetch_threads: 65}", "weight_management.prefetch_threads: Input should be less"),
     ("weight_management: {prefetch_depth: 0}", "weight_management.prefetch_depth: Input should be greater"),
     ("weight_management: {use_mmap: maybe}", "weight_management.use_mmap: Input should be a valid boolean"),
+    ("weight_management: {memory_capacity_bytes: 0}", "weight_management.memory_capacity_bytes: Input should be"),
+    ("weight_management: {memory_headroom_bytes: -1}", "weight_management.memory_headroom_bytes: Input should"),
+    ("weight_management: {memory_pressure_free_bytes: x}", "weight_management.memory_pressure_free_bytes"),
+    ("weight_management: {long_request_kv_bytes: -5}", "weight_management.long_request_kv_bytes: Input should"),
+    ("weight_management: {memory_wait_seconds: 7200}", "weight_management.memory_wait_seconds: Input should be"),
+    ("weight_management: {mlx_cache_limit_bytes: -1}", "weight_management.mlx_cache_limit_bytes: Input should"),
+    ("weight_management: {memory_admission: perhaps}", "weight_management.memory_admission: Input should be"),
     ("- a list", "must hold a mapping"),
     ("serving: {a: [", "not valid YAML"),
 ])

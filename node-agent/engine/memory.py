@@ -1,0 +1,197 @@
+"""The node's memory books: what the weights, the KV cache and the prefix cache hold, and
+whether a new request's KV fits (mlx_lm.server grows until Metal aborts; we refuse first).
+
+The books are node-wide (every engine of the agent shares one; engine threads call them,
+so they lock). They count, in bytes:
+- the weights of every loaded model (`add_weights` at load, `remove_weights` at unload);
+- the projected KV of every admitted sequence, reserved at admission and released when it
+  ends: (prompt + max_tokens) tokens at the model's KV bytes per token, rounded up to
+  mlx-lm's KV allocation step (its caches grow 256 tokens at a time);
+- each engine's prefix cache, as the engine reports it (`set_prefix_bytes`).
+The KV budget is the node's capacity (physical memory, or the cgroup's memory.max when
+lower) less the OS headroom and the weights. `decide` is the admission rule:
+- projected KV larger than the whole budget: refused, it can never fit;
+- under OS pressure (available memory below the threshold): a long request is refused;
+- it fits: admitted; it fits once the prefix cache sheds: shed, then admitted;
+- otherwise it waits for running sequences to end (the engine bounds the wait).
+Implements `engine.memorybudget.MemoryBudget` (can_hold/reserve/release/reserved_bytes).
+
+Pure: no MLX, no OS calls (the caller passes the OS's available bytes), no clock.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+KV_STEP_TOKENS = 256
+"""mlx-lm's KVCache grows by this many tokens at a time (its `step`)."""
+
+
+class Verdict(StrEnum):
+    ADMIT = "admit"
+    SHED_THEN_ADMIT = "shed_then_admit"
+    WAIT = "wait"
+    REFUSE = "refuse"
+
+
+@dataclass(frozen=True)
+class Decision:
+    verdict: Verdict
+    shortfall_bytes: int = 0
+    """Bytes missing (REFUSE, WAIT) or to shed from the prefix cache (SHED_THEN_ADMIT)."""
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class MemoryPolicy:
+    capacity_bytes: int
+    """What the agent may use in all (physical memory, or the cgroup's limit when lower)."""
+    headroom_bytes: int
+    """Left to the OS and everything else; never budgeted."""
+    pressure_free_bytes: int
+    """Below this much available memory (as the OS reports it) the node is under pressure."""
+    long_request_bytes: int
+    """Under pressure, a request projecting more KV than this is refused."""
+
+    def __post_init__(self) -> None:
+        if min(self.capacity_bytes, self.headroom_bytes, self.pressure_free_bytes, self.long_request_bytes) < 0:
+            raise ValueError("memory policy sizes must be >= 0")
+
+
+def kv_bytes_per_token(config: dict[str, Any], itemsize: int) -> int:
+    """KV cache bytes one token costs (keys and values of every layer) for an mlx-lm model config."""
+    text = config.get("text_config") or {}
+
+    def get(key: str) -> Any:
+        return config.get(key, text.get(key))
+
+    layers = int(get("num_hidden_layers") or 0)
+    heads = int(get("num_attention_heads") or 0)
+    kv_heads = int(get("num_key_value_heads") or heads)
+    head_dim = int(get("head_dim") or (int(get("hidden_size") or 0) // heads if heads else 0))
+    if min(layers, kv_heads, head_dim, itemsize) <= 0:
+        raise ValueError("model config lacks num_hidden_layers / attention heads / hidden_size for KV sizing")
+    return 2 * layers * kv_heads * head_dim * itemsize
+
+
+def projected_kv_bytes(prompt_tokens: int, max_tokens: int, bytes_per_token: int) -> int:
+    """KV a sequence reaches at its longest, in mlx-lm's allocation steps."""
+    tokens = max(prompt_tokens + max_tokens, 1)
+    return math.ceil(tokens / KV_STEP_TOKENS) * KV_STEP_TOKENS * bytes_per_token
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+class MemoryBooks:
+    """The node's books; implements `engine.memorybudget.MemoryBudget`. Thread-safe."""
+
+    def __init__(self, policy: MemoryPolicy) -> None:
+        self.policy = policy
+        self._lock = threading.Lock()
+        self._weights: dict[str, int] = {}
+        self._reserved: dict[str, int] = {}
+        self._prefix: dict[str, int] = {}
+        self._reserved_total = 0
+
+    # ---- the books ----
+
+    def add_weights(self, model: str, nbytes: int) -> None:
+        with self._lock:
+            self._weights[model] = max(nbytes, 0)
+
+    def remove_weights(self, model: str) -> None:
+        with self._lock:
+            self._weights.pop(model, None)
+            self._prefix.pop(model, None)
+
+    def set_prefix_bytes(self, model: str, nbytes: int) -> None:
+        with self._lock:
+            self._prefix[model] = max(nbytes, 0)
+
+    @property
+    def weights_bytes(self) -> int:
+        return sum(self._weights.values())
+
+    @property
+    def prefix_bytes(self) -> int:
+        return sum(self._prefix.values())
+
+    @property
+    def kv_budget_bytes(self) -> int:
+        """What KV (reserved and prefix cache) may take: capacity less headroom and weights."""
+        return max(self.policy.capacity_bytes - self.policy.headroom_bytes - self.weights_bytes, 0)
+
+    # ---- MemoryBudget ----
+
+    def can_hold(self, nbytes: int) -> bool:
+        with self._lock:
+            return self._room() >= max(nbytes, 0)
+
+    def reserve(self, key: str, nbytes: int) -> bool:
+        if nbytes < 0:
+            raise ValueError("nbytes must be >= 0")
+        with self._lock:
+            previous = self._reserved.get(key, 0)
+            if self._room() + previous < nbytes:
+                return False
+            self._reserved[key] = nbytes
+            self._reserved_total += nbytes - previous
+            return True
+
+    def release(self, key: str) -> int:
+        with self._lock:
+            nbytes = self._reserved.pop(key, 0)
+            self._reserved_total -= nbytes
+            return nbytes
+
+    @property
+    def reserved_bytes(self) -> int:
+        return self._reserved_total
+
+    # ---- admission ----
+
+    def under_pressure(self, available_bytes: int | None) -> bool:
+        return available_bytes is not None and available_bytes < self.policy.pressure_free_bytes
+
+    def decide(self, nbytes: int, available_bytes: int | None) -> Decision:
+        """Whether a sequence projecting `nbytes` of KV may start now (nothing is taken)."""
+        with self._lock:
+            budget = self.kv_budget_bytes
+            if nbytes > budget:
+                return Decision(Verdict.REFUSE, nbytes - budget,
+                                f"its projected KV cache ({_mib(nbytes)}) exceeds this node's whole KV budget "
+                                f"({_mib(budget)}: {_mib(self.policy.capacity_bytes)} less "
+                                f"{_mib(self.policy.headroom_bytes)} headroom and {_mib(self.weights_bytes)} "
+                                "of weights); lower max_tokens or shorten the prompt")
+            if self.under_pressure(available_bytes) and nbytes > self.policy.long_request_bytes:
+                assert available_bytes is not None
+                return Decision(Verdict.REFUSE, self.policy.pressure_free_bytes - available_bytes,
+                                f"the node is under memory pressure ({_mib(available_bytes)} available, below "
+                                f"{_mib(self.policy.pressure_free_bytes)}) and its projected KV cache "
+                                f"({_mib(nbytes)}) is over the {_mib(self.policy.long_request_bytes)} "
+                                "allowed then; retry later or lower max_tokens")
+            room = self._room()
+            if nbytes <= room:
+                return Decision(Verdict.ADMIT)
+            missing = nbytes - room
+            if missing <= self.prefix_bytes:
+                return Decision(Verdict.SHED_THEN_ADMIT, missing, "prefix cache shed to make room")
+            return Decision(Verdict.WAIT, missing - self.prefix_bytes,
+                            f"its projected KV cache ({_mib(nbytes)}) is {_mib(missing - self.prefix_bytes)} "
+                            f"more than is free ({_mib(room + self.prefix_bytes)} of a {_mib(budget)} KV budget, "
+                            f"{_mib(self._reserved_total)} held by running requests)")
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return {"capacity_bytes": self.policy.capacity_bytes, "headroom_bytes": self.policy.headroom_bytes,
+                    "weights_bytes": self.weights_bytes, "kv_budget_bytes": self.kv_budget_bytes,
+                    "kv_reserved_bytes": self._reserved_total, "prefix_cache_bytes": self.prefix_bytes}
+
+    def _room(self) -> int:
+        return self.kv_budget_bytes - self._reserved_total - self.prefix_bytes
