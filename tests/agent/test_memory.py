@@ -15,6 +15,7 @@ from mlxpool.agent.engine.memory import (
     kv_bytes_per_token,
     projected_kv_bytes,
 )
+from mlxpool.agent.engine.memorybudget import MemoryBudget
 from mlxpool.agent.engine.memorygate import MemoryGate
 from mlxpool.agent.errors import InsufficientMemory
 
@@ -39,6 +40,8 @@ def test_kv_sizing_follows_the_model_config():
 
 def test_the_budget_is_capacity_less_headroom_and_weights():
     b = books()
+    budget: MemoryBudget = b  # the scheduler's protocol (issue 9), checked by mypy
+    assert budget.reserved_bytes == 0
     assert b.kv_budget_bytes == 50 * MIB
     assert b.can_hold(50 * MIB) and not b.can_hold(50 * MIB + 1)
     assert b.reserve("a", 30 * MIB) and not b.reserve("b", 30 * MIB) and b.reserved_bytes == 30 * MIB
