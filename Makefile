@@ -38,6 +38,10 @@ native-test: ## Build and run the C++ weight-manager tests with ASan/UBSan
 	cmake --build build/native-test -j2 >/dev/null
 	cd build/native-test && ctest --output-on-failure
 
+SOAK_SECONDS ?= 600
+soak: venv ## Soak: mixed traffic through a router over two agents, one restart; RSS/fd/task slopes (SOAK_SECONDS=600)
+	$(PY) -m bench.soak --seconds $(SOAK_SECONDS)
+
 demo: venv ## Bring up control plane, operator, agents and router; apply samples; ask for a completion
 	@hack/build-control-plane.sh >/dev/null
 	$(PY) -m mlxpool.dev.demo

@@ -162,6 +162,7 @@ def create_app(settings: RouterSettings, metrics: RouterMetrics | None = None) -
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
+        metrics.loop_tasks.set(len(asyncio.all_tasks()))
         content, content_type = metrics.render()
         return Response(content, media_type=content_type)
 

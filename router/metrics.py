@@ -47,6 +47,10 @@ class RouterMetrics:
         self.table_revision = Gauge(
             "mlxpool_router_table_revision", "Revision of the routing table in use (-1 before the first).", registry=r)
         self.table_revision.set(-1)
+        # Set at each scrape: a count that only grows is a task leak (the soak watches it).
+        self.loop_tasks = Gauge(
+            "mlxpool_router_asyncio_tasks", "asyncio tasks alive in the router's event loop at scrape time.",
+            registry=r)
         self.table_updates = Counter(
             "mlxpool_router_table_updates", "Routing tables offered by the source, by outcome.", ["result"], registry=r)
 

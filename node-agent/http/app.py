@@ -97,6 +97,7 @@ def create_app(
 
     @app.get("/metrics")
     async def prometheus() -> Response:
+        metrics.loop_tasks.set(len(asyncio.all_tasks()))
         # Off the loop: the collectors measure weight residency (mincore over every array).
         content, content_type = await asyncio.to_thread(metrics.render)
         return Response(content, media_type=content_type)

@@ -32,6 +32,7 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     disable_created_metrics,
     generate_latest,
@@ -78,6 +79,11 @@ class AgentMetrics:
         self.latency = Histogram(
             "mlxpool_e2e_request_latency_seconds", "From the request reaching the data plane to its last token.",
             labels, buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        # Set at each scrape (on the loop): a count that only grows is a task leak (the soak watches it).
+        self.loop_tasks = Gauge(
+            "mlxpool_agent_asyncio_tasks", "asyncio tasks alive in the agent's event loop at scrape time.",
+            registry=registry,
         )
         registry.register(_EngineCollector(models, lifecycle, probe))
 
