@@ -62,7 +62,8 @@ def test_inference_node_schema_has_exactly_the_fields_of_mlxpool_nodes():
     s = schema(NODE_PLURAL)["properties"]
     assert set(s["spec"]["properties"]) == wire_names(NodeSpec)
     assert set(s["spec"]["properties"]["hardware"]["properties"]) == wire_names(Hardware)
-    assert set(s["spec"]["properties"]["hardware"]["required"]) == wire_names(Hardware, computed=False)
+    required = {f.alias or n for n, f in Hardware.model_fields.items() if f.is_required()}
+    assert set(s["spec"]["properties"]["hardware"]["required"]) == required
     assert set(s["status"]["properties"]) == wire_names(NodeStatus) | {"conditions"}
     assert set(s["status"]["properties"]["models"]["items"]["properties"]) == wire_names(LoadedModel)
 
