@@ -63,6 +63,8 @@ class LoadedModel(_Wire):
     path: str | None = None
     memory_bytes: int | None = None
     identity: str | None = Field(default=None, description="Content identity (hash of weights, tokenizer, config).")
+    decode_tokens_per_second: float | None = Field(
+        default=None, ge=0, le=10_000_000, description="Decode tok/s the engine measured (unset: not measured yet).")
 
 
 class WarmupProgress(_Wire):

@@ -37,6 +37,8 @@ class PlacedEndpoint:
     """Pool models this node does not serve yet (loading, or waiting for their copy)."""
     managed: tuple[str, ...] = ()
     """Pool models the operator loaded here (it unloads them when no pool needs them)."""
+    capacities: tuple[tuple[str, float | None], ...] = ()
+    """(model, decode tokens/s measured or estimated; None if unknown), for the route weights."""
 
     @property
     def healthy(self) -> bool:

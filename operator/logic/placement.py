@@ -30,6 +30,7 @@ from mlxpool.operator.logic.conditions import READY
 from mlxpool.operator.logic.endpoints import NOT_PROBED, PlacedEndpoint, ProbeResult
 from mlxpool.operator.logic.sources import LoadSource
 from mlxpool.operator.logic.specs import LabelSelector, PoolSpec
+from mlxpool.operator.logic.weights import model_capacities
 
 READY_CACHE_PHASES = frozenset({CachePhase.CACHED, CachePhase.WARM, CachePhase.PINNED})
 IN_TRANSIT = frozenset({ModelPhase.LOADING, ModelPhase.WARMING})
@@ -52,6 +53,9 @@ class NodeView:
     max_models: int = 1
     condition: tuple[str, str] | None = None
     """(status, reason) of the Ready condition the operator last wrote, if any."""
+    chip: str = ""
+    decode_rates: Mapping[str, float] = field(default_factory=dict)
+    """Model -> decode tokens/s the agent's engine measured (models not measured are absent)."""
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> NodeView:
@@ -75,13 +79,16 @@ class NodeView:
             model_bytes={m.name: m.memory_bytes for m in status.models if m.memory_bytes},
             max_models=spec.max_models,
             condition=(ready.get("status"), ready.get("reason")) if ready else None,
+            chip=spec.hardware.chip,
+            decode_rates={m.name: m.decode_tokens_per_second for m in status.models if m.decode_tokens_per_second},
         )
 
     def routing_key(self) -> tuple[object, ...]:
         """Everything placement reads except the heartbeat and free memory, which change on
         every beat: two views with the same key place identically (short of staleness)."""
         return (self.endpoint, tuple(sorted(self.labels.items())), self.ready, self.models, self.max_models,
-                self.condition)
+                self.condition, self.chip, tuple(sorted(self.decode_rates.items())),
+                tuple(sorted(self.model_bytes.items())))
 
 
 @dataclass(frozen=True)
@@ -326,9 +333,12 @@ def choose(eligible: Sequence[Candidate], replicas: int, model_names: Collection
 
 
 def endpoints_of(chosen: Sequence[Candidate], model_names: Sequence[str],
-                 managed: Mapping[str, Collection[str]] | None = None) -> list[PlacedEndpoint]:
-    """One endpoint per chosen node (by name); `managed`: node -> models the operator loaded."""
+                 managed: Mapping[str, Collection[str]] | None = None,
+                 sizes: Mapping[str, int | None] | None = None) -> list[PlacedEndpoint]:
+    """One endpoint per chosen node (by name); `managed`: node -> models the operator loaded;
+    `sizes`: model bytes known elsewhere (caches, other nodes), for the capacity prior."""
     managed = managed or {}
+    known_sizes = {m: b for m, b in (sizes or {}).items() if b}
     endpoints = []
     for c in sorted(chosen, key=lambda c: c.name):
         served = c.served
@@ -337,5 +347,7 @@ def endpoints_of(chosen: Sequence[Candidate], model_names: Sequence[str],
             models=tuple(sorted(m for m in model_names if m in served)),
             pending=tuple(sorted(m for m in model_names if m not in served)),
             managed=tuple(sorted(m for m in model_names if m in managed.get(c.name, ()))),
+            capacities=model_capacities(chip=c.view.chip, measured=c.view.decode_rates,
+                                        model_bytes={**known_sizes, **c.view.model_bytes}, models=sorted(model_names)),
         ))
     return endpoints

@@ -1,7 +1,7 @@
 """Build a pool's routing table from its endpoints: pure, no I/O.
 
 The table lists, for every pool model, the healthy endpoints serving it (ordered by
-node name, so order never fakes a change). Unhealthy endpoints are left out: the
+node name, so order never fakes a change), weighted by capacity (`weights`). Unhealthy endpoints are left out: the
 pool status still shows them, with the probe's message. The revision goes up by one
 only when the routes change; an unchanged table is returned as the same object, which
 tells the caller there is nothing to write.
@@ -13,19 +13,20 @@ from collections.abc import Collection, Sequence
 from datetime import datetime
 
 from mlxpool.operator.logic.endpoints import PlacedEndpoint
+from mlxpool.operator.logic.weights import weights
 from mlxpool.routing import RouteEndpoint, RoutingTable
 
 
 def route_models(model_names: Collection[str], endpoints: Sequence[PlacedEndpoint]) -> dict[str, list[RouteEndpoint]]:
-    """Every pool model (even one without endpoints) mapped to its healthy endpoints."""
-    return {
-        model: [
-            RouteEndpoint(node=e.node, url=e.url, weight=1, healthy=True)
-            for e in sorted(endpoints, key=lambda e: e.node)
-            if e.healthy and model in e.models
-        ]
-        for model in sorted(model_names)
-    }
+    """Every pool model (even one without endpoints) mapped to its healthy endpoints,
+    each weighted by its capacity for the model relative to the others (`weights`)."""
+    routes: dict[str, list[RouteEndpoint]] = {}
+    for model in sorted(model_names):
+        serving = [e for e in sorted(endpoints, key=lambda e: e.node) if e.healthy and model in e.models]
+        shares = weights([dict(e.capacities).get(model) for e in serving])
+        routes[model] = [RouteEndpoint(node=e.node, url=e.url, weight=w, healthy=True)
+                         for e, w in zip(serving, shares, strict=True)]
+    return routes
 
 
 def next_table(

@@ -169,7 +169,7 @@ class PoolReconciler:
                  if c.name in chosen_names}
         chosen = [fresh[n] for n in chosen_names if n in fresh]
         managed = {n: self._fleet.claims.managed_on(n) for n in chosen_names}
-        endpoints = endpoints_of(chosen, spec.model_names, managed)
+        endpoints = endpoints_of(chosen, spec.model_names, managed, sizes)
         loading, failed = progress(chosen, spec.model_names, sources)
 
         if not state.table_known:

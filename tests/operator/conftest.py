@@ -117,17 +117,18 @@ class Nodes:
 
     def register(self, short: str, endpoint: str, *, models: tuple[str, ...] = ("tiny",), ready: bool = True,
                  labels: dict[str, str] | None = None, heartbeat: datetime | None = None,
-                 free_memory: int = 8 << 30) -> str:
+                 free_memory: int = 8 << 30, chip: str = "test", model_bytes: int | None = None) -> str:
         name = self.name(short)
         body = {
             "apiVersion": "mlxpool.dev/v1alpha1", "kind": "InferenceNode",
             "metadata": {"name": name, "labels": {TEST_LABEL: self.namespace, **(labels or {})}},
-            "spec": {"endpoint": endpoint, "hardware": {"chip": "test", "memoryBytes": 16 << 30, "cpuCores": 2,
+            "spec": {"endpoint": endpoint, "hardware": {"chip": chip, "memoryBytes": 16 << 30, "cpuCores": 2,
                                                         "accelerator": "cpu", "platform": "linux-x86_64"}},
         }
         self.cp.kubectl("create", "-f", "-", input=json.dumps(body), identity="agent")
         self.created.append(name)
-        self.set_status(short, ready=ready, models=[{"name": m} for m in models],
+        loaded = [{"name": m, **({"memoryBytes": model_bytes} if model_bytes else {})} for m in models]
+        self.set_status(short, ready=ready, models=loaded,
                         heartbeatTime=rfc3339(heartbeat or datetime.now(UTC)), freeMemoryBytes=free_memory)
         return name
 

@@ -189,3 +189,24 @@ def test_scaling_restart_and_no_needless_writes(controlplane, namespace, nodes, 
     eventually(lambda: routed(cp, namespace) == [], 5, "scaled to zero", operator)
     eventually(lambda: conditions(get_pool(cp, namespace))["Ready"] == ("False", "ScaledToZero"), 5,
                "Ready=False ScaledToZero", operator)
+
+
+def test_capacity_weights_from_chip_then_measured_rate(controlplane, namespace, nodes, health_servers, run_operator):
+    """Weights in the table: first the bandwidth prior (M2 Ultra 800 GB/s vs M2 100 GB/s),
+    then the decode rate the agent reports, once it reports one."""
+    cp = controlplane
+    a, b = health_servers(), health_servers()
+    size = 8 << 30
+    nodes.register("a", a.url, chip="Apple M2 Ultra", model_bytes=size)
+    nodes.register("b", b.url, chip="Apple M2", model_bytes=size)
+    create_pool(cp, namespace, nodes, replicas=2)
+    operator = run_operator(namespace)
+    na, nb = nodes.name("a"), nodes.name("b")
+
+    def weights() -> dict[str, int]:
+        return {e.node: e.weight for e in get_routes(cp, namespace)[1].models.get("tiny", [])}
+
+    assert eventually(lambda: weights() == {na: 10, nb: 1}, 20, "weights from the chips' bandwidth", operator)
+    # b measured twice a's prior (800e9 / 8 GiB = 93.1 tok/s): b is now the fastest.
+    nodes.set_status("b", models=[{"name": "tiny", "memoryBytes": size, "decodeTokensPerSecond": 186.3}])
+    assert eventually(lambda: weights() == {na: 5, nb: 10}, 20, "weights from b's measured rate", operator)

@@ -193,13 +193,15 @@ def test_node_view_parses_an_inference_node_object():
         "spec": {"endpoint": "http://10.0.0.5:8101/", "maxModels": 3, "hardware": {
             "chip": "Apple M2 Ultra", "memoryBytes": 1 << 30, "cpuCores": 24, "accelerator": "metal",
             "platform": "darwin-arm64"}},
-        "status": {"ready": True, "models": [{"name": "tiny", "memoryBytes": 10}],
+        "status": {"ready": True, "models": [{"name": "tiny", "memoryBytes": 10},
+                                             {"name": "big", "decodeTokensPerSecond": 31.5}],
                    "heartbeatTime": "2026-01-01T12:00:00Z", "freeMemoryBytes": 42,
                    "conditions": [{"type": "Ready", "status": "False", "reason": "HeartbeatStale"}]},
     }
     parsed = NodeView.from_body(body)
     assert parsed.endpoint == "http://10.0.0.5:8101"
-    assert parsed.models == {"tiny"} and parsed.ready and parsed.free_memory_bytes == 42
+    assert parsed.models == {"tiny", "big"} and parsed.ready and parsed.free_memory_bytes == 42
+    assert parsed.chip == "Apple M2 Ultra" and parsed.decode_rates == {"big": 31.5}
     assert parsed.heartbeat == NOW and parsed.max_models == 3 and parsed.model_bytes == {"tiny": 10}
     assert parsed.condition == ("False", "HeartbeatStale")
 

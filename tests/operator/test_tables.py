@@ -68,3 +68,19 @@ def test_selectable_strategies_are_written_and_a_change_is_a_change():
                         models=route_models(("tiny",), [ep("n1")]), previous=first, now=NOW)
     assert second.revision == 2 and second.selectable_strategies == ["sticky-prefix"]
     assert RoutingTable.from_json(second.to_json()).selectable_strategies == ["sticky-prefix"]
+
+
+def test_weights_follow_each_models_capacities_and_a_change_is_a_new_revision():
+    big = PlacedEndpoint(node="big", url="http://big", models=("a", "b"), probe=OK,
+                         capacities=(("a", 400.0), ("b", 10.0)))
+    small = PlacedEndpoint(node="small", url="http://small", models=("a", "b"), probe=OK,
+                           capacities=(("a", 100.0), ("b", None)))
+    routes = route_models(["a", "b"], [small, big])
+    assert [(e.node, e.weight) for e in routes["a"]] == [("big", 10), ("small", 3)]
+    assert [(e.node, e.weight) for e in routes["b"]] == [("big", 10), ("small", 10)]  # unknown: the mean
+    first = table([big, small], models=("a", "b"))
+    faster = PlacedEndpoint(node="small", url="http://small", models=("a", "b"), probe=OK,
+                            capacities=(("a", 400.0), ("b", None)))
+    second = table([big, faster], previous=first, models=("a", "b"))
+    assert second.revision == first.revision + 1
+    assert [e.weight for e in second.endpoints_for("a")] == [10, 10]
