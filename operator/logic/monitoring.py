@@ -133,26 +133,36 @@ class ReadyMark:
     status: bool
     reason: str
     message: str
+    generation: int = 0
+    """The node's metadata.generation when judged: the condition's observedGeneration."""
 
     @property
     def verdict(self) -> tuple[str, str]:
         """(status, reason) as the object shows them (`NodeView.condition`)."""
         return ("True" if self.status else "False", self.reason)
 
-    def condition(self, now: datetime) -> dict[str, str]:
+    @property
+    def written(self) -> tuple[bool, str, int]:
+        """What the monitor remembers having written (`ready_mark`'s `written`)."""
+        return self.status, self.reason, self.generation
+
+    def condition(self, now: datetime) -> dict[str, str | int]:
         return {"type": READY, "status": self.verdict[0], "reason": self.reason,
-                "message": self.message[:MESSAGE_LIMIT], "lastTransitionTime": rfc3339(now)}
+                "message": self.message[:MESSAGE_LIMIT], "lastTransitionTime": rfc3339(now),
+                "observedGeneration": self.generation}
 
 
 def ready_mark(view: NodeView, probe: ProbeResult, *, now: datetime, stale_after: float,
-               written: tuple[bool, str] | None, retry_at: float, tick: float) -> ReadyMark | None:
-    """The condition to write now, or None. `written`: (status, reason) this monitor last
-    wrote; `retry_at`: when a failed write may be tried again, on the monotonic clock that
-    `tick` (now) is read from."""
+               written: tuple[bool, str, int] | None, retry_at: float, tick: float) -> ReadyMark | None:
+    """The condition to write now, or None. `written`: (status, reason, generation) this
+    monitor last wrote; a new spec generation is written even with the verdict unchanged, so
+    observedGeneration keeps up (kstatus, GitOps health checks); `retry_at`: when a failed
+    write may be tried again, on the monotonic clock that `tick` (now) is read from."""
     status, reason, message = node_readiness(
         agent_ready=view.ready, heartbeat_age=heartbeat_age(view, now), stale_after=stale_after,
         probe_healthy=probe.healthy, probe_message=probe.message)
-    mark = ReadyMark(status, reason, message)
-    if view.condition == mark.verdict or written == (status, reason) or tick < retry_at:
+    mark = ReadyMark(status, reason, message, view.generation)
+    shown = view.condition == mark.verdict and view.condition_generation == view.generation
+    if shown or written == mark.written or tick < retry_at:
         return None
     return mark

@@ -56,6 +56,10 @@ class NodeView:
     chip: str = ""
     decode_rates: Mapping[str, float] = field(default_factory=dict)
     """Model -> decode tokens/s the agent's engine measured (models not measured are absent)."""
+    generation: int = 0
+    """metadata.generation: the agent rewrites the spec when it registers again."""
+    condition_generation: int | None = None
+    """observedGeneration of that Ready condition (kstatus reads it)."""
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> NodeView:
@@ -81,6 +85,8 @@ class NodeView:
             condition=(ready.get("status"), ready.get("reason")) if ready else None,
             chip=spec.hardware.chip,
             decode_rates={m.name: m.decode_tokens_per_second for m in status.models if m.decode_tokens_per_second},
+            generation=int(meta.get("generation") or 0),
+            condition_generation=ready.get("observedGeneration") if ready else None,
         )
 
     def routing_key(self) -> tuple[object, ...]:

@@ -111,7 +111,7 @@ class NodeMonitors:
         self._suspicions: dict[str, str] = {}
         """Node -> why it is suspect, until its monitor probes it."""
         self._wake: dict[str, asyncio.Event] = {}
-        self._written: dict[str, tuple[bool, str]] = {}
+        self._written: dict[str, tuple[bool, str, int]] = {}
         self._retry_at: dict[str, float] = {}
 
     def ensure(self, name: str) -> None:
@@ -275,7 +275,7 @@ class NodeMonitors:
                         MARK_RETRY_SECONDS)
             self._retry_at[name] = time.monotonic() + MARK_RETRY_SECONDS
             return
-        self._written[name] = (mark.status, mark.reason)
+        self._written[name] = mark.written
         log.info("node marked node=%s ready=%s reason=%s", name, mark.verdict[0], mark.reason)
 
 

@@ -34,10 +34,12 @@ SLOW = ProbeResult(False, "no answer to GET /health within 0.5s", timed_out=True
 REFUSED = ProbeResult(False, "cannot connect: refused")
 
 
-def view(age: float | None = 1.0, ready: bool = True, condition: tuple[str, str] | None = None) -> NodeView:
+def view(age: float | None = 1.0, ready: bool = True, condition: tuple[str, str] | None = None,
+         generation: int = 1, condition_generation: int = 1) -> NodeView:
     return NodeView(name="n", endpoint="http://n", labels={}, ready=ready,
                     heartbeat=None if age is None else NOW - timedelta(seconds=age), free_memory_bytes=None,
-                    models=frozenset(), condition=condition)
+                    models=frozenset(), condition=condition, generation=generation,
+                    condition_generation=condition_generation if condition else None)
 
 
 @pytest.mark.parametrize(("result", "timeouts", "recorded", "expected"), [
@@ -83,25 +85,29 @@ def test_heartbeat_news(age, was_stale, expected):
     assert heartbeat_news(view(age), NOW, 30, was_stale) == expected
 
 
-READY = ReadyMark(True, "AgentReady", "the agent is ready, beats and answers its health probe")
+READY = ReadyMark(True, "AgentReady", "the agent is ready, beats and answers its health probe", 1)
 
 
 @pytest.mark.parametrize(("node", "probe", "written", "retry_at", "tick", "expected"), [
     (view(), UP, None, 0.0, 100.0, READY),
     (view(condition=("True", "AgentReady")), UP, None, 0.0, 100.0, None),  # the object already says so
-    (view(), UP, (True, "AgentReady"), 0.0, 100.0, None),  # written already (the watch may lag)
-    (view(), UP, (False, "HealthProbeFailed"), 0.0, 100.0, READY),  # the verdict changed
+    (view(), UP, (True, "AgentReady", 1), 0.0, 100.0, None),  # written already (the watch may lag)
+    (view(), UP, (False, "HealthProbeFailed", 1), 0.0, 100.0, READY),  # the verdict changed
+    # A new spec generation (the agent registered again): same verdict, observedGeneration follows.
+    (view(condition=("True", "AgentReady"), generation=2), UP, None, 0.0, 100.0,
+     ReadyMark(True, "AgentReady", READY.message, 2)),
+    (view(condition=("True", "AgentReady"), generation=2), UP, (True, "AgentReady", 2), 0.0, 100.0, None),
     (view(), UP, None, 130.0, 100.0, None),  # a write failed: wait for the retry time
     (view(), UP, None, 130.0, 130.0, READY),
     (view(condition=("True", "AgentReady")), REFUSED, None, 0.0, 100.0,
-     ReadyMark(False, "HealthProbeFailed", "cannot connect: refused")),
+     ReadyMark(False, "HealthProbeFailed", "cannot connect: refused", 1)),
     (view(condition=("True", "AgentReady")), ProbeResult(False), None, 0.0, 100.0,
-     ReadyMark(False, "HealthProbeFailed", "the agent fails its health probe")),
+     ReadyMark(False, "HealthProbeFailed", "the agent fails its health probe", 1)),
     (view(age=300), UP, None, 0.0, 100.0,
-     ReadyMark(False, "HeartbeatStale", "no heartbeat for more than 30s; no pool routes here")),
-    (view(age=None), UP, None, 0.0, 100.0, ReadyMark(False, "NoHeartbeat", "the agent has not sent a heartbeat")),
+     ReadyMark(False, "HeartbeatStale", "no heartbeat for more than 30s; no pool routes here", 1)),
+    (view(age=None), UP, None, 0.0, 100.0, ReadyMark(False, "NoHeartbeat", "the agent has not sent a heartbeat", 1)),
     (view(ready=False), UP, None, 0.0, 100.0,
-     ReadyMark(False, "AgentNotReady", "the agent reports it is not ready")),
+     ReadyMark(False, "AgentNotReady", "the agent reports it is not ready", 1)),
 ])
 def test_ready_marks(node, probe, written, retry_at, tick, expected):
     assert ready_mark(node, probe, now=NOW, stale_after=30, written=written, retry_at=retry_at,
@@ -109,10 +115,11 @@ def test_ready_marks(node, probe, written, retry_at, tick, expected):
 
 
 def test_a_ready_mark_is_a_metav1_condition():
-    mark = ReadyMark(False, "HealthProbeFailed", "x" * 40000)
+    mark = ReadyMark(False, "HealthProbeFailed", "x" * 40000, 3)
     assert mark.verdict == ("False", "HealthProbeFailed")
     assert mark.condition(NOW) == {"type": "Ready", "status": "False", "reason": "HealthProbeFailed",
-                                   "message": "x" * 32768, "lastTransitionTime": "2026-01-01T12:00:00Z"}
+                                   "message": "x" * 32768, "lastTransitionTime": "2026-01-01T12:00:00Z",
+                                   "observedGeneration": 3}
 
 
 class Clock:

@@ -82,3 +82,5 @@ def test_operator_never_writes_spec(controlplane, namespace, nodes, health_serve
         assert after["metadata"]["generation"] == before["metadata"]["generation"], f"spec of node {short} changed"
         assert after["spec"] == before["spec"]
         assert spec_owners(after) == owners0[short], managers(after)
+        node_ready = next(c for c in after["status"]["conditions"] if c["type"] == "Ready")
+        assert node_ready["observedGeneration"] == after["metadata"]["generation"], node_ready
