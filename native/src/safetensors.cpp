@@ -51,6 +51,14 @@ class Reader {
     ++i_;
     return true;
   }
+  // A bare JSON word such as `null`; false (nothing consumed) if it is not next.
+  bool accept_word(const char* word) {
+    ws();
+    std::size_t len = std::char_traits<char>::length(word);
+    if (n_ - i_ < len || std::memcmp(p_ + i_, word, len) != 0) return false;
+    i_ += len;
+    return true;
+  }
 
   std::string string() {
     expect('"');
@@ -242,6 +250,7 @@ std::vector<TensorInfo> parse_header(const unsigned char* data, std::size_t size
       if (name == "__metadata__") {
         if (seen_meta) r.fail_at(key_at, "repeated __metadata__");
         seen_meta = true;
+        if (r.accept_word("null")) continue;  // mx.save_safetensors writes null when given no metadata
         r.expect('{');
         if (!r.accept('}')) {
           do {

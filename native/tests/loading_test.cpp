@@ -133,6 +133,10 @@ void rejects_malformed_headers_naming_the_offset() {
   CHECK(contains(parse_error(with_header("{}x", "")), "trailing bytes"));
   CHECK(contains(parse_error(with_header(std::string("{\"a\x01\":1}"), "")), "control character"));
   CHECK(parse_error(with_header("{}", "")).empty());
+  // mx.save_safetensors writes a null __metadata__ when it is given none.
+  CHECK(parse_error(with_header(R"({"__metadata__":null,"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}})",
+                                std::string(4, 0))).empty());
+  CHECK(contains(parse_error(with_header(R"({"__metadata__":nul})", "")), "expected '{'"));
 }
 
 void truncating_a_valid_file_anywhere_is_an_error_not_a_crash() {

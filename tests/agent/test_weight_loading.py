@@ -75,6 +75,22 @@ def copy_model(src: Path, dst: Path) -> Path:
     return dst
 
 
+def test_a_file_saved_by_mlx_without_metadata_loads(tiny_model: Path, tmp_path: Path, reference):
+    """`mx.save_safetensors(path, arrays)` writes `"__metadata__":null` (the H200 kit's model)."""
+    import mlx.core as mx
+
+    model = copy_model(tiny_model, tmp_path / "m")
+    shard = model / "model.safetensors"
+    mx.save_safetensors(str(shard), mx.load(str(shard)))
+    assert b'"__metadata__":null' in shard.read_bytes()[:64]
+    loaded = loading.load(model, LoadOptions(pin_policy="none"))
+    try:
+        assert loaded.weights.report.reader == "native"
+        assert mx.array_equal(logits(loaded.model), logits(reference)).item()
+    finally:
+        loaded.weights.close()
+
+
 def test_a_truncated_shard_fails_naming_file_and_offset(tiny_model: Path, tmp_path: Path):
     model = copy_model(tiny_model, tmp_path / "m")
     shard = model / "model.safetensors"
