@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -29,7 +29,7 @@ import httpx
 
 from mlxpool.dev.components import start_agent, start_router
 from mlxpool.dev.processes import Process, wait_for
-from mlxpool.dev.stack import Member, same_process, stop_member
+from mlxpool.dev.stack import Member, StateFile, same_process, stop_member
 from mlxpool.routing import RouteEndpoint, RoutingTable
 
 DEFAULT_WORKDIR = Path(os.environ.get("MLXPOOL_HOME", "~/.mlxpool")).expanduser() / "local"
@@ -45,24 +45,12 @@ them (the usual case is a later `mlxpool down`, where init reaps them)."""
 
 
 @dataclass
-class LocalState:
+class LocalState(StateFile):
     workdir: str
     router_url: str
     model: str
     routes_file: str
     members: list[Member] = field(default_factory=list)
-
-    @classmethod
-    def load(cls, workdir: Path) -> LocalState | None:
-        path = workdir / "state.json"
-        if not path.exists():
-            return None
-        raw = json.loads(path.read_text())
-        raw["members"] = [Member(**m) for m in raw["members"]]
-        return cls(**raw)
-
-    def save(self) -> None:
-        (Path(self.workdir) / "state.json").write_text(json.dumps(asdict(self), indent=2))
 
 
 def model_problem(path: Path) -> str | None:

@@ -13,6 +13,7 @@ import os
 import secrets
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Self
 
 from mlxpool.dev.components import start_agent, start_operator, start_router
 from mlxpool.dev.controlplane import REPO_ROOT, SYSTEM_NAMESPACE, ControlPlane
@@ -37,15 +38,13 @@ class Member:
         return cls(proc.name, proc.pid, proc.url, str(proc.log_path), _cmdline(proc.pid))
 
 
-@dataclass
-class StackState:
+class StateFile:
+    """`state.json` in a dataclass's `workdir`, with its `members`: what `down` stops later."""
+
     workdir: str
-    server: str
-    kubeconfig: str
-    members: list[Member] = field(default_factory=list)
 
     @classmethod
-    def load(cls, workdir: Path) -> StackState | None:
+    def load(cls, workdir: Path) -> Self | None:
         path = workdir / "state.json"
         if not path.exists():
             return None
@@ -54,7 +53,15 @@ class StackState:
         return cls(**raw)
 
     def save(self) -> None:
-        (Path(self.workdir) / "state.json").write_text(json.dumps(asdict(self), indent=2))
+        (Path(self.workdir) / "state.json").write_text(json.dumps(asdict(self), indent=2))  # type: ignore[call-overload]  # subclasses are dataclasses
+
+
+@dataclass
+class StackState(StateFile):
+    workdir: str
+    server: str
+    kubeconfig: str
+    members: list[Member] = field(default_factory=list)
 
     def add(self, proc: Process) -> None:
         self.members.append(Member.of(proc))
