@@ -1,4 +1,5 @@
 #include "mapped_file.h"
+#include "memlock.h"
 
 #include <algorithm>
 #include <cerrno>
@@ -9,9 +10,6 @@
 #include <system_error>
 #include <unistd.h>
 #include <vector>
-#ifdef __linux__
-#include <sys/syscall.h>
-#endif
 
 namespace mlxpool {
 
@@ -19,25 +17,6 @@ namespace {
 
 [[noreturn]] void fail(int err, const std::string& what, const std::string& path) {
   throw std::system_error(err, std::generic_category(), what + " " + path);
-}
-
-// mlock/munlock as the kernel sees them. On Linux the system call is made directly:
-// ASan's interceptors turn the libc functions into silent no-ops, which would hide
-// a refused pin from the sanitizer-built tests.
-int sys_mlock(const void* addr, std::size_t len) {
-#ifdef __linux__
-  return static_cast<int>(::syscall(SYS_mlock, addr, len));
-#else
-  return ::mlock(addr, len);  // macOS: not run here
-#endif
-}
-
-int sys_munlock(const void* addr, std::size_t len) {
-#ifdef __linux__
-  return static_cast<int>(::syscall(SYS_munlock, addr, len));
-#else
-  return ::munlock(addr, len);
-#endif
 }
 
 }  // namespace

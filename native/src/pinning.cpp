@@ -6,33 +6,13 @@
 #include <sys/mman.h>
 #include <system_error>
 #include <vector>
-#ifdef __linux__
-#include <sys/syscall.h>
-#include <unistd.h>
-#endif
 
 #include "mapped_file.h"
+#include "memlock.h"
 
 namespace mlxpool {
 
 namespace {
-
-// Direct system calls on Linux: ASan intercepts mlock as a silent no-op (see mapped_file.cpp).
-int sys_mlock(const void* addr, std::size_t len) {
-#ifdef __linux__
-  return static_cast<int>(::syscall(SYS_mlock, addr, len));
-#else
-  return ::mlock(addr, len);  // macOS: not run here
-#endif
-}
-
-void sys_munlock(const void* addr, std::size_t len) {
-#ifdef __linux__
-  (void)::syscall(SYS_munlock, addr, len);
-#else
-  (void)::munlock(addr, len);
-#endif
-}
 
 std::uintptr_t page_down(std::uintptr_t a) { return a / page_size() * page_size(); }
 std::uintptr_t page_up(std::uintptr_t a) { return (a + page_size() - 1) / page_size() * page_size(); }
@@ -72,7 +52,7 @@ int PinSet::add(const void* addr, std::size_t len) {
 }
 
 void PinSet::release() {
-  for (const auto& [lo, hi] : spans_) sys_munlock(reinterpret_cast<const void*>(lo), hi - lo);
+  for (const auto& [lo, hi] : spans_) (void)sys_munlock(reinterpret_cast<const void*>(lo), hi - lo);
   spans_.clear();
   bytes_ = 0;
 }
