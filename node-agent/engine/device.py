@@ -48,6 +48,19 @@ def accelerator() -> Accelerator:
     return parse_device_info(kind, info)
 
 
+def weights_in_host_memory(kind: AcceleratorKind) -> bool:
+    """Whether a model's arrays live in host pages that we may view, pin and measure.
+
+    True on the CPU and on Metal (unified memory: the arrays' buffers are host pages).
+    False on CUDA: the weights belong in device memory, and any host view of an array
+    (the buffer protocol) makes MLX move it into CUDA managed memory, where host writes
+    leave it in host pages: the loader's copy, pinning and residency would then keep the
+    whole model in the process's RSS (5.3-5.7 GB against mlx_lm.server's 2.3 GB on the
+    H200), and the GPU would fault it back in page by page.
+    """
+    return kind is not AcceleratorKind.CUDA
+
+
 def memory() -> DeviceMemory:
     """MLX's allocator counters now."""
     return DeviceMemory(int(mx.get_active_memory()), int(mx.get_peak_memory()), int(mx.get_cache_memory()))

@@ -28,7 +28,7 @@ from mlx_lm import utils as mlx_lm_utils
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from mlxpool.agent.engine import blas as _blas
-from mlxpool.agent.engine import weightreading
+from mlxpool.agent.engine import device, weightreading
 from mlxpool.agent.engine.interface import LoadOptions, LoadReport, ModelInfo
 from mlxpool.agent.engine.memory import kv_bytes_per_token
 
@@ -56,16 +56,23 @@ def check_model_dir(path: str | Path) -> Path:
     return directory
 
 
-def load(path: str | Path, options: LoadOptions | None = None) -> LoadedModel:
+def load(path: str | Path, options: LoadOptions | None = None, host_memory: bool | None = None) -> LoadedModel:
+    """`host_memory`: whether the weights live in host pages (None: as the device says,
+    `device.weights_in_host_memory`). Where they do not (CUDA), mlx-lm's reader puts them
+    straight into device memory (through a transient host buffer per tensor) and nothing
+    views or pins them: the native reader's copy goes through host pages, which would
+    leave the model in managed memory, counted in RSS."""
     options = options or LoadOptions()
     directory = check_model_dir(path)
     started = time.perf_counter()
-    if options.native:
+    if host_memory is None:
+        host_memory = device.weights_in_host_memory(device.accelerator().kind)
+    if options.native and host_memory:
         model, tokenizer, config, report = _load_native(directory, options)
     else:
         model, tokenizer, config, report = _load_mlx(directory, options)
     parameters = dict(cast("list[tuple[str, mx.array]]", tree_flatten(model.parameters())))
-    weights = weightreading.Weights(parameters, report)
+    weights = weightreading.Weights(parameters, report, host_views=host_memory)
     if options.pin_policy != "none":
         report = weights.pin(options.pin_policy, options.pin_budget_bytes)
     memory = weights.total_bytes

@@ -161,8 +161,13 @@ class Weights:
     before the model is dropped, or MLX's buffer cache would keep locked pages.
     """
 
-    def __init__(self, parameters: dict[str, mx.array], report: LoadReport) -> None:
-        self._views = {name: memoryview(_buffer(array)) for name, array in parameters.items()}
+    def __init__(self, parameters: dict[str, mx.array], report: LoadReport, host_views: bool = True) -> None:
+        # On a device whose arrays are not host pages (CUDA) no view is taken: taking one
+        # would move the array out of device memory (`device.weights_in_host_memory`).
+        self._views = ({name: memoryview(_buffer(array)) for name, array in parameters.items()}
+                       if host_views else {})
+        self._device_bytes = 0 if host_views else sum(array.nbytes for array in parameters.values())
+        """Bytes of weights held in device memory (no views, no pins: all of it resident there)."""
         self._pins: _native.PinSet | None = None
         self._report = report
         self._lock = threading.Lock()
@@ -173,13 +178,18 @@ class Weights:
 
     @property
     def total_bytes(self) -> int:
-        return sum(v.nbytes for v in self._views.values())
+        return sum(v.nbytes for v in self._views.values()) + self._device_bytes
 
     def pin(self, policy: PinPolicy, budget_bytes: int) -> LoadReport:
         """Lock the arrays `policy` names, critical first, within `budget_bytes`; never raises
         for a refusal (the report's pin_message says what happened)."""
         message: str | None = None
         pins = _native.PinSet(budget_bytes)
+        if self._device_bytes:
+            with self._lock:
+                self._report = replace(self._report, pinned_bytes=0,
+                                       pin_message="not pinned: the weights are in device memory")
+            return self._report
         for name in pin_order(self._views, policy):
             err = pins.add(self._views[name])
             if err == 0:
@@ -200,7 +210,7 @@ class Weights:
 
     def residency(self) -> WeightResidency:
         with self._lock:
-            resident = sum(min(_native.resident_bytes(v), v.nbytes) for v in self._views.values())
+            resident = sum(min(_native.resident_bytes(v), v.nbytes) for v in self._views.values()) + self._device_bytes
             pinned = self._pins.bytes if self._pins is not None else 0
             return WeightResidency(total=self.total_bytes, resident=resident, pinned=pinned, mapped=0)
 
@@ -212,6 +222,7 @@ class Weights:
             for view in self._views.values():
                 view.release()
             self._views = {}
+            self._device_bytes = 0
 
 
 def _buffer(array: mx.array) -> Buffer:

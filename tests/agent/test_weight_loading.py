@@ -218,3 +218,25 @@ def test_pin_set_reports_refusals_as_errno_not_exceptions():
     pins = _native.PinSet(0)
     assert pins.add(array) == errno.ENOBUFS and pins.bytes == 0
     assert _native.resident_bytes(array) >= 4096 * 4
+
+
+def test_weights_in_device_memory_are_neither_viewed_nor_pinned(tiny_model: Path, reference):
+    """On CUDA (`host_memory=False`): mlx-lm's reader, no host views, no pins; all of it resident."""
+    import mlx.core as mx
+
+    from mlxpool.agent.engine import device
+    from mlxpool.agent.engine.interface import AcceleratorKind
+
+    assert not device.weights_in_host_memory(AcceleratorKind.CUDA)
+    assert device.weights_in_host_memory(AcceleratorKind.CPU) and device.weights_in_host_memory(AcceleratorKind.METAL)
+    loaded = loading.load(tiny_model, LoadOptions(pin_policy="critical"), host_memory=False)
+    try:
+        assert mx.array_equal(logits(loaded.model), logits(reference)).item()
+        report = loaded.weights.report
+        assert report.reader == "mlx" and report.pinned_bytes == 0
+        assert report.pin_message == "not pinned: the weights are in device memory"
+        where = loaded.weights.residency()
+        assert where.total == where.resident == loaded.info.memory_bytes > 0 and where.pinned == 0
+    finally:
+        loaded.weights.close()
+    assert loaded.weights.residency().total == 0
