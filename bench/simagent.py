@@ -10,14 +10,24 @@ machines: a load goes `loading` -> `ready` after `load_seconds`; a staging goes
 a digest: a mismatch fails naming the file); `http(s)://` sources download the files
 named by the digests (verified) from a real server; `hf://` is simulated. A model
 path or source containing `simulate-failure` fails. Every call is counted, so tests can prove the
-operator repeats nothing. Not a fake of the inference API: no completions.
+operator repeats nothing.
+
+With `SimSettings.timing` set it also serves the inference API of every ready model:
+`/v1/completions` and `/v1/chat/completions` (streamed or not, `stream_options.include_usage`,
+`max_tokens`, `priority`/`x-priority`), `/v1/models` and `/v1/signals`, timed by
+`bench.simagent_engine` (a documented model: prefill rate, decode step time by batch size,
+slots, queue, prefix cache). Generated text is filler; the timing is the point. A
+benchmark tool: tests of the agent use the real agent.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import re
+import time
+import uuid
 from collections import Counter
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
@@ -31,6 +41,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from pydantic import BaseModel, ValidationError
 
+from bench.simagent_engine import QueueFull, SimEngine, TimingModel
 from mlxpool.agentapi import (
     CACHE_KEY_PATTERN,
     OPS_PREFIX,
@@ -43,7 +54,9 @@ from mlxpool.agentapi import (
     QueueReport,
     StageRequest,
 )
+from mlxpool.loadsignals import SIGNALS_PATH, AgentSignals
 from mlxpool.nodes import Hardware, LoadedModel, NodeStatus
+from mlxpool.priorities import PRIORITY_HEADER, Priority
 
 GIB = 1 << 30
 READY_CACHE = {CachePhase.CACHED, CachePhase.WARM, CachePhase.PINNED}
@@ -58,6 +71,8 @@ class SimSettings:
     load_seconds: float = 0.5
     stage_seconds: float = 0.5
     token: str | None = None
+    timing: TimingModel | None = None
+    """Serve the inference API on this timing model (None: no inference routes, 404)."""
 
 
 @dataclass
@@ -79,6 +94,7 @@ class SimAgent:
     usage: dict[str, Usage] = field(default_factory=dict)
     calls: Counter = field(default_factory=Counter)
     ready: bool = True
+    engines: dict[str, SimEngine] = field(default_factory=dict)
     _tasks: set = field(default_factory=set)
 
     @property
@@ -119,6 +135,9 @@ class SimAgent:
         self._tasks.clear()
         self.models.clear()
         self.usage.clear()
+        for engine in self.engines.values():
+            engine.abort()
+        self.engines.clear()
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -139,6 +158,11 @@ class SimAgent:
         app.router.add_put(f"{OPS_PREFIX}/cache/{{key}}", self._stage)
         app.router.add_get(f"{OPS_PREFIX}/cache/{{key}}", self._cache_get)
         app.router.add_delete(f"{OPS_PREFIX}/cache/{{key}}", self._cache_delete)
+        if self.settings.timing is not None:
+            app.router.add_post("/v1/completions", self._completions)
+            app.router.add_post("/v1/chat/completions", self._chat_completions)
+            app.router.add_get("/v1/models", self._models)
+            app.router.add_get(SIGNALS_PATH, self._signals)
         return app
 
     @web.middleware
@@ -311,6 +335,180 @@ class SimAgent:
         del self.cache[key]
         self.stage_requests.pop(key, None)
         return web.json_response({"deleted": key})
+
+
+    # -- inference (only with settings.timing) ------------------------------------------------
+    def engine(self, model: str) -> SimEngine | None:
+        """The model's engine, started on first use; None unless the model is ready here."""
+        state = self.models.get(model)
+        if state is None or state.phase != ModelPhase.READY or self.settings.timing is None:
+            return None
+        engine = self.engines.get(model)
+        if engine is None:
+            engine = self.engines[model] = SimEngine(self.settings.timing)
+            engine.start()
+        return engine
+
+    async def _models(self, request: web.Request) -> web.Response:
+        ready = [m.name for m in self.models.values() if m.phase == ModelPhase.READY]
+        return web.json_response({"object": "list", "data": [
+            {"id": name, "object": "model", "created": 0, "owned_by": "mlxpool-sim"} for name in ready]})
+
+    async def _signals(self, request: web.Request) -> web.Response:
+        models = {name: e.signals() for name, e in self.engines.items() if name in self.models}
+        for m in self.models.values():  # ready but never asked: idle figures
+            if m.phase == ModelPhase.READY and m.name not in models and self.settings.timing is not None:
+                models[m.name] = SimEngine(self.settings.timing).signals()
+        body = AgentSignals(models=models).model_dump_json().encode()
+        return web.Response(body=body, content_type="application/json")
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._infer(request, chat=False)
+
+    async def _chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._infer(request, chat=True)
+
+    async def _infer(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        self.calls["chat" if chat else "completions"] += 1
+        try:
+            parsed = _parse_inference(await request.read(), request.headers, chat)
+        except ValueError as exc:
+            return _error(400, str(exc), "invalid_request_error")
+        engine = self.engine(parsed.model)
+        if engine is None:
+            return _error(404, f"model {parsed.model!r} is not served here", "model_not_found", "model")
+        try:
+            seq = engine.submit(parsed.prompt, parsed.max_tokens, parsed.priority)
+        except QueueFull as exc:
+            return _error(429, f"queue full: {exc}", "queue_full")
+        created = int(time.time())
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        usage = {"prompt_tokens": seq.prompt_tokens, "completion_tokens": 0, "total_tokens": seq.prompt_tokens,
+                 "prompt_tokens_details": {"cached_tokens": 0}}
+        try:
+            if not parsed.stream:
+                while await seq.tokens.get():
+                    pass
+                if seq.aborted:
+                    raise ConnectionAbortedError("the simulated agent stopped")
+                usage.update(completion_tokens=seq.generated, total_tokens=seq.prompt_tokens + seq.generated)
+                usage["prompt_tokens_details"] = {"cached_tokens": seq.cached_tokens}
+                text = FILLER * seq.generated
+                choice: dict[str, Any] = ({"index": 0, "message": {"role": "assistant", "content": text},
+                                           "finish_reason": "length"} if chat else
+                                          {"index": 0, "text": text, "finish_reason": "length"})
+                return web.json_response({"id": rid, "object": "chat.completion" if chat else "text_completion",
+                                          "created": created, "model": parsed.model, "choices": [choice],
+                                          "usage": usage})
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+            await response.prepare(request)
+            chunk = _ChunkWriter(rid, created, parsed.model, chat)
+            first = True
+            while True:
+                n = await seq.tokens.get()
+                if seq.aborted:
+                    raise ConnectionAbortedError("the simulated agent stopped mid-stream")
+                ended = n == 0
+                while not ended and not seq.tokens.empty():
+                    more = seq.tokens.get_nowait()
+                    ended = more == 0
+                    n += more
+                body = chunk.tokens(n, first) if n else b""
+                first = False
+                if ended:
+                    body += chunk.finish()
+                    if parsed.include_usage:
+                        usage.update(completion_tokens=seq.generated, total_tokens=seq.prompt_tokens + seq.generated)
+                        usage["prompt_tokens_details"] = {"cached_tokens": seq.cached_tokens}
+                        body += chunk.usage(usage)
+                    await response.write(body + b"data: [DONE]\n\n")
+                    await response.write_eof()
+                    return response
+                await response.write(body)
+        finally:
+            if not seq.done:
+                engine.cancel(seq)
+
+
+FILLER = " tok"
+
+
+@dataclass(frozen=True)
+class _Inference:
+    model: str
+    prompt: str
+    max_tokens: int
+    stream: bool
+    include_usage: bool
+    priority: Priority
+
+
+MAX_SIM_TOKENS = 65536
+
+
+def _parse_inference(raw: bytes, headers: Any, chat: bool) -> _Inference:
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ValueError("request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise ValueError("'model' must be a non-empty string")
+    if chat:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise ValueError("'messages' must be a non-empty list")
+        prompt = "\n".join(m["content"] for m in messages if isinstance(m, dict) and isinstance(m.get("content"), str))
+    else:
+        raw_prompt = body.get("prompt")
+        if not isinstance(raw_prompt, str):
+            raise ValueError("'prompt' must be a string")
+        prompt = raw_prompt
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens", 16))
+    if not isinstance(max_tokens, int) or not 1 <= max_tokens <= MAX_SIM_TOKENS:
+        raise ValueError(f"'max_tokens' must be an integer in [1, {MAX_SIM_TOKENS}]")
+    stream = body.get("stream", False)
+    options = body.get("stream_options") or {}
+    tier = body.get("priority") or headers.get(PRIORITY_HEADER) or Priority.NORMAL.value
+    try:
+        priority = Priority(tier)
+    except ValueError:
+        raise ValueError(f"priority must be one of {', '.join(p.value for p in Priority)}") from None
+    return _Inference(model, prompt, max_tokens, stream is True,
+                      isinstance(options, dict) and options.get("include_usage") is True, priority)
+
+
+class _ChunkWriter:
+    """OpenAI stream chunks (text_completion or chat.completion.chunk) as SSE bytes."""
+
+    def __init__(self, rid: str, created: int, model: str, chat: bool) -> None:
+        self.head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                     "created": created, "model": model}
+        self.chat = chat
+
+    def _event(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        return b"data: " + json.dumps({**self.head, "choices": choices, **extra}).encode() + b"\n\n"
+
+    def tokens(self, n: int, first: bool) -> bytes:
+        """One event per token, as an engine streaming token by token sends them."""
+        if self.chat:
+            delta: dict[str, Any] = {"content": FILLER}
+            opening = {"role": "assistant", **delta}
+            events = [self._event([{"index": 0, "delta": opening if first and i == 0 else delta,
+                                    "finish_reason": None}]) for i in range(n)]
+        else:
+            events = [self._event([{"index": 0, "text": FILLER, "finish_reason": None}])] * n
+        return b"".join(events)
+
+    def finish(self) -> bytes:
+        if self.chat:
+            return self._event([{"index": 0, "delta": {}, "finish_reason": "length"}])
+        return self._event([{"index": 0, "text": "", "finish_reason": "length"}])
+
+    def usage(self, usage: dict[str, Any]) -> bytes:
+        return self._event([], usage=usage)
 
 
 def _finished_phase(body: StageRequest) -> CachePhase:

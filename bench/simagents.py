@@ -15,6 +15,11 @@ another port lets a benchmark or a test act on them:
 | POST /agents/{name}/heartbeat {paused} | stop or resume heartbeats (a stale node)         |
 | POST /agents/{name}/usage {model, running, waiting, tokens} | what /metrics says   |
 
+With `--inference` every agent also serves the inference API of its preloaded models on
+`bench.simagent_engine`'s timing model (`--slots`, `--prefill-tps`, `--step-base-ms`,
+`--step-per-seq-ms`, `--speeds` one factor per agent, cycled), and `GET /agents` adds
+each agent's engine counters (requests, tokens, cached prompt tokens, host lag).
+
 Prints `simagents ready url=http://127.0.0.1:PORT agents=N` once every agent answers
 and has registered. Stops on SIGTERM/SIGINT.
 """
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import random
 import signal
@@ -36,6 +42,7 @@ from kubernetes_asyncio import config as kube_config
 from kubernetes_asyncio.client import ApiClient, Configuration
 
 from bench.simagent import GIB, SimAgent, SimSettings, Usage
+from bench.simagent_engine import TimingModel
 from mlxpool.agent.node.registration import NodeRegistrar
 from mlxpool.dev.processes import LOOPBACK
 from mlxpool.nodes import NodeSpec, NodeStatus
@@ -68,9 +75,18 @@ class SimFleet:
         self.api_client: ApiClient | None = None
         """One API client for every agent: a thousand would each load the kubeconfig and keep a pool."""
         self.hosted = {}
+        speeds = [float(x) for x in args.speeds.split(",")] if args.speeds else [1.0]
         for i in range(args.count):
             name = f"{args.prefix}-{i:03d}"
-            agent = SimAgent(name, 0, settings)
+            agent_settings = settings
+            if args.inference:
+                timing = TimingModel(slots=args.slots, prefill_tokens_per_second=args.prefill_tps,
+                                     step_base_seconds=args.step_base_ms / 1000,
+                                     step_per_sequence_seconds=args.step_per_seq_ms / 1000,
+                                     max_queue=args.max_queue, speed=speeds[i % len(speeds)],
+                                     prefix_cache_blocks=args.prefix_cache_blocks)
+                agent_settings = dataclasses.replace(settings, timing=timing)
+            agent = SimAgent(name, 0, agent_settings)
             for model in args.preload:
                 agent.preload(model)
             self.hosted[name] = Hosted(agent, labels=labels)
@@ -147,6 +163,11 @@ class SimFleet:
             "heartbeat_paused": h.paused, "calls": dict(h.agent.calls),
             "models": {m.name: m.phase.value for m in h.agent.models.values()},
             "cache": {e.key: e.phase.value for e in h.agent.cache.values()},
+            "engines": {m: {"requests": e.requests_total, "refused": e.refused_total,
+                            "prompt_tokens": e.prompt_tokens_total, "cached_tokens": e.cached_tokens_total,
+                            "generated_tokens": e.generated_tokens_total, "lag_seconds": round(e.lag_seconds, 3),
+                            "speed": e.model.speed}
+                        for m, e in h.agent.engines.items()},
         } for h in self.hosted.values()])
 
     async def _act(self, request: web.Request) -> web.Response:
@@ -190,6 +211,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--preload", action="append", default=[], metavar="MODEL",
                         help="a model every agent serves from the start (like the agent's --model)")
     parser.add_argument("--control-port", type=int, default=0)
+    inference = parser.add_argument_group("inference API (bench.simagent_engine's timing model)")
+    defaults = TimingModel()
+    inference.add_argument("--inference", action="store_true", help="serve completions on the timing model")
+    inference.add_argument("--slots", type=int, default=defaults.slots)
+    inference.add_argument("--prefill-tps", type=float, default=defaults.prefill_tokens_per_second)
+    inference.add_argument("--step-base-ms", type=float, default=defaults.step_base_seconds * 1000)
+    inference.add_argument("--step-per-seq-ms", type=float, default=defaults.step_per_sequence_seconds * 1000)
+    inference.add_argument("--max-queue", type=int, default=defaults.max_queue)
+    inference.add_argument("--prefix-cache-blocks", type=int, default=defaults.prefix_cache_blocks)
+    inference.add_argument("--speeds", default="", metavar="F,F,...",
+                           help="speed factor per agent, cycled (e.g. 1,1,1,0.5: every 4th at half speed)")
     return parser.parse_args(argv)
 
 
