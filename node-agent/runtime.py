@@ -43,6 +43,7 @@ from mlxpool.agent.serving.lifecycle import Lifecycle, Phase
 from mlxpool.agent.serving.policies import SchedulingPolicies
 from mlxpool.agent.serving.promptcache import PromptCache
 from mlxpool.agent.serving.repository import ModelRepository
+from mlxpool.agent.serving.signals import status_decode_rate
 from mlxpool.agent.serving.usage import UsageCounts
 from mlxpool.agentapi import ModelPhase
 from mlxpool.httpguards import SizeLimits
@@ -325,7 +326,8 @@ class AgentRuntime:
     async def _node_status(self) -> NodeStatus:
         free, used = await asyncio.to_thread(memory_readings, self.probe)
         ready, _ = self.dataplane.readiness()
-        loaded = [LoadedModel(name=m.name, path=m.info.path, memory_bytes=m.info.memory_bytes, identity=m.identity)
+        loaded = [LoadedModel(name=m.name, path=m.info.path, memory_bytes=m.info.memory_bytes, identity=m.identity,
+                              decode_tokens_per_second=status_decode_rate(m.engine.stats))
                   for m in self.models.all()]
         warmup = [WarmupProgress(model=name, shapes_done=done, shapes_total=total)
                   for name, done, total in self.operations.manager.warming()]

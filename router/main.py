@@ -15,10 +15,11 @@ from pathlib import Path
 import uvicorn
 
 from mlxpool.httpguards import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_HEADER_BYTES, SizeLimits
-from mlxpool.router.app import create_app
+from mlxpool.router.app import create_app, shedding_policy
 from mlxpool.router.settings import (
     PoolRef,
     RouterSettings,
+    SheddingSettings,
     SignalSettings,
     StalePolicy,
     TableSourceSettings,
@@ -56,6 +57,20 @@ def build_parser() -> argparse.ArgumentParser:
     upstream.add_argument("--first-byte-timeout", type=float, default=defaults.first_byte_timeout, metavar="SECONDS")
     upstream.add_argument("--read-timeout", type=float, default=defaults.read_timeout, metavar="SECONDS",
                           help="silence tolerated between two chunks of a streaming answer")
+    upstream.add_argument("--breaker-failures", type=int, default=defaults.breaker_failures, metavar="N",
+                          help="timeouts, 5xx or broken connections in a row that open an endpoint's circuit "
+                               "breaker (a refused connection opens it at once)")
+    upstream.add_argument("--breaker-open-seconds", type=float, default=defaults.breaker_open_seconds,
+                          metavar="SECONDS", help="how long an open breaker keeps requests away before one probe")
+    shedding = parser.add_argument_group(
+        "priority shedding (429 when every endpoint's slot usage, running + waiting over slots, reaches the tier's "
+        "threshold; 'off' never sheds that tier; critical is never shed)")
+    shed = SheddingSettings()
+    for tier in ("background", "low", "normal", "high"):
+        shedding.add_argument(f"--shed-{tier}", type=_threshold, default=getattr(shed, tier), metavar="USAGE|off",
+                              help=f"default: {getattr(shed, tier) if getattr(shed, tier) is not None else 'off'}")
+    shedding.add_argument("--shed-mean-output-tokens", type=int, default=shed.mean_output_tokens, metavar="TOKENS",
+                          help="decode steps a waiting request holds a slot for, in the Retry-After estimate")
     signals = parser.add_argument_group("agents' load signals (GET /v1/signals)")
     sig = SignalSettings()
     signals.add_argument("--signals-interval", type=float, default=sig.interval, metavar="SECONDS",
@@ -74,6 +89,18 @@ def _pool_ref(text: str) -> PoolRef:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _threshold(text: str) -> float | None:
+    if text.lower() == "off":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a slot usage (e.g. 1.5) or 'off', got {text!r}") from None
+    if not 0 < value <= 1000:
+        raise argparse.ArgumentTypeError(f"a shedding threshold must be in (0, 1000], got {text}")
+    return value
+
+
 def settings_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> RouterSettings:
     if args.routes_file is None and args.pool is None:
         parser.error("give --pool NAMESPACE/NAME (with --kubeconfig) or --routes-file PATH")
@@ -84,17 +111,23 @@ def settings_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace
     if args.strategies is not None and not args.strategies.is_file():
         parser.error(f"--strategies {args.strategies}: no such file")
     try:
-        return RouterSettings(
+        settings = RouterSettings(
             tables=TableSourceSettings(pool=args.pool, kubeconfig=args.kubeconfig, routes_file=args.routes_file),
             upstream=UpstreamSettings(max_attempts=args.max_attempts, connect_timeout=args.connect_timeout,
-                                      first_byte_timeout=args.first_byte_timeout, read_timeout=args.read_timeout),
+                                      first_byte_timeout=args.first_byte_timeout, read_timeout=args.read_timeout,
+                                      breaker_failures=args.breaker_failures,
+                                      breaker_open_seconds=args.breaker_open_seconds),
+            shedding=SheddingSettings(background=args.shed_background, low=args.shed_low, normal=args.shed_normal,
+                                      high=args.shed_high, mean_output_tokens=args.shed_mean_output_tokens),
             signals=SignalSettings(interval=args.signals_interval, max_age=args.signals_max_age,
                                    stale_policy=StalePolicy(args.signals_stale)),
             strategies_file=args.strategies,
             limits=SizeLimits(max_body_bytes=args.max_body_bytes, max_header_bytes=args.max_header_bytes),
         )
+        shedding_policy(settings.shedding)  # tier order and critical checked now, named by flag
     except ValueError as exc:
-        parser.error(str(exc))
+        parser.error(str(exc).replace("shedding: ", "--shed-*: "))
+    return settings
 
 
 class _Server(uvicorn.Server):

@@ -8,6 +8,8 @@ idle node still says what it can do.
 
 from __future__ import annotations
 
+import math
+
 from mlxpool.agent.engine.interface import EngineStats
 from mlxpool.agent.serving.lifecycle import Lifecycle, Phase
 from mlxpool.agent.serving.repository import ModelRepository
@@ -38,3 +40,17 @@ def agent_signals(models: ModelRepository, lifecycle: Lifecycle) -> AgentSignals
         draining=lifecycle.phase in (Phase.DRAINING, Phase.STOPPED),
         models={m.name: model_signals(m.engine.stats) for m in models.all()},
     )
+
+
+def status_decode_rate(stats: EngineStats) -> float | None:
+    """The decode tok/s to write into the InferenceNode status (`models[].decodeTokensPerSecond`),
+    from which the operator derives the endpoint's capacity weight; None until measured.
+
+    Two significant figures: the weights are 1..10, and a lifetime ratio that moves in its
+    third digit must not make every heartbeat a status write.
+    """
+    rate = model_signals(stats).decode_tokens_per_second
+    if rate <= 0 or not math.isfinite(rate):
+        return None
+    digits = 1 - math.floor(math.log10(rate))
+    return float(round(rate, digits))

@@ -6,8 +6,9 @@ and I/O-free: one pick cannot interleave with another on the event loop. The las
 step is a plugin too (`Picker`):
 - `max-score`: highest total first, ties in the table's order (deterministic);
 - `weighted-random`: llm-d's weighted random picker, order drawn in proportion to the
-  totals, which spreads a burst of identical requests instead of sending them all to
-  the one endpoint that scored best a moment ago.
+  totals times the endpoints' table weights (capacity), which spreads a burst of
+  identical requests instead of sending them all to the one endpoint that scored best
+  a moment ago.
 """
 
 from __future__ import annotations
@@ -49,8 +50,11 @@ class WeightedRandomPicker(Picker):
     def order(self, request: PickRequest, endpoints: Sequence[RouteEndpoint], totals: Sequence[float],
               ) -> list[RouteEndpoint]:
         # Efraimidis-Spirakis: key u^(1/w), largest first, is a draw without replacement
-        # in proportion to w. A zero total still gets a tiny weight: it stays a failover.
-        keys = [self._random.random() ** (1.0 / max(t, 1e-6)) for t in totals]
+        # in proportion to w = total x the endpoint's capacity weight from the table (a Mac
+        # twice as fast gets twice the share at equal scores). A zero still gets a tiny
+        # weight: it stays a failover.
+        keys = [self._random.random() ** (1.0 / max(t * e.weight, 1e-6))
+                for t, e in zip(totals, endpoints, strict=True)]
         return [endpoints[i] for i in sorted(range(len(endpoints)), key=lambda i: -keys[i])]
 
 

@@ -91,6 +91,17 @@ def test_operator_loads_pool_model_on_empty_agents(
 
     assert wait_for(complete, 20, "a completion through the router")["usage"]["completion_tokens"] > 0
 
+    # The agent that decoded writes its measured rate into its status: the operator's capacity weights read it.
+    def measured_rates():
+        rates = []
+        for i in range(len(agents)):
+            node = json.loads(controlplane.kubectl("get", "inferencenode", f"{namespace}-agent-{i}", "-o",
+                                                   "json").stdout)
+            rates += [m.get("decodeTokensPerSecond") for m in node.get("status", {}).get("models", [])]
+        return [r for r in rates if r] or None
+
+    assert all(r > 0 for r in wait_for(measured_rates, 20, "a decodeTokensPerSecond in a node's status"))
+
     # Scaling the pool down unloads the model the operator loaded on the node it left.
     controlplane.kubectl("scale", "inferencepool/pool", "-n", namespace, "--replicas=1")
 

@@ -118,6 +118,15 @@ def test_max_score_picker_keeps_table_order_on_ties_and_weighted_random_is_propo
     assert sorted(e.node for e in picker.order(request(), EPS, [1, 1, 1])) == ["a", "b", "c"]
 
 
+def test_weighted_random_honours_the_tables_capacity_weights():
+    """Equal scores, weights 6:2:2 (a Mac three times as fast as the others): shares 60/20/20."""
+    weighted = [RouteEndpoint(node=n, url=f"http://{n}", weight=w) for n, w in (("a", 6), ("b", 2), ("c", 2))]
+    picker = WeightedRandomPicker(WeightedRandomParams(seed=3))
+    firsts = [picker.order(request(), weighted, [1.0, 1.0, 1.0])[0].node for _ in range(4000)]
+    assert 0.55 < firsts.count("a") / 4000 < 0.65
+    assert 0.15 < firsts.count("b") / 4000 < 0.25
+
+
 def test_every_crd_strategy_is_a_builtin_profile_and_the_load_profiles_use_reports():
     strategies = Strategies(load_strategies())
     assert set(STRATEGIES) <= set(strategies.pipelines)
