@@ -265,6 +265,11 @@ class DistributedCache(_Section):
     """How long a published prefix stays in Redis."""
     timeout_seconds: float = Field(default=0.5, gt=0, le=30)
     """Longest wait for Redis per call; past it the request is served without sharing."""
+    breaker_failures: int = Field(default=3, ge=1, le=1000)
+    """Failed Redis calls in a row that open the breaker: Redis is then not called at all
+    (requests are served without sharing, none waits on a timeout) until it is probed again."""
+    breaker_open_seconds: float = Field(default=5.0, gt=0, le=3600)
+    """How long the open breaker keeps Redis uncalled before one call probes it."""
 
 
 class RuntimeConfig(_Section):

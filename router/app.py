@@ -7,6 +7,7 @@ itself is a `RouterError` turned into the OpenAI error shape by one handler.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator, Coroutine
@@ -18,7 +19,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from mlxpool import __version__
 from mlxpool.httpguards import SizeLimitsMiddleware, UnexpectedErrorsMiddleware
+from mlxpool.openapischema import install_openapi
 from mlxpool.priorities import Priority
 from mlxpool.router.errors import NoRoutingTable, Overloaded, RouterError, error_body
 from mlxpool.router.forwarding import Forwarder
@@ -93,9 +96,11 @@ def create_app(settings: RouterSettings, metrics: RouterMetrics | None = None) -
                 poller = asyncio.create_task(app.state.poller.run(), name="signal-poller")
                 poller.add_done_callback(_log_poller_end)
                 stack.push_async_callback(_cancel, poller)
+            if settings.first_table_wait > 0:
+                await _first_table(holder, settings.first_table_wait)
             yield
 
-    app = FastAPI(title="mlxpool router", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="mlxpool router", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     # Innermost first: sizes checked before the body is read; anything unexpected answered as JSON.
     app.add_middleware(SizeLimitsMiddleware, limits=settings.limits)
     app.add_middleware(UnexpectedErrorsMiddleware)
@@ -166,7 +171,19 @@ def create_app(settings: RouterSettings, metrics: RouterMetrics | None = None) -
         content, content_type = metrics.render()
         return Response(content, media_type=content_type)
 
+    # The router reads only these fields; the rest of the body goes to the agent as it came.
+    install_openapi(app, {("POST", "/v1/completions"): INFERENCE_BODY,
+                          ("POST", "/v1/chat/completions"): INFERENCE_BODY})
     return app
+
+
+INFERENCE_BODY: dict[str, Any] = {
+    "type": "object", "required": ["model"], "additionalProperties": True,
+    "description": "An OpenAI completion or chat completion request; the router reads `model`, `stream` and "
+                   "`priority`, and relays the whole body to the agent (its schema: the agent's /openapi.json).",
+    "properties": {"model": {"type": "string", "minLength": 1}, "stream": {"type": "boolean"},
+                   "priority": {"type": "string", "enum": [p.value for p in Priority]}},
+}
 
 
 def shedding_policy(settings: SheddingSettings) -> SheddingPolicy:
@@ -192,6 +209,17 @@ def _log_source_end(task: asyncio.Task[None]) -> None:
 def _log_poller_end(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("signal poller stopped; agents' load reports will go stale", exc_info=task.exception())
+
+
+async def _first_table(holder: TableHolder, timeout: float) -> None:
+    """Until the holder has a table, at most `timeout` seconds (then serve anyway: 503s say why)."""
+    loaded = asyncio.Event()
+    holder.on_accept(lambda _table: loaded.set())
+    if holder.current is None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(loaded.wait(), timeout)
+    if holder.current is None:
+        log.warning("no routing table after %.1fs; listening anyway (503 until one loads)", timeout)
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:

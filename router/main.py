@@ -42,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve = parser.add_argument_group("serving")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080, help="0 picks a free port")
+    serve.add_argument("--reuse-port", action="store_true",
+                       help="share the port with a router already on it (SO_REUSEPORT): start the new one, "
+                            "then stop the old, and no request is refused; it listens once its table is loaded")
+    serve.add_argument("--first-table-wait", type=float, default=None, metavar="SECONDS",
+                       help="wait this long for the first routing table before listening "
+                            "(default: 0, or 10 with --reuse-port)")
     serve.add_argument("--strategies", type=Path, metavar="YAML",
                        help="strategy profiles added to or replacing the built-in ones")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -108,6 +114,10 @@ def settings_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace
         parser.error("--routes-file and --kubeconfig exclude each other")
     if args.kubeconfig is not None and not args.kubeconfig.is_file():
         parser.error(f"--kubeconfig {args.kubeconfig}: no such file")
+    if args.reuse_port and args.port == 0:
+        parser.error("--reuse-port needs a --port (0 would pick a port nobody else holds)")
+    if args.first_table_wait is not None and not 0 <= args.first_table_wait <= 300:
+        parser.error("--first-table-wait must be between 0 and 300 seconds")
     if args.strategies is not None and not args.strategies.is_file():
         parser.error(f"--strategies {args.strategies}: no such file")
     try:
@@ -123,6 +133,8 @@ def settings_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace
                                    stale_policy=StalePolicy(args.signals_stale)),
             strategies_file=args.strategies,
             limits=SizeLimits(max_body_bytes=args.max_body_bytes, max_header_bytes=args.max_header_bytes),
+            first_table_wait=args.first_table_wait if args.first_table_wait is not None
+            else (10.0 if args.reuse_port else 0.0),
         )
         shedding_policy(settings.shedding)  # tier order and critical checked now, named by flag
     except ValueError as exc:
@@ -140,6 +152,16 @@ class _Server(uvicorn.Server):
             log.info("router ready url=http://%s:%d", host, port)
 
 
+def _reuse_port_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
+
+
 def main(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -154,5 +176,8 @@ def main(argv: list[str]) -> int:
                             access_log=False, lifespan="on", timeout_graceful_shutdown=5,
                             h11_max_incomplete_event_size=settings.limits.max_header_bytes)  # where h11 parses
     server = _Server(config)
-    asyncio.run(server.serve())
+    # With --reuse-port the socket is bound now and listens only after the lifespan (the
+    # first table) started: until listen() the kernel sends the port's connections elsewhere.
+    sockets = [_reuse_port_socket(args.host, args.port)] if args.reuse_port else None
+    asyncio.run(server.serve(sockets))
     return 0 if server.started else 1

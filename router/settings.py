@@ -161,3 +161,7 @@ class RouterSettings:
     """YAML file of strategy profiles merged over the built-in ones (see `profiles`)."""
     limits: SizeLimits = field(default_factory=SizeLimits)
     """Request body and header sizes accepted (the agent's defaults: the same request passes both or neither)."""
+    first_table_wait: float = 0.0
+    """Seconds the startup waits for the first routing table before the router listens (0: listen
+    at once and answer 503 until one loads). A router joining a port another one holds
+    (`--reuse-port`) waits, or the kernel would hand it connections it can only refuse."""

@@ -16,6 +16,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,8 +99,20 @@ class ControlPlane:
         wait_for(lambda: httpx.get(f"{self.etcd_url}/health", timeout=1).json()["health"] == "true",
                  30, "etcd", etcd)
 
-    def _start_apiserver(self, timeout: float) -> None:
-        port = free_port()
+    def restart_apiserver(self, timeout: float = 90.0) -> float:
+        """Stop kube-apiserver (SIGTERM) and start it again on the same port, with the same
+        certificates, tokens and etcd (so nothing stored is lost); returns the seconds it
+        was unavailable. For disruption tests: clients must reconnect by themselves."""
+        apiserver = next(p for p in self.processes if p.name == "kube-apiserver")
+        port = int(self.server.rsplit(":", 1)[1])
+        stopped_at = time.monotonic()
+        apiserver.stop()
+        self.processes.remove(apiserver)
+        self._start_apiserver(timeout, port)
+        return time.monotonic() - stopped_at
+
+    def _start_apiserver(self, timeout: float, port: int | None = None) -> None:
+        port = port or free_port()
         self.server = f"https://{LOOPBACK}:{port}"
         certs = self.workdir / "certs"
         certs.mkdir(exist_ok=True)

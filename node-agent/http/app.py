@@ -28,12 +28,14 @@ from mlxpool.agent.http.auth import Credentials, require_api_key
 from mlxpool.agent.http.disconnects import disconnected
 from mlxpool.agent.http.errors import EXCEPTION_HANDLERS
 from mlxpool.agent.http.metrics import AgentMetrics, HttpMetricsMiddleware
+from mlxpool.agent.http.operations import OPS_BODIES
 from mlxpool.agent.http.sse import EventStreamResponse
 from mlxpool.agent.serving import openai as api
 from mlxpool.agent.serving.dataplane import DataPlane, RequestHints
 from mlxpool.agent.serving.signals import agent_signals
 from mlxpool.httpguards import SizeLimits, SizeLimitsMiddleware, UnexpectedErrorsMiddleware
 from mlxpool.loadsignals import SIGNALS_PATH
+from mlxpool.openapischema import install_openapi
 from mlxpool.priorities import DEADLINE_HEADER, PRIORITY_HEADER
 
 log = logging.getLogger(__name__)
@@ -132,6 +134,7 @@ def create_app(
 
     if ops is not None:
         app.include_router(ops)  # the operations API (/v1/node), behind the ops token
+    install_openapi(app, OPS_BODIES if ops is not None else None)  # 400 not 422; the ops bodies
     return app
 
 

@@ -32,6 +32,13 @@ _CACHE_KEY = re.compile(CACHE_KEY_PATTERN)
 MAX_MODEL_NAME = 253  # as LoadModelRequest.name
 log = logging.getLogger(__name__)
 
+OPS_BODIES: dict[tuple[str, str], type[BaseModel]] = {
+    ("POST", OPS_PREFIX + "/models"): LoadModelRequest,
+    ("PUT", OPS_PREFIX + "/scheduling/{model}"): SchedulingPolicy,
+    ("PUT", OPS_PREFIX + "/cache/{key}"): StageRequest,
+}
+"""The bodies these routes parse themselves (after the token check), for the OpenAPI document."""
+
 
 def ops_router(manager: ModelManager, cache: ModelCacheStore, reporter: NodeReporter) -> APIRouter:
     router = APIRouter(prefix=OPS_PREFIX, dependencies=[Depends(require_ops_token)])

@@ -30,7 +30,11 @@ state already (when it has one), and a hot system prompt must not cost a transfe
 request.
 
 Never in the way: Redis calls have a short timeout; any failure is counted and logged
-(rate-limited), and the request is served as if sharing were off. Publishing happens
+(rate-limited), and the request is served as if sharing were off. After
+`breaker_failures` failures in a row a circuit breaker opens: Redis is not called for
+`breaker_open_seconds` (a stopped or hung Redis costs no request a timeout), then one call
+probes it; a success closes the breaker (the client reconnects by itself), a failure
+keeps it open for another period. Publishing happens
 off the engine thread and is dropped, counted, when too many are in flight.
 """
 
@@ -45,7 +49,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 
 import redis.asyncio as aioredis
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from redis.exceptions import RedisError
 
@@ -119,8 +123,38 @@ class FleetPromptCache(PromptCache):
         self._publishing = 0
         self._warned_at = float("-inf")
         self._tasks: set[asyncio.Task[None]] = set()
+        self._failures_in_a_row = 0
+        self._open_until: float | None = None
+        """Monotonic time the open breaker lets one probe through; None: closed."""
+        self._probing = False
         self.counts = {"lookups": 0, "hits": 0, "hit_tokens": 0, "held_locally": 0, "published": 0,
-                       "published_bytes": 0, "dropped": 0, "errors": 0}
+                       "published_bytes": 0, "dropped": 0, "errors": 0, "breaker_trips": 0, "skipped": 0}
+
+    # ---- circuit breaker ----
+
+    @property
+    def breaker_open(self) -> bool:
+        return self._open_until is not None
+
+    def _may_call(self) -> bool:
+        """Whether to call Redis now: closed, or open and due a probe. A probe pushes the next
+        one a period away (so one at a time, and a probe that never ends cannot wedge it)."""
+        if self._open_until is None:
+            return True
+        now = time.monotonic()
+        if now < self._open_until:
+            self.counts["skipped"] += 1
+            return False
+        self._probing = True
+        self._open_until = now + self.settings.breaker_open_seconds
+        return True
+
+    def _succeeded(self) -> None:
+        if self._open_until is not None:
+            log.info("distributed cache reachable again; breaker closed")
+        self._failures_in_a_row = 0
+        self._open_until = None
+        self._probing = False
 
     # ---- lookups (served engines, event loop) ----
 
@@ -131,10 +165,11 @@ class FleetPromptCache(PromptCache):
         self.counts["lookups"] += 1
         hashes = boundary_hashes(model_id, tokens, s.block_tokens, len(tokens) - 1)
         first = s.min_tokens // s.block_tokens + (s.min_tokens % s.block_tokens > 0) - 1  # first boundary >= min
-        if first >= len(hashes):
+        if first >= len(hashes) or not self._may_call():
             return None
         try:
             blob_keys = await self._redis.mget([self._key("idx", h) for h in hashes[first:]])
+            self._succeeded()
             for offset in range(len(blob_keys) - 1, -1, -1):
                 blob_key = blob_keys[offset]
                 if not isinstance(blob_key, bytes):  # None: no such index key (replies are bytes)
@@ -170,6 +205,8 @@ class FleetPromptCache(PromptCache):
         if self._publishing >= MAX_PUBLISHING:
             self.counts["dropped"] += 1
             return
+        if not self._may_call():
+            return
         self._publishing += 1
         task = asyncio.create_task(self._publish(model_id, tokens, blob))
         self._tasks.add(task)
@@ -189,6 +226,7 @@ class FleetPromptCache(PromptCache):
             self._remember(blob_key.encode())
             self.counts["published"] += 1
             self.counts["published_bytes"] += len(blob)
+            self._succeeded()
         except (TimeoutError, RedisError, OSError) as exc:
             self._failed("publish", exc)
         finally:
@@ -213,6 +251,14 @@ class FleetPromptCache(PromptCache):
     def _failed(self, what: str, exc: BaseException) -> None:
         self.counts["errors"] += 1
         now = time.monotonic()
+        self._failures_in_a_row += 1
+        if self._probing or self._failures_in_a_row >= self.settings.breaker_failures:
+            if self._open_until is None:  # closed until now
+                log.warning("distributed cache breaker open after %d failure(s) in a row; not calling Redis "
+                            "for %.1fs", self._failures_in_a_row, self.settings.breaker_open_seconds)
+            self.counts["breaker_trips"] += 1
+            self._open_until = now + self.settings.breaker_open_seconds
+            self._probing = False
         if now - self._warned_at >= WARN_EVERY_S:
             self._warned_at = now
             log.warning("distributed cache %s failed (serving without it) error=%s: %s",
@@ -266,7 +312,13 @@ class _ShareCollector(Collector):
             ("mlxpool_shared_kv_dropped", "Publishes dropped (too large, or too many in flight).", c["dropped"]),
             ("mlxpool_shared_kv_errors", "Redis calls that failed (the request was served without sharing).",
              c["errors"]),
+            ("mlxpool_shared_kv_breaker_trips", "Times the Redis breaker opened (or stayed open after a probe).",
+             c["breaker_trips"]),
+            ("mlxpool_shared_kv_skipped", "Redis calls not made because the breaker was open.", c["skipped"]),
         ]:
             family = CounterMetricFamily(name, doc)
             family.add_metric([], value)
             yield family
+        gauge = GaugeMetricFamily("mlxpool_shared_kv_breaker_open", "1 while the Redis breaker is open.")
+        gauge.add_metric([], 1.0 if self._share.breaker_open else 0.0)
+        yield gauge
