@@ -3,13 +3,16 @@
 Side by side, alternating turns (ABAB), same model files, same BLAS (OpenBLAS through
 LD_PRELOAD for both):
 - load rate from page cache: `mlx_lm.load` vs our loader (`engine.loading.load`, native
-  reader, no pinning), in this process, the files read once before so both read from
-  page cache; GB/s of weight bytes over the time to a usable model.
+  reader, no pinning), each load in a fresh process (ours with the huge-page malloc tunable
+  the agent sets for itself, mlx-lm without, as mlx_lm.server runs; mlx-lm with it too, as
+  a third figure), the files read once before so both read from page cache; GB/s of
+  weight bytes over the time to a usable model.
 - cold start: process start to first token (a 1-token completion polled until it
   answers), the page cache dropped before each start (`echo 1 > /proc/sys/vm/drop_caches`;
   skipped with a note where not permitted), mlx_lm.server vs our agent (native load,
   prefetch, warm-up before /ready).
-- memory soak: long prompts, all distinct, sent at once, whose projected KV is twice what
+- memory soak: long prompts (cut by the model's tokenizer so that prompt + max_tokens fits
+  its context), all distinct, the same texts for both servers, sent at once, whose projected KV is twice what
   the cap leaves; each server in its own memory cgroup (v2 memory.max or v1
   memory.limit_in_bytes, where we may create one) capped at the same bytes; counts
   answered, refused with a clear error (ours: 503 insufficient_memory), failed otherwise,
@@ -26,10 +29,10 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
-import gc
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +40,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.serving import OPENBLAS, blas_env, make_prompts, peak_rss_mb
+from bench.serving import blas_env, make_prompts, peak_rss_mb
 from mlxpool.dev.processes import LOOPBACK, Process, free_port
 from mlxpool.tinymodel import make_tiny
 
@@ -60,35 +63,48 @@ def drop_caches() -> bool:
 
 # ---- load rate ----
 
-def load_rates(model: Path, rounds: int) -> dict[str, list[float]]:
-    os.environ.setdefault("LD_PRELOAD", OPENBLAS)
+HUGE = "huge_pages"
+
+
+def load_once(who: str, model: Path) -> float:
+    """Seconds for one load to a usable model in this (fresh) process, files already in page cache."""
     import mlx.core as mx
     import mlx_lm
 
     from mlxpool.agent.engine import loading
     from mlxpool.agent.engine.interface import LoadOptions
 
-    size = weight_bytes(model)
     for p in model.glob("model*.safetensors"):
-        p.read_bytes()  # into page cache for both
-    rates: dict[str, list[float]] = {OURS: [], THEIRS: []}
+        p.read_bytes()
+    started = time.perf_counter()
+    if who == OURS:
+        loading.load(model, LoadOptions(pin_policy="none"))
+    else:
+        mx.eval(mlx_lm.load(str(model))[0].parameters())
+    return time.perf_counter() - started
+
+
+def load_rates(model: Path, rounds: int) -> dict[str, list[float]]:
+    """GB/s per load, each in a fresh process as the servers would load: ours with the huge-page
+    tunable the agent sets for itself (mlxpool.cli), mlx_lm.load without (as mlx_lm.server
+    runs); `mlx_lm.load+huge_pages` says what the tunable alone would give mlx-lm."""
+    from mlxpool.cli import HUGE_PAGES_TUNABLE
+
+    size = weight_bytes(model)
+    rates: dict[str, list[float]] = {OURS: [], THEIRS: [], f"{THEIRS}+{HUGE}": []}
     for r in range(rounds):
-        for who in ((OURS, THEIRS) if r % 2 == 0 else (THEIRS, OURS)):
-            started = time.perf_counter()
-            if who == OURS:
-                loaded = loading.load(model, LoadOptions(pin_policy="none"))
-                seconds = time.perf_counter() - started
-                loaded.weights.close()
-                del loaded
-            else:
-                m = mlx_lm.load(str(model))[0]
-                mx.eval(m.parameters())
-                seconds = time.perf_counter() - started
-                del m
-            gc.collect()
-            mx.clear_cache()
+        order = list(rates) if r % 2 == 0 else list(reversed(rates))
+        for who in order:
+            env = blas_env()
+            if who != THEIRS:
+                env["GLIBC_TUNABLES"] = HUGE_PAGES_TUNABLE
+            done = subprocess.run([sys.executable, "-m", "bench.memory", "--load-once", who.split("+")[0], str(model)],
+                                  capture_output=True, text=True, timeout=300, env={**os.environ, **env})
+            if done.returncode != 0:
+                raise RuntimeError(f"load {who} failed: {done.stderr[-2000:]}")
+            seconds = float(done.stdout.strip().splitlines()[-1])
             rates[who].append(size / seconds / 1e9)
-            print(f"load {who:14s} round {r}: {size / 1e6:.0f} MB in {seconds:.2f} s = {rates[who][-1]:.2f} GB/s",
+            print(f"load {who:26s} round {r}: {size / 1e6:.0f} MB in {seconds:.2f} s = {rates[who][-1]:.2f} GB/s",
                   flush=True)
     return rates
 
@@ -171,10 +187,32 @@ def remove_cgroup(group: Path | None) -> None:
             group.rmdir()
 
 
-def soak(model: Path, logs: Path, requests: int, prompt_words: int, max_tokens: int, cap: int,
+def soak_prompts(model: Path, n: int, tokens: int) -> list[str]:
+    """`n` distinct prompts of about `tokens` tokens each (by the model's own tokenizer), so that
+    prompt + max_tokens fits the model's context: both servers get the same texts."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(model / "tokenizer.json"))
+    out = []
+    for i, base in enumerate(make_prompts(n, seed=99)):
+        text = f"request {i}: " + base
+        while len(tok.encode(text).ids) < tokens + 8:
+            text += " " + base
+        ids = tok.encode(text).ids[:tokens]
+        out.append(tok.decode(ids))
+    return out
+
+
+def context_length(model: Path) -> int:
+    return int(json.loads((model / "config.json").read_text())["max_position_embeddings"])
+
+
+def soak(model: Path, logs: Path, requests: int, prompt_tokens: int, max_tokens: int, cap: int,
          headroom: int) -> dict[str, dict[str, object]]:
-    prompts = [f"request {i}: " + p for i, p in enumerate(make_prompts(requests, seed=99))]
-    prompts = [(" ".join([p] * max(1, prompt_words // max(len(p.split()), 1)))) for p in prompts]
+    if prompt_tokens + max_tokens + 16 > context_length(model):
+        raise ValueError(f"soak prompts of {prompt_tokens} tokens + {max_tokens} do not fit the model's context "
+                         f"({context_length(model)})")
+    prompts = soak_prompts(model, requests, prompt_tokens)
     config = logs / "soak.yaml"
     config.write_text(f"weight_management:\n  memory_headroom_bytes: {headroom}\n  memory_wait_seconds: 5\n")
     out: dict[str, dict[str, object]] = {}
@@ -220,7 +258,11 @@ def soak(model: Path, logs: Path, requests: int, prompt_words: int, max_tokens: 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.memory")
     parser.add_argument("--quick", action="store_true", help="fewer rounds; under 5 minutes")
+    parser.add_argument("--load-once", nargs=2, metavar=("WHO", "MODEL"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.load_once:
+        print(load_once(args.load_once[0], Path(args.load_once[1])))
+        return 0
     rounds = 2 if args.quick else 4
     work = Path(tempfile.mkdtemp(prefix="mlxpool-bench-memory-"))
     logs = work / "logs"
@@ -231,8 +273,9 @@ def main(argv: list[str] | None = None) -> int:
           "machine: 2-core x86-64 CPU, shared with other work", flush=True)
     rates = {m.name: load_rates(m, rounds) for m in (bench, big)}
     cold = {m.name: cold_starts(m, logs, rounds if not args.quick else 1) for m in (big,)}
-    # Soak on the bench model: 32 KB of KV per token; ~1,200-token prompts + 200 tokens.
-    soaked = soak(bench, logs, requests=8 if args.quick else 16, prompt_words=900, max_tokens=200,
+    # Soak on the bench model (2,048-token context): 32 KB of KV per token; 1,600-token
+    # prompts + 200 tokens (about 57 MB of KV each, 1,792 tokens in KV steps).
+    soaked = soak(bench, logs, requests=8 if args.quick else 16, prompt_tokens=1600, max_tokens=200,
                   cap=900 * 1024 * 1024, headroom=600 * 1024 * 1024)
     med = statistics.median
     load_ratio = med(rates["big"][OURS]) / med(rates["big"][THEIRS])

@@ -41,8 +41,11 @@ class WeightSet:
     def unlock(self) -> None: ...
     def resident_fraction(self) -> float: ...
 
-class SafetensorsFile:
-    """One safetensors file, memory-mapped, its header parsed natively."""
+class SafetensorsFile(Buffer):
+    """One safetensors file, memory-mapped, its header parsed natively; its buffer is the
+    whole mapping, read-only bytes."""
+
+    def __buffer__(self, flags: int, /) -> memoryview: ...
 
     def __init__(self, path: str) -> None: ...
     @property

@@ -68,8 +68,17 @@ PYBIND11_MODULE(_native, m) {
       .def("lock", &mlxpool::WeightSet::lock, release())
       .def("unlock", &mlxpool::WeightSet::unlock, release())
       .def("resident_fraction", &mlxpool::WeightSet::resident_fraction, release());
-  py::class_<mlxpool::SafetensorsFile, std::shared_ptr<mlxpool::SafetensorsFile>>(m, "SafetensorsFile")
+  // The buffer protocol exposes the whole mapping read-only (bytes), so numpy can view a
+  // tensor in place and MLX copy it once from there; the view keeps the file (and so the
+  // mapping) alive.
+  py::class_<mlxpool::SafetensorsFile, std::shared_ptr<mlxpool::SafetensorsFile>>(m, "SafetensorsFile",
+                                                                                   py::buffer_protocol())
       .def(py::init<const std::string&>(), py::arg("path"), release())
+      .def_buffer([](const mlxpool::SafetensorsFile& f) {
+        return py::buffer_info(const_cast<unsigned char*>(f.mapping()->data()), 1,
+                               py::format_descriptor<unsigned char>::format(), 1,
+                               {static_cast<py::ssize_t>(f.size())}, {static_cast<py::ssize_t>(1)}, true);
+      })
       .def_property_readonly("path", &mlxpool::SafetensorsFile::path)
       .def_property_readonly("size", &mlxpool::SafetensorsFile::size)
       .def_property_readonly("metadata",

@@ -7,8 +7,9 @@ returns arrays whose buffers we can then lock (`pin`) and inspect (`residency`).
 mlx-lm still builds the model; only the bytes' path changes (`loading`).
 
 Copy or zero-copy: MLX's Python API has no way to wrap memory it did not allocate, so
-each tensor is copied once, from the mapping straight into the MLX array's own buffer
-(GIL released), on every platform, and the report says "copy". The mappings are dropped
+each tensor is copied once, by `mx.array` from a numpy view of the mapping into the MLX
+array's own buffer (one pass over the bytes, as `mx.load` makes), on every platform,
+and the report says "copy". The mappings are dropped
 after the copy, so nothing stays file-backed (`mapped` is 0).
 
 Pinning locks the pages of the loaded arrays themselves (the memory MLX computes from),
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import re
 import resource
@@ -31,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 import mlx.core as mx
+import numpy as np
 
 from mlxpool import _native
 from mlxpool.agent.engine.interface import LoadOptions, LoadReport, PinPolicy, WeightResidency
@@ -137,11 +140,11 @@ def read(directory: Path, options: LoadOptions) -> tuple[dict[str, mx.array], Lo
                     t = tensors[name]
                     prefetcher.submit(t.file, t.begin, t.nbytes)
                 submitted += 1
-            fresh = {name: mx.zeros(tensors[name].shape, dtype=DTYPES[tensors[name].dtype]) for name in group}
+            # One pass over the bytes: MLX copies each tensor from a numpy view of the
+            # mapping into its own buffer (no zero-fill first; the pages the pool touched are
+            # already mapped).
+            fresh = {name: _from_mapping(tensors[name]) for name in group}
             mx.eval(list(fresh.values()))
-            for name, array in fresh.items():
-                t = tensors[name]
-                t.file.copy_to(t.index, _buffer(array))
             arrays.update(fresh)
     finally:
         if prefetcher is not None:
@@ -151,6 +154,26 @@ def read(directory: Path, options: LoadOptions) -> tuple[dict[str, mx.array], Lo
     report = LoadReport(reader="native", transfer="copy", files=len(files), bytes=total, seconds=seconds,
                         prefetch_threads=options.prefetch_threads, pin_policy=options.pin_policy, pinned_bytes=0)
     return arrays, report
+
+
+# numpy views the mapped bytes; types numpy lacks (bfloat16) are read as same-size
+# unsigned integers and viewed as the MLX type without a copy.
+_NUMPY: dict[str, str] = {
+    "BOOL": "bool", "U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16", "U32": "uint32",
+    "I32": "int32", "U64": "uint64", "I64": "int64", "F16": "float16", "BF16": "uint16", "F32": "float32",
+    "F64": "float64", "C64": "complex64",
+}
+
+
+def _from_mapping(t: _Tensor) -> mx.array:
+    dtype = np.dtype(_NUMPY[t.dtype])
+    count = t.nbytes // dtype.itemsize if dtype.itemsize else 0
+    if count * dtype.itemsize != t.nbytes or math.prod(t.shape) != count:
+        raise ValueError(f"{t.file.path}: tensor {t.name!r}: {t.nbytes} bytes do not hold shape {list(t.shape)} "
+                         f"of {t.dtype}")
+    view = np.frombuffer(t.file, dtype=dtype, count=count, offset=t.begin).reshape(t.shape)
+    array = mx.array(view)
+    return array.view(DTYPES[t.dtype]) if array.dtype != DTYPES[t.dtype] else array
 
 
 class Weights:

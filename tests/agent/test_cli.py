@@ -54,3 +54,26 @@ def test_a_taken_port_exits_1(tiny_model: Path):
         result = run_agent("--model", str(tiny_model), "--port", str(taken.getsockname()[1]))
     assert result.returncode == 1
     assert "agent failed to start" in result.stderr and "in use" in result.stderr
+
+
+def test_the_agent_asks_glibc_for_huge_pages_once():
+    from mlxpool.cli import HUGE_PAGES_TUNABLE, huge_pages_env
+
+    thp = "always [madvise] never\n"
+    env = huge_pages_env({"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, thp)
+    assert env == {"PATH": "/bin", "GLIBC_TUNABLES": f"glibc.malloc.arena_max=2:{HUGE_PAGES_TUNABLE}"}
+    assert huge_pages_env(env, thp) is None  # already re-executed: no loop
+    assert huge_pages_env({"MLXPOOL_HUGE_PAGES": "0"}, thp) is None
+    assert huge_pages_env({}, "always madvise [never]\n") is None
+    assert huge_pages_env({}, None) is None  # no THP setting (not Linux, or hidden)
+
+
+def test_a_started_agent_runs_with_the_tunable(tmp_path: Path):
+    # --help exits after parsing, so this shows the re-exec happened without serving anything.
+    script = ("import os, sys; from mlxpool import cli; sys.argv = ['mlxpool', 'agent', '--help'];"
+              "print('TUNABLES=' + os.environ.get('GLIBC_TUNABLES', ''), flush=True); cli.main()")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    lines = [x for x in done.stdout.splitlines() if x.startswith("TUNABLES=")]
+    if Path("/sys/kernel/mm/transparent_hugepage/enabled").exists() and \
+            "[never]" not in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text():
+        assert lines[-1].endswith("glibc.malloc.hugetlb=1"), done.stdout

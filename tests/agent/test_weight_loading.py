@@ -240,3 +240,16 @@ def test_weights_in_device_memory_are_neither_viewed_nor_pinned(tiny_model: Path
     finally:
         loaded.weights.close()
     assert loaded.weights.residency().total == 0
+
+
+def test_the_mapping_is_a_read_only_buffer(tiny_model: Path):
+    import numpy as np
+
+    f = _native.SafetensorsFile(str(tiny_model / "model.safetensors"))
+    view = memoryview(f)
+    assert view.readonly and view.nbytes == f.size and view.format == "B"
+    _, _, shape, begin, nbytes = f.tensors()[0]
+    a = np.frombuffer(f, dtype=np.float32, count=nbytes // 4, offset=begin).reshape(shape)
+    with pytest.raises(ValueError):
+        a[...] = 0  # the mapping is PROT_READ: numpy refuses the write
+    del a, view
