@@ -171,7 +171,7 @@ def _from_mapping(t: _Tensor) -> mx.array:
     if count * dtype.itemsize != t.nbytes or math.prod(t.shape) != count:
         raise ValueError(f"{t.file.path}: tensor {t.name!r}: {t.nbytes} bytes do not hold shape {list(t.shape)} "
                          f"of {t.dtype}")
-    view = np.frombuffer(t.file, dtype=dtype, count=count, offset=t.begin).reshape(t.shape)
+    view = np.frombuffer(memoryview(t.file), dtype=dtype, count=count, offset=t.begin).reshape(t.shape)
     array = mx.array(view)
     return array.view(DTYPES[t.dtype]) if array.dtype != DTYPES[t.dtype] else array
 
