@@ -54,6 +54,19 @@ class ModelPhase(StrEnum):
     FAILED = "failed"
 
 
+class ModelTier(StrEnum):
+    """Where a known model is, fastest to serve from first (`docs/multimodel.md`)."""
+
+    ACTIVE = "active"
+    """In an engine, serving."""
+    PARKED = "parked"
+    """Weights in memory, engine released (no thread, no KV): a request wakes it in milliseconds."""
+    PAGE_CACHE = "page_cache"
+    """Not loaded; its files are in the OS page cache (a load reads memory, not the disk)."""
+    DISK = "disk"
+    """Not loaded; its files are on disk only."""
+
+
 class CachePhase(StrEnum):
     """The per-node phases of a ModelCache, as its status reports them."""
 
@@ -129,6 +142,8 @@ class ModelState(_Strict):
     warmup_shapes_done: int | None = None
     """Shapes compiled so far by its warm-up (`engine.shapes`); None before the plan is made."""
     warmup_shapes_total: int | None = None
+    tier: ModelTier = ModelTier.ACTIVE
+    """Active (in an engine) or parked (weights kept, engine released; a request wakes it)."""
 
 
 class StageRequest(_Strict):

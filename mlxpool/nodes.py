@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 from pydantic.alias_generators import to_camel
@@ -65,6 +65,9 @@ class LoadedModel(_Wire):
     identity: str | None = Field(default=None, description="Content identity (hash of weights, tokenizer, config).")
     decode_tokens_per_second: float | None = Field(
         default=None, ge=0, le=10_000_000, description="Decode tok/s the engine measured (unset: not measured yet).")
+    tier: Literal["active", "parked"] | None = Field(
+        default=None,
+        description="active: in an engine; parked: weights in memory, engine released (a request wakes it).")
 
 
 class WarmupProgress(_Wire):

@@ -45,7 +45,7 @@ from mlxpool.agent.serving.promptcache import PromptCache
 from mlxpool.agent.serving.repository import ModelRepository
 from mlxpool.agent.serving.signals import status_decode_rate
 from mlxpool.agent.serving.usage import UsageCounts
-from mlxpool.agentapi import ModelPhase
+from mlxpool.agentapi import ModelPhase, ModelTier
 from mlxpool.httpguards import SizeLimits
 from mlxpool.nodes import LoadedModel, NodeStatus, WarmupProgress
 from mlxpool.resources import NODE_LEASE_NAMESPACE
@@ -149,7 +149,7 @@ class AgentRuntime:
             make_engine=self.make_engine, multi_model=config.runtime.multi_model,
             weights=config.runtime.weight_management, node_name=reg.node_name if reg else default_node_name(),
             endpoint=lambda: (reg.advertise_url if reg and reg.advertise_url else None) or self.url or "",
-            on_change=self._status_nudger.nudge, policies=self.policies,
+            on_change=self._status_nudger.nudge, policies=self.policies, on_switch=self.metrics.model_switched,
         )
         # ----
         self.app = create_app(self.dataplane, self.metrics, config.credentials,
@@ -326,8 +326,10 @@ class AgentRuntime:
     async def _node_status(self) -> NodeStatus:
         free, used = await asyncio.to_thread(memory_readings, self.probe)
         ready, _ = self.dataplane.readiness()
+        parked = {s.name for s in self.operations.manager.states() if s.tier is ModelTier.PARKED}
         loaded = [LoadedModel(name=m.name, path=m.info.path, memory_bytes=m.info.memory_bytes, identity=m.identity,
-                              decode_tokens_per_second=status_decode_rate(m.engine.stats))
+                              decode_tokens_per_second=status_decode_rate(m.engine.stats),
+                              tier="parked" if m.name in parked else "active")
                   for m in self.models.all()]
         warmup = [WarmupProgress(model=name, shapes_done=done, shapes_total=total)
                   for name, done, total in self.operations.manager.warming()]

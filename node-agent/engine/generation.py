@@ -164,6 +164,9 @@ class BatchEngine:
         self._accepting_lock = threading.Lock()
         self._alive = False
         self._thread = threading.Thread(target=self._run, name=f"engine-{name}", daemon=True)
+        self._kept: loading.LoadedModel | None = None
+        """The loaded model while parked (`park`): weights in memory, no thread, no KV."""
+        self._parking = False
         self.tokenizer: Any = None
         """mlx-lm's TokenizerWrapper, set once the model is loaded."""
         # Engine-thread state.
@@ -212,7 +215,35 @@ class BatchEngine:
 
         The thread ends only after the device has finished its work (`_run`); after `timeout`
         this stops waiting (logged), and the process exit waits for nothing more of it.
+        A parked engine's weights are released.
         """
+        self._parking = False
+        await self._end_thread(timeout)
+        if self._kept is not None:
+            kept, self._kept = self._kept, None
+            await asyncio.to_thread(self._release, kept)
+
+    async def park(self, timeout: float = 10.0) -> None:
+        """Release the engine but keep the weights in memory (vLLM's sleep level 1): the thread,
+        the batch and every KV cache go; `resume` serves again without reading a byte."""
+        self._parking = True
+        await self._end_thread(timeout)
+        self._parking = False
+
+    @property
+    def parked(self) -> bool:
+        return self._kept is not None
+
+    async def resume(self) -> ModelInfo:
+        """Serve again over the parked weights (no load, no warm-up: the shapes ran before)."""
+        if self._kept is None:
+            raise EngineError("the engine is not parked")
+        self._loaded = Future()
+        self._prefix = PrefixCache(self._config.prompt_cache_bytes, self._config.prompt_cache_entries)
+        self._thread = threading.Thread(target=self._run, name=f"engine-{self._name}", daemon=True)
+        return await self.start()
+
+    async def _end_thread(self, timeout: float) -> None:
         with self._accepting_lock:
             self._accepting = False
         if self._thread.is_alive():
@@ -220,6 +251,14 @@ class BatchEngine:
             await asyncio.to_thread(self._thread.join, timeout)
             if self._thread.is_alive():
                 log.warning("engine thread still running after stop path=%s timeout_s=%.1f", self._path, timeout)
+
+    def _release(self, loaded: loading.LoadedModel) -> None:
+        loaded.weights.close()  # unlock the pinned pages before MLX may cache their buffers
+        if self._memory is not None:
+            self._memory.remove_weights(self._name)
+        del loaded
+        mx.synchronize()
+        mx.clear_cache()
 
     async def submit(self, request: GenerationRequest) -> AsyncGenerator[TokenEvent, None]:
         sequence = _Sequence(request, asyncio.Queue(), asyncio.get_running_loop())
@@ -246,8 +285,9 @@ class BatchEngine:
     # ---- engine thread ----
 
     def _run(self) -> None:
+        resuming, self._kept = self._kept, None
         try:
-            loaded = loading.load(self._path, self._config.load)
+            loaded = resuming or loading.load(self._path, self._config.load)
             generator = BatchGenerator(
                 loaded.model,
                 stop_tokens=[[t] for t in loaded.tokenizer.eos_token_ids],
@@ -259,9 +299,10 @@ class BatchEngine:
             self._samplers = SamplerFactory(loaded.vocab_size)
             self._logprobs = LogprobReader(loaded.tokenizer)
             self._open_gate(loaded)
-            if self._on_weights_loaded is not None:
+            if self._on_weights_loaded is not None and resuming is None:
                 self._on_weights_loaded()
-            self._warm_up(generator, loaded.vocab_size)
+            if resuming is None:
+                self._warm_up(generator, loaded.vocab_size)
         except BaseException as exc:
             log.exception("engine failed to load model path=%s", self._path)
             if not self._loaded.cancelled():
@@ -286,11 +327,16 @@ class BatchEngine:
                 self._accepting = False
             self._fail_all(EngineError("the engine stopped"))
             generator.close()
-            # Unloaded: drop the weights and the cached KV, then give MLX's freed buffers back.
+            # Unloaded: drop the weights (unless parking) and the cached KV, then give MLX's freed buffers back.
             self._prefix = PrefixCache(0, 1)
-            loaded.weights.close()  # unlock the pinned pages before MLX may cache their buffers
-            if self._memory is not None:
-                self._memory.remove_weights(self._name)
+            if self._parking:
+                self._kept = loaded
+                if self._memory is not None:
+                    self._memory.set_prefix_bytes(self._name, 0)
+            else:
+                loaded.weights.close()  # unlock the pinned pages before MLX may cache their buffers
+                if self._memory is not None:
+                    self._memory.remove_weights(self._name)
             del generator, loaded
             # The last step was evaluated asynchronously: let the device finish it before this
             # thread ends (on CUDA, work still in flight at exit aborts the process).

@@ -44,6 +44,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from mlxpool.agent.engine.interface import DeviceProbe
 from mlxpool.agent.serving.lifecycle import Lifecycle
 from mlxpool.agent.serving.repository import ModelRepository
+from mlxpool.agentapi import ModelTier
 from mlxpool.priorities import Priority
 
 # `*_created` series double every counter's output and nobody scrapes them here.
@@ -52,6 +53,7 @@ disable_created_metrics()
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 INTER_TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0)
+SWITCH_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0)
 
 
 class AgentMetrics:
@@ -85,7 +87,16 @@ class AgentMetrics:
             "mlxpool_agent_asyncio_tasks", "asyncio tasks alive in the agent's event loop at scrape time.",
             registry=registry,
         )
+        self.switch = Histogram(
+            "mlxpool_model_switch_seconds", "Bringing a model into an engine, by the residency tier it came from "
+            "(parked: woken; page_cache, disk: loaded, warm-up included).",
+            ["tier"], buckets=SWITCH_BUCKETS, registry=registry,
+        )
         registry.register(_EngineCollector(models, lifecycle, probe))
+
+    def model_switched(self, tier: ModelTier, seconds: float) -> None:
+        """The model manager's `SwitchObserver`."""
+        self.switch.labels(tier.value).observe(seconds)
 
     def request_done(self, model: str, priority: Priority, outcome: str, ttft: float | None,
                      inter_token: list[float], latency: float) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 from mlxpool.agent.config import MultiModel, WeightManagement
 from mlxpool.agent.engine.interface import DeviceProbe
 from mlxpool.agent.operations import eviction
-from mlxpool.agent.operations.manager import Capacity, EngineFactory, ModelManager
+from mlxpool.agent.operations.manager import Capacity, EngineFactory, ModelManager, SwitchObserver
 from mlxpool.agent.operations.reports import NodeIdentity, NodeReporter, model_memory_bytes
 from mlxpool.agent.operations.sources import DEFAULT_HUB_ENDPOINT
 from mlxpool.agent.operations.staging import ModelCacheStore
@@ -75,7 +75,7 @@ class Operations:
         multi_model: MultiModel, weights: WeightManagement, node_name: str, endpoint: Callable[[], str],
         prompt_cache: PromptCache | None = None, on_change: Callable[[], None] | None = None,
         environ: Mapping[str, str] | None = None, policies: SchedulingPolicies | None = None,
-        probe: DeviceProbe | None = None,
+        probe: DeviceProbe | None = None, on_switch: SwitchObserver | None = None,
     ) -> Operations:
         env = os.environ if environ is None else environ
         capacity = Capacity(
@@ -87,6 +87,8 @@ class Operations:
             keep_alive=multi_model.keep_alive_seconds,
             default_load_bps=multi_model.default_load_gbps * 1e9,
             unload_timeout=multi_model.unload_timeout_seconds,
+            park=multi_model.park,
+            wake_timeout=multi_model.wake_timeout_seconds,
         )
         manager: ModelManager | None = None
         cache = ModelCacheStore(
@@ -96,7 +98,7 @@ class Operations:
             hub_endpoint=env.get(HUB_ENDPOINT_ENV) or DEFAULT_HUB_ENDPOINT, hub_token=env.get(HUB_TOKEN_ENV) or None,
         )
         manager = ModelManager(repository, make_engine, capacity, lifecycle=lifecycle, prompt_cache=prompt_cache,
-                               cache_path=cache.ready_path, on_change=on_change)
+                               cache_path=cache.ready_path, on_change=on_change, on_switch=on_switch)
         reporter = NodeReporter(NodeIdentity(node_name, endpoint), manager, cache, policies, probe)
         return cls(manager, cache, reporter)
 

@@ -16,6 +16,14 @@ repository. `unload` takes the model out of the repository at once (new requests
 get 503), waits for its in-flight requests (up to `unload_timeout`; not at all when
 there are none), then stops the engine, which frees its memory.
 
+Residency tiers (`agentapi.ModelTier`, with `Capacity.park`): a model that loses its
+engine slot to another is parked, not unloaded: its engine is released (thread, batch,
+KV caches) and its weights stay in memory; it is still served, and the first request
+for it wakes it (`ServedEngine` asks `wake`), parking another if the slots are full.
+Each wake and each load is timed and folded into a per-tier rate (parked, page cache,
+disk: where the files were when the load began), which is what cost-aware eviction
+prices a model's return at.
+
 Repeating a call is safe: loading a model that is loading or ready from the same
 source returns its state (a changed `pin` applies in place); another source under
 the same name is a 409 (`ModelConflict`), and so is a model still unloading
@@ -36,14 +44,14 @@ from typing import Any, Protocol
 
 from mlxpool.agent.engine.interface import Engine, ModelInfo, WeightResidency, WeightsView
 from mlxpool.agent.engine.prompts import PromptEncoder
-from mlxpool.agent.errors import InvalidRequest, ModelNotFound
-from mlxpool.agent.operations import eviction, identity, weights
+from mlxpool.agent.errors import InvalidRequest, ModelLoading, ModelNotFound, ModelUnloading
+from mlxpool.agent.operations import eviction, filetiers, identity, weights
 from mlxpool.agent.operations.errors import MaxModelsReached, MemoryBudgetExceeded, ModelConflict, UnloadInProgress
 from mlxpool.agent.serving.lifecycle import Lifecycle
 from mlxpool.agent.serving.promptcache import PromptCache
 from mlxpool.agent.serving.repository import ModelRepository, ServedModel
 from mlxpool.agent.serving.servedengine import ServedEngine
-from mlxpool.agentapi import LoadModelRequest, ModelPhase, ModelState, QueueReport
+from mlxpool.agentapi import LoadModelRequest, ModelPhase, ModelState, ModelTier, QueueReport
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +69,14 @@ class ManagedEngine(Engine, Protocol):
 
     async def stop(self) -> None:
         """Stop the engine's thread and release the model's memory."""
+        ...
+
+    async def park(self) -> None:
+        """Release the engine (thread, batch, KV) but keep the weights in memory."""
+        ...
+
+    async def resume(self) -> ModelInfo:
+        """Serve again over the parked weights."""
         ...
 
 
@@ -85,6 +101,16 @@ class Capacity:
     default_load_bps: float = 1e9
     """Load rate assumed for a model's cost to bring back until a load has been measured."""
     unload_timeout: float = 30.0
+    park: bool = False
+    """A model that loses its engine slot is parked (weights kept in memory) rather than unloaded."""
+    wake_timeout: float = 30.0
+    """How long a request for a parked model waits for an engine slot (all busy) before a 503."""
+    default_wake_bps: float = 50e9
+    """Wake rate assumed for a parked model until a wake has been measured."""
+
+
+SwitchObserver = Callable[[ModelTier, float], None]
+"""Told the seconds of every switch into an engine, by the tier it came from (metrics)."""
 
 
 @dataclass(eq=False)
@@ -109,6 +135,9 @@ class _Record:
     admitted_at: float = field(default_factory=time.monotonic)
     settled: asyncio.Event = field(default_factory=asyncio.Event)
     """Set when loading ends (ready or failed)."""
+    tier: ModelTier = ModelTier.ACTIVE
+    """ACTIVE (loading, or in an engine) or PARKED (weights in memory, no engine)."""
+    waking: bool = False
 
     @property
     def crashed(self) -> bool:
@@ -130,7 +159,7 @@ class _Record:
             load_time_seconds=self.load_time_seconds, pinned=self.pinned, message=message, owner=self.owner,
             identity=self.identity,
             weights=weights.describe(view.report, residency) if view is not None else None,
-            warmup_shapes_done=done, warmup_shapes_total=total,
+            warmup_shapes_done=done, warmup_shapes_total=total, tier=self.tier,
         )
 
     def warmup_progress(self) -> tuple[int, int] | None:
@@ -140,14 +169,16 @@ class _Record:
             return None
         return stats.warmup_shapes_done, stats.warmup_shapes_total
 
-    def resident(self, uses: float, load_bps: float, keep_alive: float, now: float) -> eviction.Resident:
+    def resident(self, uses: float, load_bps: float, wake_bps: float, keep_alive: float,
+                 now: float) -> eviction.Resident:
         served = self.served.engine if self.served is not None else None
-        busy = self.phase is not ModelPhase.READY or (isinstance(served, ServedEngine) and served.busy)
+        busy = self.phase is not ModelPhase.READY or self.waking or (isinstance(served, ServedEngine) and served.busy)
         last_used = self.served.last_used if self.served is not None else self.admitted_at
         size = self.memory_bytes or self.estimate_bytes
         alive = self.keep_alive if self.keep_alive is not None else keep_alive
         return eviction.Resident(self.name, size, last_used, pinned=self.pinned, busy=busy, uses=uses,
-                                 reload_seconds=size / load_bps, kept_alive=now - last_used < alive)
+                                 reload_seconds=size / load_bps, kept_alive=now - last_used < alive,
+                                 tier=self.tier, wake_seconds=size / wake_bps)
 
 
 class ModelManager:
@@ -155,6 +186,7 @@ class ModelManager:
         self, repository: ModelRepository, make_engine: EngineFactory, capacity: Capacity, *,
         lifecycle: Lifecycle, prompt_cache: PromptCache | None = None,
         cache_path: Callable[[str], Path] | None = None, on_change: Callable[[], None] | None = None,
+        on_switch: SwitchObserver | None = None,
     ) -> None:
         """`lifecycle` counts the requests in flight (an unload waits for its model's);
         `prompt_cache` is looked up before every request (None: the local-only one)."""
@@ -169,6 +201,10 @@ class ModelManager:
         self._admission = asyncio.Lock()  # one capacity decision at a time
         self.load_bps: float | None = None
         """Bytes per second of this node's loads (a moving average), once one has been measured."""
+        self.tier_bps: dict[ModelTier, float] = {}
+        """Bytes per second of bringing a model into an engine from each tier (moving averages)."""
+        self._on_switch = on_switch
+        self._background: set[asyncio.Task[None]] = set()
 
     # ---- reading ----
 
@@ -237,20 +273,34 @@ class ModelManager:
         return record.state()
 
     def _admit(self, name: str, estimate: int) -> list[_Record]:
-        now, rate = time.monotonic(), self.load_bps or self.capacity.default_load_bps
-        residents = [r.resident(self.repository.usage.uses(r.name, now), rate, self.capacity.keep_alive, now)
+        """Make room for `name` (`estimate` bytes more in memory): park or evict others; the
+        records whose tasks must end before it may start."""
+        now = time.monotonic()
+        # What a model out of memory costs to bring back: the slower of the page-cache and disk
+        # rates measured here (where its files will be is not known yet), else the first loads' mean.
+        out = [self.tier_bps[t] for t in (ModelTier.PAGE_CACHE, ModelTier.DISK) if t in self.tier_bps]
+        rate = min(out) if out else self.load_bps or self.capacity.default_load_bps
+        wake = self.tier_bps.get(ModelTier.PARKED, self.capacity.default_wake_bps)
+        residents = [r.resident(self.repository.usage.uses(r.name, now), rate, wake, self.capacity.keep_alive, now)
                      for r in self._records.values()
-                     if r.phase in (ModelPhase.LOADING, ModelPhase.WARMING, ModelPhase.READY)]
+                     if r.name != name and r.phase in (ModelPhase.LOADING, ModelPhase.WARMING, ModelPhase.READY)]
         decision = eviction.admit(residents, estimate, max_models=self.capacity.max_models,
                                   budget_bytes=self.capacity.budget_bytes, evict=self.capacity.evict,
-                                  order=self.capacity.order)
+                                  order=self.capacity.order, park=self.capacity.park)
         if decision.refusal is not None:
             kind = MaxModelsReached if decision.refusal.shortage is eviction.Shortage.SLOTS else MemoryBudgetExceeded
             raise kind(f"cannot load {name!r}: {decision.refusal.message}", param="name")
         victims = [self._records[v] for v in decision.victims]
         for victim in victims:
-            log.info("model evicted name=%s for=%s", victim.name, name)
+            log.info("model evicted name=%s tier=%s for=%s", victim.name, victim.tier.value, name)
             self._begin_unload(victim, reason=f"evicted to make room for {name}")
+        for parked in (self._records[v] for v in decision.parked):
+            log.info("model parking name=%s for=%s", parked.name, name)
+            parked.tier = ModelTier.PARKED
+            # Not the record's task: an unload must wait for the park (it holds the lock), not cancel it.
+            task = asyncio.create_task(self._park(parked), name=f"park-{parked.name}")
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
         return victims
 
     async def _load(self, record: _Record, victims: list[_Record]) -> None:
@@ -265,8 +315,10 @@ class ModelManager:
             try:
                 # KV state and dedupes go by content, not name (off the loop: it reads every byte once).
                 digest = record.identity = (await asyncio.to_thread(identity.content_identity, record.path)).digest
+                source = await asyncio.to_thread(filetiers.tier_of, Path(record.path))
                 record.engine = self._make_engine(record.path, record.name, warm=record.warm,
                                                   identity=digest, on_weights_loaded=weights_loaded)
+                engine_started = time.perf_counter()
                 info = await record.engine.start()
                 encoder = PromptEncoder(record.engine.tokenizer)
             except asyncio.CancelledError:
@@ -285,8 +337,9 @@ class ModelManager:
             record.load_time_seconds = round(time.perf_counter() - started, 4)
             record.memory_bytes = info.memory_bytes
             self._measured(info.memory_bytes, time.perf_counter() - started)
+            self._switched(source, info.memory_bytes, time.perf_counter() - engine_started)
             served_engine = ServedEngine(record.engine, record.name, digest, self._lifecycle,
-                                         self._prompt_cache)
+                                         self._prompt_cache, wake=lambda: self._wake(record))
             record.served = ServedModel(record.name, served_engine, encoder, info, int(time.time()),
                                         identity=record.identity)
             record.phase = ModelPhase.READY
@@ -296,6 +349,66 @@ class ModelManager:
             log.info("model ready name=%s memory_bytes=%d load_time_s=%.2f", record.name, info.memory_bytes,
                      record.load_time_seconds)
             self._changed()
+
+    # ---- parking and waking ----
+
+    async def _park(self, record: _Record) -> None:
+        """Release the engine, keep the weights: requests from now on wait for `_wake`."""
+        async with record.lock:
+            served, engine = record.served, record.engine
+            if record.phase is not ModelPhase.READY or record.tier is not ModelTier.PARKED or engine is None:
+                return
+            assert served is not None and isinstance(served.engine, ServedEngine)
+            served.engine.asleep = True
+            if not await served.engine.wait_idle(self.capacity.unload_timeout):
+                log.warning("park grace over, parking anyway name=%s in_flight=%d", record.name,
+                            served.engine.in_flight)
+            await engine.park()
+            log.info("model parked name=%s memory_bytes=%s", record.name, record.memory_bytes)
+        self._changed()
+
+    async def _wake(self, record: _Record) -> None:
+        """Bring a parked model back into an engine (a request for it is waiting); parks
+        another if the slots are full. Concurrent requests wake it once."""
+        async with record.lock:
+            served = record.served
+            if record.phase is ModelPhase.UNLOADING:
+                raise ModelUnloading(f"model {record.name!r} is being unloaded from this node", param="model")
+            if served is None or record.phase is not ModelPhase.READY or record.engine is None:
+                raise ModelLoading(f"model {record.name!r} is not ready on this node; retry shortly", param="model")
+            assert isinstance(served.engine, ServedEngine)
+            if not served.engine.asleep:
+                return  # woken meanwhile by another request
+            record.waking = True
+            try:
+                await self._take_slot(record)
+                started = time.perf_counter()
+                await record.engine.resume()
+                served.engine.asleep = False
+                self._switched(ModelTier.PARKED, record.memory_bytes or 0, time.perf_counter() - started)
+                log.info("model woken name=%s seconds=%.4f", record.name, time.perf_counter() - started)
+            except Exception:
+                record.tier = ModelTier.PARKED
+                raise
+            finally:
+                record.waking = False
+        self._changed()
+
+    async def _take_slot(self, record: _Record) -> None:
+        """An engine slot for a parked model (in memory already: no memory is needed), parking
+        another; while every slot is busy, wait for one, bounded by `wake_timeout`."""
+        deadline = time.monotonic() + self.capacity.wake_timeout
+        while True:
+            async with self._admission:
+                try:
+                    self._admit(record.name, 0)
+                    record.tier = ModelTier.ACTIVE
+                    return
+                except (MaxModelsReached, MemoryBudgetExceeded) as exc:
+                    if time.monotonic() >= deadline:
+                        raise ModelLoading(f"model {record.name!r} is parked and no engine slot came free within "
+                                           f"{self.capacity.wake_timeout:g}s ({exc})", param="model") from exc
+            await asyncio.sleep(0.05)  # a slot frees when a busy model's requests end: nothing to wait on
 
     def _warming(self, record: _Record) -> None:
         if record.phase is ModelPhase.LOADING and record.warm:
@@ -363,6 +476,16 @@ class ModelManager:
         await asyncio.gather(*(r.task for r in list(self._records.values()) if r.task), return_exceptions=True)
 
     # ---- helpers ----
+
+    def _switched(self, tier: ModelTier, size: int, seconds: float) -> None:
+        """Fold one switch into an engine, from `tier`, into that tier's rate."""
+        if self._on_switch is not None:
+            self._on_switch(tier, seconds)
+        if size <= 0 or seconds <= 0:
+            return
+        rate = size / seconds
+        prior = self.tier_bps.get(tier)
+        self.tier_bps[tier] = rate if prior is None else 0.7 * prior + 0.3 * rate
 
     def _measured(self, size: int, seconds: float) -> None:
         """Fold one load into the node's load rate (the cost of bringing a model back)."""

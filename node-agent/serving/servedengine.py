@@ -7,14 +7,17 @@ request needs on its way to the engine, so the data plane just submits:
 - it holds the lifecycle's lease for the model while the request runs: the one count
   of requests in flight, which a drain waits for in total and an unload per model;
 - it asks the prompt cache for KV state of the prompt that other agents computed (none
-  when the fleet-wide tier is off), which the engine then uses instead of computing it.
+  when the fleet-wide tier is off), which the engine then uses instead of computing it;
+- when the model is parked (`asleep`: its engine released, its weights kept), it first
+  asks the model manager to wake it (`wake`), outside the lease: a park waits for the
+  requests in flight, and one waiting to wake is not.
 
 Reading (`stats`, `healthy`) goes to the engine. Nothing here imports MLX.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import replace
 
@@ -27,8 +30,11 @@ class ServedEngine:
     """Implements `interface.Engine` over the engine serving `model` (of content identity `model_id`)."""
 
     def __init__(self, engine: Engine, model: str, model_id: str, lifecycle: Lifecycle,
-                 prompt_cache: PromptCache) -> None:
+                 prompt_cache: PromptCache, wake: Callable[[], Awaitable[None]] | None = None) -> None:
         self.engine = engine
+        self.asleep = False
+        """Parked: the engine is released until `wake` brings it back."""
+        self._wake = wake
         self.model = model
         self.model_id = model_id
         self._lifecycle = lifecycle
@@ -40,7 +46,7 @@ class ServedEngine:
 
     @property
     def healthy(self) -> bool:
-        return self.engine.healthy
+        return self.asleep or self.engine.healthy  # parked: no thread to be alive, and nothing wrong
 
     @property
     def in_flight(self) -> int:
@@ -53,13 +59,19 @@ class ServedEngine:
         return self.in_flight > 0 or stats.running > 0 or stats.waiting > 0
 
     async def submit(self, request: GenerationRequest) -> AsyncGenerator[TokenEvent, None]:
-        async with self._lifecycle.lease(self.model):
-            shared = await self._prompt_cache.lookup(self.model_id, request.prompt_tokens)
-            if shared is not None:
-                request = replace(request, shared_prefix=shared)
-            async with aclosing(self.engine.submit(request)) as events:
-                async for event in events:
-                    yield event
+        while True:
+            if self.asleep and self._wake is not None:
+                await self._wake()
+            async with self._lifecycle.lease(self.model):
+                if self.asleep and self._wake is not None:
+                    continue  # parked again between the wake and the lease: wake it again
+                shared = await self._prompt_cache.lookup(self.model_id, request.prompt_tokens)
+                if shared is not None:
+                    request = replace(request, shared_prefix=shared)
+                async with aclosing(self.engine.submit(request)) as events:
+                    async for event in events:
+                        yield event
+                return
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait for the model's requests in flight to end (at once if there are none)."""

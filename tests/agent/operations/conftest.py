@@ -315,6 +315,19 @@ class FakeEngine:
     async def stop(self) -> None:
         self.stopped = True
         self.healthy = False
+        self.parked = False
+
+    parked: bool = False
+    resumes: int = 0
+
+    async def park(self) -> None:
+        self.healthy, self.parked = False, True
+
+    async def resume(self) -> ModelInfo:
+        assert self.parked, "resume of an engine that is not parked"
+        self.healthy, self.parked = True, False
+        self.resumes += 1
+        return ModelInfo(path=self.path, memory_bytes=self.memory_bytes, context_length=64)
 
     async def submit(self, request: GenerationRequest) -> AsyncGenerator[TokenEvent, None]:
         if not self.healthy:

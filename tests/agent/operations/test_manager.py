@@ -20,7 +20,7 @@ from mlxpool.agent.operations.eviction import Order
 from mlxpool.agent.operations.manager import Capacity, ModelManager
 from mlxpool.agent.serving.lifecycle import Lifecycle
 from mlxpool.agent.serving.repository import ModelRepository
-from mlxpool.agentapi import LoadModelRequest, ModelPhase
+from mlxpool.agentapi import LoadModelRequest, ModelPhase, ModelTier
 
 
 def model_dir(root: Path, name: str, weight_bytes: int = 1000) -> Path:
@@ -436,3 +436,79 @@ def test_a_keep_alive_out_of_range_is_refused_naming_the_field():
     for bad in (-1, 31 * 86400):
         with pytest.raises(ValidationError, match="keep_alive_seconds"):
             LoadModelRequest(name="a", path="/m/a", keep_alive_seconds=bad)
+
+
+# ---- residency tiers: parked (engine released, weights kept) and woken by a request ----
+
+
+async def collect(h: Harness, name: str) -> list:
+    async with aclosing(h.repository.get(name).engine.submit(request())) as events:
+        return [e async for e in events]
+
+
+async def parked_settled(h: Harness, name: str) -> None:
+    for _ in range(200):
+        if h.engines[name][-1].parked:
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"{name} not parked")
+
+
+async def test_a_model_losing_its_slot_is_parked_and_a_request_wakes_it(harness):
+    switches: list = []
+    h = harness(max_models=1, park=True)
+    h.manager._on_switch = lambda tier, seconds: switches.append(tier)
+    await h.ready("a")
+    await h.ready("b")  # one slot: a is parked, not unloaded
+    await parked_settled(h, "a")
+    assert h.manager.state("a").tier is ModelTier.PARKED and h.manager.state("a").phase is ModelPhase.READY
+    assert not h.engines["a"][0].stopped and sorted(m.name for m in h.repository.all()) == ["a", "b"]
+    assert len(await collect(h, "a")) == 3  # the request wakes a (one engine, resumed), b is parked
+    assert h.engines["a"][0].resumes == 1 and len(h.engines["a"]) == 1
+    await parked_settled(h, "b")
+    assert h.manager.state("a").tier is ModelTier.ACTIVE and h.manager.state("b").tier is ModelTier.PARKED
+    assert ModelTier.PARKED in switches and ModelTier.PARKED in h.manager.tier_bps
+
+
+async def test_concurrent_requests_for_a_parked_model_wake_it_once(harness):
+    h = harness(max_models=1, park=True)
+    await h.ready("a")
+    await h.ready("b")
+    await parked_settled(h, "a")
+    results = await asyncio.gather(*(collect(h, "a") for _ in range(5)))
+    assert all(len(r) == 3 for r in results) and h.engines["a"][0].resumes == 1
+
+
+async def test_memory_drops_a_parked_model_out_of_memory_one_tier_down(harness, tmp_path):
+    h = harness(max_models=1, park=True, budget_bytes=2500)
+    await h.ready("a")  # 1000 bytes each
+    await h.ready("b")  # a parked: 2000 bytes in memory
+    await parked_settled(h, "a")
+    await h.ready("c")  # 3000 > 2500: a (parked, least recently used) leaves memory; b is parked
+    await h.gone("a")
+    assert h.engines["a"][0].stopped
+    assert h.manager.state("b").tier is ModelTier.PARKED and h.manager.state("c").tier is ModelTier.ACTIVE
+
+
+async def test_a_busy_model_is_not_parked_and_a_wake_waits_for_a_slot_bounded(harness):
+    h = harness(max_models=1, park=True, wake_timeout=0.3)
+    await h.ready("a")
+    await h.ready("b")
+    await parked_settled(h, "a")
+    h.engines["b"][0].step = asyncio.Event()
+    stream = h.repository.get("b").engine.submit(request())
+    consumer = asyncio.create_task(anext(stream))
+    await asyncio.sleep(0.01)
+    with pytest.raises(ModelLoading, match="no engine slot came free"):
+        await collect(h, "a")  # b is busy: it cannot be parked, and the wait is bounded
+    h.engines["b"][0].step.set()
+    await consumer
+    await stream.aclose()
+    assert len(await collect(h, "a")) == 3  # b idle now: parked, and a woken
+
+
+async def test_a_pinned_model_is_never_parked(harness):
+    h = harness(max_models=1, park=True)
+    await h.ready("a", pin=True)
+    with pytest.raises(MaxModelsReached, match="pinned: a"):
+        await h.load("b")

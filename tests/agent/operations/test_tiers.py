@@ -1,0 +1,86 @@
+"""Residency tiers against a real agent: parked (engine released, weights kept), woken by a request.
+
+Real: an agent process serving the tiny MLX model and a second one (other weights), with one
+engine slot and parking on (`multi_model.park`), driven through its operations API and
+OpenAI endpoints; its /metrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+OPS = "ops-secret-token"
+
+
+@pytest.fixture(scope="module")
+def tier_agent(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    from mlxpool.dev import components
+
+    workdir = tmp_path_factory.mktemp("tier-agent")
+    (workdir / "token").write_text(OPS + "\n")
+    config = workdir / "runtime.yaml"
+    config.write_text("multi_model:\n  max_models: 1\n  park: true\n  unload_timeout_seconds: 10\n")
+    agent = components.start_agent(tiny_model, workdir / "logs", name="tier-agent", ops_token_file=workdir / "token",
+                                   extra=["--config", str(config), "--max-tokens-default", "4"], timeout=90)
+    yield agent
+    agent.stop(10)
+
+
+def node(agent) -> dict:
+    return httpx.get(f"{agent.url}/v1/node", headers={"Authorization": f"Bearer {OPS}"}, timeout=10).json()
+
+
+def tiers(agent) -> dict[str, tuple[str, str]]:
+    return {m["name"]: (m["phase"], m["tier"]) for m in node(agent)["models"]}
+
+
+def wait_tiers(agent, want: dict[str, tuple[str, str]], timeout: float = 60) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    seen = {}
+    while time.monotonic() < deadline:
+        seen = tiers(agent)
+        if seen == want:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"tiers not {want} after {timeout}s: {seen}")
+
+
+def complete(agent, name: str) -> dict:
+    response = httpx.post(f"{agent.url}/v1/completions", json={
+        "model": name, "prompt": "Hello there", "max_tokens": 4, "temperature": 0, "logprobs": 1}, timeout=60)
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]
+
+
+def test_a_model_that_loses_its_slot_is_parked_and_a_request_wakes_it(tier_agent, second_model):
+    before = complete(tier_agent, "tiny")
+    load = httpx.post(f"{tier_agent.url}/v1/node/models", headers={"Authorization": f"Bearer {OPS}"},
+                      json={"name": "other", "path": str(second_model)}, timeout=10)
+    assert load.status_code == 202, load.text
+    # One engine slot: tiny is parked (still listed, still served), not unloaded.
+    wait_tiers(tier_agent, {"tiny": ("ready", "parked"), "other": ("ready", "active")})
+    served = {m["id"] for m in httpx.get(f"{tier_agent.url}/v1/models", timeout=10).json()["data"]}
+    assert served == {"tiny", "other"}
+    # A request wakes tiny (other is parked in its place) and answers as before parking: same weights.
+    after = complete(tier_agent, "tiny")
+    assert (after["text"], after["logprobs"]) == (before["text"], before["logprobs"])
+    wait_tiers(tier_agent, {"tiny": ("ready", "active"), "other": ("ready", "parked")})
+    assert complete(tier_agent, "other")["text"]
+    wait_tiers(tier_agent, {"tiny": ("ready", "parked"), "other": ("ready", "active")})
+    metrics = httpx.get(f"{tier_agent.url}/metrics", timeout=10).text
+    woken = [line for line in metrics.splitlines()
+             if line.startswith('mlxpool_model_switch_seconds_count{tier="parked"}')]
+    assert woken and float(woken[0].split()[-1]) >= 2
+    assert httpx.get(f"{tier_agent.url}/ready", timeout=10).status_code == 200  # parked is not unhealthy
+    gone = httpx.delete(f"{tier_agent.url}/v1/node/models/other", headers={"Authorization": f"Bearer {OPS}"},
+                        timeout=10)
+    assert gone.status_code == 200
+    wait_tiers(tier_agent, {"tiny": ("ready", "parked")})
+    assert complete(tier_agent, "tiny")["text"] == before["text"]
+    wait_tiers(tier_agent, {"tiny": ("ready", "active")})
