@@ -58,6 +58,16 @@ class NodeSpec(_Wire):
     max_models: int = Field(default=1, ge=1, description="Models the agent may hold at once.")
 
 
+class WeightsResidency(_Wire):
+    """Where a loaded model's weights are (bytes; the agent rounds to 2 significant figures so
+    a page or two moving does not make every heartbeat a status write)."""
+
+    total_bytes: int = Field(ge=0, description="All the model's weight bytes.")
+    resident_bytes: int = Field(ge=0, description="In physical memory (mincore over the arrays' pages).")
+    pinned_bytes: int = Field(ge=0, description="Locked in memory (mlock, by the pin policy and budget).")
+    mapped_bytes: int = Field(ge=0, description="Still backed by the model's files (0 once copied into MLX).")
+
+
 class LoadedModel(_Wire):
     name: str
     path: str | None = None
@@ -68,6 +78,7 @@ class LoadedModel(_Wire):
     tier: Literal["active", "parked"] | None = Field(
         default=None,
         description="active: in an engine; parked: weights in memory, engine released (a request wakes it).")
+    weights: WeightsResidency | None = Field(default=None, description="Where the weights are (unset: not measured).")
 
 
 class WarmupProgress(_Wire):

@@ -38,6 +38,7 @@ from mlxpool.agent.node import memoryinfo
 from mlxpool.agent.node.nodeinfo import default_node_name, node_spec, node_status
 from mlxpool.agent.operations.assembly import Operations, StatusNudger
 from mlxpool.agent.operations.reports import memory_readings
+from mlxpool.agent.operations.weights import status_residency
 from mlxpool.agent.serving.dataplane import DataPlane, DataPlaneSettings
 from mlxpool.agent.serving.lifecycle import Lifecycle, Phase
 from mlxpool.agent.serving.policies import SchedulingPolicies
@@ -327,10 +328,13 @@ class AgentRuntime:
         free, used = await asyncio.to_thread(memory_readings, self.probe)
         ready, _ = self.dataplane.readiness()
         parked = {s.name for s in self.operations.manager.states() if s.tier is ModelTier.PARKED}
+        models = list(self.models.all())
+        # Off the loop: residency is mincore over every array's pages.
+        residency = await asyncio.to_thread(lambda: [status_residency(m.info.weights) for m in models])
         loaded = [LoadedModel(name=m.name, path=m.info.path, memory_bytes=m.info.memory_bytes, identity=m.identity,
                               decode_tokens_per_second=status_decode_rate(m.engine.stats),
-                              tier="parked" if m.name in parked else "active")
-                  for m in self.models.all()]
+                              tier="parked" if m.name in parked else "active", weights=where)
+                  for m, where in zip(models, residency, strict=True)]
         warmup = [WarmupProgress(model=name, shapes_done=done, shapes_total=total)
                   for name, done, total in self.operations.manager.warming()]
         return node_status(ready, loaded, free, device_memory_used_bytes=used, warmup=warmup)

@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import math
 import os
 import resource
 import time
 from pathlib import Path
 
 from mlxpool import _native
-from mlxpool.agent.engine.interface import LoadReport, WeightResidency
+from mlxpool.agent.engine.interface import LoadReport, WeightResidency, WeightsView
 from mlxpool.agentapi import ModelWeights
+from mlxpool.nodes import WeightsResidency
 
 
 class PinRefused(RuntimeError):
@@ -100,3 +102,19 @@ def describe(report: LoadReport, residency: WeightResidency | None = None) -> Mo
         pinned_bytes=residency.pinned if residency else report.pinned_bytes,
         mapped_bytes=residency.mapped if residency else None,
     )
+
+
+def two_figures(n: int) -> int:
+    """`n` to 2 significant figures (a status field that must not change on every heartbeat)."""
+    if n <= 0:
+        return 0
+    return int(round(n, 1 - math.floor(math.log10(n))))
+
+
+def status_residency(view: WeightsView | None) -> WeightsResidency | None:
+    """The InferenceNode status's `models[].weights`; blocking (mincore): call off the loop."""
+    if view is None:
+        return None
+    where = view.residency()
+    return WeightsResidency(total_bytes=two_figures(where.total), resident_bytes=two_figures(where.resident),
+                            pinned_bytes=two_figures(where.pinned), mapped_bytes=two_figures(where.mapped))

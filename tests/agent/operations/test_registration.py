@@ -56,6 +56,17 @@ def test_status_lists_models_as_they_load_and_unload(controlplane: ControlPlane,
         identities = {m["name"]: m["identity"] for m in node_object(controlplane, name)["status"]["models"]}
         reported = {m["name"]: m["identity"] for m in client.get("/v1/node").json()["models"]}
         assert identities == reported and len(identities["tiny"]) == 32 and identities["tiny"] != identities["second"]
+        # Where the weights are, as /v1/node measures it, to 2 significant figures (the apiserver
+        # accepted the shape, so CRD schema and pydantic agree).
+        from mlxpool.agent.operations.weights import two_figures
+
+        where = {m["name"]: m["weights"] for m in node_object(controlplane, name)["status"]["models"]}
+        measured = {m["name"]: m["weights"] for m in client.get("/v1/node").json()["models"]}
+        for model in ("tiny", "second"):
+            assert where[model]["totalBytes"] == two_figures(measured[model]["total_bytes"]) > 0
+            assert 0 < where[model]["residentBytes"] <= where[model]["totalBytes"]
+            assert where[model]["pinnedBytes"] == two_figures(measured[model]["pinned_bytes"])
+            assert where[model]["mappedBytes"] == 0
         client.delete("/v1/node/models/second")
         eventually(lambda: status_models(controlplane, name) == ["tiny"], 10, "status drops second")
     finally:

@@ -69,3 +69,21 @@ def test_pin_refused_by_rlimit_memlock_says_which_limit(tiny_model: Path):
                          capture_output=True, text=True, timeout=60, check=True).stdout
     assert out.startswith("refused:"), out
     assert "RLIMIT_MEMLOCK is 4096 bytes" in out and "CAP_IPC_LOCK" in out and "pinned: False" in out
+
+
+def test_residency_for_the_status_has_two_significant_figures():
+    from mlxpool.agent.engine.interface import WeightResidency
+    from mlxpool.agent.operations.weights import status_residency, two_figures
+
+    assert [two_figures(n) for n in (0, 7, 123, 4_567_890, 99_999)] == [0, 7, 120, 4_600_000, 100_000]
+
+    class View:
+        report = None
+
+        def residency(self) -> WeightResidency:
+            return WeightResidency(total=1_234_567, resident=1_230_001, pinned=65_536, mapped=0)
+
+    assert status_residency(None) is None
+    out = status_residency(View())  # type: ignore[arg-type]
+    assert out is not None and out.to_wire() == {"totalBytes": 1_200_000, "residentBytes": 1_200_000,
+                                                 "pinnedBytes": 66_000, "mappedBytes": 0}
