@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from mlxpool.priorities import Priority
 
@@ -243,6 +243,23 @@ class MultiModel(_Section):
     milliseconds. false: it is unloaded, as before."""
     wake_timeout_seconds: float = Field(default=30.0, ge=0, le=3600)
     """How long a request for a parked model waits for an engine slot (every one busy) before a 503."""
+    load_on_request: bool = False
+    """A request naming a model that is not loaded loads it, when it is known: a model this node
+    loaded before, or a directory <source>/<name>, from under one of load_on_request_sources
+    only. The request waits (bounded) while it loads; concurrent first requests load it once.
+    false: such a request is a 404 and only the operations API loads models."""
+    load_on_request_sources: list[str] = Field(default_factory=list, max_length=64)
+    """Absolute directories that models may be loaded on request from (the allow-list)."""
+    load_on_request_wait_seconds: float = Field(default=120.0, gt=0, le=3600)
+    """How long a request waits for the model it named to load before a 503 (it keeps loading)."""
+
+    @field_validator("load_on_request_sources")
+    @classmethod
+    def _absolute_sources(cls, sources: list[str]) -> list[str]:
+        for source in sources:
+            if not source.startswith("/") or len(source) > 4096:
+                raise ValueError(f"load_on_request_sources: {source[:256]!r} must be an absolute directory path")
+        return sources
 
 
 class HorizontalScaling(_Section):

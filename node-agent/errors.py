@@ -53,6 +53,13 @@ class Draining(NotReady):
     code = "draining"
 
 
+class ModelLoadFailed(NotReady):
+    """A model loaded on request (`multi_model.load_on_request`) failed to load; the message says
+    why. The other models keep serving; another node may have it."""
+
+    code = "model_load_failed"
+
+
 class ModelLoading(NotReady):
     """An inference request names a model still on its way in (loading or warming)."""
 

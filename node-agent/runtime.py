@@ -152,6 +152,8 @@ class AgentRuntime:
             endpoint=lambda: (reg.advertise_url if reg and reg.advertise_url else None) or self.url or "",
             on_change=self._status_nudger.nudge, policies=self.policies, on_switch=self.metrics.model_switched,
         )
+        if config.runtime.multi_model.load_on_request:
+            self.dataplane.load_on_request = self.operations.manager.load_for_request
         # ----
         self.app = create_app(self.dataplane, self.metrics, config.credentials,
                               ops=ops_router(self.operations.manager, self.operations.cache,

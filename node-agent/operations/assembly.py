@@ -89,6 +89,9 @@ class Operations:
             unload_timeout=multi_model.unload_timeout_seconds,
             park=multi_model.park,
             wake_timeout=multi_model.wake_timeout_seconds,
+            load_on_request=multi_model.load_on_request,
+            request_sources=tuple(Path(s) for s in multi_model.load_on_request_sources),
+            load_wait=multi_model.load_on_request_wait_seconds,
         )
         manager: ModelManager | None = None
         cache = ModelCacheStore(

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,7 +45,7 @@ from typing import Any, Protocol
 
 from mlxpool.agent.engine.interface import Engine, ModelInfo, WeightResidency, WeightsView
 from mlxpool.agent.engine.prompts import PromptEncoder
-from mlxpool.agent.errors import InvalidRequest, ModelLoading, ModelNotFound, ModelUnloading
+from mlxpool.agent.errors import InvalidRequest, ModelLoadFailed, ModelLoading, ModelNotFound, ModelUnloading
 from mlxpool.agent.operations import eviction, filetiers, identity, weights
 from mlxpool.agent.operations.errors import MaxModelsReached, MemoryBudgetExceeded, ModelConflict, UnloadInProgress
 from mlxpool.agent.serving.lifecycle import Lifecycle
@@ -56,6 +57,9 @@ from mlxpool.agentapi import LoadModelRequest, ModelPhase, ModelState, ModelTier
 log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".npz", ".gguf")
+LOAD_ON_REQUEST_OWNER = "load-on-request"
+"""The `owner` of loads a request made (`multi_model.load_on_request`)."""
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
 
 
 class ManagedEngine(Engine, Protocol):
@@ -104,6 +108,12 @@ class Capacity:
     park: bool = False
     """A model that loses its engine slot is parked (weights kept in memory) rather than unloaded."""
     wake_timeout: float = 30.0
+    load_on_request: bool = False
+    """Requests may load a known model that is not loaded (`load_for_request`)."""
+    request_sources: tuple[Path, ...] = ()
+    """The directories models may be loaded on request from."""
+    load_wait: float = 120.0
+    """How long a request waits for the model it loads."""
     """How long a request for a parked model waits for an engine slot (all busy) before a 503."""
     default_wake_bps: float = 50e9
     """Wake rate assumed for a parked model until a wake has been measured."""
@@ -205,6 +215,8 @@ class ModelManager:
         """Bytes per second of bringing a model into an engine from each tier (moving averages)."""
         self._on_switch = on_switch
         self._background: set[asyncio.Task[None]] = set()
+        self._known: dict[str, str] = {}
+        """Name -> directory of every model loaded from a path here (what a request may bring back)."""
 
     # ---- reading ----
 
@@ -265,6 +277,49 @@ class ModelManager:
                      record.name, record.path, estimate, ",".join(v.name for v in victims) or "-")
             self._changed()
             return record.state(), False
+
+    async def load_for_request(self, name: str) -> bool:
+        """For a request naming `name`, not served now: load it if it is known and allowed, and
+        wait (bounded) until it is ready. False if it is not for us to load (the request's own
+        404 or 503 stands); `ModelLoadFailed` if its load failed, `ModelLoading` past the wait."""
+        if not self.capacity.load_on_request:
+            return False
+        record = self._records.get(name)
+        if record is not None and record.phase is ModelPhase.UNLOADING:
+            return False
+        if record is None:
+            path = await asyncio.to_thread(self._request_source, name)
+            if path is None:
+                return False
+            try:  # concurrent first requests: the first load admits it, the others find it loading
+                await self.load(LoadModelRequest(name=name, path=str(path), owner=LOAD_ON_REQUEST_OWNER))
+            except (MaxModelsReached, MemoryBudgetExceeded) as exc:
+                raise ModelLoading(f"model {name!r} cannot be loaded on this node now: {exc.message}",
+                                   param="model") from exc
+            record = self._records[name]
+        try:
+            await asyncio.wait_for(asyncio.shield(record.settled.wait()), self.capacity.load_wait)
+        except TimeoutError:
+            raise ModelLoading(f"model {name!r} is still loading after {self.capacity.load_wait:g}s; "
+                               "retry shortly", param="model") from None
+        if record.phase is ModelPhase.FAILED or record.crashed:
+            raise ModelLoadFailed(f"model {name!r} could not be loaded: {record.state().message}; "
+                                  f"DELETE /v1/node/models/{name} clears it for another try", param="model")
+        return True
+
+    def _request_source(self, name: str) -> Path | None:
+        """Where `name` may be loaded from on request: a model loaded here before, or <source>/<name>;
+        only inside an allowed source directory (blocking: off the loop)."""
+        if not _PLAIN_NAME.fullmatch(name):
+            return None
+        sources = [s.resolve() for s in self.capacity.request_sources]
+        candidates = [Path(self._known[name])] if name in self._known else []
+        candidates += [s / name for s in sources]
+        for candidate in candidates:
+            path = candidate.resolve()
+            if any(path.is_relative_to(s) and path != s for s in sources) and _model_dir_problem(path) is None:
+                return path
+        return None
 
     async def wait_settled(self, name: str) -> ModelState:
         """Wait until `name` is ready or failed (for the model given on the command line)."""
@@ -338,6 +393,8 @@ class ModelManager:
             record.memory_bytes = info.memory_bytes
             self._measured(info.memory_bytes, time.perf_counter() - started)
             self._switched(source, info.memory_bytes, time.perf_counter() - engine_started)
+            if record.cache_key is None:
+                self._known[record.name] = record.path
             served_engine = ServedEngine(record.engine, record.name, digest, self._lifecycle,
                                          self._prompt_cache, wake=lambda: self._wake(record))
             record.served = ServedModel(record.name, served_engine, encoder, info, int(time.time()),

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -30,7 +30,14 @@ from typing import Any, Protocol
 from mlxpool.agent.config import LimitsConfig, PriorityScheduling
 from mlxpool.agent.engine.interface import EngineError, GenerationRequest, SamplingParams, TierTerms, TokenEvent
 from mlxpool.agent.engine.prompts import PromptError
-from mlxpool.agent.errors import DeadlineExceeded, GenerationFailed, InvalidRequest, QueueFull
+from mlxpool.agent.errors import (
+    DeadlineExceeded,
+    GenerationFailed,
+    InvalidRequest,
+    ModelLoading,
+    ModelNotFound,
+    QueueFull,
+)
 from mlxpool.agent.serving import openai as api
 from mlxpool.agent.serving.lifecycle import Lifecycle, Phase
 from mlxpool.agent.serving.policies import SchedulingPolicies
@@ -131,6 +138,9 @@ class DataPlane:
         self.settings = settings or DataPlaneSettings()
         self.observer = observer
         self.policies = policies or SchedulingPolicies(self.settings.scheduling)
+        self.load_on_request: Callable[[str], Awaitable[bool]] | None = None
+        """Asked for a model that is not served (the model manager's `load_for_request`): True
+        once it is ready; None: such a request fails at once (404, or 503 while it loads)."""
 
     # ---- completions ----
 
@@ -184,9 +194,17 @@ class DataPlane:
 
         return ChunkStream(chunks(), events)
 
+    async def _model(self, name: str) -> ServedModel:
+        try:
+            return self.models.get(name)
+        except (ModelNotFound, ModelLoading):
+            if self.load_on_request is None or not await self.load_on_request(name):
+                raise
+        return self.models.get(name)
+
     async def prepare_completion(self, body: api.CompletionRequest, hints: RequestHints = RequestHints()) -> Prepared:
         self.lifecycle.check_accepting()
-        model = self.models.get(body.model)
+        model = await self._model(body.model)
         prompt = body.text_or_tokens()
         self._check_sizes(body, len(prompt) if isinstance(prompt, str) else 0, "prompt")
         if isinstance(prompt, str):
@@ -253,7 +271,7 @@ class DataPlane:
 
     async def prepare_chat(self, body: api.ChatCompletionRequest, hints: RequestHints = RequestHints()) -> Prepared:
         self.lifecycle.check_accepting()
-        model = self.models.get(body.model)
+        model = await self._model(body.model)
         limits = self.settings.limits
         if len(body.messages) > limits.max_messages:
             raise InvalidRequest(f"messages: {len(body.messages)} messages; this server accepts at most "
