@@ -73,6 +73,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--kills", type=int, help="agents to kill one after the other (default 20, quick: 8)")
     parser.add_argument("--load-seconds", type=float, default=0.5)
     parser.add_argument("--workdir", type=Path, help="keep logs here (default: a temporary directory)")
+    parser.add_argument("--operator-arg", action="append", default=[], metavar="ARG",
+                        help="an extra argument for the operator, e.g. --operator-arg=--watch-interval=10")
     args = parser.parse_args(argv)
     if args.kills is None:
         args.kills = 8 if args.quick else 20
@@ -288,7 +290,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict:
         operator = Process.start("operator", [
             sys.executable, "-m", "mlxpool", "operator", "--kubeconfig", str(cp.kubeconfig("operator")),
             "--namespace", NAMESPACE, "--metrics-port", "0", "--agent-token-file", str(token),
-            "--log-format", "plain"], workdir / "operator.log")
+            "--log-format", "plain", *args.operator_arg], workdir / "operator.log")
         procs.append(operator)
         metrics_url = operator.wait_for_log(r"operator ready url=(http://[0-9.]+:\d+)", 120).group(1)
         await asyncio.sleep(2.0 + args.nodes / 200)  # every node probed and reported once

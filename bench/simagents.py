@@ -8,7 +8,7 @@ another port lets a benchmark or a test act on them:
 
 | method and path                      | effect                                             |
 |--------------------------------------|----------------------------------------------------|
-| GET  /agents                         | every agent: url, alive, ready, calls, models, cache |
+| GET  /agents                         | every agent: url, alive, ready, calls, models (and owners), cache |
 | POST /agents/{name}/kill             | stop answering and close the port, stop beating    |
 | POST /agents/{name}/revive           | answer again on the same port, holding nothing     |
 | POST /agents/{name}/ready  {ready}   | what /ready and the heartbeat say                  |
@@ -162,6 +162,7 @@ class SimFleet:
             "name": h.agent.name, "url": h.agent.url, "alive": h.alive, "ready": h.agent.ready,
             "heartbeat_paused": h.paused, "calls": dict(h.agent.calls),
             "models": {m.name: m.phase.value for m in h.agent.models.values()},
+            "owners": {m.name: m.owner for m in h.agent.models.values()},
             "cache": {e.key: e.phase.value for e in h.agent.cache.values()},
             "engines": {m: {"requests": e.requests_total, "refused": e.refused_total,
                             "prompt_tokens": e.prompt_tokens_total, "cached_tokens": e.cached_tokens_total,

@@ -15,6 +15,7 @@ from pathlib import Path
 from mlxpool.resources import NODE_LEASE_NAMESPACE
 
 OWNER_PREFIX = "mlxpool-operator"
+PEERING_PREFIX = "mlxpool-"
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,23 @@ class OperatorConfig:
 
     namespaces: tuple[str, ...] = ()
     """Namespaces whose pools to reconcile; empty means every namespace."""
+
+    pool_selector: str | None = None
+    """This replica's shard: a label selector on InferencePools (and ModelCaches), e.g.
+    `mlxpool.dev/shard=a`; the API server filters, so other shards' pools are never seen.
+    None: every pool of `namespaces`. Checked by `logic.shards.parse_selector`."""
+
+    shard: str | None = None
+    """The shard's name: replicas of one shard peer through kopf's peering object
+    `mlxpool-<shard>` (one active, the others paused); None: standalone, no peering."""
+
+    priority: int = 0
+    """kopf peering priority within the shard: the highest active replica works."""
+
+    node_conditions: bool = True
+    """Whether to write InferenceNodes' Ready condition. Nodes are cluster-wide: every shard
+    probes every node it may place on; writes are on change only, so two shards agreeing
+    write once, and a shard may leave them to another (`--no-node-conditions`)."""
 
     probe_interval: float | None = None
     """Seconds between probes of every pool, overriding spec.healthCheck.intervalSeconds.
@@ -99,12 +117,21 @@ class OperatorConfig:
     (an unload lost to a restart, a pool deleted while the operator was down)."""
 
     @property
+    def peering_name(self) -> str | None:
+        """kopf's peering object for the shard's replicas (None: standalone)."""
+        return None if self.shard is None else f"{PEERING_PREFIX}{self.shard}"
+
+    @property
     def owner(self) -> str:
         """Who this operator is on the agents (`LoadModelRequest.owner`): its namespace scope is
-        part of it, so operators watching different namespaces never clean up each other's loads."""
-        if not self.namespaces:
+        part of it (namespaces and pool selector), so operators of different shards never clean up
+        each other's loads."""
+        scope = ",".join(sorted(self.namespaces))
+        if self.pool_selector is not None:  # shards of one namespace set must differ too
+            scope = f"{scope}[{self.pool_selector}]"
+        if not scope:
             return OWNER_PREFIX
-        scoped = f"{OWNER_PREFIX}:{','.join(sorted(self.namespaces))}"
+        scoped = f"{OWNER_PREFIX}:{scope}"
         if len(scoped) <= 253:
             return scoped
         return f"{OWNER_PREFIX}:{hashlib.sha256(scoped.encode()).hexdigest()[:32]}"

@@ -90,9 +90,19 @@ class KopfEvents:
         kopf.warn(self._body, reason=reason, message=message)
 
 
-def configure(settings: kopf.OperatorSettings) -> None:
+def configure(settings: kopf.OperatorSettings, config: OperatorConfig) -> None:
     """kopf settings for this operator (see notes/local-control-plane.md for the why)."""
-    settings.peering.standalone = True  # one replica, Recreate: no peering objects needed
+    # Without a shard: one replica, Recreate, no peering objects needed. With one, its
+    # replicas peer through the shard's own object, so one works and the others wait.
+    settings.peering.standalone = config.peering_name is None
+    if config.peering_name is not None:
+        settings.peering.name, settings.peering.mandatory = config.peering_name, True
+        settings.peering.priority = config.priority
+    if config.pool_selector is not None:
+        # The shard's pools (and caches) only, filtered by the API server: another shard's
+        # objects are never heard of, so never acted on.
+        for plural in (POOL_PLURAL, CACHE_PLURAL):
+            settings.watching.label_selectors[GROUP, plural] = config.pool_selector
     settings.persistence.finalizer = FINALIZER
     # Our status schema is strict: keep kopf's own bookkeeping in annotations.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
@@ -111,7 +121,7 @@ def configure(settings: kopf.OperatorSettings) -> None:
 @kopf.on.startup()
 async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     config = _config(memo)
-    configure(settings)
+    configure(settings, config)
     services = memo[SERVICES] = await OperatorServices.open(config)
     if config.agent_token is None:
         log.warning("no agent token (--agent-token-file or $MLXPOOL_AGENT_TOKEN): agents will refuse "

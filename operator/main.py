@@ -1,6 +1,9 @@
 """`mlxpool operator`: parse the command line and run kopf with our handlers.
 
-Always standalone (no peering): deploy one replica with `strategy: Recreate`.
+Standalone (no peering, one replica with `strategy: Recreate`) unless given a shard:
+`--shard NAME` (with `--pool-selector` and/or `--namespace` saying which pools are the
+shard's) peers the shard's replicas through kopf's peering object `mlxpool-NAME`, so one
+of them works and the others wait (docs/fleet-scale.md, manifests/sharding).
 """
 
 from __future__ import annotations
@@ -8,9 +11,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 from pathlib import Path
 
 from mlxpool.operator.config import OperatorConfig
+from mlxpool.operator.logic.shards import parse_selector
 
 LOG_FORMATS = ("plain", "full", "json")
 TOKEN_ENV = "MLXPOOL_AGENT_TOKEN"
@@ -28,6 +33,16 @@ def parse_args(argv: list[str]) -> tuple[OperatorConfig, argparse.Namespace]:
                        help="reconcile pools in this namespace (repeatable; globs allowed)")
     scope.add_argument("--all-namespaces", "-A", action="store_true",
                        help="reconcile pools in every namespace (default)")
+    parser.add_argument("--pool-selector", metavar="SELECTOR",
+                        help="this replica's shard: reconcile only pools (and ModelCaches) whose labels match, "
+                             "e.g. mlxpool.dev/shard=a (filtered by the API server)")
+    parser.add_argument("--shard", metavar="NAME", type=_shard_name,
+                        help="the shard's name: its replicas peer through kopf's peering object mlxpool-NAME "
+                             "(one works, the others wait); without it the operator runs standalone")
+    parser.add_argument("--priority", type=int, default=OperatorConfig.priority, metavar="N",
+                        help="peering priority within the shard: the highest replica works (default: %(default)s)")
+    parser.add_argument("--no-node-conditions", dest="node_conditions", action="store_false",
+                        help="do not write InferenceNodes' Ready condition (another shard does)")
     parser.add_argument("--probe-interval", type=_positive, metavar="S",
                         help="probe every S seconds, overriding each pool's spec.healthCheck.intervalSeconds")
     parser.add_argument("--probe-timeout", type=_positive, default=OperatorConfig.probe_timeout, metavar="S",
@@ -68,9 +83,18 @@ def parse_args(argv: list[str]) -> tuple[OperatorConfig, argparse.Namespace]:
     parser.add_argument("--log-format", choices=LOG_FORMATS, default="full")
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
+    if args.pool_selector is not None:
+        try:
+            parse_selector(args.pool_selector)
+        except ValueError as exc:
+            parser.error(f"--pool-selector: {exc}")
     config = OperatorConfig(
         kubeconfig=args.kubeconfig,
         namespaces=tuple(args.namespaces or ()),
+        pool_selector=args.pool_selector.strip() if args.pool_selector is not None else None,
+        shard=args.shard,
+        priority=args.priority,
+        node_conditions=args.node_conditions,
         probe_interval=args.probe_interval,
         probe_timeout=args.probe_timeout,
         node_stale_after=args.node_stale_seconds,
@@ -103,6 +127,14 @@ def _agent_token(parser: argparse.ArgumentParser, path: Path | None) -> str | No
     if not token:
         parser.error(f"--agent-token-file {path}: the file is empty")
     return token
+
+
+def _shard_name(text: str) -> str:
+    """A shard name goes into a peering object's name: a DNS label, short enough for the prefix."""
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,40}[a-z0-9])?", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: lowercase letters, digits and '-', at most 42, "
+                                         "starting and ending with a letter or digit")
+    return text
 
 
 def _positive(text: str) -> float:
@@ -144,7 +176,9 @@ def main(argv: list[str]) -> int:
         # kopf logs "Handler ... succeeded" for every watch event (node heartbeats included).
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     kopf.run(
-        standalone=True,
+        standalone=config.shard is None,
+        peering_name=config.peering_name,
+        priority=config.priority,
         clusterwide=not config.namespaces,
         namespaces=config.namespaces,
         liveness_endpoint=config.liveness_endpoint,

@@ -143,21 +143,23 @@ class KubeClient:
             _content_type=MERGE_PATCH, _request_timeout=REQUEST_TIMEOUT,
         )
 
-    async def list_pools(self, namespaces: tuple[str, ...]) -> list[dict]:
+    async def list_pools(self, namespaces: tuple[str, ...], label_selector: str | None = None) -> list[dict]:
         """Every InferencePool in `namespaces` (all when empty; glob patterns are listed
-        cluster-wide and filtered), for seeding the fleet at start."""
+        cluster-wide and filtered) that `label_selector` selects (the shard's), for seeding
+        the fleet at start."""
+        selector = label_selector or ""  # the client sends an empty selector as none
         plain = [ns for ns in namespaces if not any(c in ns for c in "*?[!")]
         items: list[dict] = []
         if namespaces and len(plain) == len(namespaces):
             for ns in plain:
                 metrics.API_REQUESTS.labels("list", "inferencepools").inc()
                 listed = await self._custom.list_namespaced_custom_object(
-                    GROUP, VERSION, ns, POOL_PLURAL, _request_timeout=REQUEST_TIMEOUT)
+                    GROUP, VERSION, ns, POOL_PLURAL, _request_timeout=REQUEST_TIMEOUT, label_selector=selector)
                 items += listed.get("items") or []
             return items
         metrics.API_REQUESTS.labels("list", "inferencepools").inc()
-        listed = await self._custom.list_cluster_custom_object(GROUP, VERSION, POOL_PLURAL,
-                                                               _request_timeout=REQUEST_TIMEOUT)
+        listed = await self._custom.list_cluster_custom_object(
+            GROUP, VERSION, POOL_PLURAL, _request_timeout=REQUEST_TIMEOUT, label_selector=selector)
         patterns = namespaces or ("*",)
         return [i for i in listed.get("items") or []
                 if any(fnmatch.fnmatchcase(i["metadata"]["namespace"], p) for p in patterns)]

@@ -89,7 +89,7 @@ class NodeMonitors:
     def __init__(self, fleet: Fleet, prober: Prober, agents: MonitorAgents, kube: Kube, *, default_interval: float,
                  override_interval: float | None, report_interval: float, stale_after: float,
                  orphan_grace: float = 30.0, probes_per_second: float = 50.0, reports_per_second: float = 20.0,
-                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+                 write_conditions: bool = True, clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         self._fleet = fleet
         self._prober = prober
         self._agents = agents
@@ -101,6 +101,7 @@ class NodeMonitors:
         self._orphan_grace = orphan_grace
         self._clock = clock
         self._probes_per_second = probes_per_second
+        self._write_conditions = write_conditions
         self._reports_per_second = reports_per_second
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._watches: dict[str, asyncio.Task[None]] = {}
@@ -207,7 +208,8 @@ class NodeMonitors:
                     stale, news = heartbeat_news(view, self._clock(), self._stale_after, stale)
                     if news:
                         observed.notify(name, HEALTH)  # pools re-place at once, not at the next watch event
-                    await self._mark(name, view, probe)
+                    if self._write_conditions:
+                        await self._mark(name, view, probe)
                 except Exception:  # a monitor must never die: log and go on at the next tick
                     log.exception("node monitor tick failed node=%s", name)
                 with contextlib.suppress(TimeoutError):  # woken early by a suspicion

@@ -78,7 +78,7 @@ class OperatorServices:
             agents, kube, default_interval=1.0, override_interval=config.probe_interval,
             report_interval=config.report_interval, stale_after=config.node_stale_after,
             orphan_grace=config.orphan_grace, probes_per_second=config.probes_per_second,
-            reports_per_second=config.reports_per_second)
+            reports_per_second=config.reports_per_second, write_conditions=config.node_conditions)
         runtimes = Runtimes()
         fleet.observed.subscribe(runtimes.node_changed)
         watcher = LeaseWatcher(api_client, config.lease_namespace, fleet.observed.renew)
@@ -118,7 +118,7 @@ async def _seed(kube: KubeClient, fleet: Fleet, config: OperatorConfig) -> None:
     """Every pool's claims from its status, before any pool acts: a pool that moved away
     from a node must not unload a model another pool (not reconciled yet) still uses."""
     try:
-        pools = await kube.list_pools(config.namespaces)
+        pools = await kube.list_pools(config.namespaces, config.pool_selector)
     except ApiException as exc:
         log.warning("cannot list pools to seed the fleet, unloads may be premature and orphans stay: %s",
                     exc.reason)

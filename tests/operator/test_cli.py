@@ -73,3 +73,29 @@ def test_bad_arguments_exit_with_usage(argv, capsys):
         parse_args(argv)
     assert exited.value.code == 2
     assert "usage: mlxpool operator" in capsys.readouterr().err
+
+
+def test_a_shard_is_a_pool_selector_and_a_peering_name(monkeypatch):
+    monkeypatch.delenv("MLXPOOL_AGENT_TOKEN", raising=False)
+    config, _ = parse_args(["--pool-selector", " mlxpool.dev/shard=a ", "--shard", "a", "--priority", "5",
+                            "--no-node-conditions"])
+    assert config == OperatorConfig(pool_selector="mlxpool.dev/shard=a", shard="a", priority=5, node_conditions=False)
+    assert config.peering_name == "mlxpool-a"
+    assert OperatorConfig().peering_name is None  # standalone, as before
+
+
+def test_shards_are_different_owners_on_the_agents():
+    a, b = (OperatorConfig(pool_selector=f"mlxpool.dev/shard={s}").owner for s in "ab")
+    assert a == "mlxpool-operator:[mlxpool.dev/shard=a]" and a != b
+    assert OperatorConfig(namespaces=("x",), pool_selector="tier").owner == "mlxpool-operator:x[tier]"
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--pool-selector", "a=b=c"], "--pool-selector: 'a=b=c'"),
+    (["--pool-selector", ""], "--pool-selector: the selector is empty"),
+    (["--shard", "Shard_A"], "'Shard_A': lowercase letters"),
+])
+def test_a_bad_shard_is_refused_naming_the_flag(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+    assert message in capsys.readouterr().err
