@@ -60,12 +60,11 @@ class OperatorConfig:
     max_probes_in_flight: int = 64
     """Probes outstanding at once; more wait their turn (a burst of suspicions, a restart)."""
 
-    watch_interval: float = 0.0
+    watch_interval: float = 10.0
     """Seconds between the lines of an agent's health watch (`GET /health/watch`); it counts
-    as ended after 2.5 of them in silence. 0 (the default for now) turns watches off: every
-    agent is then probed every probe interval, as before. Off by default because the first
-    control-plane benchmark with watches on (100 nodes, shared machine) saw many watches
-    fall silent at once and a failover of 16 s: not understood yet (docs/fleet-scale.md)."""
+    as ended after 2.5 of them in silence. 0 turns watches off: every agent is then probed
+    every probe interval. (The mass silences of the first fleet runs were the operator's
+    event loop starved by one shared HTTP connection pool: `io.transports`.)"""
 
     reports_per_second: float = 20.0
     """Budget of periodic `GET /v1/node` reports for the whole fleet (at least every

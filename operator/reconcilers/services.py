@@ -28,6 +28,7 @@ from mlxpool.operator.io.leases import LeaseWatcher
 from mlxpool.operator.io.metrics import MetricsServer
 from mlxpool.operator.io.probing import Prober
 from mlxpool.operator.io.scraping import UsageScraper
+from mlxpool.operator.io.transports import PerHostTransport
 from mlxpool.operator.logic.fleet import Fleet
 from mlxpool.operator.reconcilers.caches import CacheReconciler
 from mlxpool.operator.reconcilers.monitors import NodeMonitors
@@ -63,10 +64,11 @@ class OperatorServices:
         api_client = await open_api_client(config.kubeconfig)
         kube = KubeClient(api_client)
         # Many agents, probed every second: keep their connections open.
-        http = httpx.AsyncClient(trust_env=False, follow_redirects=False,
-                                 limits=httpx.Limits(max_connections=512, max_keepalive_connections=256))
-        watch_http = httpx.AsyncClient(trust_env=False, follow_redirects=False,
-                                       limits=httpx.Limits(max_connections=None, max_keepalive_connections=0))
+        # A small pool per agent: one pool for the whole fleet costs O(connections) per
+        # request in httpcore, which starved the event loop at 100 agents (io.transports).
+        http = httpx.AsyncClient(trust_env=False, follow_redirects=False, transport=PerHostTransport())
+        watch_http = httpx.AsyncClient(trust_env=False, follow_redirects=False, transport=PerHostTransport(
+            max_connections=None, max_keepalive_connections=0))
         fleet = Fleet(retry_after=config.load_retry_after, owner=config.owner)
         agents = AgentClient(http, config.agent_token, config.agent_timeout, owner=config.owner)
         pool_reconciler = PoolReconciler(kube, agents, fleet, config.node_stale_after)

@@ -1,0 +1,50 @@
+"""`io.transports.PerHostTransport`: one pool per agent origin behind one client, kept
+alive, bounded in count (real HTTP servers on loopback)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+from aiohttp import web
+
+from mlxpool.operator.io.transports import PerHostTransport
+
+
+async def _servers(count: int) -> tuple[list[web.AppRunner], list[str]]:
+    async def health(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "port": request.transport.get_extra_info("sockname")[1]})
+
+    runners, urls = [], []
+    for _ in range(count):
+        app = web.Application()
+        app.router.add_get("/health", health)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        runners.append(runner)
+        urls.append(f"http://127.0.0.1:{runner.addresses[0][1]}")
+    return runners, urls
+
+
+def test_each_origin_has_its_own_kept_alive_pool_and_the_oldest_goes_beyond_the_bound():
+    async def scenario() -> None:
+        runners, urls = await _servers(3)
+        transport = PerHostTransport(max_hosts=2)
+        try:
+            async with httpx.AsyncClient(transport=transport, trust_env=False) as client:
+                for url in urls[:2]:
+                    for _ in range(3):
+                        assert (await client.get(f"{url}/health")).json()["status"] == "ok"
+                assert len(transport) == 2
+                await client.get(f"{urls[2]}/health")  # a third origin: the least recently used pool goes
+                assert len(transport) == 2
+                answers = await asyncio.gather(*(client.get(f"{u}/health") for u in urls[1:] for _ in range(5)))
+                assert all(a.status_code == 200 for a in answers)
+                assert len(transport) == 2
+            assert len(transport) == 0  # closed with the client
+        finally:
+            for runner in runners:
+                await runner.cleanup()
+
+    asyncio.run(scenario())
