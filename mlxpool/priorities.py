@@ -11,6 +11,8 @@ from enum import StrEnum
 
 PRIORITY_HEADER = "x-priority"
 DEADLINE_HEADER = "x-deadline-ms"
+TENANT_HEADER = "x-tenant"
+"""Names the request's tenant (fair share inside a tier) where `priority_scheduling.allow_tenant_header` is on."""
 
 
 class Priority(StrEnum):

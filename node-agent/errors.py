@@ -20,6 +20,10 @@ _RETRY_SOON: dict[str, str] = {"Retry-After": "1"}
 class AgentError(ApiError):
     """Base class of the agent's errors (inference and operations APIs)."""
 
+    def response_headers(self) -> dict[str, str] | None:
+        """The headers of its response: the class's, unless the instance computes its own."""
+        return self.headers
+
 
 class InvalidRequest(AgentError):
     status_code = 400
@@ -72,19 +76,56 @@ class ModelUnloading(NotReady):
     code = "model_unloading"
 
 
-class QueueFull(AgentError):
+class Refused(AgentError):
+    """Refused at once, before waiting: 429 with a Retry-After from the predicted wait."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+
+    def __init__(self, message: str, retry_after_s: int, param: str | None = "priority") -> None:
+        super().__init__(message, param=param)
+        self.retry_after_s = max(1, retry_after_s)
+
+    def response_headers(self) -> dict[str, str] | None:
+        return {"Retry-After": str(self.retry_after_s)}
+
+
+class QueueFull(Refused):
     """The request's priority tier already has as many requests waiting as allowed."""
 
-    status_code = 503
-    error_type = "service_unavailable"
     code = "queue_full"
-    headers: ClassVar[dict[str, str] | None] = _RETRY_SOON
 
-    def __init__(self, priority: Priority, limit: int) -> None:
-        super().__init__(f"the {priority.value} tier already has {limit} request(s) waiting (its maximum)",
-                         param="priority")
+    def __init__(self, priority: Priority, limit: int, retry_after_s: int = 1) -> None:
+        super().__init__(f"the {priority.value} tier already has {limit} request(s) waiting (its maximum); "
+                         f"retry after {max(1, retry_after_s)} s", retry_after_s)
         self.priority = priority
         self.limit = limit
+
+
+class TargetUnreachable(Refused):
+    """A sheddable tier's request whose predicted first token already misses the tier's target."""
+
+    code = "target_unreachable"
+
+    def __init__(self, priority: Priority, target_s: float, predicted_s: float, retry_after_s: int) -> None:
+        super().__init__(f"the {priority.value} tier's time-to-first-token target of {target_s * 1000:.0f} ms "
+                         f"cannot be met: the first token is predicted after {predicted_s * 1000:.0f} ms; "
+                         f"retry after {max(1, retry_after_s)} s", retry_after_s)
+        self.priority = priority
+
+
+class TierNotAllowed(AgentError):
+    """The API key may not claim the tier asked for (`priority_scheduling.over_tier: reject`)."""
+
+    status_code = 403
+    error_type = "permission_error"
+    code = "tier_not_allowed"
+
+    def __init__(self, asked: Priority, allowed: Priority) -> None:
+        super().__init__(f"priority: this API key may claim at most the {allowed.value} tier; "
+                         f"it asked for {asked.value}", param="priority")
+        self.asked = asked
+        self.allowed = allowed
 
 
 class InsufficientMemory(AgentError):

@@ -226,7 +226,7 @@ class AgentRuntime:
             prompt_cache_entries=serving.prompt_cache_entries,
             max_waiting={p: t.max_waiting for p, t in scheduling.tiers.items() if t.max_waiting is not None},
             aging_s=scheduling.aging_seconds, edf_slack_s=scheduling.edf_slack_ms / 1000,
-            tenant_weights=dict(scheduling.tenant_weights),
+            tenant_weights=dict(scheduling.tenant_weights), max_paused=scheduling.max_paused,
             warmup_tokens=4 if serving.warmup else 0,
             stream_interval_s=serving.stream_interval_ms / 1000,
             load=LoadOptions(native=weights.use_mmap, pin_policy=weights.pin_policy,

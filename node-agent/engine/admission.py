@@ -9,6 +9,11 @@ and which running sequence to pause for an urgent one.
 - `shed`: a sheddable request whose predicted first token already misses its target is
   refused at once (429 with Retry-After = the predicted wait, rounded up), never left
   to time out: it was doomed on arrival.
+- `tier_waits` and `Outlook`: the predicted wait of a new request of every tier at once
+  (one pass of the same list scheduling, tiers in order), which the engine thread
+  publishes after each step so that `refusal` can answer a doomed request on the
+  asyncio side without a round trip through the engine thread (429 in well under a
+  step's time).
 - `choose_victim`: when a request that may preempt would miss its target waiting for
   a slot, the running sequence to pause: a decoding one of a strictly lower tier, the
   lowest tier first, then the one with the most work left (it would hold its slot
@@ -21,8 +26,9 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
 
 from mlxpool.priorities import Priority
 
@@ -85,3 +91,66 @@ def choose_victim(priority: Priority, slack_s: float, free_slots: int, running: 
     if not candidates:
         return None
     return max(candidates, key=lambda r: (r.priority.rank, r.remaining_s))
+
+
+def tier_waits(slots: int, running: Sequence[float], waiting: Iterable[tuple[Priority, float]]
+               ) -> dict[Priority, float]:
+    """`predicted_wait` of a new request of each tier: every waiting request of its tier and
+    of more urgent ones goes before it (aging ignored: it only moves old requests up)."""
+    if slots <= 0:
+        return dict.fromkeys(Priority, math.inf)
+    busy = sorted(max(0.0, r) for r in running)[:slots]
+    free_at = [0.0] * (slots - len(busy)) + busy
+    heapq.heapify(free_at)
+    by_rank: list[list[float]] = [[] for _ in Priority]
+    for priority, duration in waiting:
+        by_rank[priority.rank].append(duration)
+    waits: dict[Priority, float] = {}
+    for priority in Priority:
+        for duration in by_rank[priority.rank]:
+            start = heapq.heappop(free_at)
+            heapq.heappush(free_at, start + max(0.0, duration))
+        waits[priority] = free_at[0]
+    return waits
+
+
+@dataclass(frozen=True, slots=True)
+class Outlook:
+    """The engine's queue as of its last step, for decisions off the engine thread."""
+
+    waiting: Mapping[Priority, int] = field(default_factory=dict)
+    """Requests waiting per tier."""
+    wait_s: Mapping[Priority, float] = field(default_factory=dict)
+    """Predicted wait for a slot of a request of each tier arriving now."""
+    prefill_tps: float = 400.0
+    """Prompt tokens per second, as measured."""
+
+
+class RefusalReason(StrEnum):
+    QUEUE_FULL = "queue_full"
+    """Its tier already has as many requests waiting as allowed."""
+    TARGET_UNREACHABLE = "target_unreachable"
+    """Sheddable, and its predicted first token already misses its tier's target."""
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    reason: RefusalReason
+    retry_after_s: int
+    predicted_ttft_s: float
+    limit: int | None = None
+
+
+def refusal(outlook: Outlook, priority: Priority, *, pending: int, max_waiting: int | None,
+            sheddable: bool, ttft_target_s: float | None, prompt_tokens: int) -> Refusal | None:
+    """Whether a new request must be refused at once, and the Retry-After it gets.
+
+    `pending`: requests of its tier handed to the engine since the outlook was made.
+    """
+    wait = outlook.wait_s.get(priority, 0.0)
+    prefill = max(0, prompt_tokens) / outlook.prefill_tps if outlook.prefill_tps > 0 else 0.0
+    if max_waiting is not None and outlook.waiting.get(priority, 0) + pending >= max_waiting and wait > 0:
+        return Refusal(RefusalReason.QUEUE_FULL, retry_after_seconds(wait), wait + prefill, max_waiting)
+    if shed(sheddable, ttft_target_s, wait, prefill):
+        return Refusal(RefusalReason.TARGET_UNREACHABLE, retry_after_seconds(wait), wait + prefill)
+    return None

@@ -45,9 +45,19 @@ from typing import Any, Protocol
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
+from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
 from mlxpool.agent.engine import blas as _blas  # noqa: F401  (must precede mlx)
 from mlxpool.agent.engine import kvcodec, loading
+from mlxpool.agent.engine.admission import (
+    Outlook,
+    RefusalReason,
+    RunningView,
+    choose_victim,
+    refusal,
+    retry_after_seconds,
+    tier_waits,
+)
 from mlxpool.agent.engine.interface import (
     EngineConfig,
     EngineError,
@@ -61,19 +71,23 @@ from mlxpool.agent.engine.interface import (
 )
 from mlxpool.agent.engine.logprobs import LogprobReader
 from mlxpool.agent.engine.memory import MemoryBooks
+from mlxpool.agent.engine.memorybudget import MemoryBudget, UnlimitedBudget
 from mlxpool.agent.engine.memorygate import MemoryGate
 from mlxpool.agent.engine.prefixcache import PrefixCache
-from mlxpool.agent.engine.sampling import SamplerFactory, logits_processors
+from mlxpool.agent.engine.sampling import SamplerFactory, SeededSampler, logits_processors
 from mlxpool.agent.engine.scheduling import Forecast, PriorityAdmission
 from mlxpool.agent.engine.shapes import CPU_PREFILL_LIMIT, Shape, ShapeBook, ShapeKind, ShapePlan, WarmupRun
-from mlxpool.agent.engine.speed import SpeedModel
+from mlxpool.agent.engine.speed import PRIOR_PREFILL_TPS, SpeedModel
 from mlxpool.agent.engine.stopping import StopStringMatcher
-from mlxpool.agent.errors import DeadlineExceeded, QueueFull
+from mlxpool.agent.errors import DeadlineExceeded, QueueFull, TargetUnreachable
+from mlxpool.priorities import Priority
 
 __all__ = ["BatchEngine", "EngineConfig"]
 
 log = logging.getLogger(__name__)
 
+MIN_TOKENS_AFTER_RESUME = 8
+"""A resumed sequence is not paused again before it produced this many more tokens (no thrashing)."""
 KV_BYTES_EVERY_STEPS = 32  # how often the batch's KV bytes and device memory are recounted for /metrics
 WARMUP_FIRST_TOKEN = 3  # warm-up prompts use ids from here up (0-2 are special in most vocabularies)
 
@@ -96,6 +110,26 @@ class _Sequence:
     """`time.perf_counter()` when it entered the batch (its prefill time is measured from it)."""
     prefill_tokens: int = 0
     """What it counts against the prefill token budget until prefilled: its whole prompt."""
+    forecast: Forecast | None = None
+    """What the queue ordered it by on arrival (a paused sequence waits again with it)."""
+    sampler: Any = None
+    """Its sampler, kept for a resume (a seeded one holds the request's random stream)."""
+    paused: _Paused | None = None
+    """Set while it is paused (preempted): what it resumes from."""
+    resumed_at: int | None = None
+    """`generated` when it last resumed; None: never paused."""
+    resuming: bool = False
+    """Resumed and not yet back to decoding (its prefill is not a prompt's: not measured)."""
+
+
+@dataclass(slots=True)
+class _Paused:
+    """A preempted sequence's state: its KV (trimmed by the last token, which the resume
+    feeds again), or None when it could not be kept and is recomputed from `tokens`."""
+
+    cache: list[Any] | None
+    tokens: list[int]
+    """Every token its KV covered when paused: prompt and the tokens delivered so far."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +176,8 @@ class BatchEngine:
     def __init__(self, model_path: str, config: EngineConfig | None = None, name: str = "model",
                  on_weights_loaded: Callable[[], None] | None = None,
                  kv_publisher: KVPublisher | None = None, memory: MemoryBooks | None = None,
-                 available_memory: Callable[[], int | None] | None = None) -> None:
+                 available_memory: Callable[[], int | None] | None = None,
+                 paused_budget: MemoryBudget | None = None) -> None:
         self._path = model_path
         self._name = name
         self._memory = memory
@@ -167,6 +202,15 @@ class BatchEngine:
         self._kept: loading.LoadedModel | None = None
         """The loaded model while parked (`park`): weights in memory, no thread, no KV."""
         self._parking = False
+        # Admission off the engine thread: `submit` refuses a doomed request from the queue's
+        # last published outlook (no round trip through a step). Both under `_accepting_lock`.
+        self._outlook = Outlook()
+        self._pending: Counter[Priority] = Counter()
+        """Submissions per tier handed over since the outlook was published."""
+        self._refused_early: Counter[str] = Counter()
+        """Refusals by `submit` itself, by reason."""
+        self._accepted_since: Counter[Priority] = Counter()
+        """Engine thread: submissions taken since the last outlook."""
         self.tokenizer: Any = None
         """mlx-lm's TokenizerWrapper, set once the model is loaded."""
         # Engine-thread state.
@@ -183,6 +227,12 @@ class BatchEngine:
         self._rejected: Counter[str] = Counter()
         self._prefix = PrefixCache(self._config.prompt_cache_bytes, self._config.prompt_cache_entries)
         self._samplers: SamplerFactory | None = None
+        self._budget: MemoryBudget = paused_budget or memory or UnlimitedBudget()
+        """Where paused KV is counted: the node's books (or, in tests, a given budget)."""
+        self._paused: set[str] = set()
+        """Request ids of the paused sequences."""
+        self._preempted: Counter[str] = Counter()
+        self._resumed: Counter[str] = Counter()
         self._logprobs: LogprobReader | None = None
         self._held: list[Delivery] = []  # token events waiting for the next hand-over
         self._handed_over = 0.0  # time.monotonic() of the last hand-over
@@ -240,6 +290,8 @@ class BatchEngine:
             raise EngineError("the engine is not parked")
         self._loaded = Future()
         self._prefix = PrefixCache(self._config.prompt_cache_bytes, self._config.prompt_cache_entries)
+        with self._accepting_lock:  # the queue the outlook described is gone
+            self._outlook, self._pending, self._accepted_since = Outlook(), Counter(), Counter()
         self._thread = threading.Thread(target=self._run, name=f"engine-{self._name}", daemon=True)
         return await self.start()
 
@@ -265,6 +317,8 @@ class BatchEngine:
         with self._accepting_lock:
             if not self._accepting:
                 raise EngineError("the engine is not running")
+            self._refuse_early(request)
+            self._pending[request.priority] += 1
             self._commands.put(_Submit(sequence))
         done = False
         get = sequence.sink.get
@@ -281,6 +335,30 @@ class BatchEngine:
         finally:
             if not done:  # the consumer went away: free the slot now
                 self._commands.put(_Cancel(request.request_id))
+
+    def _refuse_early(self, request: GenerationRequest) -> None:
+        """Raise the 429 of a request its tier's bound or target refuses (caller holds the lock)."""
+        terms = request.terms
+        priority = request.priority
+        verdict = refusal(
+            self._outlook, priority, pending=self._pending[priority],
+            max_waiting=terms.max_waiting if terms is not None else self._config.max_waiting.get(priority),
+            sheddable=terms is not None and terms.sheddable,
+            ttft_target_s=terms.ttft_target_s if terms is not None else None,
+            prompt_tokens=len(request.prompt_tokens))
+        if verdict is None:
+            return
+        self._refused_early[verdict.reason.value] += 1
+        self._stats.requests_rejected_total = dict(self._refused_early + self._rejected)
+        if verdict.reason is RefusalReason.QUEUE_FULL:
+            raise QueueFull(priority, verdict.limit or 0, verdict.retry_after_s)
+        assert terms is not None and terms.ttft_target_s is not None
+        raise TargetUnreachable(priority, terms.ttft_target_s, verdict.predicted_ttft_s, verdict.retry_after_s)
+
+    def _count_rejected(self, reason: str, n: int = 1) -> None:
+        with self._accepting_lock:
+            self._rejected[reason] += n
+            self._stats.requests_rejected_total = dict(self._refused_early + self._rejected)
 
     # ---- engine thread ----
 
@@ -351,6 +429,8 @@ class BatchEngine:
                 return
             if len(self._waiting):
                 self._expire(time.monotonic())
+                if self._config.max_paused > 0 and len(self._running) >= self._config.max_running:
+                    self._preempt(generator)
                 self._admit(generator)
             if self._running:
                 self._step(generator)
@@ -358,6 +438,24 @@ class BatchEngine:
                 if steps % KV_BYTES_EVERY_STEPS == 0 or not self._running:
                     self._stats.kv_cache_bytes = generator.prompt_cache_nbytes if self._running else 0
                     self._count_device_memory()
+            self._publish_outlook()
+
+    def _publish_outlook(self) -> None:
+        """What `submit` decides from: waiting per tier and each tier's predicted wait, now."""
+        speed, running = self._speed, self._running
+        batch = max(1, len(running))
+        remaining = [
+            speed.remaining_seconds(s.generated, s.request.sampling.max_tokens, batch) if s.prefilled
+            else speed.duration_seconds(len(s.request.prompt_tokens) - s.cached_tokens,
+                                        s.request.sampling.max_tokens, batch)
+            for s in running.values()]
+        waits = tier_waits(self._config.max_running, remaining,
+                           ((p, f.duration_s) for _, p, f in self._waiting.items()))
+        outlook = Outlook(self._waiting.counts(), waits, speed.prefill_tps or PRIOR_PREFILL_TPS)
+        with self._accepting_lock:
+            self._pending -= self._accepted_since  # Counter subtraction drops what reaches 0
+            self._accepted_since.clear()
+            self._outlook = outlook
 
     def _take_commands(self, generator: BatchGenerator, block: bool) -> bool:
         """Apply every queued command; False when asked to stop."""
@@ -379,6 +477,7 @@ class BatchEngine:
 
     def _accept(self, sequence: _Sequence) -> None:
         request = sequence.request
+        self._accepted_since[request.priority] += 1
         if request.request_id in self._by_id:
             self._deliver([(sequence, EngineError(f"request id {request.request_id!r} is already running"))])
             return
@@ -396,10 +495,11 @@ class BatchEngine:
                 self._waiting.push(request.request_id, sequence, request.priority, request.deadline, over_limit=True,
                                    weight=len(request.prompt_tokens), forecast=forecast)
             else:
-                self._rejected["queue_full"] += 1
-                self._stats.requests_rejected_total = dict(self._rejected)
-                self._deliver([(sequence, refusal)])  # the client's error as it is
+                self._count_rejected("queue_full")
+                wait = self._outlook.wait_s.get(request.priority, 0.0)
+                self._deliver([(sequence, QueueFull(refusal.priority, refusal.limit, retry_after_seconds(wait)))])
                 return
+        sequence.forecast = forecast
         sequence.detokenizer = self.tokenizer.detokenizer  # a fresh copy per request
         sequence.stops = StopStringMatcher(request.sampling.stop)
         self._by_id[request.request_id] = sequence
@@ -424,6 +524,8 @@ class BatchEngine:
             return
         if self._gate is not None:
             self._gate.done(request_id)
+        if sequence.paused is not None:
+            self._drop_paused(sequence)
         if self._waiting.remove(request_id) is None and sequence.uid is not None:
             generator.remove([sequence.uid])
             self._running.pop(sequence.uid, None)
@@ -439,8 +541,7 @@ class BatchEngine:
             return
         for sequence in expired:
             self._by_id.pop(sequence.request.request_id, None)
-        self._rejected["deadline"] += len(expired)
-        self._stats.requests_rejected_total = dict(self._rejected)
+        self._count_rejected("deadline", len(expired))
         self._count_queues()
         self._deliver([(s, DeadlineExceeded()) for s in expired])
 
@@ -458,20 +559,34 @@ class BatchEngine:
     def _admit(self, generator: BatchGenerator) -> None:
         free = self._free_slots()
         admitted = self._waiting.pop(
-            free, cost=lambda s: len(s.request.prompt_tokens),
+            free, cost=_prefill_cost,
             budget=self._config.prefill_token_budget - self._prefilling_tokens,
             at_least_one=self._prefilling == 0, now=time.monotonic(),
         ) if free > 0 else []
         if self._gate is not None and admitted:
-            admitted = self._gate_admission(admitted)
+            # Resumed sequences still hold their reservation: only new ones pass the gate.
+            resumed = [s for s in admitted if s.paused is not None]
+            fresh = [s for s in admitted if s.paused is None]
+            admitted = resumed + (self._gate_admission(fresh) if fresh else [])
         if not admitted:
             return
         # mlx-lm prefills its queue in groups, each padded to its longest prompt: neighbours of
         # similar length waste less. Priority still comes first.
         admitted.sort(key=lambda s: (s.request.priority.rank, len(s.request.prompt_tokens)))
         assert self._samplers is not None
-        prompts, caches, cached_tokens = [], [], []
+        prompts, caches, cached_tokens, max_tokens, samplers = [], [], [], [], []
         for sequence in admitted:
+            if sequence.paused is not None:
+                prompt, cache, done = self._resume_sequence(sequence)
+                prompts.append(prompt)
+                caches.append(cache)
+                cached_tokens.append(done)
+                max_tokens.append(sequence.request.sampling.max_tokens - sequence.generated)
+                samplers.append(sequence.sampler)
+                continue
+            sequence.sampler = self._samplers.sampler(sequence.request.sampling)
+            samplers.append(sequence.sampler)
+            max_tokens.append(sequence.request.sampling.max_tokens)
             tokens = sequence.request.prompt_tokens
             cache, cached = self._prefix.fetch(tokens)
             shared = sequence.request.shared_prefix
@@ -489,10 +604,10 @@ class BatchEngine:
         self._note_prefill([len(p) for p in prompts])
         uids = generator.insert(
             prompts,
-            max_tokens=[s.request.sampling.max_tokens for s in admitted],
+            max_tokens=max_tokens,
             caches=caches,  # type: ignore[arg-type]  # None entries (no cache) are mlx-lm's own default
             all_tokens=cached_tokens,
-            samplers=[self._samplers.sampler(s.request.sampling) for s in admitted],
+            samplers=samplers,
             logits_processors=[logits_processors(s.request.sampling) for s in admitted],
         )
         admitted_at = time.perf_counter()
@@ -500,12 +615,105 @@ class BatchEngine:
             sequence.uid = uid
             sequence.admitted_at = admitted_at
             self._running[uid] = sequence
+            if sequence.resuming:
+                continue
             self._stats.prompt_tokens_total += len(sequence.request.prompt_tokens)
             self._stats.prompt_tokens_cached_total += sequence.cached_tokens
         self._prefilling += len(admitted)
         self._prefilling_tokens += sum(s.prefill_tokens for s in admitted)
         self._count_prefix_cache()
         self._count_queues()
+
+    # ---- preemption: pause a lower tier's sequence, keep its KV, resume it unchanged ----
+
+    def _preempt(self, generator: BatchGenerator) -> None:
+        """Pause running sequences for waiting requests that may preempt and would otherwise miss
+        their first-token deadline (no slot frees before they must start): one victim each,
+        chosen by `admission.choose_victim`."""
+        now = time.monotonic()
+        urgent: list[tuple[float, Priority]] = []
+        for sequence, priority, forecast in self._waiting.items():
+            terms = sequence.request.terms
+            if sequence.paused is None and terms is not None and terms.preempt and forecast.ttft_deadline is not None:
+                urgent.append((forecast.ttft_deadline - now - forecast.prefill_s, priority))
+        if not urgent:
+            return
+        speed, batch = self._speed, len(self._running)
+        views = {
+            str(uid): RunningView(
+                str(uid), s.request.priority,
+                speed.remaining_seconds(s.generated, s.request.sampling.max_tokens, batch),
+                decoding=s.prefilled and s.generated > 0 and not s.resuming,
+                preemptible=s.resumed_at is None or s.generated - s.resumed_at >= MIN_TOKENS_AFTER_RESUME)
+            for uid, s in self._running.items()}
+        for slack, priority in sorted(urgent):
+            if len(self._paused) >= self._config.max_paused:
+                break
+            victim = choose_victim(priority, slack, self._config.max_running - batch, list(views.values()))
+            if victim is None:
+                continue
+            del views[victim.key]
+            self._pause(generator, self._running[int(victim.key)])
+
+    def _pause(self, generator: BatchGenerator, sequence: _Sequence) -> None:
+        """Take the sequence out of the batch with its KV and queue it again (with no deadline:
+        it has started). mlx-lm samples one token ahead: the KV is trimmed by the last token
+        delivered, which the resume feeds again, and a seeded sampler gives back its last draw,
+        so the resumed sequence produces exactly the tokens it would have."""
+        assert sequence.uid is not None
+        uid, request = sequence.uid, sequence.request
+        cache, tokens = generator.remove([uid], return_prompt_caches=True)[uid]
+        del self._running[uid]
+        sequence.uid = None
+        nbytes = sum(c.nbytes for c in cache)
+        key = _paused_key(request.request_id)
+        kept = can_trim_prompt_cache(cache) and self._budget.reserve(key, nbytes)
+        if kept:
+            trim_prompt_cache(cache, 1)
+        if isinstance(sequence.sampler, SeededSampler):
+            sequence.sampler.rewind()
+        sequence.paused = _Paused(cache if kept else None, list(tokens))
+        self._paused.add(request.request_id)
+        forecast = sequence.forecast or Forecast()
+        left = self._speed.remaining_seconds(sequence.generated, request.sampling.max_tokens, len(self._running) + 1)
+        self._waiting.push(request.request_id, sequence, request.priority, None, over_limit=True,
+                           forecast=replace(forecast, prefill_s=0.0, duration_s=left))
+        self._preempted[request.priority.value] += 1
+        self._count_paused()
+        log.info("sequence paused request_id=%s priority=%s generated=%d kv_kept=%s kv_bytes=%d", request.request_id,
+                 request.priority.value, sequence.generated, kept, nbytes if kept else 0)
+
+    def _resume_sequence(self, sequence: _Sequence) -> tuple[list[int], list[Any] | None, list[int]]:
+        """What to insert for a paused sequence: (prompt, cache, tokens the cache covers)."""
+        paused = sequence.paused
+        assert paused is not None
+        sequence.paused = None
+        sequence.resuming = True
+        sequence.resumed_at = sequence.generated
+        self._paused.discard(sequence.request.request_id)
+        self._budget.release(_paused_key(sequence.request.request_id))
+        self._resumed[sequence.request.priority.value] += 1
+        self._count_paused()
+        sequence.prefill_tokens = 1 if paused.cache is not None else len(paused.tokens)
+        if paused.cache is not None:
+            return paused.tokens[-1:], paused.cache, paused.tokens[:-1]
+        self._stats.recomputed_tokens_total += len(paused.tokens)
+        return paused.tokens, None, []
+
+    def _drop_paused(self, sequence: _Sequence) -> None:
+        sequence.paused = None
+        self._paused.discard(sequence.request.request_id)
+        self._budget.release(_paused_key(sequence.request.request_id))
+        self._count_paused()
+
+    def _count_paused(self) -> None:
+        stats = self._stats
+        stats.paused = len(self._paused)
+        stats.paused_kv_bytes = sum(
+            sum(c.nbytes for c in s.paused.cache) for rid in self._paused
+            if (s := self._by_id.get(rid)) is not None and s.paused is not None and s.paused.cache is not None)
+        stats.preemptions_total = dict(self._preempted)
+        stats.resumes_total = dict(self._resumed)
 
     def _step(self, generator: BatchGenerator) -> None:
         """One batched forward pass, then what follows from it, step by step (the hot loop)."""
@@ -545,6 +753,9 @@ class BatchEngine:
         for progress in prompt_responses:
             if progress.end_of_prompt and (sequence := self._running.get(progress.uid)) is not None:
                 self._prefill_done(sequence)
+                if sequence.resuming:  # one fed-back token (or a recompute): not a prompt's speed
+                    sequence.resuming = False
+                    continue
                 # Admission to prefilled: slower than the prefill alone (decode steps share it),
                 # so the speed model errs on the slow side.
                 self._speed.observe_prefill(len(sequence.request.prompt_tokens) - sequence.cached_tokens,
@@ -791,8 +1002,7 @@ class BatchEngine:
         return go
 
     def _refuse_for_memory(self, refused: list[Delivery]) -> None:
-        self._rejected["memory"] += len(refused)
-        self._stats.requests_rejected_total = dict(self._rejected)
+        self._count_rejected("memory", len(refused))
         self._count_queues()
         self._deliver(refused)
 
@@ -806,6 +1016,9 @@ class BatchEngine:
                 break
             if isinstance(command, _Submit):
                 failed.append((command.sequence, error))
+        for request_id in self._paused:
+            self._budget.release(_paused_key(request_id))
+        self._paused.clear()
         self._by_id.clear()
         self._running.clear()
         self._waiting.drain()
@@ -823,6 +1036,18 @@ class BatchEngine:
         for loop, batch in by_loop.items():
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening any more
                 loop.call_soon_threadsafe(_put_all, batch)
+
+
+def _paused_key(request_id: str) -> str:
+    return f"paused:{request_id}"
+
+
+def _prefill_cost(sequence: _Sequence) -> int:
+    """What a sequence costs the prefill token budget: its prompt, or what its resume feeds."""
+    paused = sequence.paused
+    if paused is None:
+        return len(sequence.request.prompt_tokens)
+    return 1 if paused.cache is not None else len(paused.tokens)
 
 
 def _put_all(batch: list[_Put]) -> None:

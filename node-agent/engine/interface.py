@@ -165,6 +165,8 @@ class EngineConfig:
     """A request this close to its TTFT deadline (beyond its predicted prefill) goes earliest-deadline-first."""
     tenant_weights: dict[str, float] = field(default_factory=dict)
     """Fair-share weight per tenant inside a tier (default 1)."""
+    max_paused: int = 32
+    """Preempted sequences kept paused at once, at most; 0 disables preemption."""
     warmup_tokens: int = 4
     """Tokens generated per warm-up run (0 disables warm-up)."""
     stream_interval_s: float = 0.0
@@ -375,6 +377,16 @@ class EngineStats:
     device_memory_peak_bytes: int = 0
     device_memory_cache_bytes: int = 0
     """Freed buffers MLX keeps for reuse."""
+    preemptions_total: dict[str, int] = field(default_factory=dict)
+    """Running sequences paused for a more urgent request, by the paused one's tier."""
+    resumes_total: dict[str, int] = field(default_factory=dict)
+    """Paused sequences back in the batch, by tier."""
+    recomputed_tokens_total: int = 0
+    """Tokens computed again for resumed sequences whose KV could not be kept."""
+    paused: int = 0
+    """Sequences paused now (waiting to resume)."""
+    paused_kv_bytes: int = 0
+    """KV bytes the paused sequences hold (counted in the memory books)."""
 
 
 @dataclass(frozen=True)

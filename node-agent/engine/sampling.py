@@ -60,26 +60,44 @@ class SamplerFactory:
         return sampler
 
 
-def seeded_sampler(seed: int, temperature: float, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0) -> Sampler:
-    """A sampler with its own random stream: the filters of `make_sampler`, then a keyed draw."""
-    filters: list[Callable[[mx.array], mx.array]] = []
-    if 0 < top_p < 1.0:  # the same order as mlx_lm.sample_utils.make_sampler
-        filters.append(partial(apply_top_p, top_p=top_p))
-    if min_p != 0.0:
-        filters.append(partial(apply_min_p, min_p=min_p))
-    if top_k > 0:
-        filters.append(partial(apply_top_k, top_k=top_k))
-    key = mx.random.key(seed % (1 << 64))
-    inverse_temperature = 1.0 / temperature
+class SeededSampler:
+    """A sampler with its own random stream: the filters of `make_sampler`, then a keyed draw.
 
-    def sample(logprobs: mx.array) -> mx.array:
-        nonlocal key
-        key, draw = mx.random.split(key)
-        for apply in filters:
+    `rewind()` takes back the last draw's key, so a sequence paused after mlx-lm already
+    sampled its next token (one step ahead) draws that token again, identically, when
+    it resumes (`generation`'s preemption).
+    """
+
+    def __init__(self, seed: int, temperature: float, top_p: float = 1.0, top_k: int = 0,
+                 min_p: float = 0.0) -> None:
+        filters: list[Callable[[mx.array], mx.array]] = []
+        if 0 < top_p < 1.0:  # the same order as mlx_lm.sample_utils.make_sampler
+            filters.append(partial(apply_top_p, top_p=top_p))
+        if min_p != 0.0:
+            filters.append(partial(apply_min_p, min_p=min_p))
+        if top_k > 0:
+            filters.append(partial(apply_top_k, top_k=top_k))
+        self._filters = filters
+        self._key = mx.random.key(seed % (1 << 64))
+        self._previous: mx.array | None = None
+        self._inverse_temperature = 1.0 / temperature
+
+    def __call__(self, logprobs: mx.array) -> mx.array:
+        self._previous = self._key
+        self._key, draw = mx.random.split(self._key)
+        for apply in self._filters:
             logprobs = apply(logprobs)
-        return mx.random.categorical(logprobs * inverse_temperature, key=draw)
+        return mx.random.categorical(logprobs * self._inverse_temperature, key=draw)
 
-    return sample
+    def rewind(self) -> None:
+        """Undo the last draw (once): the next call draws with the same key again."""
+        if self._previous is not None:
+            self._key, self._previous = self._previous, None
+
+
+def seeded_sampler(seed: int, temperature: float, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0) -> Sampler:
+    """A `SeededSampler` (kept as a function for callers that want a plain `Sampler`)."""
+    return SeededSampler(seed, temperature, top_p, top_k, min_p)
 
 
 def logits_processors(params: SamplingParams) -> list[LogitsProcessor]:

@@ -24,7 +24,7 @@ from pydantic import BaseModel
 
 from mlxpool import __version__
 from mlxpool.agent.errors import AgentError, InvalidRequest, TooManyWatches
-from mlxpool.agent.http.auth import Credentials, require_api_key
+from mlxpool.agent.http.auth import Credentials, KeyIdentity, require_api_key
 from mlxpool.agent.http.disconnects import disconnected
 from mlxpool.agent.http.errors import EXCEPTION_HANDLERS
 from mlxpool.agent.http.metrics import AgentMetrics, HttpMetricsMiddleware
@@ -36,7 +36,7 @@ from mlxpool.agent.serving.signals import agent_signals
 from mlxpool.httpguards import SizeLimits, SizeLimitsMiddleware, UnexpectedErrorsMiddleware
 from mlxpool.loadsignals import SIGNALS_PATH
 from mlxpool.openapischema import install_openapi
-from mlxpool.priorities import DEADLINE_HEADER, PRIORITY_HEADER
+from mlxpool.priorities import DEADLINE_HEADER, PRIORITY_HEADER, TENANT_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,11 @@ def _json(model: BaseModel) -> Response:
 
 def _hints(request: Request) -> RequestHints:
     headers = request.headers
-    return RequestHints(priority=headers.get(PRIORITY_HEADER), deadline_ms=headers.get(DEADLINE_HEADER))
+    identity = getattr(request.state, "api_key", None)
+    return RequestHints(priority=headers.get(PRIORITY_HEADER), deadline_ms=headers.get(DEADLINE_HEADER),
+                        tenant=headers.get(TENANT_HEADER),
+                        key_ref=identity.ref if isinstance(identity, KeyIdentity) else None,
+                        key_tenant=identity.tenant if isinstance(identity, KeyIdentity) else None)
 
 
 class _ClientGone(AgentError):

@@ -20,16 +20,24 @@ app's `Credentials` when they change. A file that became unreadable or empty kee
 previous secrets (a half-written rotation must not open or lock the API) and is logged,
 by path, never by content. Secrets from the environment are fixed for the process.
 
+A line of the API key file may name its key, `name:key` (the name: letters, digits,
+`_.-`, at most 64): the name is the key's identity for the scheduler (its highest tier in
+`priority_scheduling.key_tiers`, its tenant in the fair share); an unnamed key is looked
+up by itself and its tenant is `key-` + the start of its SHA-256 (no secret in a label).
+`require_api_key` leaves the matched key's `KeyIdentity` in `request.state.api_key`.
+
 Comparisons are constant-time (`hmac.compare_digest`). What this module does not do:
-users, scopes, rate limits — a key either opens the inference API or it does not.
+users, scopes, rate limits.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import logging
 import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +70,27 @@ class OpsDisabled(AgentError):
     code = "ops_api_disabled"
 
 
+_KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass(frozen=True, slots=True)
+class KeyIdentity:
+    """Who a request's API key is, as the scheduler sees it."""
+
+    ref: str
+    """What `priority_scheduling.key_tiers` is keyed by: the key's name, else the key itself."""
+    tenant: str
+    """Its tenant in the fair share (never the secret itself)."""
+
+
+def split_named_key(line: str) -> tuple[str | None, str]:
+    """`name:key` -> (name, key); a line without a valid name before a colon is a bare key."""
+    name, sep, key = line.partition(":")
+    if sep and key.strip() and _KEY_NAME.match(name.strip()):
+        return name.strip(), key.strip()
+    return None, line
+
+
 def read_secrets(path: str | Path) -> list[str]:
     """The secrets in a file: one per line; blank lines and `#` comments skipped.
 
@@ -81,6 +110,8 @@ def read_secrets(path: str | Path) -> list[str]:
 class Credentials:
     api_keys: frozenset[str] = field(default_factory=frozenset)
     """Keys accepted on the inference endpoints; empty means those endpoints are open."""
+    key_names: tuple[tuple[str, str], ...] = ()
+    """(key, name) of the keys named in the key file."""
     ops_token: str | None = None
     """The ops API token; None means the ops API refuses every call (403)."""
 
@@ -89,7 +120,14 @@ class Credentials:
              environ: Mapping[str, str] | None = None) -> Credentials:
         """Files win over the environment; ValueError names an unreadable or empty file."""
         env = os.environ if environ is None else environ
-        keys: Iterable[str] = read_secrets(api_key_file) if api_key_file else _env_secret(env, API_KEY_ENV)
+        lines: Iterable[str] = read_secrets(api_key_file) if api_key_file else _env_secret(env, API_KEY_ENV)
+        keys: list[str] = []
+        names: dict[str, str] = {}
+        for line in lines:
+            name, key = split_named_key(line)
+            keys.append(key)
+            if name is not None:
+                names[key] = name
         ops: str | None
         if ops_token_file:
             tokens = read_secrets(ops_token_file)
@@ -98,22 +136,28 @@ class Credentials:
             ops = tokens[0]
         else:
             ops = next(iter(_env_secret(env, OPS_TOKEN_ENV)), None)
-        return cls(api_keys=frozenset(keys), ops_token=ops)
+        return cls(api_keys=frozenset(keys), key_names=tuple(sorted(names.items())), ops_token=ops)
 
     @property
     def inference_open(self) -> bool:
         return not self.api_keys
 
-    def check_api_key(self, authorization: str | None) -> None:
+    def check_api_key(self, authorization: str | None) -> KeyIdentity | None:
+        """The presented key's identity; None when the endpoints are open (no key needed)."""
         if self.inference_open:
-            return
+            return None
         presented = _bearer(authorization)
         # Compare against every key (no early exit): timing reveals nothing about which matched.
-        matched = False
+        matched: str | None = None
         for key in self.api_keys:
-            matched |= hmac.compare_digest(presented.encode(), key.encode())
-        if not matched:
+            if hmac.compare_digest(presented.encode(), key.encode()):
+                matched = key
+        if matched is None:
             raise Unauthorized("invalid API key")
+        name = dict(self.key_names).get(matched)
+        if name is not None:
+            return KeyIdentity(name, name)
+        return KeyIdentity(matched, "key-" + hashlib.sha256(matched.encode()).hexdigest()[:12])
 
     def check_ops_token(self, authorization: str | None) -> None:
         if self.ops_token is None:
@@ -126,8 +170,8 @@ class Credentials:
 
 
 def require_api_key(request: Request) -> None:
-    """FastAPI dependency for the inference endpoints."""
-    _credentials(request).check_api_key(request.headers.get("authorization"))
+    """FastAPI dependency for the inference endpoints; leaves the key's identity in `request.state.api_key`."""
+    request.state.api_key = _credentials(request).check_api_key(request.headers.get("authorization"))
 
 
 def require_ops_token(request: Request) -> None:

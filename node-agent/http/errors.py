@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 
 def error_response(error: AgentError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status_code, headers=error.headers)
+    return JSONResponse(error.body(), status_code=error.status_code, headers=error.response_headers())
 
 
 async def _agent_error(_: Request, exc: Exception) -> JSONResponse:

@@ -20,6 +20,7 @@ chunks come in batches: the tokens the engine handed over together (see
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
@@ -36,19 +37,24 @@ from mlxpool.agent.errors import (
     InvalidRequest,
     ModelLoading,
     ModelNotFound,
-    QueueFull,
+    Refused,
+    TierNotAllowed,
 )
 from mlxpool.agent.serving import openai as api
 from mlxpool.agent.serving.lifecycle import Lifecycle, Phase
 from mlxpool.agent.serving.policies import SchedulingPolicies
 from mlxpool.agent.serving.repository import ModelRepository, ServedModel
 from mlxpool.agent.serving.shaping import ChunkTemplate, chat_logprobs, completion_logprobs
-from mlxpool.priorities import DEADLINE_HEADER, PRIORITY_HEADER, Priority
+from mlxpool.priorities import DEADLINE_HEADER, PRIORITY_HEADER, TENANT_HEADER, Priority
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's default
 DEFAULT_TOP_P = 1.0
+ANONYMOUS = "anonymous"
+"""The tenant of requests without an API key or allowed `x-tenant` header."""
+MAX_TENANT_CHARS = 64
+_TENANT = re.compile(rf"^[A-Za-z0-9_.:@-]{{1,{MAX_TENANT_CHARS}}}$")
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,12 @@ class RequestHints:
     """The `x-priority` header; the body's `priority` field wins over it."""
     deadline_ms: str | None = None
     """The `x-deadline-ms` header; the body's `deadline_ms` field wins over it."""
+    tenant: str | None = None
+    """The `x-tenant` header (used only where `priority_scheduling.allow_tenant_header` is on)."""
+    key_ref: str | None = None
+    """The API key's name (else the key): what `priority_scheduling.key_tiers` is keyed by; None: no key."""
+    key_tenant: str | None = None
+    """The API key's tenant (its name, or a digest of it); None: no key."""
 
 
 class RequestObserver(Protocol):
@@ -347,7 +359,9 @@ class DataPlane:
             logit_bias=biases,
         )
         scheduling = self.policies.effective(model.name)
-        priority = body.priority or _header_priority(hints.priority) or scheduling.default_priority
+        priority = self._allowed_tier(body.priority or _header_priority(hints.priority) or scheduling.default_priority,
+                                      hints, scheduling)
+        tenant = _tenant(hints, scheduling)
         wait_s = _wait_seconds(body.deadline_ms, hints.deadline_ms, scheduling, priority)
         tier = scheduling.tier(priority)
         terms = TierTerms(
@@ -357,9 +371,21 @@ class DataPlane:
         now = time.monotonic()
         request = GenerationRequest(
             request_id=uuid.uuid4().hex, prompt_tokens=tuple(tokens), sampling=sampling, priority=priority,
-            deadline=None if wait_s is None else now + wait_s, terms=terms, arrival=now,
+            deadline=None if wait_s is None else now + wait_s, terms=terms, arrival=now, tenant=tenant,
         )
         return Prepared(model, request, api.new_id(id_prefix), api.now(), arrival)
+
+    @staticmethod
+    def _allowed_tier(asked: Priority, hints: RequestHints, scheduling: PriorityScheduling) -> Priority:
+        """The tier the request is served at: what it asked for, at most what its key may claim."""
+        allowed = scheduling.default_key_tier
+        if hints.key_ref is not None:
+            allowed = scheduling.key_tiers.get(hints.key_ref, allowed)
+        if asked.rank >= allowed.rank:
+            return asked
+        if scheduling.over_tier == "reject":
+            raise TierNotAllowed(asked, allowed)
+        return allowed
 
     def _max_tokens(self, requested: int | None, prompt_tokens: int, model: ServedModel, prompt_param: str) -> int:
         context = model.info.context_length
@@ -401,8 +427,8 @@ class DataPlane:
                     if event.finish_reason is not None:
                         outcome = event.finish_reason
                     yield event
-        except QueueFull:
-            outcome = "queue_full"
+        except Refused as refused:  # 429 before waiting: queue_full or target_unreachable
+            outcome = refused.code or "refused"
             raise
         except DeadlineExceeded:
             outcome = "deadline"
@@ -444,6 +470,17 @@ class DataPlane:
         usage = api.Usage.of(prepared.prompt_tokens, last.completion_tokens, last.cached_tokens)
         return kind(id=prepared.response_id, created=prepared.created, model=model, choices=[],
                     usage=usage).model_dump_json()
+
+
+def _tenant(hints: RequestHints, scheduling: PriorityScheduling) -> str:
+    """The fair-share tenant: the `x-tenant` header where allowed, else the API key's, else anonymous."""
+    if hints.tenant is not None and scheduling.allow_tenant_header:
+        value = hints.tenant.strip()
+        if not _TENANT.match(value):
+            raise InvalidRequest(f"{TENANT_HEADER}: 1 to {MAX_TENANT_CHARS} characters of letters, digits and "
+                                 f"'_.:@-'; got {hints.tenant[:64]!r}", param=TENANT_HEADER)
+        return value
+    return hints.key_tenant or ANONYMOUS
 
 
 def _header_priority(value: str | None) -> Priority | None:

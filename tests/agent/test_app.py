@@ -175,11 +175,11 @@ async def test_engine_failure_mid_stream_is_reported_in_the_stream(client, fake_
 
 
 @pytest.mark.parametrize("stream", [False, True])
-async def test_full_queue_is_503_and_a_missed_deadline_504(client, fake_agent, stream):
-    fake_agent.engine.fail_with = QueueFull(Priority.LOW, 1)
+async def test_full_queue_is_429_and_a_missed_deadline_504(client, fake_agent, stream):
+    fake_agent.engine.fail_with = QueueFull(Priority.LOW, 1, retry_after_s=7)
     r = await client.post("/v1/completions", json={"model": "fake", "prompt": "x", "stream": stream},
                           headers={"x-priority": "low"})
-    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert r.status_code == 429 and r.headers["retry-after"] == "7"
     assert r.json()["error"]["code"] == "queue_full" and "low tier" in r.json()["error"]["message"]
     assert r.json()["error"]["param"] == "priority"
     fake_agent.engine.fail_with = DeadlineExceeded()

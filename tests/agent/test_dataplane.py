@@ -20,6 +20,7 @@ from mlxpool.agent.errors import (
     ModelNotFound,
     NotReady,
     QueueFull,
+    TierNotAllowed,
 )
 from mlxpool.agent.serving import openai as api
 from mlxpool.agent.serving.dataplane import DataPlane, DataPlaneSettings, RequestHints
@@ -234,7 +235,7 @@ async def test_deadline_from_body_then_header_then_the_tier_default(fake_agent):
 
 
 @pytest.mark.parametrize(("engine_error", "agent_error", "status"), [
-    (QueueFull(Priority.LOW, 2), QueueFull, 503),
+    (QueueFull(Priority.LOW, 2), QueueFull, 429),
     (DeadlineExceeded(), DeadlineExceeded, 504),
 ])
 async def test_refusals_surface_before_a_stream_starts(fake_agent, engine_error, agent_error, status):
@@ -317,3 +318,35 @@ def test_models_list_and_readiness(fake_agent):
     assert fake_agent.plane.readiness() == (True, {"status": "ready", "models": ["fake"], "in_flight": 0})
     fake_agent.engine.healthy = False
     assert fake_agent.plane.readiness()[1]["status"] == "unhealthy"
+
+
+async def test_a_key_is_served_at_most_at_its_tier_or_refused(fake_agent):
+    scheduling = PriorityScheduling(key_tiers={"bronze": Priority.LOW}, default_key_tier=Priority.HIGH)
+    plane = DataPlane(fake_agent.models, fake_agent.lifecycle, DataPlaneSettings(8, scheduling))
+    asks = [("bronze", "critical"), ("bronze", "background"), ("other", "critical"), (None, "critical")]
+    for key, tier in asks:
+        await plane.complete(completion(priority=tier), RequestHints(key_ref=key, key_tenant=key))
+    served = [(r.priority, r.tenant) for r in fake_agent.engine.requests]
+    assert served == [(Priority.LOW, "bronze"), (Priority.BACKGROUND, "bronze"), (Priority.HIGH, "other"),
+                      (Priority.HIGH, "anonymous")]
+    strict = DataPlane(fake_agent.models, fake_agent.lifecycle,
+                       DataPlaneSettings(8, scheduling.model_copy(update={"over_tier": "reject"})))
+    with pytest.raises(TierNotAllowed, match="at most the low tier; it asked for high") as refused:
+        await strict.complete(completion(priority="high"), RequestHints(key_ref="bronze"))
+    assert refused.value.status_code == 403 and refused.value.param == "priority"
+    await strict.complete(completion(priority="low"), RequestHints(key_ref="bronze"))  # within its tier
+
+
+async def test_the_tenant_is_the_header_where_allowed_else_the_key(fake_agent):
+    closed = DataPlane(fake_agent.models, fake_agent.lifecycle, DataPlaneSettings(8))
+    opened = DataPlane(fake_agent.models, fake_agent.lifecycle,
+                       DataPlaneSettings(8, PriorityScheduling(allow_tenant_header=True)))
+    await closed.complete(completion(), RequestHints(tenant="team-a", key_tenant="key-1"))
+    await closed.complete(completion(), RequestHints(tenant="team-a"))
+    await opened.complete(completion(), RequestHints(tenant="team-a", key_tenant="key-1"))
+    await opened.complete(completion(), RequestHints(key_tenant="key-1"))
+    assert [r.tenant for r in fake_agent.engine.requests] == ["key-1", "anonymous", "team-a", "key-1"]
+    for bad in ("", "a b", "x" * 65, "é"):
+        with pytest.raises(InvalidRequest, match="x-tenant") as error:
+            await opened.complete(completion(), RequestHints(tenant=bad))
+        assert error.value.param == "x-tenant"

@@ -8,7 +8,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mlxpool.agent.engine.admission import RunningView, choose_victim, predicted_wait, retry_after_seconds, shed
+from mlxpool.agent.engine.admission import (
+    Outlook,
+    RefusalReason,
+    RunningView,
+    choose_victim,
+    predicted_wait,
+    refusal,
+    retry_after_seconds,
+    shed,
+    tier_waits,
+)
 from mlxpool.agent.engine.scheduling import Forecast, PriorityAdmission
 from mlxpool.agent.engine.speed import PRIOR_PREFILL_TPS, PRIOR_STEP_S, SpeedModel
 from mlxpool.priorities import Priority
@@ -201,6 +211,40 @@ def test_shedding_and_retry_after():
     assert not shed(False, 1.0, wait_s=9.0, prefill_s=0.2)
     assert not shed(True, None, wait_s=9.0, prefill_s=0.2)
     assert [retry_after_seconds(w) for w in (0.0, 0.2, 1.0, 1.01, math.inf)] == [1, 1, 1, 2, 3600]
+
+
+def test_tier_waits_are_predicted_wait_for_each_tier_in_one_pass():
+    waiting = [(LOW, 3.0), (CRITICAL, 1.0), (NORMAL, 2.0), (CRITICAL, 0.5)]
+    waits = tier_waits(2, [1.0, 4.0], waiting)
+    for tier in Priority:
+        # Tiers in order, arrival order inside one (sorted is stable).
+        ahead = [d for p, d in sorted(((p, d) for p, d in waiting if p.rank <= tier.rank), key=lambda x: x[0].rank)]
+        assert waits[tier] == predicted_wait(2, [1.0, 4.0], ahead), tier
+    assert waits[CRITICAL] == 2.5 and waits[BACKGROUND] >= waits[LOW] >= waits[NORMAL]
+    assert tier_waits(0, [], []) == dict.fromkeys(Priority, math.inf)
+
+
+def test_refusal_by_bound_or_unreachable_target_with_retry_after_from_the_wait():
+    outlook = Outlook({LOW: 2, NORMAL: 0}, {LOW: 4.2, NORMAL: 1.5, CRITICAL: 0.0}, prefill_tps=100.0)
+    full = refusal(outlook, LOW, pending=0, max_waiting=2, sheddable=False, ttft_target_s=None, prompt_tokens=10)
+    assert full is not None and full.reason is RefusalReason.QUEUE_FULL and full.retry_after_s == 5
+    assert full.limit == 2 and full.predicted_ttft_s == pytest.approx(4.3)
+    # Pending submissions count against the bound; no bound, no refusal.
+    assert refusal(outlook, NORMAL, pending=3, max_waiting=3, sheddable=False, ttft_target_s=None,
+                   prompt_tokens=1).reason is RefusalReason.QUEUE_FULL
+    assert refusal(outlook, NORMAL, pending=3, max_waiting=None, sheddable=False, ttft_target_s=None,
+                   prompt_tokens=1) is None
+    # Sheddable: refused when wait + prefill misses the target, else queued.
+    shed_one = refusal(outlook, NORMAL, pending=0, max_waiting=None, sheddable=True, ttft_target_s=1.5,
+                       prompt_tokens=10)
+    assert shed_one is not None and shed_one.reason is RefusalReason.TARGET_UNREACHABLE and shed_one.retry_after_s == 2
+    assert refusal(outlook, NORMAL, pending=0, max_waiting=None, sheddable=True, ttft_target_s=1.7,
+                   prompt_tokens=10) is None
+    assert refusal(outlook, NORMAL, pending=0, max_waiting=None, sheddable=False, ttft_target_s=0.1,
+                   prompt_tokens=10) is None
+    # A free slot now (wait 0): the bound is the engine's to apply (the next admission takes it).
+    assert refusal(outlook, CRITICAL, pending=5, max_waiting=1, sheddable=False, ttft_target_s=None,
+                   prompt_tokens=1) is None
 
 
 def test_the_victim_is_the_lowest_tier_with_the_most_work_left():
