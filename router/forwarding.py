@@ -207,6 +207,8 @@ class Forwarder:
         if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
             self.signals.connect_failed(endpoint.url, self.clock())
             return UpstreamFailure(endpoint, "connect", f"cannot connect ({exc.__class__.__name__}: {exc})")
+        if isinstance(exc, httpx.PoolTimeout):
+            return UpstreamFailure(endpoint, "timeout", "no free connection in the router's pool to agents")
         if isinstance(exc, (TimeoutError, httpx.TimeoutException)):
             return UpstreamFailure(endpoint, "timeout", "no response before the first-byte timeout")
         if isinstance(exc, httpx.HTTPError):
