@@ -17,11 +17,15 @@ LD_PRELOAD for both):
   memory.limit_in_bytes, where we may create one) capped at the same bytes; counts
   answered, refused with a clear error (ours: 503 insufficient_memory), failed otherwise,
   and whether the server died (an abort: the OOM killer or a crash); peak RSS.
-Not measured here (yet): per-token jitter under memory pressure, pinned vs unpinned.
+- jitter under memory pressure: one stream at a time, per-token gaps p50/p99, agent with
+  pin_policy all vs none, while a hog in the agent's own memory cgroup (its limit set to the
+  agent's RSS + 32 MB, the hog the weights' size) makes the kernel reclaim; a swap file is made and
+  swapped on where root may (the weights are anonymous memory: only swap can take them);
+  the output says whether swap existed and how much of the agent went to it.
 
 Usage: python -m bench.memory [--quick]. The last line is one JSON object with
 `cold_ttft_ratio` (ours / mlx_lm.server), `load_gbps_ratio` (ours / mlx_lm.load),
-`pinned_jitter_ratio` (null: not measured), `ours_aborts`, `theirs_aborts`.
+`pinned_jitter_ratio` (p99/p50 pinned / unpinned; null if not measured), `ours_aborts`, `theirs_aborts`.
 """
 
 from __future__ import annotations
@@ -36,7 +40,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import httpx
 
@@ -255,6 +261,122 @@ def soak(model: Path, logs: Path, requests: int, prompt_tokens: int, max_tokens:
     return out
 
 
+# ---- jitter under memory pressure ----
+
+HOG = """
+import sys, time
+chunks, limit, deadline = [], int(sys.argv[1]), time.monotonic() + float(sys.argv[2])
+while time.monotonic() < deadline:
+    if sum(len(c) for c in chunks) < limit:
+        chunks.append(bytearray(b"x" * (4 << 20)))  # written: anonymous memory the cgroup must hold
+    for c in chunks:  # keep ours hot, so the kernel reclaims the agent's pages instead
+        c[::4096] = b"y" * len(c[::4096])
+    time.sleep(0.05)
+"""
+
+
+@contextlib.contextmanager
+def swap_file(path: Path, nbytes: int) -> Iterator[bool]:
+    """A swap file, on where root may (swapon); yields whether swap is on."""
+    on = False
+    try:
+        subprocess.run(["fallocate", "-l", str(nbytes), str(path)], check=True, capture_output=True)
+        path.chmod(0o600)
+        subprocess.run(["mkswap", str(path)], check=True, capture_output=True)
+        on = subprocess.run(["swapon", str(path)], capture_output=True).returncode == 0
+    except (OSError, subprocess.CalledProcessError):
+        on = False
+    try:
+        yield on
+    finally:
+        if on:
+            subprocess.run(["swapoff", str(path)], capture_output=True)
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def token_gaps(url: str, prompt: str, max_tokens: int) -> list[float]:
+    """Seconds between streamed tokens of one completion."""
+    gaps: list[float] = []
+    last = None
+    with httpx.stream("POST", f"{url}/v1/completions", timeout=120, json={
+            "model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data:") and "[DONE]" not in line:
+                now = time.perf_counter()
+                if last is not None:
+                    gaps.append(now - last)
+                last = now
+    return gaps
+
+
+def proc_status_kb(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def jitter(model: Path, logs: Path, rounds: int, requests: int, max_tokens: int) -> dict[str, object]:
+    """Per-token latency of one stream at a time while a hog in the agent's own memory cgroup
+    forces the kernel to reclaim: pin_policy all vs none, alternating. The weights are
+    anonymous memory (copied into MLX buffers), so only swap can take them."""
+    out: dict[str, object] = {"weights_memory": "anonymous (copied into MLX buffers; no file-backed option: "
+                                                "MLX's Python API cannot wrap the mapping)"}
+    gaps: dict[str, list[float]] = {"pinned": [], "unpinned": []}
+    swapped: dict[str, list[int]] = {"pinned": [], "unpinned": []}
+    weights = weight_bytes(model)
+    with swap_file(logs / "swapfile", 1 << 30) as swap:
+        out["swap"] = swap
+        for r in range(rounds):
+            for kind in (("pinned", "unpinned") if r % 2 == 0 else ("unpinned", "pinned")):
+                config = logs / f"jitter-{kind}.yaml"
+                config.write_text("weight_management:\n  pin_policy: " + ("all" if kind == "pinned" else "none")
+                                  + f"\n  pin_budget_bytes: {4 * weights}\n")
+                group = make_cgroup(f"mlxpool-jitter-{kind}", 1 << 40)
+                if group is None:
+                    out["error"] = "no memory cgroup could be made: pressure not applied"
+                    return out
+                proc = start_server(OURS, model, logs, free_port(), group, config)
+                hog = None
+                try:
+                    if not first_token(proc.base_url, "bench", 300):
+                        raise RuntimeError(f"agent did not start: {proc.log_tail()}")
+                    token_gaps(proc.base_url, "warm up", 8)
+                    rss = proc_status_kb(proc.pid, "VmRSS") * 1024
+                    # Room for the agent's RSS and 32 MB, and a hog of the weights' size: the
+                    # kernel must push about the weights' worth of pages out (to swap).
+                    (group / "memory.limit_in_bytes").write_text(str(rss + (32 << 20)))
+                    hog = subprocess.Popen(["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$@"', "sh",
+                                            sys.executable, "-c", HOG, str(weights), "600"])
+                    deadline = time.monotonic() + 20  # until the hog holds its share
+                    while time.monotonic() < deadline and hog.poll() is None and \
+                            proc_status_kb(hog.pid, "VmRSS") << 10 < weights * 0.9:
+                        time.sleep(0.05)
+                    for i in range(requests):
+                        gaps[kind] += token_gaps(proc.base_url, f"request {i}: tell me about fleets", max_tokens)
+                    swapped[kind].append(proc_status_kb(proc.pid, "VmSwap") * 1024 if proc.alive() else -1)
+                finally:
+                    if hog is not None:
+                        hog.kill()
+                        hog.wait()
+                    proc.stop(10)
+                    remove_cgroup(group)
+                print(f"jitter {kind:9s} round {r}: {len(gaps[kind])} gaps, agent swapped "
+                      f"{swapped[kind][-1] / 1e6:.1f} MB", flush=True)
+    for kind, g in gaps.items():
+        if not g:
+            continue
+        g = sorted(g)
+        p50, p99 = g[len(g) // 2], g[min(len(g) - 1, int(len(g) * 0.99))]
+        out[kind] = {"tokens": len(g), "p50_ms": round(p50 * 1e3, 2), "p99_ms": round(p99 * 1e3, 2),
+                     "p99_over_p50": round(p99 / p50, 3), "agent_swap_bytes": swapped[kind]}
+    if isinstance(out.get("pinned"), dict) and isinstance(out.get("unpinned"), dict):
+        pinned, unpinned = cast("dict[str, float]", out["pinned"]), cast("dict[str, float]", out["unpinned"])
+        out["pinned_jitter_ratio"] = round(pinned["p99_over_p50"] / unpinned["p99_over_p50"], 3)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.memory")
     parser.add_argument("--quick", action="store_true", help="fewer rounds; under 5 minutes")
@@ -277,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     # prompts + 200 tokens (about 57 MB of KV each, 1,792 tokens in KV steps).
     soaked = soak(bench, logs, requests=8 if args.quick else 16, prompt_tokens=1600, max_tokens=200,
                   cap=900 * 1024 * 1024, headroom=600 * 1024 * 1024)
+    jittered = jitter(bench, logs, rounds=1 if args.quick else 2, requests=3 if args.quick else 6, max_tokens=100)
+    print(f"jitter: {json.dumps(jittered)}", flush=True)
     med = statistics.median
     load_ratio = med(rates["big"][OURS]) / med(rates["big"][THEIRS])
     cold_big = cold["big"][0]
@@ -289,7 +413,8 @@ def main(argv: list[str] | None = None) -> int:
         "cold_ttft_ratio": round(cold_ratio, 3) if cold_ratio is not None else None,
         "page_cache_dropped": cold["big"][1],
         "soak": soaked,
-        "pinned_jitter_ratio": None,
+        "jitter": jittered,
+        "pinned_jitter_ratio": jittered.get("pinned_jitter_ratio"),
         "ours_aborts": soaked[OURS]["aborts"], "theirs_aborts": soaked[THEIRS]["aborts"],
     }
     print(json.dumps(summary))

@@ -76,6 +76,9 @@ def load(path: str | Path, options: LoadOptions | None = None, host_memory: bool
     if options.pin_policy != "none":
         report = weights.pin(options.pin_policy, options.pin_budget_bytes)
     memory = weights.total_bytes
+    wired = weightreading.raise_wired_limit(memory)  # Metal only (not run here)
+    if wired is not None:
+        log.info("metal %s", wired)
     info = ModelInfo(path=str(directory), memory_bytes=memory, context_length=_context_length(config),
                      kv_bytes_per_token=_kv_bytes_per_token(config, parameters), weights=weights)
     log.info(
