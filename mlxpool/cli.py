@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "agent": ("mlxpool.agent.main", "run a node agent serving models with MLX (install|uninstall: launchd)"),
     "router": ("mlxpool.router.main", "run a router following a pool's routing table"),
     "operator": ("mlxpool.operator.main", "run the kopf operator"),
+    "status": ("mlxpool.status", "pools, nodes, models, routing revisions and recent Events of a cluster"),
     "dev": ("mlxpool.dev.main", "local control plane + operator + agents + router (up|down|status)"),
     "model": ("mlxpool.tinymodel", "make-tiny PATH: make a small random Llama model with a real tokenizer"),
 }

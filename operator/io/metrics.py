@@ -46,6 +46,11 @@ WATCHES_OPEN = Gauge("mlxpool_operator_health_watches", "Agent health watches op
 WATCH_ENDS = Counter("mlxpool_operator_health_watch_ends_total",
                      "Agent health watches that ended (each one a suspicion).")
 PROBE_FAILURES = Counter("mlxpool_operator_probe_failures_total", "Agent health probes that failed.")
+NODE_READY = Gauge(
+    "mlxpool_operator_node_ready",
+    "The operator's verdict on an InferenceNode, as its Ready condition shows it (1 True, 0 False).",
+    ["node"],
+)
 READY_ENDPOINTS = Gauge(
     "mlxpool_operator_pool_ready_endpoints",
     "Healthy endpoints of a pool after its last reconcile.",

@@ -125,6 +125,8 @@ class NodeMonitors:
         task = self._tasks.pop(name, None)
         watch = self._watches.pop(name, None)
         self._written.pop(name, None)
+        with contextlib.suppress(KeyError):
+            metrics.NODE_READY.remove(name)
         self._retry_at.pop(name, None)
         self._suspicions.pop(name, None)
         self._unwatchable.discard(name)
@@ -268,6 +270,7 @@ class NodeMonitors:
         mark = ready_mark(view, probe, now=now, stale_after=self._stale_after, written=self._written.get(name),
                           retry_at=self._retry_at.get(name, 0.0), tick=time.monotonic())
         if mark is None:
+            self._export_verdict(name, view)
             return
         try:
             await self._kube.patch_node_status(name, {"conditions": [mark.condition(now)]})
@@ -278,7 +281,15 @@ class NodeMonitors:
             self._retry_at[name] = time.monotonic() + MARK_RETRY_SECONDS
             return
         self._written[name] = mark.written
+        self._export_verdict(name, view)
         log.info("node marked node=%s ready=%s reason=%s", name, mark.verdict[0], mark.reason)
+
+    def _export_verdict(self, name: str, view: NodeView) -> None:
+        """`mlxpool_operator_node_ready`: the verdict as written (or as found on the object), what alerts read."""
+        if (written := self._written.get(name)) is not None:
+            metrics.NODE_READY.labels(name).set(1 if written[0] else 0)
+        elif view.condition is not None:
+            metrics.NODE_READY.labels(name).set(1 if view.condition[0] == "True" else 0)
 
 
 def _running(task: asyncio.Task[None] | None) -> bool:
