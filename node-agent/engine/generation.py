@@ -48,7 +48,7 @@ from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
 from mlxpool.agent.engine import blas as _blas  # noqa: F401  (must precede mlx)
-from mlxpool.agent.engine import kvcodec, loading
+from mlxpool.agent.engine import device, kvcodec, loading, precompile
 from mlxpool.agent.engine.admission import (
     Outlook,
     RefusalReason,
@@ -366,14 +366,7 @@ class BatchEngine:
         resuming, self._kept = self._kept, None
         try:
             loaded = resuming or loading.load(self._path, self._config.load)
-            generator = BatchGenerator(
-                loaded.model,
-                stop_tokens=[[t] for t in loaded.tokenizer.eos_token_ids],
-                completion_batch_size=self._config.max_running,
-                prefill_batch_size=min(self._config.prefill_batch_size, self._config.max_running),
-                prefill_step_size=self._config.prefill_step_size,
-                stream=mx.default_stream(mx.default_device()),
-            )
+            generator = self._generator(loaded)
             self._samplers = SamplerFactory(loaded.vocab_size)
             self._logprobs = LogprobReader(loaded.tokenizer)
             self._open_gate(loaded)
@@ -926,7 +919,10 @@ class BatchEngine:
             return
         started = time.perf_counter()
         self._stats.warmup_shapes_total = book.progress[1]
-        for run in book.plan.runs(self._config.warmup_tokens):
+        runs = book.plan.runs(self._config.warmup_tokens)
+        if precompile.wanted(device.accelerator().kind):  # CUDA: compile in children, in parallel
+            precompile.compile_ahead(self._path, self._config, runs)
+        for run in runs:
             self._warm_run(generator, run, vocab_size)
         for run in book.plan.decode_top_up(book.seen):
             self._warm_run(generator, run, vocab_size)
@@ -938,6 +934,27 @@ class BatchEngine:
         self._count_device_memory()
         log.info("engine warmed up path=%s shapes=%d/%d seconds=%.2f", self._path, done, total,
                  time.perf_counter() - started)
+
+    def compile_only(self, runs: list[WarmupRun]) -> None:
+        """Load the model and run these warm-up runs on this thread, then drop it all (a
+        `precompile` child: what counts is the kernels it leaves in the compile cache)."""
+        loaded = loading.load(self._path, self._config.load)
+        generator = self._generator(loaded)
+        self._samplers = SamplerFactory(loaded.vocab_size)
+        for run in runs:
+            self._warm_run(generator, run, loaded.vocab_size)
+        mx.synchronize()
+        generator.close()
+
+    def _generator(self, loaded: loading.LoadedModel) -> BatchGenerator:
+        return BatchGenerator(
+            loaded.model,
+            stop_tokens=[[t] for t in loaded.tokenizer.eos_token_ids],
+            completion_batch_size=self._config.max_running,
+            prefill_batch_size=min(self._config.prefill_batch_size, self._config.max_running),
+            prefill_step_size=self._config.prefill_step_size,
+            stream=mx.default_stream(mx.default_device()),
+        )
 
     def _warm_run(self, generator: BatchGenerator, run: WarmupRun, vocab_size: int) -> None:
         assert self._samplers is not None
