@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mlxpool.priorities import Priority
 
@@ -101,6 +101,20 @@ class AuthConfig(_Section):
     """The bearer token of the operations API (/v1/node); none: that API answers 403."""
     reload_seconds: float = Field(default=1.0, ge=0, le=3600)
     """How often the secret files are checked for a rotation (applied without a restart); 0: never."""
+    tls_cert_file: Path | None = None
+    """PEM certificate (chain) the agent serves HTTPS with; with `tls_key_file`. None: plain HTTP."""
+    tls_key_file: Path | None = None
+    """PEM private key of `tls_cert_file`."""
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> AuthConfig:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("auth.tls_cert_file and auth.tls_key_file go together (give both or neither)")
+        for name in ("tls_cert_file", "tls_key_file"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"auth.{name}: {path}: no such file")
+        return self
 
 
 MAX_QUEUE_BOUND = 1_000_000

@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     auth.add_argument("--ops-token-file", type=Path,
                       help=f"auth.ops_token_file: bearer token of the operations API (else ${OPS_TOKEN_ENV}; "
                            "none: that API answers 403)")
+    auth.add_argument("--tls-cert-file", type=Path,
+                      help="auth.tls_cert_file: serve HTTPS with this PEM certificate (with --tls-key-file)")
+    auth.add_argument("--tls-key-file", type=Path, help="auth.tls_key_file: the certificate's PEM private key")
     ops = p.add_argument_group("operations API (override the runtime file's `weight_management` section)")
     ops.add_argument("--cache-dir", type=Path,
                      help="weight_management.cache_dir: where staged models live (default ~/.cache/mlxpool/models)")
@@ -134,7 +137,8 @@ def _runtime_config(args: argparse.Namespace) -> RuntimeConfig:
         prompt_cache_bytes=args.prompt_cache_bytes, warmup=args.warmup, stream_interval_ms=args.stream_interval_ms,
     )
     runtime = runtime.with_overrides("weight_management", cache_dir=args.cache_dir)
-    return runtime.with_overrides("auth", api_key_file=args.api_key_file, ops_token_file=args.ops_token_file)
+    return runtime.with_overrides("auth", api_key_file=args.api_key_file, ops_token_file=args.ops_token_file,
+                                  tls_cert_file=args.tls_cert_file, tls_key_file=args.tls_key_file)
 
 
 def main(argv: list[str] | None = None, exit_process: bool = True) -> int:

@@ -175,11 +175,15 @@ class AgentRuntime:
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
         sock = _bind(self.config.host, self.config.port)
-        self.url = _url(self.config.host, sock.getsockname()[1])
+        auth = self.config.runtime.auth
+        tls = auth.tls_cert_file is not None
+        self.url = _url(self.config.host, sock.getsockname()[1], "https" if tls else "http")
         # The drain already waits for in-flight requests; uvicorn then only closes what is left.
         server = _Server(uvicorn.Config(
             self.app, lifespan="off", log_config=None, access_log=False, timeout_graceful_shutdown=1,
             h11_max_incomplete_event_size=self.config.runtime.limits.max_header_bytes,  # where h11 parses
+            ssl_certfile=str(auth.tls_cert_file) if tls else None,
+            ssl_keyfile=str(auth.tls_key_file) if auth.tls_key_file is not None else None,
         ))
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -395,5 +399,5 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _url(host: str, port: int) -> str:
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+def _url(host: str, port: int, scheme: str = "http") -> str:
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"

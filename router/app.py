@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import uuid
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -42,9 +43,17 @@ CLIENT_CLOSED_REQUEST = 499
 """Status recorded (nginx's convention) when the client left before the agent answered."""
 
 
+def tls_verification(settings: UpstreamSettings) -> ssl.SSLContext | bool:
+    """How agents' certificates are checked: against `ca_file`, else the system's store."""
+    if settings.ca_file is None:
+        return True
+    return ssl.create_default_context(cafile=str(settings.ca_file))
+
+
 def http_client(settings: UpstreamSettings) -> httpx.AsyncClient:
     """The one client every request to every agent goes through (connection pooling)."""
     return httpx.AsyncClient(
+        verify=tls_verification(settings),
         timeout=httpx.Timeout(connect=settings.connect_timeout, read=settings.read_timeout,
                               write=settings.read_timeout, pool=settings.connect_timeout),
         limits=httpx.Limits(max_connections=settings.max_connections,
@@ -91,7 +100,8 @@ def create_app(settings: RouterSettings, metrics: RouterMetrics | None = None) -
             if settings.signals.interval > 0:
                 # Its own small client: polls never wait behind inference connections.
                 poll_client = await stack.enter_async_context(httpx.AsyncClient(
-                    limits=httpx.Limits(max_connections=256, max_keepalive_connections=256), trust_env=False))
+                    limits=httpx.Limits(max_connections=256, max_keepalive_connections=256), trust_env=False,
+                    verify=tls_verification(settings.upstream)))
                 app.state.poller = SignalPoller(poll_client, holder, signals, metrics, settings.signals)
                 poller = asyncio.create_task(app.state.poller.run(), name="signal-poller")
                 poller.add_done_callback(_log_poller_end)

@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     upstream.add_argument("--first-byte-timeout", type=float, default=defaults.first_byte_timeout, metavar="SECONDS")
     upstream.add_argument("--read-timeout", type=float, default=defaults.read_timeout, metavar="SECONDS",
                           help="silence tolerated between two chunks of a streaming answer")
+    upstream.add_argument("--upstream-ca-file", type=Path, metavar="PEM",
+                          help="CA bundle to verify agents' HTTPS certificates with (https:// endpoints); "
+                               "default: the system's trust store")
     upstream.add_argument("--breaker-failures", type=int, default=defaults.breaker_failures, metavar="N",
                           help="timeouts, 5xx or broken connections in a row that open an endpoint's circuit "
                                "breaker (a refused connection opens it at once)")
@@ -118,6 +121,8 @@ def settings_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace
         parser.error("--reuse-port needs a --port (0 would pick a port nobody else holds)")
     if args.first_table_wait is not None and not 0 <= args.first_table_wait <= 300:
         parser.error("--first-table-wait must be between 0 and 300 seconds")
+    if args.upstream_ca_file is not None and not args.upstream_ca_file.is_file():
+        parser.error(f"--upstream-ca-file {args.upstream_ca_file}: no such file")
     if args.strategies is not None and not args.strategies.is_file():
         parser.error(f"--strategies {args.strategies}: no such file")
     try:
@@ -126,7 +131,8 @@ def settings_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace
             upstream=UpstreamSettings(max_attempts=args.max_attempts, connect_timeout=args.connect_timeout,
                                       first_byte_timeout=args.first_byte_timeout, read_timeout=args.read_timeout,
                                       breaker_failures=args.breaker_failures,
-                                      breaker_open_seconds=args.breaker_open_seconds),
+                                      breaker_open_seconds=args.breaker_open_seconds,
+                                      ca_file=args.upstream_ca_file),
             shedding=SheddingSettings(background=args.shed_background, low=args.shed_low, normal=args.shed_normal,
                                       high=args.shed_high, mean_output_tokens=args.shed_mean_output_tokens),
             signals=SignalSettings(interval=args.signals_interval, max_age=args.signals_max_age,

@@ -104,6 +104,10 @@ class UpstreamSettings:
     breaker_open_seconds: float = 5.0
     """How long an open breaker keeps requests away before one probe is let through."""
 
+    ca_file: Path | None = None
+    """PEM CA bundle that agents' HTTPS certificates (https:// endpoints) are verified against;
+    None: the system's trust store."""
+
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")

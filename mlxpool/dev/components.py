@@ -14,7 +14,7 @@ from pathlib import Path
 
 from mlxpool.dev.processes import LOOPBACK, Process
 
-READY_URL = r"{name} ready url=(http://[0-9.]+:\d+)"
+READY_URL = r"{name} ready url=(https?://[0-9.]+:\d+)"
 
 
 def _start(name: str, label: str, args: list[str], log_dir: Path, timeout: float,
