@@ -75,6 +75,9 @@ deploy: ## Deploy CRDs, RBAC and the operator (manifests/default) to the cluster
 undeploy: ## Remove what `make deploy` created
 	$(KUBECTL) delete -k manifests/default --ignore-not-found
 
+crd-reference: venv ## Regenerate docs/crd-reference.md from the schemas in crds/ (a test fails when it is stale)
+	$(PY) -m mlxpool.dev.crdref
+
 clean: ## Remove build outputs and local state (not the cached control plane binaries)
 	rm -rf build .mlxpool .pytest_cache
 
