@@ -59,6 +59,9 @@ from mlxpool.agent.engine.admission import (
     tier_waits,
 )
 from mlxpool.agent.engine.interface import (
+    ERROR_BUCKETS,
+    WAIT_BUCKETS,
+    Buckets,
     EngineConfig,
     EngineError,
     EngineStats,
@@ -119,6 +122,8 @@ class _Sequence:
     resumed_at: int | None = None
     """`generated` when it last resumed; None: never paused."""
     resuming: bool = False
+    predicted_ttft_s: float = 0.0
+    """Its time to first token as predicted on arrival (the outlook's wait plus its prefill)."""
     """Resumed and not yet back to decoding (its prefill is not a prompt's: not measured)."""
 
 
@@ -493,6 +498,7 @@ class BatchEngine:
                 self._deliver([(sequence, QueueFull(refusal.priority, refusal.limit, retry_after_seconds(wait)))])
                 return
         sequence.forecast = forecast
+        sequence.predicted_ttft_s = self._outlook.wait_s.get(request.priority, 0.0) + forecast.prefill_s
         sequence.detokenizer = self.tokenizer.detokenizer  # a fresh copy per request
         sequence.stops = StopStringMatcher(request.sampling.stop)
         self._by_id[request.request_id] = sequence
@@ -604,6 +610,7 @@ class BatchEngine:
             logits_processors=[logits_processors(s.request.sampling) for s in admitted],
         )
         admitted_at = time.perf_counter()
+        self._note_waits(admitted)
         for uid, sequence in zip(uids, admitted, strict=True):
             sequence.uid = uid
             sequence.admitted_at = admitted_at
@@ -616,6 +623,31 @@ class BatchEngine:
         self._prefilling_tokens += sum(s.prefill_tokens for s in admitted)
         self._count_prefix_cache()
         self._count_queues()
+
+    # ---- per-tier figures (exported by the agent's /metrics) ----
+
+    def _note_waits(self, admitted: list[_Sequence]) -> None:
+        now = time.monotonic()
+        waits = self._stats.wait_seconds
+        for sequence in admitted:
+            if sequence.resuming or sequence.forecast is None:
+                continue
+            tier = sequence.request.priority.value
+            buckets = waits.get(tier)
+            if buckets is None:
+                buckets = waits[tier] = Buckets(WAIT_BUCKETS)
+            buckets.observe(max(0.0, now - sequence.forecast.arrival))
+
+    def _note_first_tokens(self, deliveries: list[Delivery]) -> None:
+        now = time.monotonic()
+        errors = self._stats.ttft_error_seconds
+        for sequence, event in deliveries:
+            if isinstance(event, TokenEvent) and event.completion_tokens == 1 and sequence.forecast is not None:
+                tier = sequence.request.priority.value
+                buckets = errors.get(tier)
+                if buckets is None:
+                    buckets = errors[tier] = Buckets(ERROR_BUCKETS)
+                buckets.observe(now - sequence.forecast.arrival - sequence.predicted_ttft_s)
 
     # ---- preemption: pause a lower tier's sequence, keep its KV, resume it unchanged ----
 
@@ -734,6 +766,8 @@ class BatchEngine:
         if len(responses) != self._decode_width:
             self._note_decode_width(len(responses))
         deliveries, ended, first_token = self._detokenize(responses, self._read_logprobs(responses))
+        if first_token:
+            self._note_first_tokens(deliveries)
         if ended:
             self._retire(ended)
             self._keep_prompts(generator, ended)

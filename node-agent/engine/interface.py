@@ -9,6 +9,7 @@ which reaches the client as it is; `EngineError` is the engine itself failing.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -322,6 +323,29 @@ class TokenEvent:
     may hold this one and write them all at once."""
 
 
+WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+ERROR_BUCKETS = (-10.0, -2.5, -1.0, -0.5, -0.25, -0.1, -0.05, 0.0, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+"""Actual minus predicted time to first token, seconds (negative: sooner than predicted)."""
+
+
+@dataclass
+class Buckets:
+    """A histogram the engine thread fills without prometheus-client (exported at scrape time)."""
+
+    bounds: tuple[float, ...]
+    counts: list[int] = field(default_factory=list)
+    """Per bound (value <= bound, not cumulative), then one for values above the last."""
+    total: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.counts:
+            self.counts = [0] * (len(self.bounds) + 1)
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+
 @dataclass
 class EngineStats:
     """Counters an engine keeps; read by /metrics and the readiness probe.
@@ -387,6 +411,10 @@ class EngineStats:
     """Sequences paused now (waiting to resume)."""
     paused_kv_bytes: int = 0
     """KV bytes the paused sequences hold (counted in the memory books)."""
+    wait_seconds: dict[str, Buckets] = field(default_factory=dict)
+    """By tier: arrival to admission into the batch."""
+    ttft_error_seconds: dict[str, Buckets] = field(default_factory=dict)
+    """By tier: actual minus predicted time to first token (the prediction made on arrival)."""
 
 
 @dataclass(frozen=True)

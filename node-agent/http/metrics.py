@@ -37,11 +37,11 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mlxpool.agent.engine.interface import DeviceProbe
+from mlxpool.agent.engine.interface import Buckets, DeviceProbe
 from mlxpool.agent.serving.lifecycle import Lifecycle
 from mlxpool.agent.serving.repository import ModelRepository
 from mlxpool.agentapi import ModelTier
@@ -82,6 +82,11 @@ class AgentMetrics:
             "mlxpool_e2e_request_latency_seconds", "From the request reaching the data plane to its last token.",
             labels, buckets=LATENCY_BUCKETS, registry=registry,
         )
+        self.sla = Counter(
+            "mlxpool_sla_requests", "Requests whose tier has a TTFT target, by whether the first token came "
+            "within it (met), late or never (missed: refused, expired or failed before a token).",
+            [*labels, "result"], registry=registry,
+        )
         # Set at each scrape (on the loop): a count that only grows is a task leak (the soak watches it).
         self.loop_tasks = Gauge(
             "mlxpool_agent_asyncio_tasks", "asyncio tasks alive in the agent's event loop at scrape time.",
@@ -99,9 +104,12 @@ class AgentMetrics:
         self.switch.labels(tier.value).observe(seconds)
 
     def request_done(self, model: str, priority: Priority, outcome: str, ttft: float | None,
-                     inter_token: list[float], latency: float) -> None:
+                     inter_token: list[float], latency: float, ttft_target: float | None = None) -> None:
         tier = priority.value
         self.requests.labels(model, tier, outcome).inc()
+        if ttft_target is not None and outcome != "cancelled":  # a client that left says nothing of us
+            met = ttft is not None and ttft <= ttft_target
+            self.sla.labels(model, tier, "met" if met else "missed").inc()
         if ttft is not None:
             self.ttft.labels(model, tier).observe(ttft)
             self.latency.labels(model, tier).observe(latency)
@@ -161,6 +169,21 @@ class _EngineCollector(Collector):
         load_rate = gauge("mlxpool_model_load_gbps", "Rate the weights were read at when the model loaded (GB/s).",
                           ("reader", "transfer"))
         warmup = gauge("mlxpool_warmup_shapes", "Shapes of the engine's warm-up plan, planned and warmed.", ("state",))
+        preempted = counter("mlxpool_preemptions", "Running sequences paused (KV kept or dropped) for a more "
+                            "urgent request, by the paused sequence's tier.", ("priority",))
+        resumed = counter("mlxpool_resumes", "Paused sequences back in the batch, by tier.", ("priority",))
+        recomputed = counter("mlxpool_recomputed_tokens",
+                             "Tokens computed again for resumed sequences whose KV could not be kept.")
+        paused = gauge("mlxpool_paused_sequences", "Sequences paused now, waiting to resume.")
+        paused_kv = gauge("mlxpool_paused_kv_bytes", "KV bytes held by paused sequences (in the memory books).")
+        wait_hist = HistogramMetricFamily("mlxpool_queue_wait_seconds",
+                                          "From arrival to admission into the batch, by tier.",
+                                          labels=[*label, "priority"])
+        error_hist = HistogramMetricFamily("mlxpool_ttft_prediction_error_seconds",
+                                           "Actual minus predicted time to first token (predicted on arrival), "
+                                           "by tier; negative: sooner than predicted (prometheus-client leaves "
+                                           "out _sum and _count while the sum is negative: read the +Inf bucket).",
+                                           labels=[*label, "priority"])
         unwarmed = counter("mlxpool_unwarmed_shapes",
                            "Distinct shapes first compiled after warm-up, while requests waited.")
         device = GaugeMetricFamily("mlxpool_device_memory_bytes",
@@ -209,6 +232,16 @@ class _EngineCollector(Collector):
             warmup.add_metric([model.name, "planned"], stats.warmup_shapes_total)
             warmup.add_metric([model.name, "warmed"], stats.warmup_shapes_done)
             unwarmed.add_metric(name, stats.unwarmed_shapes_total)
+            for tier_name, count in stats.preemptions_total.items():
+                preempted.add_metric([model.name, tier_name], count)
+            for tier_name, count in stats.resumes_total.items():
+                resumed.add_metric([model.name, tier_name], count)
+            recomputed.add_metric(name, stats.recomputed_tokens_total)
+            paused.add_metric(name, stats.paused)
+            paused_kv.add_metric(name, stats.paused_kv_bytes)
+            for family, by_tier in ((wait_hist, stats.wait_seconds), (error_hist, stats.ttft_error_seconds)):
+                for tier_name, buckets in list(by_tier.items()):
+                    family.add_metric([model.name, tier_name], _cumulative(buckets), buckets.total)
             reading = stats  # the allocator's counters are the process's: any engine's last reading
         if reading is not None and accelerator is not None:
             for kind, value in (("active", reading.device_memory_active_bytes),
@@ -224,7 +257,18 @@ class _EngineCollector(Collector):
         yield from (running, waiting, waiting_tier, vllm_running, vllm_waiting, vllm_cache, prompt, cached, shared,
                     generated, steps, finished, rejected, cache_bytes, cache_cap, cache_entries, lookups, hits,
                     hit_rate, kv_bytes, memory, weight_bytes, load_rate, warmup, unwarmed, device, in_flight,
-                    lora)
+                    lora, preempted, resumed, recomputed, paused, paused_kv, wait_hist, error_hist)
+
+
+def _cumulative(buckets: Buckets) -> list[tuple[str, float]]:
+    """Prometheus' cumulative `le` buckets of one engine histogram (read while the engine may write)."""
+    counts = list(buckets.counts)
+    out, running = [], 0
+    for bound, count in zip(buckets.bounds, counts, strict=False):
+        running += count
+        out.append((repr(float(bound)), float(running)))
+    out.append(("+Inf", float(running + counts[-1])))
+    return out
 
 
 class HttpMetricsMiddleware:

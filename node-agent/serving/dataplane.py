@@ -92,7 +92,7 @@ class RequestObserver(Protocol):
     """Told about every request that reached an engine (metrics implement it)."""
 
     def request_done(self, model: str, priority: Priority, outcome: str, ttft: float | None,
-                     inter_token: list[float], latency: float) -> None: ...
+                     inter_token: list[float], latency: float, ttft_target: float | None = None) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -442,6 +442,7 @@ class DataPlane:
                 self.observer.request_done(
                     prepared.model.name, request.priority, outcome,
                     None if first is None else first - prepared.arrival, gaps, clock() - prepared.arrival,
+                    ttft_target=None if request.terms is None else request.terms.ttft_target_s,
                 )
 
     async def _start(self, prepared: Prepared) -> tuple[TokenEvent, AsyncGenerator[TokenEvent, None]]:

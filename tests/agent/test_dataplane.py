@@ -293,7 +293,7 @@ async def test_observer_hears_every_request_once(fake_agent):
     seen: list[tuple] = []
 
     class Observer:
-        def request_done(self, model, priority, outcome, ttft, inter_token, latency):
+        def request_done(self, model, priority, outcome, ttft, inter_token, latency, ttft_target=None):
             seen.append((model, priority, outcome, ttft is not None, len(inter_token), latency >= (ttft or 0)))
 
     plane = DataPlane(fake_agent.models, fake_agent.lifecycle, DataPlaneSettings(8), observer=Observer())

@@ -256,3 +256,14 @@ def test_the_victim_is_the_lowest_tier_with_the_most_work_left():
     assert choose_victim(LOW, 0.5, 0, running) is None  # nothing strictly lower decodes
     assert choose_victim(CRITICAL, 0.5, 0, [RunningView("c", CRITICAL, 9.0)]) is None
     assert choose_victim(HIGH, 0.1, 0, [RunningView("x", LOW, 9.0, preemptible=False)]) is None
+
+
+def test_engine_histograms_export_as_cumulative_le_buckets():
+    from mlxpool.agent.engine.interface import Buckets
+    from mlxpool.agent.http.metrics import _cumulative
+
+    buckets = Buckets((0.1, 1.0))
+    for value in (0.05, 0.1, 0.5, 3.0):
+        buckets.observe(value)
+    assert buckets.counts == [2, 1, 1] and buckets.total == pytest.approx(3.65)
+    assert _cumulative(buckets) == [("0.1", 2.0), ("1.0", 3.0), ("+Inf", 4.0)]

@@ -154,3 +154,27 @@ def test_tenants_of_a_tier_share_it_fairly(tiers_agent):
     assert len(order) == 8
     # Weighted fair queuing on tokens: a b a b a a a a (arrival order alone would be a a a a a a b b).
     assert order[:4].count("b") == 2, order
+
+
+def test_per_tier_figures_in_metrics(tiers_agent):
+    """After the tests above: SLA met/missed by tier, queue waits and prediction errors by tier,
+    the preemption counters, and refusals by reason (the sheddable 429s count as missed)."""
+    with httpx.Client(base_url=tiers_agent.url, timeout=30) as client:
+        r = client.post("/v1/completions", headers=auth(GOLD), json={
+            "model": "tiny", "prompt": PROMPT, "max_tokens": 2, "priority": "critical"})
+        assert r.status_code == 200
+        text = client.get("/metrics").text
+
+    def value(pattern: str) -> float:
+        match = re.search(pattern, text, re.M)
+        assert match, pattern
+        return float(match.group(1))
+
+    assert value(r'^mlxpool_sla_requests_total{model_name="tiny",priority="critical",result="met"} (\S+)$') >= 1
+    assert value(r'^mlxpool_sla_requests_total{model_name="tiny",priority="low",result="missed"} (\S+)$') >= 10
+    assert value(r'^mlxpool_queue_wait_seconds_count{model_name="tiny",priority="critical"} (\S+)$') >= 1
+    assert value(r'^mlxpool_queue_wait_seconds_bucket{le="\+Inf",model_name="tiny",priority="normal"} (\S+)$') >= 8
+    assert value(r'^mlxpool_ttft_prediction_error_seconds_bucket{le="\+Inf",model_name="tiny",priority="critical"} '
+                 r'(\S+)$') >= 1
+    assert value(r'^mlxpool_recomputed_tokens_total{model_name="tiny"} (\S+)$') == 0
+    assert value(r'^mlxpool_paused_sequences{model_name="tiny"} (\S+)$') == 0
