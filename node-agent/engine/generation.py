@@ -692,7 +692,10 @@ class BatchEngine:
         sequence.uid = None
         nbytes = sum(c.nbytes for c in cache)
         key = _paused_key(request.request_id)
-        kept = can_trim_prompt_cache(cache) and self._budget.reserve(key, nbytes)
+        # The KV stays where it was: what the request's projection (prompt + max_tokens, held in
+        # the node's books since its admission) already counts is not reserved a second time.
+        extra = max(0, nbytes - self._projection_held(request))
+        kept = can_trim_prompt_cache(cache) and (extra == 0 or self._budget.reserve(key, extra))
         if kept:
             trim_prompt_cache(cache, 1)
         if isinstance(sequence.sampler, SeededSampler):
@@ -707,6 +710,14 @@ class BatchEngine:
         self._count_paused()
         log.info("sequence paused request_id=%s priority=%s generated=%d kv_kept=%s kv_bytes=%d", request.request_id,
                  request.priority.value, sequence.generated, kept, nbytes if kept else 0)
+
+    def _projection_held(self, request: GenerationRequest) -> int:
+        """Bytes of this running request's KV that the budget already holds: its projection, when
+        the budget is the node's books (the gate reserved it at admission and keeps it until the
+        request ends, paused or not); 0 for a budget of its own."""
+        if self._gate is None or self._budget is not self._memory:
+            return 0
+        return self._gate.projected(request)
 
     def _resume_sequence(self, sequence: _Sequence) -> tuple[list[int], list[Any] | None, list[int]]:
         """What to insert for a paused sequence: (prompt, cache, tokens the cache covers)."""
