@@ -36,6 +36,7 @@ from mlxpool.agent.operations.sources import (
     hub_wants,
     safe_relative_path,
 )
+from mlxpool.progress import ByteMeter
 
 CHUNK_BYTES = 1 << 20
 MAX_SOURCE_FILES = 10_000
@@ -74,11 +75,15 @@ class Progress:
     limit_bytes: int | None = None
     """Fail once more than this many bytes arrive (the cache's free room)."""
     cancel: threading.Event = field(default_factory=threading.Event)
+    meter: ByteMeter | None = None
+    """Reports bytes and rate (periodic log lines) as they arrive, when set."""
 
     def add(self, n: int) -> None:
         if self.cancel.is_set():
             raise Cancelled("cancelled")
         self.bytes_done += n
+        if self.meter is not None:
+            self.meter.advance(n)
         if self.limit_bytes is not None and self.bytes_done > self.limit_bytes:
             raise FetchError(f"the entry outgrew the cache's free room of {self.limit_bytes} bytes "
                              "(weight_management.max_cache_bytes)")

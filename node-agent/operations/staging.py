@@ -39,12 +39,15 @@ from mlxpool.agent.operations.fetching import Cancelled, Fetcher, FetchError, Pr
 from mlxpool.agent.operations.sources import Source, check_digests, parse_source
 from mlxpool.agent.operations.weights import PinRefused, WeightFiles
 from mlxpool.agentapi import CacheEntry, CachePhase, StageRequest
+from mlxpool.progress import ByteMeter
 
 log = logging.getLogger(__name__)
 
 ENTRIES_DIR = ".entries"
 PARTIAL_DIR = ".partial"
 READY_PHASES = (CachePhase.CACHED, CachePhase.WARM, CachePhase.PINNED)
+PROGRESS_LOG_INTERVAL_S = 10.0
+"""How often a fetch logs its bytes, rate and ETA (and once when the files are all in)."""
 STOP_GRACE_S = 5.0
 """How long a cancelled fetch may take to notice before its task is cancelled outright."""
 
@@ -102,6 +105,7 @@ class ModelCacheStore:
     def __init__(
         self, root: Path, *, in_use: Callable[[str], list[str]], max_bytes: int | None = None,
         allow_pin: bool = True, hub_endpoint: str, hub_token: str | None = None,
+        progress_log_interval_s: float = PROGRESS_LOG_INTERVAL_S,
     ) -> None:
         self.root = root
         self._in_use = in_use
@@ -109,6 +113,7 @@ class ModelCacheStore:
         self._allow_pin = allow_pin
         self._hub_endpoint = hub_endpoint
         self._hub_token = hub_token
+        self._progress_log_interval_s = progress_log_interval_s
         self._entries: dict[str, _Entry] = {}
 
     # ---- lifecycle ----
@@ -205,9 +210,14 @@ class ModelCacheStore:
             if room is not None and total is not None and total > room:
                 raise FetchError(f"the entry needs {total} bytes but the cache has {room} bytes free "
                                  f"(weight_management.max_cache_bytes={self._max_bytes})")
-            entry.progress = Progress(bytes_total=total, limit_bytes=room, cancel=entry.cancel)
+            key = entry.key
+            meter = ByteMeter(key, total, lambda m, final: log.info(
+                "cache staging %s key=%s %s", "fetched" if final else "progress", key, m.line(with_label=False)),
+                interval_s=self._progress_log_interval_s)
+            entry.progress = Progress(bytes_total=total, limit_bytes=room, cancel=entry.cancel, meter=meter)
             partial.mkdir(parents=True)
             hashes = await asyncio.to_thread(fetcher.fetch, files, partial, entry.progress)
+            meter.finish()
             entry.bytes_done = entry.progress.bytes_done
             entry.bytes_total = entry.bytes_done
             entry.phase = CachePhase.VERIFYING

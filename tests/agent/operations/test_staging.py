@@ -4,6 +4,7 @@ HTTP server), progress, digests, limits, warm/pin, delete, restart."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from mlxpool.agent.operations.errors import CacheConflict, CacheEntryNotFound, C
 from mlxpool.agent.operations.sources import SourceError
 from mlxpool.agent.operations.staging import ModelCacheStore
 from mlxpool.agentapi import CacheEntry, CachePhase, StageRequest
+from mlxpool.progress import human_bytes
 
 SETTLED = (CachePhase.CACHED, CachePhase.WARM, CachePhase.PINNED, CachePhase.FAILED)
 
@@ -98,6 +100,22 @@ async def test_http_source_with_manifest_reports_progress_while_downloading(cach
     assert all(e.bytes_total == entry.bytes_total for e in midway)
     assert (Path(entry.path) / "model.safetensors").read_bytes() == (tiny_model / "model.safetensors").read_bytes()
     assert ("GET", "/models/tiny/index.json") in [(m, p) for m, p, _ in model_server.requests]
+
+
+async def test_a_download_logs_bytes_rate_and_eta_then_a_final_line(cache, tiny_model, model_server, caplog):
+    url = model_server.add("tiny", tiny_model)
+    c = await cache(progress_log_interval_s=0)  # a line at every chunk (10 s in an agent)
+    with caplog.at_level(logging.INFO, logger="mlxpool.agent.operations.staging"):
+        await c.stage("tiny-log", StageRequest(source=url))
+        entry = await settle(c, "tiny-log")
+    assert entry.phase is CachePhase.CACHED, entry.message
+    total = human_bytes(entry.bytes_total)
+    lines = [r.getMessage() for r in caplog.records if "key=tiny-log" in r.getMessage()]
+    progress = [line for line in lines if line.startswith("cache staging progress")]
+    assert len(progress) >= 3, lines  # one per file here: config, tokenizer files, weights
+    assert all(f"/ {total} (" in line and "/s eta " in line for line in progress), progress
+    fetched = [line for line in lines if line.startswith("cache staging fetched")]
+    assert len(fetched) == 1 and f"{total} / {total} (100%)" in fetched[0] and " in " in fetched[0], lines
 
 
 async def test_http_source_without_manifest_takes_the_file_list_from_digests(cache, tiny_model, model_server,
