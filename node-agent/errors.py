@@ -114,6 +114,19 @@ class TargetUnreachable(Refused):
         self.priority = priority
 
 
+class DeadlineUnreachable(Refused):
+    """A request whose predicted wait for a batch slot is already past its deadline."""
+
+    code = "deadline_unreachable"
+
+    def __init__(self, deadline_s: float, predicted_wait_s: float, retry_after_s: int) -> None:
+        super().__init__(f"the request's deadline ({deadline_s * 1000:.0f} ms left to wait for a batch slot) cannot "
+                         f"be met: a slot is predicted to free after {predicted_wait_s * 1000:.0f} ms; retry after "
+                         f"{max(1, retry_after_s)} s or allow a longer deadline_ms", retry_after_s, param="deadline_ms")
+        self.deadline_s = deadline_s
+        self.predicted_wait_s = predicted_wait_s
+
+
 class TierNotAllowed(AgentError):
     """The API key may not claim the tier asked for (`priority_scheduling.over_tier: reject`)."""
 

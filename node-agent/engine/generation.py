@@ -82,7 +82,7 @@ from mlxpool.agent.engine.scheduling import Forecast, PriorityAdmission
 from mlxpool.agent.engine.shapes import CPU_PREFILL_LIMIT, Shape, ShapeBook, ShapeKind, ShapePlan, WarmupRun
 from mlxpool.agent.engine.speed import PRIOR_PREFILL_TPS, SpeedModel
 from mlxpool.agent.engine.stopping import StopStringMatcher
-from mlxpool.agent.errors import DeadlineExceeded, QueueFull, TargetUnreachable
+from mlxpool.agent.errors import DeadlineExceeded, DeadlineUnreachable, QueueFull, TargetUnreachable
 from mlxpool.priorities import Priority
 
 __all__ = ["BatchEngine", "EngineConfig"]
@@ -345,18 +345,23 @@ class BatchEngine:
         """Raise the 429 of a request its tier's bound or target refuses (caller holds the lock)."""
         terms = request.terms
         priority = request.priority
+        deadline_in = None if request.deadline is None else request.deadline - time.monotonic()
         verdict = refusal(
             self._outlook, priority, pending=self._pending[priority],
             max_waiting=terms.max_waiting if terms is not None else self._config.max_waiting.get(priority),
             sheddable=terms is not None and terms.sheddable,
             ttft_target_s=terms.ttft_target_s if terms is not None else None,
-            prompt_tokens=len(request.prompt_tokens))
+            prompt_tokens=len(request.prompt_tokens), deadline_in_s=deadline_in)
         if verdict is None:
             return
         self._refused_early[verdict.reason.value] += 1
         self._stats.requests_rejected_total = dict(self._refused_early + self._rejected)
         if verdict.reason is RefusalReason.QUEUE_FULL:
             raise QueueFull(priority, verdict.limit or 0, verdict.retry_after_s)
+        if verdict.reason is RefusalReason.DEADLINE_UNREACHABLE:
+            assert deadline_in is not None
+            raise DeadlineUnreachable(max(0.0, deadline_in), self._outlook.wait_s.get(priority, 0.0),
+                                      verdict.retry_after_s)
         assert terms is not None and terms.ttft_target_s is not None
         raise TargetUnreachable(priority, terms.ttft_target_s, verdict.predicted_ttft_s, verdict.retry_after_s)
 

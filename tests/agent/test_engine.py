@@ -16,11 +16,12 @@ from pathlib import Path
 
 import pytest
 
+from mlxpool.agent.engine.admission import Outlook
 from mlxpool.agent.engine.generation import BatchEngine, EngineConfig
 from mlxpool.agent.engine.interface import EngineError, GenerationRequest, SamplingParams, TokenEvent
 from mlxpool.agent.engine.prefixcache import MIN_REUSE_TOKENS
 from mlxpool.agent.engine.prompts import PromptEncoder
-from mlxpool.agent.errors import DeadlineExceeded, QueueFull
+from mlxpool.agent.errors import DeadlineExceeded, DeadlineUnreachable, QueueFull
 from mlxpool.priorities import Priority
 
 PROMPT = "Once upon a time"
@@ -192,15 +193,23 @@ async def test_waiting_requests_run_by_priority_then_arrival(make_engine):
     assert order == ["critical", "normal-1", "normal-2", "low", "background"]
 
 
-async def test_a_deadline_that_passes_while_waiting_fails_the_request(make_engine):
+async def test_a_deadline_that_cannot_be_met_is_refused_at_once_and_one_that_passes_fails(make_engine, monkeypatch):
     engine = await make_engine(max_running=1, prefill_batch_size=1)
     tokens = await prompt_tokens(engine)
     blocker = await hold_the_only_slot(engine, tokens)
+    # Doomed on arrival: the slot is predicted to free long after the deadline (429, no wait).
+    started = time.monotonic()
+    with pytest.raises(DeadlineUnreachable, match="cannot be met") as refused:
+        await collect(engine, request("doomed", tokens, deadline=time.monotonic() + 0.2))
+    assert time.monotonic() - started < 0.2 and refused.value.retry_after_s >= 1
+    # The engine still enforces a deadline the outlook did not foresee (here: an outlook kept stale).
+    monkeypatch.setattr(engine, "_outlook", Outlook())
+    monkeypatch.setattr(engine, "_publish_outlook", lambda: None)
     started = time.monotonic()
     with pytest.raises(DeadlineExceeded, match="deadline passed while it waited"):
         await collect(engine, request("late", tokens, deadline=time.monotonic() + 0.2))
     assert 0.2 <= time.monotonic() - started < 5
-    assert engine.stats.requests_rejected_total == {"deadline": 1}
+    assert engine.stats.requests_rejected_total == {"deadline_unreachable": 1, "deadline": 1}
     assert engine.stats.waiting == 0 and engine.stats.running == 1  # the blocker still runs
     await blocker.aclose()
     # A deadline that is met does not matter.

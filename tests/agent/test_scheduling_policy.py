@@ -247,6 +247,22 @@ def test_refusal_by_bound_or_unreachable_target_with_retry_after_from_the_wait()
                    prompt_tokens=1) is None
 
 
+def test_a_deadline_the_predicted_wait_passes_is_refused_at_once_whatever_the_tier():
+    outlook = Outlook({NORMAL: 1}, {CRITICAL: 0.0, NORMAL: 2.5}, prefill_tps=100.0)
+    late = refusal(outlook, NORMAL, pending=0, max_waiting=None, sheddable=False, ttft_target_s=None,
+                   prompt_tokens=10, deadline_in_s=2.0)
+    assert late is not None and late.reason is RefusalReason.DEADLINE_UNREACHABLE
+    assert late.retry_after_s == 3 and late.predicted_ttft_s == pytest.approx(2.6)
+    for deadline_in_s in (None, 2.5, 30.0):  # none, or one the wait meets
+        assert refusal(outlook, NORMAL, pending=0, max_waiting=None, sheddable=False, ttft_target_s=None,
+                       prompt_tokens=10, deadline_in_s=deadline_in_s) is None
+    # A free slot meets any deadline, even one already passed (the engine expires it); a full tier is queue_full first.
+    assert refusal(outlook, CRITICAL, pending=0, max_waiting=None, sheddable=False, ttft_target_s=None,
+                   prompt_tokens=10, deadline_in_s=-1.0) is None
+    assert refusal(outlook, NORMAL, pending=0, max_waiting=1, sheddable=False, ttft_target_s=None,
+                   prompt_tokens=10, deadline_in_s=0.1).reason is RefusalReason.QUEUE_FULL
+
+
 def test_the_victim_is_the_lowest_tier_with_the_most_work_left():
     running = [RunningView("n", NORMAL, 5.0), RunningView("l1", LOW, 1.0), RunningView("l2", LOW, 4.0),
                RunningView("b-prefilling", BACKGROUND, 9.0, decoding=False)]
