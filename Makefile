@@ -78,7 +78,10 @@ undeploy: ## Remove what `make deploy` created
 crd-reference: venv ## Regenerate docs/crd-reference.md from the schemas in crds/ (a test fails when it is stale)
 	$(PY) -m mlxpool.dev.crdref
 
+api-reference: venv ## Regenerate docs/api-reference.md and docs/openapi/*.json from a real agent's and router's /openapi.json
+	$(PY) -m mlxpool.dev.apiref
+
 clean: ## Remove build outputs and local state (not the cached control plane binaries)
 	rm -rf build .mlxpool .pytest_cache
 
-.PHONY: help venv controlplane test lint native-test demo up down dev-up dev-down install uninstall deploy undeploy clean
+.PHONY: help venv controlplane test lint native-test demo up down dev-up dev-down install uninstall deploy undeploy crd-reference api-reference clean
