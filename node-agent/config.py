@@ -251,10 +251,10 @@ class MultiModel(_Section):
     """The load rate (GB/s) assumed for a model's cost to bring back until loads on this node are measured."""
     unload_timeout_seconds: float = Field(default=30.0, ge=0)
     """How long an unload waits for the model's in-flight requests before stopping its engine."""
-    park: bool = False
+    park: bool = True
     """A model that loses its engine slot (max_models) is parked: its engine released, its weights
     kept in memory (within memory_budget_bytes), still listed and served; a request wakes it in
-    milliseconds. false: it is unloaded, as before."""
+    milliseconds. The operator counts only active models as slots. false: it is unloaded."""
     wake_timeout_seconds: float = Field(default=30.0, ge=0, le=3600)
     """How long a request for a parked model waits for an engine slot (every one busy) before a 503."""
     load_on_request: bool = False

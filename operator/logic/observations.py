@@ -221,11 +221,12 @@ def _later(a: datetime | None, b: datetime | None) -> datetime | None:
     return max(a, b)
 
 
-_Digest = tuple[tuple[tuple[str, ModelPhase], ...], tuple[tuple[str, CachePhase], ...], int]
+_Digest = tuple[tuple[tuple[str, ModelPhase], ...], tuple[tuple[str, CachePhase], ...], int, tuple[str, ...]]
 
 
 def _digest(agent: AgentView | None) -> _Digest | None:
     """What placement reads from a report (free memory moves on every load: left out)."""
     if agent is None:
         return None
-    return (tuple(sorted(agent.models.items())), tuple(sorted(agent.cache.items())), agent.max_models)
+    return (tuple(sorted(agent.models.items())), tuple(sorted(agent.cache.items())), agent.max_models,
+            tuple(sorted(agent.parked)))

@@ -6,7 +6,10 @@ models or can load them: a source resolves for the model, the agent's operations
 answers, a ModelCache copy is staged there when the model comes from one, the model
 did not just fail to load there, and a node the pool does not hold yet has a free
 model slot and enough free unified memory for the models it would load (the agent's
-`free_memory_bytes`, less what other pools' pending loads already reserved).
+`free_memory_bytes`, less what other pools' pending loads already reserved). A slot is
+an engine: a parked model (`tier: parked`, weights in memory, no engine; the agent
+parks rather than unloads with `multi_model.park`) takes none, only memory, which
+free memory already shows.
 
 Of the eligible nodes a pool takes at most `spec.replicas`: healthy ones first, then
 the ones it already has (no churn when free memory moves between heartbeats), then
@@ -24,7 +27,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from mlxpool.agentapi import CacheEntry, CachePhase, ModelPhase, ModelState, NodeReport, SchedulingPolicy
+from mlxpool.agentapi import CacheEntry, CachePhase, ModelPhase, ModelState, ModelTier, NodeReport, SchedulingPolicy
 from mlxpool.nodes import NodeSpec, NodeStatus
 from mlxpool.operator.logic.conditions import READY
 from mlxpool.operator.logic.endpoints import NOT_PROBED, PlacedEndpoint, ProbeResult
@@ -60,6 +63,8 @@ class NodeView:
     """metadata.generation: the agent rewrites the spec when it registers again."""
     condition_generation: int | None = None
     """observedGeneration of that Ready condition (kstatus reads it)."""
+    parked: frozenset[str] = frozenset()
+    """Models held parked (weights in memory, no engine): they take no model slot."""
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> NodeView:
@@ -87,6 +92,7 @@ class NodeView:
             decode_rates={m.name: m.decode_tokens_per_second for m in status.models if m.decode_tokens_per_second},
             generation=int(meta.get("generation") or 0),
             condition_generation=ready.get("observedGeneration") if ready else None,
+            parked=frozenset(m.name for m in status.models if m.tier == ModelTier.PARKED.value),
         )
 
     def routing_key(self) -> tuple[object, ...]:
@@ -94,7 +100,7 @@ class NodeView:
         every beat: two views with the same key place identically (short of staleness)."""
         return (self.endpoint, tuple(sorted(self.labels.items())), self.ready, self.models, self.max_models,
                 self.condition, self.chip, tuple(sorted(self.decode_rates.items())),
-                tuple(sorted(self.model_bytes.items())))
+                tuple(sorted(self.model_bytes.items())), tuple(sorted(self.parked)))
 
 
 @dataclass(frozen=True)
@@ -113,6 +119,8 @@ class AgentView:
     """Model name -> who loaded it, for models loaded with an owner."""
     scheduling: Mapping[str, SchedulingPolicy] = field(default_factory=dict)
     """Model name -> the pool scheduling policy the agent applies to it."""
+    parked: frozenset[str] = frozenset()
+    """Models the agent holds parked (no engine slot taken)."""
 
     @classmethod
     def from_report(cls, report: NodeReport) -> AgentView:
@@ -135,12 +143,13 @@ class AgentView:
         owners = {k: v for k, v in self.owners.items() if k != state.name}
         if state.owner:
             owners[state.name] = state.owner
+        parked = self.parked - {state.name} | ({state.name} if state.tier is ModelTier.PARKED else set())
         return replace(self, models={**self.models, state.name: state.phase}, messages=messages,
-                       model_bytes=sizes, owners=owners)
+                       model_bytes=sizes, owners=owners, parked=frozenset(parked))
 
     def without_model(self, name: str) -> AgentView:
         return replace(self, models={k: v for k, v in self.models.items() if k != name},
-                       owners={k: v for k, v in self.owners.items() if k != name})
+                       owners={k: v for k, v in self.owners.items() if k != name}, parked=self.parked - {name})
 
     def with_policy(self, model: str, policy: SchedulingPolicy) -> AgentView:
         """This view after the agent answered a scheduling call with `policy`."""
@@ -190,8 +199,9 @@ class Candidate:
 
     @property
     def model_slots_used(self) -> int:
-        held = len(self.view.models) if self.agent is None else sum(
-            p is not ModelPhase.FAILED for p in self.agent.models.values())
+        """Engine slots taken: models loading or active (a parked one holds none), plus reservations."""
+        held = len(self.view.models - self.view.parked) if self.agent is None else sum(
+            p is not ModelPhase.FAILED and m not in self.agent.parked for m, p in self.agent.models.items())
         return held + self.reserved_slots
 
     @property

@@ -3,11 +3,12 @@ the choice of replicas (pure)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from mlxpool.agentapi import CacheEntry, CachePhase, ModelPhase, ModelState, NodeReport
+from mlxpool.agentapi import CacheEntry, CachePhase, ModelPhase, ModelState, ModelTier, NodeReport
 from mlxpool.nodes import Hardware
 from mlxpool.operator.logic.endpoints import ProbeResult
 from mlxpool.operator.logic.placement import (
@@ -258,3 +259,43 @@ def test_a_held_node_without_a_report_yet_is_kept():
     unknown = cand("a", models=())
     assert exclusion_reason(unknown, pool(), FROM_PATH, {}, NOW, 30, held=True) is None
     assert exclusion_reason(unknown, pool(), FROM_PATH, {}, NOW, 30, held=False) is not None
+
+
+def test_parked_models_take_memory_but_no_model_slot():
+    """With `multi_model.park` an agent keeps models parked (no engine): only active ones are slots."""
+    report = NodeReport(
+        name="n", endpoint="http://n", max_models=2, free_memory_bytes=8 * GIB, agent_version="x",
+        hardware=Hardware(chip="c", memory_bytes=1, cpu_cores=1, accelerator="cpu", platform="p"),
+        models=[ModelState(name="x", phase=ModelPhase.READY),
+                ModelState(name="y", phase=ModelPhase.READY, tier=ModelTier.PARKED),
+                ModelState(name="z", phase=ModelPhase.READY, tier=ModelTier.PARKED)])
+    seen = AgentView.from_report(report)
+    assert seen.parked == {"y", "z"}
+    spec = pool()
+    sizes = {"tiny": 4 * GIB}
+    assert cand("a", models=(), agent_view=seen).model_slots_used == 1
+    assert exclusion_reason(cand("a", models=(), agent_view=seen), spec, FROM_PATH, sizes, NOW, 30) is None
+    # Woken (y active again, x parked in its place) or x still active and y woken: the count follows.
+    both = seen.with_model(ModelState(name="y", phase=ModelPhase.READY))
+    assert both.parked == {"z"}
+    assert exclusion_reason(cand("a", models=(), agent_view=both), spec, FROM_PATH, sizes, NOW, 30) == (
+        "no room: 1 more model(s) on a node holding 2 of 2")
+    assert both.without_model("z").parked == frozenset()
+    # Memory is still memory: a parked model's bytes are not free.
+    tight = replace(seen, free_memory_bytes=3 * GIB)
+    assert exclusion_reason(cand("a", models=(), agent_view=tight), spec, FROM_PATH, sizes, NOW, 30) == (
+        "no room: needs 4.0 GiB, 3.0 GiB free")
+
+
+def test_without_a_report_the_heartbeat_s_tiers_count_the_slots():
+    body = {
+        "metadata": {"name": "mac-1"},
+        "spec": {"endpoint": "http://x", "maxModels": 1, "hardware": {
+            "chip": "c", "memoryBytes": 1, "cpuCores": 1, "accelerator": "cpu", "platform": "p"}},
+        "status": {"ready": True, "models": [{"name": "x", "tier": "parked"}, {"name": "y", "tier": "active"}],
+                   "heartbeatTime": "2026-01-01T12:00:00Z"},
+    }
+    parsed = NodeView.from_body(body)
+    assert parsed.parked == {"x"} and parsed.models == {"x", "y"}
+    assert Candidate(view=parsed).model_slots_used == 1
+    assert parsed.routing_key() != replace(parsed, parked=frozenset()).routing_key()

@@ -1,6 +1,7 @@
 """The operations API against real agent processes serving the tiny MLX models.
 
-One agent is shared by the module (`tiny` from the command line, `max_models: 2`, its
+One agent is shared by the module (`tiny` from the command line, `max_models: 2`, parking
+off so a model that loses its slot is unloaded (test_tiers.py has parking on), its
 own cache directory, HF_ENDPOINT at the module's model server); every test leaves it
 as it found it: only `tiny` loaded, the cache empty.
 """
@@ -33,7 +34,7 @@ def visible_files(directory: Path) -> list[Path]:
 def ops_agent(tiny_model: Path, ops_token_file: Path, module_model_server, tmp_path_factory) -> Iterator:
     workdir = tmp_path_factory.mktemp("ops-agent")
     config = workdir / "runtime.yaml"
-    config.write_text("multi_model:\n  max_models: 2\n  unload_timeout_seconds: 10\n")
+    config.write_text("multi_model:\n  max_models: 2\n  park: false\n  unload_timeout_seconds: 10\n")
     with pytest.MonkeyPatch.context() as env:  # the agent inherits the environment it starts with
         env.setenv("HF_ENDPOINT", module_model_server.url)
         env.setenv("HF_TOKEN", "hf_module_token")

@@ -1,8 +1,9 @@
 """Residency tiers against a real agent: parked (engine released, weights kept), woken by a request.
 
 Real: an agent process serving the tiny MLX model and a second one (other weights), with one
-engine slot and parking on (`multi_model.park`), driven through its operations API and
-OpenAI endpoints; its /metrics.
+engine slot and parking on (`multi_model.park`, the default: its config leaves it out),
+driven through its operations API and OpenAI endpoints; its /metrics; its `/v1/node` report
+read by the operator's placement (pure), which counts only active models as slots.
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from mlxpool.agentapi import NodeReport
+from mlxpool.operator.logic.placement import AgentView, Candidate, NodeView
 
 OPS = "ops-secret-token"
 
@@ -23,7 +27,7 @@ def tier_agent(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     workdir = tmp_path_factory.mktemp("tier-agent")
     (workdir / "token").write_text(OPS + "\n")
     config = workdir / "runtime.yaml"
-    config.write_text("multi_model:\n  max_models: 1\n  park: true\n  unload_timeout_seconds: 10\n")
+    config.write_text("multi_model:\n  max_models: 1\n  unload_timeout_seconds: 10\n")
     agent = components.start_agent(tiny_model, workdir / "logs", name="tier-agent", ops_token_file=workdir / "token",
                                    extra=["--config", str(config), "--max-tokens-default", "4"], timeout=90)
     yield agent
@@ -67,6 +71,11 @@ def test_a_model_that_loses_its_slot_is_parked_and_a_request_wakes_it(tier_agent
     wait_tiers(tier_agent, {"tiny": ("ready", "parked"), "other": ("ready", "active")})
     served = {m["id"] for m in httpx.get(f"{tier_agent.url}/v1/models", timeout=10).json()["data"]}
     assert served == {"tiny", "other"}
+    # The operator sees two models held and one engine slot taken (of one): parked is not a slot.
+    seen = Candidate(view=NodeView(name="n", endpoint=tier_agent.url, labels={}, ready=True, heartbeat=None,
+                                   free_memory_bytes=None, models=frozenset()),
+                     agent=AgentView.from_report(NodeReport.model_validate(node(tier_agent))))
+    assert (len(seen.agent.models), seen.model_slots_used, seen.max_models) == (2, 1, 1)
     # A request wakes tiny (other is parked in its place) and answers as before parking: same weights.
     after = complete(tier_agent, "tiny")
     assert (after["text"], after["logprobs"]) == (before["text"], before["logprobs"])
