@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 
 from mlxpool.dev import stack
-from mlxpool.dev.controlplane import REPO_ROOT, binaries_dir
+from mlxpool.dev.controlplane import binaries_dir
 from mlxpool.dev.controlplane import kubectl as run_kubectl
 
 POOL_NAMESPACE, POOL_NAME, MODEL = "default", "tiny", "tiny"
@@ -40,14 +40,16 @@ def main() -> int:
         def kubectl(*args: str) -> str:
             return run_kubectl(state.kubeconfig, *args, bin_dir=bin_dir).stdout
 
-        step("kubectl apply -k manifests/samples")
-        print(kubectl("apply", "-k", str(REPO_ROOT / "manifests" / "samples")), end="")
-        step(f"waiting for inferencepool/{POOL_NAME} to be Ready")
-        print(kubectl("wait", "--for=condition=Ready", f"inferencepool/{POOL_NAME}", "-n", POOL_NAMESPACE,
-                      "--timeout=90s"), end="")
+        # The samples as they are, but for the ModelCache's source: staged from this stack's model.
+        step(f"kubectl apply -k manifests/samples (through {stack.samples_overlay(workdir)})")
+        print(kubectl("apply", "-k", str(stack.samples_overlay(workdir))), end="")
+        step(f"waiting for inferencepool/{POOL_NAME} and modelcache/{MODEL} to be Ready")
+        print(kubectl("wait", "--for=condition=Ready", f"inferencepool/{POOL_NAME}", f"modelcache/{MODEL}",
+                      "-n", POOL_NAMESPACE, "--timeout=90s"), end="")
         step("kubectl get inferencepools,inferencenodes")
         print(kubectl("get", "inferencepools", "-A", "-o", "wide"), end="")
         print(kubectl("get", "inferencenodes", "-o", "wide"), end="")
+        print(kubectl("get", "modelcaches", "-A"), end="")
         step("routing table (ConfigMap tiny-routes)")
         print(kubectl("get", "configmap", f"{POOL_NAME}-routes", "-n", POOL_NAMESPACE,
                       "-o", "jsonpath={.data.routes\\.json}"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -27,13 +28,29 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--agents must be >= 0")
         state = stack.up(args.workdir, args.agents, args.pool)
         _print_status(args.workdir)
-        print(f"\nexport KUBECONFIG={state.kubeconfig}")
+        print(next_steps(state, args.pool, args.workdir))
         return 0
     if args.command == "down":
         stopped = stack.down(args.workdir)
         print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
         return 0
     return 0 if _print_status(args.workdir) else 1
+
+
+def next_steps(state: stack.StackState, pool: str, workdir: Path) -> str:
+    """What to type next: a pool from the samples, then a streamed completion through the router."""
+    namespace, _, name = pool.partition("/")
+    router = next((m.url for m in state.members if m.name == "router"), "http://127.0.0.1:PORT")
+    body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 16,
+                       "stream": True})
+    down = "mlxpool dev down" + ("" if workdir == stack.DEFAULT_WORKDIR else f" --workdir {workdir}")
+    return f"""
+export KUBECONFIG={state.kubeconfig}
+kubectl apply -k {stack.samples_overlay(workdir)}   # manifests/samples, the ModelCache staged from this stack's model
+kubectl wait --for=condition=Ready -n {namespace} inferencepool/{name} modelcache/tiny --timeout=90s
+mlxpool status
+curl -N {router}/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'
+{down}"""
 
 
 def _print_status(workdir: Path) -> bool:
@@ -44,8 +61,14 @@ def _print_status(workdir: Path) -> bool:
     print(f"{'NAME':<16}{'PID':>8}  {'STATE':<9}{'URL':<30}LOG")
     for r in rows:
         print(f"{r['name']:<16}{r['pid']:>8}  {'running' if r['running'] else 'stopped':<9}"
-              f"{r['url'] or '-':<30}{os.path.relpath(r['log'])}")
+              f"{r['url'] or '-':<30}{_shown(r['log'])}")
     return all(r["running"] for r in rows)
+
+
+def _shown(path: str) -> str:
+    """Relative to here when under it, else absolute (no `../../../tmp/...`)."""
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
 
 
 if __name__ == "__main__":

@@ -101,6 +101,7 @@ def up(workdir: Path = DEFAULT_WORKDIR, agents: int = 2, pool: str = DEFAULT_POO
         model = workdir / "models" / "tiny"
         if not (model / "model.safetensors").exists():
             make_tiny(model, "tiny")
+        write_samples_overlay(workdir, model)
         token = ops_token_file(workdir)
         state.add(start_operator(logs, kubeconfig=cp.kubeconfig("operator"), agent_token_file=token))
         state.save()
@@ -114,6 +115,29 @@ def up(workdir: Path = DEFAULT_WORKDIR, agents: int = 2, pool: str = DEFAULT_POO
         down(workdir)
         raise
     return state
+
+
+SAMPLES = REPO_ROOT / "manifests" / "samples"
+
+
+def samples_overlay(workdir: Path) -> Path:
+    return workdir / "samples"
+
+
+def write_samples_overlay(workdir: Path, model: Path) -> Path:
+    """A kustomization over manifests/samples whose ModelCache stages the dev stack's own tiny
+    model: the sample's `file:///var/lib/mlxpool/models/tiny` is a Mac's path, absent here,
+    and applying it as is left a ModelCache Failed on every dev agent."""
+    overlay = samples_overlay(workdir)
+    overlay.mkdir(parents=True, exist_ok=True)
+    (overlay / "kustomization.yaml").write_text(
+        "# Written by `mlxpool dev up`: manifests/samples with the ModelCache staged from this stack's model.\n"
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources:\n  - {os.path.relpath(SAMPLES, overlay)}\n"
+        "patches:\n  - target: {kind: ModelCache, name: tiny}\n    patch: |-\n"
+        "      - op: replace\n        path: /spec/source\n"
+        f"        value: file://{model.resolve()}\n")
+    return overlay
 
 
 def ops_token_file(workdir: Path) -> Path:
