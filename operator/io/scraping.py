@@ -1,9 +1,12 @@
 """Scrape the placed agents' `/metrics` and export per-pool load figures (`usage`).
 
 One background task for the whole operator: every `scrape_interval` it reads
-`/metrics` of every node some pool claims (concurrently, short timeout), parses the
-vLLM-compatible gauges and the generated-token counter per model, and sets the
-`mlxpool_pool_*` gauges. A pool whose claims are gone loses its series.
+`/metrics` of every node some pool claims (at most `MAX_IN_FLIGHT` at once, short
+timeout), parses the vLLM-compatible gauges and the generated-token counter per model
+(only their lines are parsed), and sets the `mlxpool_pool_*` gauges. A pool whose
+claims are gone loses its series. The round is spread over the fleet like probes and
+reports: it starts at most every `max(scrape_interval, nodes / scrapes_per_second)`
+seconds, so 1,000 placed agents cost 50 scrapes a second, not 200 in bursts of 1,000.
 """
 
 from __future__ import annotations
@@ -26,12 +29,21 @@ log = logging.getLogger(__name__)
 
 RUNNING, WAITING = "vllm:num_requests_running", "vllm:num_requests_waiting"
 GENERATED = "mlxpool_generation_tokens"  # a counter: samples are named ..._total
+MAX_IN_FLIGHT = 16
+"""Scrapes outstanding at once: a round of a thousand must not hold a thousand connections."""
+SCRAPES_PER_SECOND = 50.0
+_WANTED = tuple(f"{prefix}{name}" for name in (RUNNING, WAITING, GENERATED) for prefix in ("", "# HELP ", "# TYPE "))
+
+
+def _wanted_lines(text: str) -> str:
+    """The lines of the three families we read (an agent's /metrics has hundreds more)."""
+    return "\n".join(line for line in text.splitlines() if line.startswith(_WANTED)) + "\n"
 
 
 def parse_metrics(text: str) -> dict[str, ModelSample]:
     """Per-model samples from an agent's Prometheus text; unknown series are ignored."""
     values: dict[str, dict[str, float]] = {}
-    for family in text_string_to_metric_families(text):
+    for family in text_string_to_metric_families(_wanted_lines(text)):
         if family.name not in (RUNNING, WAITING, GENERATED):
             continue
         for sample in family.samples:
@@ -49,19 +61,25 @@ class MetricsAgents(Protocol):
 
 
 class UsageScraper:
-    def __init__(self, fleet: Fleet, agents: MetricsAgents, interval: float) -> None:
+    def __init__(self, fleet: Fleet, agents: MetricsAgents, interval: float,
+                 scrapes_per_second: float = SCRAPES_PER_SECOND) -> None:
         self._fleet = fleet
         self._agents = agents
         self._interval = interval
+        self._scrapes_per_second = scrapes_per_second
+        self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
         self._latest: dict[str, Scrape] = {}
         self._exported: set[PoolKey] = set()
 
     async def run(self) -> None:
         while True:
-            await self.scrape_once()
-            await asyncio.sleep(self._interval)
+            started = time.monotonic()
+            scraped = await self.scrape_once()
+            period = max(self._interval, scraped / self._scrapes_per_second)
+            await asyncio.sleep(max(period - (time.monotonic() - started), 0.0))
 
-    async def scrape_once(self) -> None:
+    async def scrape_once(self) -> int:
+        """One round; returns how many agents it asked."""
         observed = self._fleet.observed
         nodes = sorted(n for n in self._fleet.claims.nodes() if n in observed.views and observed.of(n).probe.healthy)
         results = await asyncio.gather(*(self._scrape(n) for n in nodes))
@@ -83,13 +101,15 @@ class UsageScraper:
                 with contextlib.suppress(KeyError):
                     gauge.remove(*gone)
         self._exported = exported
+        return len(nodes)
 
     async def _scrape(self, node: str) -> Scrape | None:
         view = self._fleet.observed.views.get(node)
         if view is None:
             return None
         try:
-            text = await self._agents.metrics_text(view.endpoint)
+            async with self._slots:
+                text = await self._agents.metrics_text(view.endpoint)
             return Scrape(time.monotonic(), parse_metrics(text))
         except AgentError as exc:
             log.debug("metrics scrape failed node=%s error=%s", node, exc)

@@ -16,6 +16,11 @@ pool is seeded: before that, an unclaimed model may just belong to a pool not re
 
 What is on the nodes (views, probes, reports, failures) is `observations`; claims read
 an agent's view only when it is handed to them. Nothing here is written anywhere.
+
+Everything a node monitor or a pool pass asks about one node (`claimed_on`,
+`probe_interval`, `managed_on`, `claimed_by_others`) is answered from indexes by node,
+not by scanning every pool: at 1,000 nodes and 500 pools those scans, once per monitor
+tick and per pass, were most of the operator's CPU (docs/fleet-scale.md).
 """
 
 from __future__ import annotations
@@ -52,12 +57,29 @@ class Claims:
         self._deferred: set[Pair] = set()
         self._unclaimed_since: dict[Pair, float] = {}
         self._clock = clock
+        self._by_node: dict[str, dict[PoolKey, frozenset[str]]] = {}
+        """Node -> the pools claiming something there and what (an index of `pools`)."""
+
+    def _set_claim(self, pool: PoolKey, claim: Claim | None) -> Claim | None:
+        """Replace `pool`'s claim (None: drop it), keeping the node index; returns the old one."""
+        old = self.pools.pop(pool, None) if claim is None else self.pools.get(pool)
+        for node in (old.nodes if old is not None else ()):
+            claimants = self._by_node.get(node)
+            if claimants is not None:
+                claimants.pop(pool, None)
+                if not claimants:
+                    del self._by_node[node]
+        if claim is not None:
+            self.pools[pool] = claim
+            for node, models in claim.nodes.items():
+                self._by_node.setdefault(node, {})[pool] = models
+        return old
 
     # -- what pools want ---------------------------------------------------------------------
     def seed(self, pool: PoolKey, nodes: Mapping[str, Iterable[str]], managed: Iterable[Pair] = (),
              probe_interval: float | None = None) -> None:
         """What a pool held before a restart (from its status), before any pool acts."""
-        self.pools[pool] = Claim({n: frozenset(ms) for n, ms in nodes.items()}, probe_interval)
+        self._set_claim(pool, Claim({n: frozenset(ms) for n, ms in nodes.items()}, probe_interval))
         self.managed.update(managed)
 
     def claim(self, pool: PoolKey, nodes: Mapping[str, Collection[str]],
@@ -66,43 +88,45 @@ class Claims:
         ones the pool gave up, that the operator loaded, and that no other pool claims."""
         before = self.pools.get(pool, Claim()).nodes
         after = {n: frozenset(ms) for n, ms in nodes.items() if ms}
-        self.pools[pool] = Claim(after, probe_interval)
+        self._set_claim(pool, Claim(after, probe_interval))
         released = {(n, m) for n, ms in before.items() for m in ms if m not in after.get(n, ())}
         return self._unloadable(released)
 
     def release(self, pool: PoolKey) -> list[Pair]:
         """The pool is gone: forget its claims; returns the pairs to unload."""
-        claim = self.pools.pop(pool, None)
+        claim = self._set_claim(pool, None)
         if claim is None:
             return []
         return self._unloadable({(n, m) for n, ms in claim.nodes.items() for m in ms})
 
     def _unloadable(self, released: set[Pair]) -> list[Pair]:
-        claimed = {(n, m) for c in self.pools.values() for n, ms in c.nodes.items() for m in ms}
-        due = sorted(p for p in released if p in self.managed and p not in claimed)
+        due = sorted(p for p in released if p in self.managed and p[1] not in self.claimed_on(p[0]))
         self.managed.difference_update(due)
         return due
 
     def claimed_on(self, node: str) -> set[str]:
         """The models any pool claims on `node`."""
-        return {m for c in self.pools.values() for m in c.nodes.get(node, ())}
+        return {m for models in self._by_node.get(node, {}).values() for m in models}
 
-    def claimed_by_others(self, pool: PoolKey) -> dict[str, set[str]]:
-        """Node -> the models pools other than `pool` claim there."""
+    def claimed_by_others(self, pool: PoolKey, nodes: Iterable[str] | None = None) -> dict[str, set[str]]:
+        """Node -> the models pools other than `pool` claim there (of `nodes`, else of all)."""
         others: dict[str, set[str]] = {}
-        for key, claim in self.pools.items():
-            if key != pool:
-                for node, models in claim.nodes.items():
-                    others.setdefault(node, set()).update(models)
+        for node in self._by_node if nodes is None else nodes:
+            claimants = self._by_node.get(node)
+            if claimants:
+                models = {m for key, ms in claimants.items() if key != pool for m in ms}
+                if models:
+                    others[node] = models
         return others
 
     def nodes(self) -> set[str]:
         """Every node some pool claims."""
-        return {n for claim in self.pools.values() for n in claim.nodes}
+        return set(self._by_node)
 
     def probe_interval(self, node: str, default: float) -> float:
         """The shortest interval of the pools claiming the node, else `default`."""
-        intervals = [c.probe_interval for c in self.pools.values() if node in c.nodes and c.probe_interval]
+        intervals = [interval for key in self._by_node.get(node, ())
+                     if (interval := self.pools[key].probe_interval)]
         return min(intervals, default=default)
 
     # -- what the operator loaded ------------------------------------------------------------

@@ -20,9 +20,8 @@ restart.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 
-from mlxpool.agentapi import ModelPhase
 from mlxpool.operator.logic.claims import Claims, PoolKey
 from mlxpool.operator.logic.observations import Observations
 from mlxpool.operator.logic.placement import Candidate
@@ -44,21 +43,31 @@ class Fleet:
         """`Claims.orphans_due` against what the node's agent last reported."""
         return self.claims.orphans_due(node, self.observed.of(node).agent, grace)
 
-    def candidates(self, pool: PoolKey, sizes: Mapping[str, int | None]) -> list[Candidate]:
-        """Every known node as `pool` sees it: other pools' pending loads are reserved.
+    def candidates(self, pool: PoolKey, sizes: Mapping[str, int | None],
+                   only: Collection[str] | None = None) -> list[Candidate]:
+        """Every known node (of `only`, when given) as `pool` sees it: other pools' pending
+        loads are reserved.
 
         Here, not in either half, because it is the one view that needs both: the nodes,
         probes, reports and failures are observed, the reservations are other pools'
         claims less what the agent already holds (a ready model already shows in free
         memory, a loading one already takes its slot).
         """
-        others = self.claims.claimed_by_others(pool)
+        views = self.observed.views
+        names = views.keys() if only is None else [n for n in only if n in views]
+        others = self.claims.claimed_by_others(pool, None if only is None else names)
         result = []
-        for name, view in self.observed.views.items():
+        for name in names:
+            view = views[name]
             obs = self.observed.of(name)
+            pending = others.get(name)
+            if not pending:  # most nodes: nothing of other pools' on its way there
+                result.append(Candidate(view=view, agent=obs.agent, agent_error=obs.agent_error, probe=obs.probe,
+                                        failures=self.observed.failures(name)))
+                continue
             held = set(obs.agent.models) if obs.agent is not None else set(view.models)
-            ready = obs.agent.in_phase({ModelPhase.READY}) if obs.agent is not None else view.models
-            pending = others.get(name, set()) - ready
+            ready = obs.agent.ready if obs.agent is not None else view.models
+            pending = pending - ready
             result.append(Candidate(
                 view=view, agent=obs.agent, agent_error=obs.agent_error, probe=obs.probe,
                 failures=self.observed.failures(name),

@@ -62,8 +62,10 @@ class Observations:
         """Node -> its Lease's last renewal (kept for nodes whose object is not seen yet)."""
         self._status_beats: dict[str, datetime | None] = {}
         """Node -> the heartbeat its InferenceNode's status says."""
-        self._failures: dict[tuple[str, str], tuple[str, float]] = {}
-        """(node, model) -> (message, clock time) of the last failed load seen there."""
+        self._failures: dict[str, dict[str, tuple[str, float]]] = {}
+        """Node -> model -> (message, clock time) of the last failed load seen there."""
+        self._sizes: dict[str, int] | None = None
+        """`model_sizes`, kept until a view or an agent view changes (read by every pool pass)."""
         self._noted_at: dict[str, float] = {}
         """When the operator last learned a node's state from its own call (clock time)."""
         self._retry_after = retry_after
@@ -78,6 +80,7 @@ class Observations:
     def set_view(self, view: NodeView) -> bool:
         """Record a node's object; True when placement could see a difference."""
         old = self.views.get(view.name)
+        self._sizes = None
         self._status_beats[view.name] = view.heartbeat
         self.views[view.name] = replace(view, heartbeat=_later(view.heartbeat, self._renewals.get(view.name)))
         return old is None or old.routing_key() != view.routing_key()
@@ -98,7 +101,8 @@ class Observations:
         self.nodes.pop(name, None)
         self._status_beats.pop(name, None)
         self._noted_at.pop(name, None)
-        self._failures = {k: v for k, v in self._failures.items() if k[0] != name}
+        self._failures.pop(name, None)
+        self._sizes = None
 
     def of(self, node: str) -> Observation:
         return self.nodes.setdefault(node, Observation())
@@ -172,7 +176,7 @@ class Observations:
 
     def note_failure(self, node: str, model: str, message: str) -> None:
         """A load of `model` on `node` failed: keep pools away from that pair for a while."""
-        self._failures[node, model] = (message, self._clock())
+        self._failures.setdefault(node, {})[model] = (message, self._clock())
         self._changed(node, AGENT)
 
     def _set_agent(self, node: str, agent: AgentView | None, error: str | None) -> bool:
@@ -181,13 +185,14 @@ class Observations:
             before = obs.agent.models if obs.agent is not None else {}
             for model, phase in agent.models.items():
                 if phase is ModelPhase.FAILED and before.get(model) is not ModelPhase.FAILED:
-                    self._failures[node, model] = (agent.messages.get(model, "failed"), self._clock())
+                    self._failures.setdefault(node, {})[model] = (agent.messages.get(model, "failed"), self._clock())
             for listener in self._agent_listeners:
                 listener(node, agent)
         if (obs.agent, obs.agent_error) == (agent, error):
             return False
         placement_relevant = _digest(obs.agent) != _digest(agent) or (obs.agent is None) != (agent is None)
         obs.agent, obs.agent_error = agent, error
+        self._sizes = None
         if placement_relevant:
             self._changed(node, AGENT)
         return True
@@ -195,9 +200,11 @@ class Observations:
     # -- what the observations tell ----------------------------------------------------------
     def failures(self, node: str) -> dict[str, str]:
         """Models that failed to load on `node` in the last `retry_after` seconds -> why."""
+        entries = self._failures.get(node)
+        if not entries:  # nearly always: asked for every node by every pool's placement
+            return {}
         now = self._clock()
-        return {m: msg for (n, m), (msg, at) in self._failures.items()
-                if n == node and now - at < self._retry_after}
+        return {m: msg for m, (msg, at) in entries.items() if now - at < self._retry_after}
 
     def in_transit(self, node: str) -> bool:
         """Something on the node is on its way (a load, an unload or a staging): report often."""
@@ -206,13 +213,16 @@ class Observations:
                                       or any(p in _STAGING for p in agent.cache.values()))
 
     def model_sizes(self) -> dict[str, int]:
-        """The largest size any node reports per model: the estimate for loading it elsewhere."""
-        sizes: dict[str, int] = {}
-        for name, view in self.views.items():
-            agent = self.of(name).agent
-            for model, size in (*view.model_bytes.items(), *(agent.model_bytes.items() if agent else ())):
-                sizes[model] = max(sizes.get(model, 0), size)
-        return sizes
+        """The largest size any node reports per model: the estimate for loading it elsewhere
+        (a copy: callers may add to it)."""
+        if self._sizes is None:
+            sizes: dict[str, int] = {}
+            for name, view in self.views.items():
+                agent = self.of(name).agent
+                for model, size in (*view.model_bytes.items(), *(agent.model_bytes.items() if agent else ())):
+                    sizes[model] = max(sizes.get(model, 0), size)
+            self._sizes = sizes
+        return dict(self._sizes)
 
 
 def _later(a: datetime | None, b: datetime | None) -> datetime | None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from functools import cached_property
 from typing import Any
 
 from pydantic import ValidationError
@@ -161,6 +162,23 @@ class AgentView:
     def in_phase(self, phases: Collection[ModelPhase]) -> frozenset[str]:
         return frozenset(m for m, p in self.models.items() if p in phases)
 
+    # Read by every pool's placement of every node: computed once per view (views are
+    # immutable; a cached_property lives in the instance dict, outside eq and hash).
+    @cached_property
+    def ready(self) -> frozenset[str]:
+        """Models answering requests now."""
+        return self.in_phase({ModelPhase.READY})
+
+    @cached_property
+    def loading(self) -> frozenset[str]:
+        """Models on their way in (`IN_TRANSIT`)."""
+        return self.in_phase(IN_TRANSIT)
+
+    @cached_property
+    def slots_used(self) -> int:
+        """Engine slots taken: every model but the failed and the parked ones."""
+        return sum(p is not ModelPhase.FAILED and m not in self.parked for m, p in self.models.items())
+
 
 @dataclass(frozen=True)
 class Candidate:
@@ -185,11 +203,11 @@ class Candidate:
         """Models answering requests now (the agent's word if it answers, else the heartbeat's)."""
         if self.agent is None:
             return self.view.models
-        return self.agent.in_phase({ModelPhase.READY})
+        return self.agent.ready
 
     @property
     def in_transit(self) -> frozenset[str]:
-        return frozenset() if self.agent is None else self.agent.in_phase(IN_TRANSIT)
+        return frozenset() if self.agent is None else self.agent.loading
 
     @property
     def free_memory_bytes(self) -> int | None:
@@ -200,8 +218,7 @@ class Candidate:
     @property
     def model_slots_used(self) -> int:
         """Engine slots taken: models loading or active (a parked one holds none), plus reservations."""
-        held = len(self.view.models - self.view.parked) if self.agent is None else sum(
-            p is not ModelPhase.FAILED and m not in self.agent.parked for m, p in self.agent.models.items())
+        held = len(self.view.models - self.view.parked) if self.agent is None else self.agent.slots_used
         return held + self.reserved_slots
 
     @property

@@ -31,7 +31,7 @@ from mlxpool.operator.logic.claims import PoolKey
 from mlxpool.operator.logic.endpoints import NOT_PROBED, PlacedEndpoint, ProbeResult
 from mlxpool.operator.logic.fleet import Fleet
 from mlxpool.operator.logic.placement import NOT_SELECTED, Candidate, Placement, endpoints_of, place
-from mlxpool.operator.logic.sources import CacheRef, resolve
+from mlxpool.operator.logic.sources import CacheRef, LoadSource, resolve
 from mlxpool.operator.logic.specs import PoolSpec
 from mlxpool.operator.logic.statuses import pool_health, pool_status, status_patch
 from mlxpool.operator.logic.tables import next_table, route_models
@@ -155,8 +155,7 @@ class PoolReconciler:
         sizes: dict[str, int | None] = {**self._fleet.observed.model_sizes(),
                                         **{m: c.bytes for m, c in caches.items() if c.bytes}}
         before = {e["node"]: e for e in state.status.get("endpoints") or []}
-        candidates = _assume_known_health(self._fleet.candidates(key, sizes), before)
-        placement = place(candidates, spec, sources, sizes, before.keys(), now, self._stale_after)
+        placement = self._place(key, spec, sources, sizes, before, now)
         chosen_names = [c.name for c in placement.chosen]
         unloads = self._fleet.claims.claim(key, dict.fromkeys(chosen_names, spec.model_names), probe_interval)
         actions: list[LoadAction | StageAction | PolicyAction] = [*plan(placement.chosen, spec.model_names, sources)]
@@ -165,8 +164,8 @@ class PoolReconciler:
         calls = await self._act(actions, events) + await self.unload(unloads, events)
 
         # Placement again from what the calls just taught the fleet (loading, staging, failed).
-        fresh = {c.name: c for c in _assume_known_health(self._fleet.candidates(key, sizes), before)
-                 if c.name in chosen_names}
+        fresh = {c.name: c for c in _assume_known_health(self._fleet.candidates(key, sizes, only=chosen_names),
+                                                         before)}
         chosen = [fresh[n] for n in chosen_names if n in fresh]
         managed = {n: self._fleet.claims.managed_on(n) for n in chosen_names}
         endpoints = endpoints_of(chosen, spec.model_names, managed, sizes)
@@ -204,6 +203,22 @@ class PoolReconciler:
         metrics.READY_ENDPOINTS.labels(namespace, name).set(sum(e.healthy for e in endpoints))
         metrics.ROUTING_REVISION.labels(namespace, name).set(table.revision)
         return result
+
+    def _place(self, key: PoolKey, spec: PoolSpec, sources: Mapping[str, LoadSource | None],
+               sizes: Mapping[str, int | None], before: Mapping[str, Mapping], now: datetime) -> Placement:
+        """Placement over the pool's own nodes when they suffice, else over the whole fleet.
+
+        The ranking puts healthy nodes the pool holds before any other, so when at least
+        `replicas` of its nodes are eligible and healthy, no other node can be chosen: the
+        fleet need not be looked at (a pass costs O(its nodes), not O(fleet), and its
+        interest is its own nodes: other nodes' changes do not wake it)."""
+        if before:
+            own = _assume_known_health(self._fleet.candidates(key, sizes, only=before.keys()), before)
+            placement = place(own, spec, sources, sizes, before.keys(), now, self._stale_after)
+            if len(placement.chosen) >= spec.replicas and all(c.probe.healthy for c in placement.chosen):
+                return placement
+        candidates = _assume_known_health(self._fleet.candidates(key, sizes), before)
+        return place(candidates, spec, sources, sizes, before.keys(), now, self._stale_after)
 
     async def _act(self, actions: Sequence[LoadAction | StageAction | PolicyAction], events: Events) -> int:
         await asyncio.gather(*(self._do(a, events) if not isinstance(a, PolicyAction) else self._apply_policy(a, events)

@@ -238,3 +238,19 @@ def test_a_view_beats_with_the_later_of_its_status_and_its_lease():
     assert observed.views["a"].heartbeat == datetime(2026, 1, 1, 0, 6, tzinfo=UTC)
     observed.renew("a", None)  # the lease is gone: the status's heartbeat is all there is
     assert observed.views["a"].heartbeat == old
+
+
+def test_the_node_index_follows_claims_releases_and_seeds():
+    claims = Claims()
+    claims.claim(A, {"n1": ["x"], "n2": ["x"]}, probe_interval=2.0)
+    claims.claim(B, {"n1": ["y"]}, probe_interval=0.5)
+    assert claims.claimed_on("n1") == {"x", "y"} and claims.nodes() == {"n1", "n2"}
+    assert claims.claimed_by_others(A) == {"n1": {"y"}}
+    assert claims.claimed_by_others(B, ["n2", "n3"]) == {"n2": {"x"}}
+    assert claims.probe_interval("n1", 9.0) == 0.5 and claims.probe_interval("n2", 9.0) == 2.0
+    claims.claim(A, {"n2": ["x"]})  # A leaves n1
+    assert claims.claimed_on("n1") == {"y"} and claims.probe_interval("n2", 9.0) == 9.0
+    claims.release(B)
+    assert claims.nodes() == {"n2"} and claims.claimed_on("n1") == set()
+    claims.seed(B, {"n3": ["z"]})
+    assert claims.claimed_by_others(A) == {"n3": {"z"}}

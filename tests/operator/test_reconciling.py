@@ -372,3 +372,18 @@ async def test_an_unload_for_an_agent_that_does_not_answer_is_deferred(world):
     await world.run(pool(replicas=1, models=SOURCED), state)
     assert [c[0] for c in world.agents.calls] == ["load"]  # the replacement; no unload to a dead agent
     assert world.fleet.claims.deferred_unloads(placed) == ["tiny"]
+
+
+async def test_a_pool_whose_own_nodes_suffice_looks_at_no_other_node(world):
+    """The ranking puts held healthy nodes first, so the pass skips the fleet: its interest
+    is its own nodes (others' changes do not wake it); a failing node brings the fleet back."""
+    world.add(node("a"), node("b"), node("c"), node("d"))
+    state = PoolState()
+    first = await world.run(pool(), state)
+    assert first.interest == {"a", "b", "c", "d"} and world.routed() == ["a", "b"]
+    again = await world.run(pool(), state)
+    assert again.interest == {"a", "b"}
+
+    world.fleet.observed.observe_probe("b", ProbeResult(False, "cannot connect"))
+    replaced = await world.run(pool(), state)
+    assert replaced.interest == {"a", "b", "c", "d"} and world.routed() == ["a", "c"]

@@ -48,3 +48,31 @@ def test_each_origin_has_its_own_kept_alive_pool_and_the_oldest_goes_beyond_the_
                 await runner.cleanup()
 
     asyncio.run(scenario())
+
+
+def test_requests_do_not_search_sys_path_for_sniffio_on_every_call():
+    """httpcore imports sniffio per request; uninstalled, that was a sys.path search each time."""
+    import sys
+
+    searched: list[str] = []
+
+    class Recorder:
+        def find_spec(self, name: str, path: object = None, target: object = None) -> None:
+            if name == "sniffio":
+                searched.append(name)
+            return None
+
+    async def scenario() -> None:
+        runners, urls = await _servers(1)
+        sys.meta_path.insert(0, Recorder())  # type: ignore[arg-type]
+        try:
+            async with httpx.AsyncClient(transport=PerHostTransport(), trust_env=False) as client:
+                for _ in range(3):
+                    assert (await client.get(f"{urls[0]}/health")).status_code == 200
+        finally:
+            sys.meta_path.pop(0)
+            for runner in runners:
+                await runner.cleanup()
+
+    asyncio.run(scenario())
+    assert searched == []
