@@ -69,9 +69,11 @@ def stream(url: str, outcome: StreamOutcome, started: threading.Event) -> None:
         started.set()
 
 
-@pytest.fixture
-def two_agents(tiny_model: Path, tmp_path: Path) -> Iterator[tuple[Process, Process, Path]]:
-    logs = tmp_path / "logs"
+@pytest.fixture(scope="module")
+def two_agents(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Process, Process, Path]]:
+    """Two agents for the module: the mid-stream kill takes agent-a, the hung-agent test
+    needs only agent-b (started once, this saves one pair of agent starts, ~8 s)."""
+    logs = tmp_path_factory.mktemp("disruption") / "logs"
     a = components.start_agent(tiny_model, logs, name="agent-a", extra=["--no-warmup"])
     try:
         b = components.start_agent(tiny_model, logs, name="agent-b", extra=["--no-warmup"])
