@@ -93,6 +93,10 @@ class LoadModelRequest(_Strict):
     keep_alive_seconds: float | None = Field(
         default=None, ge=0, le=30 * 86400,
         description="Not evicted within this many seconds of its last use (None: multi_model.keep_alive_seconds).")
+    base: str | None = Field(
+        default=None, min_length=1, max_length=253,
+        description="Load `path` (or the cache entry) as a LoRA adapter in mlx-lm's format (adapter_config.json + "
+                    "adapters.safetensors) over this model, loaded here: it shares the base's weights.")
 
     @model_validator(mode="after")
     def _one_source(self) -> LoadModelRequest:
@@ -144,6 +148,8 @@ class ModelState(_Strict):
     warmup_shapes_total: int | None = None
     tier: ModelTier = ModelTier.ACTIVE
     """Active (in an engine) or parked (weights kept, engine released; a request wakes it)."""
+    base: str | None = None
+    """For a LoRA adapter: the model whose weights it runs over (None: a model of its own)."""
 
 
 class StageRequest(_Strict):

@@ -79,6 +79,8 @@ class LoadedModel(_Wire):
         default=None,
         description="active: in an engine; parked: weights in memory, engine released (a request wakes it).")
     weights: WeightsResidency | None = Field(default=None, description="Where the weights are (unset: not measured).")
+    base: str | None = Field(default=None, max_length=253,
+                             description="For a LoRA adapter: the model it runs over, sharing its weights.")
 
 
 class WarmupProgress(_Wire):

@@ -225,6 +225,40 @@ def make_variant(base: str | Path, path: str | Path, seed: int = 1, scale: float
     return out
 
 
+LORA_KEYS = ("self_attn.q_proj", "self_attn.v_proj")
+
+
+def make_adapter(base: str | Path, path: str | Path, seed: int = 1, rank: int = 4, scale: float = 2.0) -> Path:
+    """A LoRA adapter of `base` at `path`, in mlx-lm's format (`adapter_config.json` +
+    `adapters.safetensors`, what `mlx_lm.lora` trains and `mlx_lm.tuner.utils.load_adapters`
+    reads): seeded `lora_a`/`lora_b` on every layer's q and v projections. Unlike a fresh
+    LoRA (`lora_b` zero), `lora_b` is random too, so the adapter changes the output."""
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    src, out = Path(base), Path(path)
+    config = json.loads((src / "config.json").read_text())
+    layers = int(config["num_hidden_layers"])
+    rng = np.random.default_rng(seed)
+    tensors: dict[str, np.ndarray] = {}
+    with safe_open(str(src / "model.safetensors"), framework="numpy") as f:
+        for i in range(layers):
+            for key in LORA_KEYS:
+                out_dims, in_dims = f.get_slice(f"model.layers.{i}.{key}.weight").get_shape()
+                bound = 1 / np.sqrt(in_dims)
+                prefix = f"model.layers.{i}.{key}"
+                tensors[f"{prefix}.lora_a"] = rng.uniform(-bound, bound, (in_dims, rank)).astype(np.float32)
+                tensors[f"{prefix}.lora_b"] = (rng.standard_normal((rank, out_dims)) * 0.05).astype(np.float32)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapters.safetensors"), metadata={"format": "mlx"})
+    (out / "adapter_config.json").write_text(json.dumps({
+        "fine_tune_type": "lora", "num_layers": layers, "base_model": src.name,
+        "lora_parameters": {"rank": rank, "scale": scale, "dropout": 0.0, "keys": list(LORA_KEYS)},
+        "mlxpool": {"seed": seed},
+    }, indent=2, sort_keys=True))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mlxpool model", description="Local model tools.")
     sub = parser.add_subparsers(dest="command", required=True)

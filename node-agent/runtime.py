@@ -37,6 +37,7 @@ from mlxpool.agent.http.operations import ops_router
 from mlxpool.agent.node import memoryinfo
 from mlxpool.agent.node.nodeinfo import default_node_name, node_spec, node_status
 from mlxpool.agent.operations.assembly import Operations, StatusNudger
+from mlxpool.agent.operations.manager import ManagedEngine
 from mlxpool.agent.operations.reports import memory_readings
 from mlxpool.agent.operations.weights import status_residency
 from mlxpool.agent.serving.dataplane import DataPlane, DataPlaneSettings
@@ -244,14 +245,17 @@ class AgentRuntime:
 
     def make_engine(
         self, path: str, name: str, *, warm: bool, identity: str, on_weights_loaded: Callable[[], None],
+        base: ManagedEngine | None = None,
     ) -> BatchEngine:
         """The model manager's engine factory: every model, the command line's included, is built here."""
         from mlxpool.agent.engine.generation import BatchEngine  # imports MLX
 
         config = self.engine_config() if warm else replace(self.engine_config(), warmup_tokens=0)
         publisher = self.prompt_cache.publisher(identity, asyncio.get_running_loop())
+        if base is not None and not isinstance(base, BatchEngine):
+            raise TypeError(f"an adapter's base must be a BatchEngine, not {type(base).__name__}")
         return BatchEngine(path, config, name=name, on_weights_loaded=on_weights_loaded, kv_publisher=publisher,
-                           memory=self.memory, available_memory=lambda: self._available_memory)
+                           memory=self.memory, available_memory=lambda: self._available_memory, base=base)
 
     async def _write_status_now(self) -> None:
         if self._registrar is not None:
@@ -333,13 +337,16 @@ class AgentRuntime:
     async def _node_status(self) -> NodeStatus:
         free, used = await asyncio.to_thread(memory_readings, self.probe)
         ready, _ = self.dataplane.readiness()
-        parked = {s.name for s in self.operations.manager.states() if s.tier is ModelTier.PARKED}
+        states = self.operations.manager.states()
+        parked = {s.name for s in states if s.tier is ModelTier.PARKED}
+        bases = {s.name: s.base for s in states if s.base is not None}
         models = list(self.models.all())
         # Off the loop: residency is mincore over every array's pages.
         residency = await asyncio.to_thread(lambda: [status_residency(m.info.weights) for m in models])
         loaded = [LoadedModel(name=m.name, path=m.info.path, memory_bytes=m.info.memory_bytes, identity=m.identity,
                               decode_tokens_per_second=status_decode_rate(m.engine.stats),
-                              tier="parked" if m.name in parked else "active", weights=where)
+                              tier="parked" if m.name in parked else "active", weights=where,
+                              base=bases.get(m.name))
                   for m, where in zip(models, residency, strict=True)]
         warmup = [WarmupProgress(model=name, shapes_done=done, shapes_total=total)
                   for name, done, total in self.operations.manager.warming()]

@@ -182,8 +182,13 @@ class BatchEngine:
                  on_weights_loaded: Callable[[], None] | None = None,
                  kv_publisher: KVPublisher | None = None, memory: MemoryBooks | None = None,
                  available_memory: Callable[[], int | None] | None = None,
-                 paused_budget: MemoryBudget | None = None) -> None:
+                 paused_budget: MemoryBudget | None = None, base: BatchEngine | None = None) -> None:
         self._path = model_path
+        self._base = base
+        """Set for a LoRA adapter (`model_path` its directory): the engine of the base model whose
+        weights it shares (`loading.load_adapter`); its own are only the adapter's tensors."""
+        self._current: loading.LoadedModel | None = None
+        """The loaded model while the thread serves (what adapters over this engine share)."""
         self._name = name
         self._memory = memory
         """The node's memory books (`engine.memory`), shared by every engine; None: no memory admission."""
@@ -289,6 +294,11 @@ class BatchEngine:
     def parked(self) -> bool:
         return self._kept is not None
 
+    def loaded_model(self) -> loading.LoadedModel | None:
+        """The loaded model, serving or parked (None before loading and after stopping): what a
+        LoRA adapter's engine builds over (any thread; the arrays are not changed after loading)."""
+        return self._current or self._kept
+
     async def resume(self) -> ModelInfo:
         """Serve again over the parked weights (no load, no warm-up: the shapes ran before)."""
         if self._kept is None:
@@ -375,7 +385,8 @@ class BatchEngine:
     def _run(self) -> None:
         resuming, self._kept = self._kept, None
         try:
-            loaded = resuming or loading.load(self._path, self._config.load)
+            loaded = resuming or self._load()
+            self._current = loaded
             generator = self._generator(loaded)
             self._samplers = SamplerFactory(loaded.vocab_size)
             self._logprobs = LogprobReader(loaded.tokenizer)
@@ -385,6 +396,7 @@ class BatchEngine:
             if resuming is None:
                 self._warm_up(generator, loaded.vocab_size)
         except BaseException as exc:
+            self._current = None
             log.exception("engine failed to load model path=%s", self._path)
             if not self._loaded.cancelled():
                 self._loaded.set_exception(exc)
@@ -393,6 +405,7 @@ class BatchEngine:
         self._alive = True
         if self._loaded.cancelled():  # the agent gave up waiting (shutdown during load)
             self._alive = False
+            self._current = None
             generator.close()
             loaded.weights.close()
             return
@@ -410,6 +423,7 @@ class BatchEngine:
             generator.close()
             # Unloaded: drop the weights (unless parking) and the cached KV, then give MLX's freed buffers back.
             self._prefix = PrefixCache(0, 1)
+            self._current = None
             if self._parking:
                 self._kept = loaded
                 if self._memory is not None:
@@ -423,6 +437,14 @@ class BatchEngine:
             # thread ends (on CUDA, work still in flight at exit aborts the process).
             mx.synchronize()
             mx.clear_cache()
+
+    def _load(self) -> loading.LoadedModel:
+        if self._base is None:
+            return loading.load(self._path, self._config.load)
+        base = self._base.loaded_model()
+        if base is None:
+            raise EngineError(f"the base model of adapter {self._name!r} is not loaded")
+        return loading.load_adapter(base, self._path, self._config.load)
 
     def _serve(self, generator: BatchGenerator) -> None:
         steps = 0

@@ -92,6 +92,55 @@ def load(path: str | Path, options: LoadOptions | None = None, host_memory: bool
     return LoadedModel(model, tokenizer, info, int(vocab), weights)
 
 
+ADAPTER_FILES = ("adapter_config.json", "adapters.safetensors")
+
+
+def check_adapter_dir(path: str | Path) -> Path:
+    """The resolved adapter directory (mlx-lm's format), or ValueError naming what is missing."""
+    directory = Path(path).expanduser().resolve()
+    if not directory.is_dir():
+        raise ValueError(f"adapter path {str(path)!r} is not a directory")
+    for name in ADAPTER_FILES:
+        if not (directory / name).is_file():
+            raise ValueError(f"adapter path {str(path)!r} has no {name} (not an mlx-lm adapter)")
+    return directory
+
+
+def load_adapter(base: LoadedModel, path: str | Path, options: LoadOptions | None = None) -> LoadedModel:
+    """A LoRA adapter over `base`'s weights, which it shares: a second instance of the base's
+    architecture whose parameters are `base`'s own arrays (no byte read or copied; mlx-lm's
+    lazy load of the base files is never evaluated), with mlx-lm's LoRA layers
+    (`tuner.utils.load_adapters`) over them. Only the adapter's tensors are new memory: they
+    are what its `weights` and `memory_bytes` count. mlx_lm.server, given another adapter,
+    reloads the base."""
+    from mlx_lm.tuner.utils import load_adapters
+
+    options = options or LoadOptions()
+    directory = check_adapter_dir(path)
+    base_dir = Path(base.info.path)
+    started = time.perf_counter()
+    model, config = cast("tuple[nn.Module, dict[str, Any]]", mlx_lm_utils.load_model(base_dir, lazy=True))
+    shared = cast("list[tuple[str, mx.array]]", tree_flatten(base.model.parameters()))
+    model.load_weights(shared, strict=True)
+    base_ids = {id(a) for _, a in shared}
+    model = load_adapters(model, str(directory))
+    model.eval()
+    own = {k: a for k, a in cast("list[tuple[str, mx.array]]", tree_flatten(model.parameters()))
+           if id(a) not in base_ids}
+    mx.eval(list(own.values()))
+    tokenizer = mlx_lm_utils.load_tokenizer(base_dir, eos_token_ids=config.get("eos_token_id"))
+    file = directory / "adapters.safetensors"
+    report = LoadReport(reader="mlx", transfer="copy", files=1, bytes=file.stat().st_size,
+                        seconds=time.perf_counter() - started, prefetch_threads=0,
+                        pin_policy=options.pin_policy, pinned_bytes=0)
+    weights = weightreading.Weights(own, report, host_views=device.weights_in_host_memory(device.accelerator().kind))
+    info = ModelInfo(path=str(directory), memory_bytes=weights.total_bytes, context_length=base.info.context_length,
+                     kv_bytes_per_token=base.info.kv_bytes_per_token, weights=weights)
+    log.info("adapter loaded path=%s base=%s adapter_bytes=%d shared_base_bytes=%d seconds=%.3f", directory,
+             base_dir, weights.total_bytes, base.weights.total_bytes, time.perf_counter() - started)
+    return LoadedModel(model, tokenizer, info, base.vocab_size, weights)
+
+
 _Loaded = tuple[nn.Module, TokenizerWrapper, dict[str, Any], LoadReport]
 
 

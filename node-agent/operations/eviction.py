@@ -65,6 +65,8 @@ class Resident:
     """ACTIVE (holds an engine slot) or PARKED (weights in memory only)."""
     wake_seconds: float = 0.0
     """What waking it from parked would cost: its bytes over the measured wake rate."""
+    anchored: bool = False
+    """LoRA adapters run over its weights: it may be parked, never dropped out of memory."""
 
     @property
     def worth(self) -> float:
@@ -133,7 +135,7 @@ def admit(
     victims: list[str] = []
     parked: list[str] = []
     # Memory first: each victim leaves memory (an active one frees its slot too).
-    for candidate in eviction_order(residents, order) if evict else []:
+    for candidate in eviction_order([r for r in residents if not r.anchored], order) if evict else []:
         if bytes_short <= 0:
             break
         victims.append(candidate.name)

@@ -188,3 +188,9 @@ def _write_cache(root: Path, stamps: dict[str, tuple[int, int]], identity: Conte
         log.info("content identity not cached path=%s error=%s", root, exc)
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
+
+
+def combined(base: str, adapter: str) -> str:
+    """The identity of a LoRA adapter served over a base: both contents, so an adapter's KV is
+    never taken for its base's, nor one base's adapter for another's."""
+    return hashlib.blake2b(f"lora\0{base}\0{adapter}".encode(), digest_size=DIGEST_BYTES).hexdigest()

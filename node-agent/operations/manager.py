@@ -24,6 +24,14 @@ Each wake and each load is timed and folded into a per-tier rate (parked, page c
 disk: where the files were when the load began), which is what cost-aware eviction
 prices a model's return at.
 
+LoRA adapters (a load with `base`): the adapter's engine is built over the base model's
+loaded weights, which it shares (`loading.load_adapter`: only the adapter's tensors are
+new memory, and only they are counted); several adapters may run over one base, each
+served under its own name, and a request naming one never reloads the base. A base with
+adapters may be parked (its weights stay) but is never dropped out of memory; unloading
+it unloads its adapters first. An adapter's content identity is its base's and its own
+together (its KV never passes for the base's).
+
 Repeating a call is safe: loading a model that is loading or ready from the same
 source returns its state (a changed `pin` applies in place); another source under
 the same name is a 409 (`ModelConflict`), and so is a model still unloading
@@ -86,10 +94,11 @@ class ManagedEngine(Engine, Protocol):
 
 class EngineFactory(Protocol):
     def __call__(self, path: str, name: str, *, warm: bool, identity: str,
-                 on_weights_loaded: Callable[[], None]) -> ManagedEngine:
+                 on_weights_loaded: Callable[[], None], base: ManagedEngine | None = None) -> ManagedEngine:
         """A new, not yet started engine for the model of content identity `identity`;
         `on_weights_loaded` may be called from any thread once the weights are in memory and
-        warm-up begins (engines that cannot tell skip it)."""
+        warm-up begins (engines that cannot tell skip it). `base`: `path` is a LoRA adapter
+        over that engine's model (the manager passes it only for adapters)."""
         ...
 
 
@@ -148,6 +157,8 @@ class _Record:
     tier: ModelTier = ModelTier.ACTIVE
     """ACTIVE (loading, or in an engine) or PARKED (weights in memory, no engine)."""
     waking: bool = False
+    base: str | None = None
+    """For a LoRA adapter: the loaded model whose weights it runs over."""
 
     @property
     def crashed(self) -> bool:
@@ -169,7 +180,7 @@ class _Record:
             load_time_seconds=self.load_time_seconds, pinned=self.pinned, message=message, owner=self.owner,
             identity=self.identity,
             weights=weights.describe(view.report, residency) if view is not None else None,
-            warmup_shapes_done=done, warmup_shapes_total=total, tier=self.tier,
+            warmup_shapes_done=done, warmup_shapes_total=total, tier=self.tier, base=self.base,
         )
 
     def warmup_progress(self) -> tuple[int, int] | None:
@@ -180,7 +191,7 @@ class _Record:
         return stats.warmup_shapes_done, stats.warmup_shapes_total
 
     def resident(self, uses: float, load_bps: float, wake_bps: float, keep_alive: float,
-                 now: float) -> eviction.Resident:
+                 now: float, anchored: bool = False) -> eviction.Resident:
         served = self.served.engine if self.served is not None else None
         busy = self.phase is not ModelPhase.READY or self.waking or (isinstance(served, ServedEngine) and served.busy)
         last_used = self.served.last_used if self.served is not None else self.admitted_at
@@ -188,7 +199,7 @@ class _Record:
         alive = self.keep_alive if self.keep_alive is not None else keep_alive
         return eviction.Resident(self.name, size, last_used, pinned=self.pinned, busy=busy, uses=uses,
                                  reload_seconds=size / load_bps, kept_alive=now - last_used < alive,
-                                 tier=self.tier, wake_seconds=size / wake_bps)
+                                 tier=self.tier, wake_seconds=size / wake_bps, anchored=anchored)
 
 
 class ModelManager:
@@ -256,7 +267,7 @@ class ModelManager:
                     raise UnloadInProgress(
                         f"model {request.name!r} is being unloaded; load it again once it is gone", param="name")
                 if record.phase is not ModelPhase.FAILED:
-                    if (record.path, record.cache_key) != (str(path), request.cache_key):
+                    if (record.path, record.cache_key, record.base) != (str(path), request.cache_key, request.base):
                         raise ModelConflict(
                             f"model {request.name!r} is already {record.phase.value} from "
                             f"{(record.cache_key and f'cache entry {record.cache_key}') or record.path}; "
@@ -266,10 +277,12 @@ class ModelManager:
                         self._changed()
                     return record.state(), record.phase is ModelPhase.READY
                 self._forget(record)
+            if request.base is not None:
+                self._check_base(request.name, request.base)
             estimate = await asyncio.to_thread(weights_bytes, path)
             victims = self._admit(request.name, estimate)
             record = _Record(request.name, str(path), request.cache_key, request.warm, request.pin, estimate,
-                             owner=request.owner, keep_alive=request.keep_alive_seconds)
+                             owner=request.owner, keep_alive=request.keep_alive_seconds, base=request.base)
             self._records[record.name] = record
             self.repository.mark(record.name, ModelPhase.LOADING)
             record.task = asyncio.create_task(self._load(record, victims), name=f"load-{record.name}")
@@ -321,6 +334,21 @@ class ModelManager:
                 return path
         return None
 
+    def _check_base(self, name: str, base: str) -> None:
+        """An adapter's base must be a model (not an adapter) ready on this node."""
+        record = self._records.get(base)
+        if record is None or record.phase is not ModelPhase.READY or record.crashed:
+            shown = "not on this node" if record is None else f"{record.state().phase.value}, not ready"
+            raise InvalidRequest(f"base: model {base[:256]!r} is {shown}; load it before adapter {name!r}",
+                                 param="base")
+        if record.base is not None:
+            raise InvalidRequest(f"base: {base!r} is itself an adapter (of {record.base!r}); name its base",
+                                 param="base")
+
+    def adapters_of(self, name: str) -> list[str]:
+        """The adapters loaded (or loading) over model `name`."""
+        return sorted(r.name for r in self._records.values() if r.base == name and r.phase is not ModelPhase.FAILED)
+
     async def wait_settled(self, name: str) -> ModelState:
         """Wait until `name` is ready or failed (for the model given on the command line)."""
         record = self._record(name)
@@ -336,7 +364,9 @@ class ModelManager:
         out = [self.tier_bps[t] for t in (ModelTier.PAGE_CACHE, ModelTier.DISK) if t in self.tier_bps]
         rate = min(out) if out else self.load_bps or self.capacity.default_load_bps
         wake = self.tier_bps.get(ModelTier.PARKED, self.capacity.default_wake_bps)
-        residents = [r.resident(self.repository.usage.uses(r.name, now), rate, wake, self.capacity.keep_alive, now)
+        bases = {r.base for r in self._records.values() if r.base is not None and r.phase is not ModelPhase.FAILED}
+        residents = [r.resident(self.repository.usage.uses(r.name, now), rate, wake, self.capacity.keep_alive, now,
+                                anchored=r.name in bases)
                      for r in self._records.values()
                      if r.name != name and r.phase in (ModelPhase.LOADING, ModelPhase.WARMING, ModelPhase.READY)]
         decision = eviction.admit(residents, estimate, max_models=self.capacity.max_models,
@@ -369,10 +399,21 @@ class ModelManager:
             started = time.perf_counter()
             try:
                 # KV state and dedupes go by content, not name (off the loop: it reads every byte once).
-                digest = record.identity = (await asyncio.to_thread(identity.content_identity, record.path)).digest
+                digest = (await asyncio.to_thread(identity.content_identity, record.path)).digest
+                base = self._records.get(record.base) if record.base is not None else None
+                if record.base is not None:
+                    if base is None or base.engine is None or base.identity is None:
+                        raise ModelLoadFailed(f"its base {record.base!r} is no longer loaded")
+                    digest = identity.combined(base.identity, digest)
+                record.identity = digest
                 source = await asyncio.to_thread(filetiers.tier_of, Path(record.path))
-                record.engine = self._make_engine(record.path, record.name, warm=record.warm,
-                                                  identity=digest, on_weights_loaded=weights_loaded)
+                if base is not None:
+                    assert base.engine is not None
+                    record.engine = self._make_engine(record.path, record.name, warm=record.warm, identity=digest,
+                                                      on_weights_loaded=weights_loaded, base=base.engine)
+                else:
+                    record.engine = self._make_engine(record.path, record.name, warm=record.warm,
+                                                      identity=digest, on_weights_loaded=weights_loaded)
                 engine_started = time.perf_counter()
                 info = await record.engine.start()
                 encoder = PromptEncoder(record.engine.tokenizer)
@@ -393,7 +434,7 @@ class ModelManager:
             record.memory_bytes = info.memory_bytes
             self._measured(info.memory_bytes, time.perf_counter() - started)
             self._switched(source, info.memory_bytes, time.perf_counter() - engine_started)
-            if record.cache_key is None:
+            if record.cache_key is None and record.base is None:
                 self._known[record.name] = record.path
             served_engine = ServedEngine(record.engine, record.name, digest, self._lifecycle,
                                          self._prompt_cache, wake=lambda: self._wake(record))
@@ -490,13 +531,24 @@ class ModelManager:
         record.message = reason
         self.repository.remove(record.name)
         self.repository.mark(record.name, ModelPhase.UNLOADING)
-        record.task = asyncio.create_task(self._unload(record, prior), name=f"unload-{record.name}")
+        # Its adapters run over its weights: they go first.
+        adapters = [r for r in self._records.values() if r.base == record.name]
+        for adapter in adapters:
+            if adapter.phase is ModelPhase.FAILED:
+                self._forget(adapter)
+            elif adapter.phase is not ModelPhase.UNLOADING:
+                self._begin_unload(adapter, reason=f"its base {record.name} is being unloaded")
+        first = [a.task for a in adapters if a.task is not None]
+        record.task = asyncio.create_task(self._unload(record, prior, after=first), name=f"unload-{record.name}")
         self._changed()
 
-    async def _unload(self, record: _Record, prior: asyncio.Task[None] | None, timeout: float | None = None) -> None:
+    async def _unload(self, record: _Record, prior: asyncio.Task[None] | None, timeout: float | None = None,
+                      after: list[asyncio.Task[None]] | None = None) -> None:
         if prior is not None and not prior.done():
             prior.cancel()
             await asyncio.gather(prior, return_exceptions=True)
+        if after:
+            await asyncio.gather(*after, return_exceptions=True)
         async with record.lock:
             served = record.served
             if served is not None and isinstance(served.engine, ServedEngine):
@@ -560,7 +612,8 @@ class ModelManager:
         path = Path(request.path)
         if not path.is_absolute():
             raise InvalidRequest(f"path: {request.path!r} must be an absolute path on the node", param="path")
-        problem = await asyncio.to_thread(_model_dir_problem, path)
+        problem = await asyncio.to_thread(_adapter_dir_problem if request.base is not None else _model_dir_problem,
+                                          path)
         if problem:
             raise InvalidRequest(f"path: {request.path!r} {problem}", param="path")
         return await asyncio.to_thread(path.resolve)
@@ -587,6 +640,15 @@ def weights_bytes(directory: Path) -> int:
     files = [p for p in directory.rglob("*") if p.is_file()]
     weights = [p for p in files if p.suffix in WEIGHT_SUFFIXES] or files
     return sum(p.stat().st_size for p in weights)
+
+
+def _adapter_dir_problem(path: Path) -> str | None:
+    if not path.is_dir():
+        return "is not a directory"
+    for name in ("adapter_config.json", "adapters.safetensors"):
+        if not (path / name).is_file():
+            return f"has no {name} (not an mlx-lm LoRA adapter)"
+    return None
 
 
 def _model_dir_problem(path: Path) -> str | None:

@@ -141,6 +141,10 @@ def t(name: str, uses: float = 1.0, tier: ModelTier = ModelTier.ACTIVE, mib: int
     ([t("a", 1, pinned=True), t("b", 2, busy=True), t("c", 9)], 100, 3, None, (), ("c",)),
     # The slot order prices waking: equal use, the one cheaper to wake is parked first.
     ([t("big", 3, wake_s=0.5), t("small", 3, wake_s=0.01)], 100, 2, None, (), ("small",)),
+    # A base that LoRA adapters run over (anchored) never leaves memory, though least worth keeping...
+    ([t("base", 1, anchored=True), t("b", 9)], 100, 1, 200, ("b",), ("base",)),
+    # ...but may be parked for a slot (its weights stay, which is all its adapters need).
+    ([t("base", 1, anchored=True), t("b", 9)], 100, 2, None, (), ("base",)),
 ])
 def test_tiers_park_for_a_slot_and_drop_for_memory(residents, need_mib, max_models, budget_mib, victims, parked):
     decision = admit(residents, need_mib * MIB, max_models=max_models,
