@@ -88,14 +88,14 @@ class UpstreamSettings:
     """Candidates tried per request (the first plus failovers)."""
 
     max_connections: int | None = None
-    """Connections the shared HTTP client may hold open to all agents together; None: no cap
+    """Connections the router may hold open to one agent (a pool per agent); None: no cap
     (the agents' own queue limits bound the load). A cap is a hazard with httpcore 1.0.9:
     requests cancelled while the pool is contended can leak its slots for good
     (encode/httpcore#1093), and bench/scaling.py saw exactly that at 500 req/s: once full,
     every later request failed with PoolTimeout until the router restarted."""
 
-    max_keepalive_connections: int = 200
-    """Idle connections kept for reuse."""
+    max_keepalive_connections: int = 64
+    """Idle connections kept for reuse, per agent."""
 
     breaker_failures: int = 3
     """Consecutive failed attempts (timeouts, 5xx, broken connections) that open an endpoint's
