@@ -250,6 +250,29 @@ def module_model_server() -> Iterator[ModelServer]:
         yield server
 
 
+@pytest.fixture(scope="module")
+def multi_model_agents(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """`start(name, max_models)`: an agent on the tiny model with the ops API (OPS_TOKEN) and
+    that many engine slots, shared by a module's tests; all stopped after the module."""
+    from mlxpool.dev import components
+
+    started: list[Process] = []
+
+    def start(name: str, max_models: int) -> Process:
+        workdir = tmp_path_factory.mktemp(name)
+        (workdir / "token").write_text(OPS_TOKEN + "\n")
+        config = workdir / "runtime.yaml"
+        config.write_text(f"multi_model:\n  max_models: {max_models}\n  unload_timeout_seconds: 10\n")
+        agent = components.start_agent(tiny_model, workdir / "logs", name=name, ops_token_file=workdir / "token",
+                                       extra=["--config", str(config), "--max-tokens-default", "4"], timeout=90)
+        started.append(agent)
+        return agent
+
+    yield start
+    for agent in started:
+        agent.stop(10)
+
+
 # ---- agents started the way an operator-managed node runs them ----
 
 

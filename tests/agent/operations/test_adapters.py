@@ -8,8 +8,6 @@ operations API and served by their own names; its `/v1/node` and its log.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -23,17 +21,8 @@ AUTH = {"Authorization": f"Bearer {OPS}"}
 
 
 @pytest.fixture(scope="module")
-def adapter_agent(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
-    from mlxpool.dev import components
-
-    workdir = tmp_path_factory.mktemp("adapter-agent")
-    (workdir / "token").write_text(OPS + "\n")
-    config = workdir / "runtime.yaml"
-    config.write_text("multi_model:\n  max_models: 4\n  unload_timeout_seconds: 10\n")
-    agent = components.start_agent(tiny_model, workdir / "logs", name="adapter-agent", ops_token_file=workdir / "token",
-                                   extra=["--config", str(config), "--max-tokens-default", "4"], timeout=90)
-    yield agent
-    agent.stop(10)
+def adapter_agent(multi_model_agents):
+    return multi_model_agents("adapter-agent", 4)
 
 
 def node(agent) -> dict:

@@ -8,9 +8,6 @@ read by the operator's placement (pure), which counts only active models as slot
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import httpx
 import pytest
 
@@ -21,17 +18,8 @@ OPS = "ops-secret-token"
 
 
 @pytest.fixture(scope="module")
-def tier_agent(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
-    from mlxpool.dev import components
-
-    workdir = tmp_path_factory.mktemp("tier-agent")
-    (workdir / "token").write_text(OPS + "\n")
-    config = workdir / "runtime.yaml"
-    config.write_text("multi_model:\n  max_models: 1\n  unload_timeout_seconds: 10\n")
-    agent = components.start_agent(tiny_model, workdir / "logs", name="tier-agent", ops_token_file=workdir / "token",
-                                   extra=["--config", str(config), "--max-tokens-default", "4"], timeout=90)
-    yield agent
-    agent.stop(10)
+def tier_agent(multi_model_agents):
+    return multi_model_agents("tier-agent", 1)
 
 
 def node(agent) -> dict:
