@@ -266,6 +266,23 @@ def sharedkv(fig: Figure, d: dict[str, Any]) -> None:
                  fontsize=11)
 
 
+def scheduling(fig: Figure, d: dict[str, Any]) -> None:
+    left, right = fig.subplots(1, 2)
+    tiers = [("critical, ours", "critical_sla", OURS), ("critical, mlx_lm.server", "theirs_critical_sla", THEIRS),
+             ("high, ours", "high_sla", OURS), ("high, mlx_lm.server", "theirs_high_sla", THEIRS)]
+    _bars(left, [t[0] for t in tiers], [_num(d.get(t[1])) for t in tiers],
+          "overload at 1.5x saturation: share meeting its TTFT target", "share of requests",
+          [COLOURS[t[2]] for t in tiers])
+    ratios = [("short requests p50 latency", "ratio_short_p50"), ("long requests p50 latency", "ratio_long_p50"),
+              ("output tokens/s", "ratio_tok_s")]
+    _bars(right, [r[0] for r in ratios], [_num(d.get(r[1])) for r in ratios],
+          "mixed workload: ours / mlx_lm.server", "ratio")
+    figures = (("429 p99 ms", "reject_p99_ms"), ("Jain", "jain_index"), ("recomputed", "recompute_fraction"))
+    parts = [f"{label} {d[key]}" for label, key in figures if _num(d.get(key)) is not None]
+    fig.suptitle("bench.scheduling: SLA tiers vs mlx_lm.server (FIFO)" + (f"; {', '.join(parts)}" if parts else ""),
+                 fontsize=11)
+
+
 def generic(fig: Figure, d: dict[str, Any]) -> None:
     """Every numeric figure as a bar, grouped by unit suffix so that bars on one axis compare."""
     leaves = [(k, v) for k, v in _flatten(d) if _num(v) is not None and k not in ("seconds", "cpus")]
@@ -298,6 +315,7 @@ RENDERERS: dict[str, tuple[Renderer, tuple[float, float]]] = {
     "controlplane-curve": (controlplane_curve, (15, 4.5)),
     "memory": (memory, (13, 4)),
     "sharedkv": (sharedkv, (9, 3.5)),
+    "scheduling": (scheduling, (14, 4)),
 }
 
 

@@ -43,6 +43,9 @@ SAMPLES: dict[str, dict] = {
                "cold_ttft_s": {"mlxpool": [1.2], "mlx_lm.server": [1.4]}, "pinned_jitter_ratio": 0.85},
     "sharedkv": {"bench": "sharedkv", "prompts": 12, "second_node_ttft_p50_s": {"shared": 0.43, "plain": 2.72},
                  "first_node_ttft_p50_s": {"shared": 0.5, "plain": 0.48}},
+    "scheduling": {"bench": "scheduling", "ratio_short_p50": 0.81, "ratio_long_p50": 1.02, "ratio_tok_s": 1.04,
+                   "critical_sla": 0.025, "theirs_critical_sla": 0.0, "high_sla": 0.05, "theirs_high_sla": 0.0,
+                   "reject_p99_ms": 29.5, "jain_index": 0.996, "recompute_fraction": 0.0},
 }
 
 
@@ -54,14 +57,14 @@ def test_every_known_benchmark_renders_a_png(kind: str, tmp_path: Path) -> None:
 
 
 def test_an_unknown_benchmark_gets_every_numeric_figure_and_a_log_is_read_to_its_last_line(tmp_path: Path) -> None:
-    line = {"bench": "scheduling", "quick": True, "ttft_p99_ms": {"critical": 80, "low": 900}, "shed_rps": 3,
+    line = {"bench": "example", "quick": True, "ttft_p99_ms": {"critical": 80, "low": 900}, "shed_rps": 3,
             "ratio_vs_fifo": 0.4, "label": "text is skipped", "seconds": 12}
     log = tmp_path / "run.log"
     log.write_text("warming up\n{not json\n" + json.dumps({"partial": 1}) + "\nsome table\n" + json.dumps(line) + "\n")
     assert last_json_line(log.read_text()) == line
     assert main([str(log), "--out", str(tmp_path / "plots"), "--keep-data", "--note", "2-core, load 3"]) == 0
-    assert (tmp_path / "plots" / "scheduling.png").read_bytes().startswith(PNG)
-    saved = json.loads((tmp_path / "plots" / "scheduling.json").read_text())
+    assert (tmp_path / "plots" / "example.png").read_bytes().startswith(PNG)
+    saved = json.loads((tmp_path / "plots" / "example.json").read_text())
     assert saved == {**line, "note": "2-core, load 3"}
     assert main([str(tmp_path / "missing.log"), "--out", str(tmp_path / "plots")]) == 1
 
