@@ -74,11 +74,16 @@ def test_operator_loads_pool_model_on_empty_agents(
     controlplane.kubectl("apply", "-f", "-", input=yaml.safe_dump(pool))
     controlplane.kubectl("wait", "--for=condition=Ready", "inferencepool/pool", "-n", namespace, "--timeout=90s")
 
-    # Each agent was told to load the model through its own ops API.
+    # Each agent was told to load the model through its own ops API. Ready needs only one
+    # healthy endpoint per model, so the second agent may still be warming: wait for it.
     headers = {"Authorization": f"Bearer {ops_token.read_text()}"}
-    for agent in agents:
+
+    def phases(agent) -> list[tuple[str, str]]:
         report = httpx.get(f"{agent.url}/v1/node", headers=headers, timeout=10).json()
-        assert [(m["name"], m["phase"]) for m in report["models"]] == [("tiny", "ready")]
+        return [(m["name"], m["phase"]) for m in report["models"]]
+
+    for agent in agents:
+        wait_for(lambda agent=agent: phases(agent) == [("tiny", "ready")], 20, f"tiny ready on {agent.url}")
     # Ready means every model has a healthy endpoint; the second one follows within a probe.
     wait_for(lambda: (t := routing_table(namespace, "pool")) is not None
              and sorted(e.url for e in t.endpoints_for("tiny")) == sorted(a.url for a in agents),
