@@ -146,6 +146,8 @@ def serving_cold(fig: Figure, d: dict[str, Any]) -> None:
 def switching(fig: Figure, d: dict[str, Any]) -> None:
     left, right = fig.subplots(1, 2)
     kinds = [("hot (both resident)", "hot_switch_ms", OURS), ("mlx_lm.server, same pair", "mlx_lm_switch_ms", THEIRS),
+             ("adapter (over one base)", "adapter_switch_ms", OURS),
+             ("mlx_lm.server, adapter", "mlx_lm_adapter_switch_ms", THEIRS),
              ("parked, into the big model", "parked_switch_ms", OURS),
              ("parked, into the small one", "parked_switch_ms_small", OURS),
              ("mlx_lm.server, into the big model", "mlx_lm_big_switch_ms", THEIRS),

@@ -24,8 +24,14 @@ non-switching ones (same models, same run).
   for 5); loads, and the share caused by models with < 2% of the traffic; Belady's offline
   bound for memory for 3. A replay, not a live run (it says so: `zipf_replayed`).
 
-Not measured (null, because it is not built yet): `adapter_switch_ms` (LoRA adapters) and
-the resident memory saved by shared tensors.
+- adapter: two LoRA adapters (mlx-lm's format, `tinymodel.make_adapter`) over bench model
+  `a`, loaded into ours over the loaded base (`POST /v1/node/models` with `base`) beside the
+  hot case's models; requests alternate between them (`adapter_switch_ms`). mlx_lm.server is
+  asked for the base's path with the other adapter in its `adapters` field (how it switches
+  adapters: it reloads the base and the adapter); ours and it take turns (ABBA),
+  `speedup_vs_mlx_lm_adapters` is its total time over ours.
+
+Not measured (null, because it is not built yet): the resident memory saved by shared tensors.
 
 `python -m bench.switching [--quick]`; the last line is one JSON object.
 """
@@ -41,9 +47,10 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +60,7 @@ from bench.memory import drop_caches
 from bench.serving import blas_env
 from mlxpool.agent.operations.eviction import Order, fewest_loads, replay
 from mlxpool.dev.processes import LOOPBACK, Process, free_port, wait_for
-from mlxpool.tinymodel import make_tiny
+from mlxpool.tinymodel import make_adapter, make_tiny
 
 OURS, THEIRS = "mlxpool", "mlx_lm.server"
 OPS_TOKEN = "bench-ops-token"
@@ -129,13 +136,21 @@ def ops(server: Server, method: str, path: str, **kw: Any) -> httpx.Response:
 def load(server: Server, name: str, path: Path) -> None:
     response = ops(server, "POST", "/models", json={"name": name, "path": str(path), "warm": False})
     assert response.status_code in (200, 202), response.text
-    wait_for(lambda: any(m["name"] == name and m["phase"] == "ready" for m in ops(server, "GET", "").json()["models"]),
-             300, f"{name} ready", server.proc)
+    wait_for(lambda: _ready(server, name), 300, f"{name} ready", server.proc)
 
 
-def ttft(url: str, model: str) -> float:
+def _ready(server: Server, name: str) -> bool:
+    return any(m["name"] == name and m["phase"] == "ready" for m in ops(server, "GET", "").json()["models"])
+
+
+Target = str | dict[str, str]
+"""What a request names: a model (its `model` field), or fields of the body (mlx_lm.server's `adapters`)."""
+
+
+def ttft(url: str, model: Target) -> float:
+    named = {"model": model} if isinstance(model, str) else model
     started = time.perf_counter()
-    response = httpx.post(f"{url}/v1/completions", json={"model": model, "prompt": "The fleet serves", "max_tokens": 1,
+    response = httpx.post(f"{url}/v1/completions", json={**named, "prompt": "The fleet serves", "max_tokens": 1,
                                                           "temperature": 0}, timeout=300)
     elapsed = time.perf_counter() - started
     if response.status_code != 200:
@@ -152,7 +167,7 @@ def added_ms(seq: list[str], times: list[float], only: str | None = None) -> flo
     return round((statistics.median(switched) - statistics.median(same)) * 1000, 2)
 
 
-def turns(seq: list[str], ours: tuple[str, dict[str, str]], them: tuple[str, dict[str, str]]
+def turns(seq: list[str], ours: tuple[str, Mapping[str, Target]], them: tuple[str, Mapping[str, Target]]
           ) -> tuple[list[float], list[float]]:
     """Both servers through `seq`, taking turns request by request (ABBA)."""
     ours_t: list[float] = []
@@ -182,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     n_cold = 8 if args.quick else 30
     started = time.monotonic()
     out: dict = {"quick": args.quick, "requests": n, "load_average": [round(x, 2) for x in os.getloadavg()],
-                 "adapter_switch_ms": None, "shared_tensor_bytes_saved": None, "zipf_replayed": True}
+                 "shared_tensor_bytes_saved": None, "zipf_replayed": True}
     root = Path(tempfile.mkdtemp(prefix="bench-switching-"))
     try:
         models = make_models(root, args.quick)
@@ -198,6 +213,27 @@ def main(argv: list[str] | None = None) -> int:
             their_names = {m: str(models[m]) for m in ("a", "b")}
             ttft(ours.url, "a"), ttft(ours.url, "b"), ttft(them.url, their_names["a"])  # first-use costs out
             ours_t, their_t = turns(hot_seq, (ours.url, ours_names), (them.url, their_names))
+            # ---- adapters: two LoRA adapters over a, in the same servers ----
+            adapters = {k: make_adapter(models["a"], root / "adapters" / k, seed=seed)
+                        for seed, k in ((1, "x"), (2, "y"))}
+            for k, path in adapters.items():
+                response = ops(ours, "POST", "/models", json={"name": f"a:{k}", "path": str(path), "base": "a"})
+                assert response.status_code in (200, 202), response.text
+                wait_for(partial(_ready, ours, f"a:{k}"), 300, f"a:{k} ready", ours.proc)
+            ours_adapters = {k: f"a:{k}" for k in adapters}
+            their_adapters: dict[str, Target] = {k: {"model": str(models["a"]), "adapters": str(p)}
+                                                 for k, p in adapters.items()}
+            for k in adapters:  # first-use costs out (and a check that both serve the adapters)
+                ttft(ours.url, ours_adapters[k]), ttft(them.url, their_adapters[k])
+            adapter_seq = sequence(list(adapters), n, seed=15)
+            ours_ad, their_ad = turns(adapter_seq, (ours.url, ours_adapters), (them.url, their_adapters))
+        out["adapter_switch_ms"] = added_ms(adapter_seq, ours_ad)
+        out["mlx_lm_adapter_switch_ms"] = added_ms(adapter_seq, their_ad)
+        out["ours_adapters_total_s"], out["mlx_lm_adapters_total_s"] = round(sum(ours_ad), 3), round(sum(their_ad), 3)
+        out["speedup_vs_mlx_lm_adapters"] = round(sum(their_ad) / sum(ours_ad), 2)
+        print(f"adapters: +{out['adapter_switch_ms']} ms/switch, mlx_lm.server +{out['mlx_lm_adapter_switch_ms']} "
+              f"ms/switch, total {out['ours_adapters_total_s']}s vs {out['mlx_lm_adapters_total_s']}s "
+              f"({out['speedup_vs_mlx_lm_adapters']}x)", flush=True)
         out["hot_switch_ms"] = added_ms(hot_seq, ours_t)
         out["mlx_lm_switch_ms"] = added_ms(hot_seq, their_t)
         out["ours_total_s"], out["mlx_lm_total_s"] = round(sum(ours_t), 3), round(sum(their_t), 3)
