@@ -23,10 +23,18 @@ taken from values it passes in:
 - `ready_mark`: whether the Ready condition must be written, and what it says: only
   when the verdict differs from what the object shows and from what was written, and
   not before `MARK_RETRY_SECONDS` after a failed write.
+- `tick_delay` and `heartbeat_deadlines`: how long the monitor may sleep before its next
+  tick. One interval while something needs following (a failed or timed-out probe, a
+  load or staging in transit, a late or stale heartbeat), else until the next thing
+  due (a probe, a report, the heartbeat turning late or stale, a write retry), at most
+  `MAX_TICK_SECONDS`: a fleet at rest ticks about once per probe period per node, not
+  once a second (1,000 ticks a second at 1,000 nodes). What can change meanwhile wakes
+  the monitor itself (a suspicion, an event on the node, a change of its agent's view).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
@@ -42,6 +50,8 @@ MARK_RETRY_SECONDS = 30.0
 """Seconds before a Ready condition that could not be written is tried again."""
 MESSAGE_LIMIT = 32768
 """metav1.Condition's message length limit."""
+MAX_TICK_SECONDS = 30.0
+"""The longest a node monitor sleeps between ticks, whatever is due (orphans are looked for at ticks)."""
 
 
 def probe_period(interval: float, *, nodes: int, probes_per_second: float, watched: bool) -> float:
@@ -66,6 +76,24 @@ def lease_late(view: NodeView, now: datetime, stale_after: float) -> bool:
     """The heartbeat is half way to stale: the agent may have lost the API server, or died."""
     age = heartbeat_age(view, now)
     return age is not None and age > stale_after / 2
+
+
+def heartbeat_deadlines(view: NodeView, now: datetime, stale_after: float) -> tuple[float, ...]:
+    """Seconds from `now` until the heartbeat turns late (`lease_late`) and stale, those
+    still ahead; none when there is no heartbeat (the monitor then ticks every interval)."""
+    age = heartbeat_age(view, now)
+    if age is None:
+        return ()
+    return tuple(at - age for at in (stale_after / 2, stale_after) if at > age)
+
+
+def tick_delay(*, interval: float, now: float, busy: bool, due: Iterable[float]) -> float:
+    """Seconds to sleep before the next tick: `interval` while `busy`, else until the
+    earliest of `due` (monotonic times), never less than `interval` nor more than
+    `MAX_TICK_SECONDS` (nor less than `interval` when that is longer)."""
+    if busy:
+        return interval
+    return max(interval, min(min(due, default=now + MAX_TICK_SECONDS), now + MAX_TICK_SECONDS) - now)
 
 
 def probe_verdict(result: ProbeResult, timeouts: int, recorded: ProbeResult) -> tuple[ProbeResult, int]:

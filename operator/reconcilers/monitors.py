@@ -22,7 +22,16 @@ not (`Claims.defer_unload`), and unloads orphans (`Claims.orphans_due`).
 The monitor also writes the InferenceNode's `Ready` condition (status subresource,
 only when the verdict changes): not ready when the heartbeat is stale, the agent says
 it is not ready, or the probe fails. Placement applies the same rules itself; the
-condition is for people and other tools (`kubectl get inode`).
+condition is for people and other tools (`kubectl get inode`). The writes run beside
+the ticks, at most `MARK_WRITES_IN_FLIGHT` at once for the whole fleet, one per node
+(coalesced: the verdict is judged again when the write's turn comes), so an operator
+starting on 1,000 nodes does not send the API server 1,000 PATCHes at once while
+the agents renew their leases through it.
+
+A monitor at rest does not tick every second: it sleeps until its next probe, report,
+heartbeat deadline or write retry is due (`logic.monitoring.tick_delay`), and is woken
+early by a suspicion, an event on its InferenceNode (`ensure`) or a change of its
+agent's view (a load that a pool started there: followed at every tick from then on).
 
 Every decision of a tick (probe now or not, does a probe count, which unloads now, is
 a report due, did the heartbeat's freshness flip, must the condition be written) is a
@@ -52,7 +61,9 @@ from mlxpool.operator.logic.endpoints import NOT_PROBED, ProbeResult
 from mlxpool.operator.logic.fleet import Fleet
 from mlxpool.operator.logic.monitoring import (
     MARK_RETRY_SECONDS,
+    ReadyMark,
     ReportStep,
+    heartbeat_deadlines,
     heartbeat_news,
     lease_late,
     probe_now,
@@ -61,12 +72,16 @@ from mlxpool.operator.logic.monitoring import (
     ready_mark,
     report_period,
     report_step,
+    tick_delay,
     unloads_due,
 )
-from mlxpool.operator.logic.observations import HEALTH
+from mlxpool.operator.logic.observations import AGENT, HEALTH, NodeChange
 from mlxpool.operator.logic.placement import NodeView
 
 log = logging.getLogger(__name__)
+
+MARK_WRITES_IN_FLIGHT = 8
+"""Ready-condition writes outstanding at once, fleet-wide."""
 
 
 class Kube(Protocol):
@@ -114,16 +129,32 @@ class NodeMonitors:
         self._wake: dict[str, asyncio.Event] = {}
         self._written: dict[str, tuple[bool, str, int]] = {}
         self._retry_at: dict[str, float] = {}
+        self._marking: dict[str, asyncio.Task[None]] = {}
+        """Node -> its Ready-condition write, queued or under way (one at a time per node)."""
+        self._mark_slots = asyncio.Semaphore(MARK_WRITES_IN_FLIGHT)
+        self.ticks = 0
+        """Ticks of all monitors so far (tests and benchmarks read it)."""
+        fleet.observed.subscribe(self._heard)
+
+    def _heard(self, name: str, what: NodeChange) -> None:
+        """What the agent holds changed (a pool's load began there, a report came): tick now,
+        so a load in transit is followed at once. Health changes come from the monitor itself."""
+        if what is AGENT and (wake := self._wake.get(name)) is not None:
+            wake.set()
 
     def ensure(self, name: str) -> None:
-        """A monitor for `name` runs (started if it was not)."""
+        """A monitor for `name` runs (started if it was not); a running one ticks now (its
+        InferenceNode changed)."""
         task = self._tasks.get(name)
         if task is None or task.done():
             self._tasks[name] = asyncio.create_task(self._run(name), name=f"monitor-{name}")
+        elif (wake := self._wake.get(name)) is not None:
+            wake.set()
 
     async def stop(self, name: str) -> None:
         task = self._tasks.pop(name, None)
         watch = self._watches.pop(name, None)
+        marking = self._marking.pop(name, None)
         self._written.pop(name, None)
         with contextlib.suppress(KeyError):
             metrics.NODE_READY.remove(name)
@@ -132,7 +163,7 @@ class NodeMonitors:
         self._unwatchable.discard(name)
         self._watched.discard(name)
         self._wake.pop(name, None)
-        for each in (task, watch):
+        for each in (task, watch, marking):
             if each is not None:
                 each.cancel()
                 await asyncio.gather(each, return_exceptions=True)
@@ -166,6 +197,8 @@ class NodeMonitors:
             while (view := observed.views.get(name)) is not None:
                 tick = time.monotonic()
                 wake.clear()
+                self.ticks += 1
+                delay = self.interval(name)
                 try:
                     nodes = len(observed.views)
                     recorded = observed.of(name).probe
@@ -211,11 +244,21 @@ class NodeMonitors:
                     if news:
                         observed.notify(name, HEALTH)  # pools re-place at once, not at the next watch event
                     if self._write_conditions:
-                        await self._mark(name, view, probe)
+                        self._mark(name)
+                    now = self._clock()
+                    busy = (not probe.healthy or timeouts > 0 or observed.in_transit(name) or stale
+                            or lease_late(view, now, self._stale_after))
+                    due_at = probed_at + probe_period(self.interval(name), nodes=nodes,
+                                                      probes_per_second=self._probes_per_second,
+                                                      watched=name in self._watched)
+                    deadlines = [tick + left for left in heartbeat_deadlines(view, now, self._stale_after)]
+                    retry = self._retry_at.get(name, 0.0)
+                    delay = tick_delay(interval=self.interval(name), now=tick, busy=busy,
+                                       due=[due_at, next_report, *deadlines, *([retry] if retry > tick else [])])
                 except Exception:  # a monitor must never die: log and go on at the next tick
                     log.exception("node monitor tick failed node=%s", name)
-                with contextlib.suppress(TimeoutError):  # woken early by a suspicion
-                    await asyncio.wait_for(wake.wait(), max(self.interval(name) - (time.monotonic() - tick), 0.05))
+                with contextlib.suppress(TimeoutError):  # woken early by a suspicion or a change
+                    await asyncio.wait_for(wake.wait(), max(delay - (time.monotonic() - tick), 0.05))
         finally:
             for task in (report, unloads):
                 if task is not None:
@@ -265,21 +308,48 @@ class NodeMonitors:
         if name in observed.views:  # not deleted meanwhile
             observed.observe_report(name, report, asked_at=asked_at)
 
-    async def _mark(self, name: str, view: NodeView, probe: ProbeResult) -> None:
-        now = self._clock()
-        mark = ready_mark(view, probe, now=now, stale_after=self._stale_after, written=self._written.get(name),
-                          retry_at=self._retry_at.get(name, 0.0), tick=time.monotonic())
+    def _due_mark(self, name: str) -> tuple[NodeView, ReadyMark | None] | None:
+        """The node's view and the Ready condition to write now (None: none due); None when
+        the node is gone."""
+        view = self._fleet.observed.views.get(name)
+        if view is None:
+            return None
+        probe = self._fleet.observed.of(name).probe
+        return view, ready_mark(view, probe, now=self._clock(), stale_after=self._stale_after,
+                                written=self._written.get(name), retry_at=self._retry_at.get(name, 0.0),
+                                tick=time.monotonic())
+
+    def _mark(self, name: str) -> None:
+        """Write the Ready condition if it is due, beside the tick (`MARK_WRITES_IN_FLIGHT`
+        fleet-wide); while a write of this node's is queued or under way, nothing more."""
+        if _running(self._marking.get(name)):
+            return
+        due = self._due_mark(name)
+        if due is None:
+            return
+        view, mark = due
         if mark is None:
             self._export_verdict(name, view)
             return
-        try:
-            await self._kube.patch_node_status(name, {"conditions": [mark.condition(now)]})
-        except Exception as exc:  # placement does not depend on the condition: log, retry later
-            error = f"{exc.status} {exc.reason}" if isinstance(exc, ApiException) else f"{type(exc).__name__}: {exc}"
-            log.warning("cannot write the Ready condition node=%s error=%s; retrying in %gs", name, error,
-                        MARK_RETRY_SECONDS)
-            self._retry_at[name] = time.monotonic() + MARK_RETRY_SECONDS
-            return
+        self._marking[name] = asyncio.create_task(self._write_mark(name), name=f"mark-{name}")
+
+    async def _write_mark(self, name: str) -> None:
+        async with self._mark_slots:
+            due = self._due_mark(name)  # judged again: the verdict may have moved while queued
+            if due is None:
+                return
+            view, mark = due
+            if mark is None:
+                return
+            try:
+                await self._kube.patch_node_status(name, {"conditions": [mark.condition(self._clock())]})
+            except Exception as exc:  # placement does not depend on the condition: log, retry later
+                error = (f"{exc.status} {exc.reason}" if isinstance(exc, ApiException)
+                         else f"{type(exc).__name__}: {exc}")
+                log.warning("cannot write the Ready condition node=%s error=%s; retrying in %gs", name, error,
+                            MARK_RETRY_SECONDS)
+                self._retry_at[name] = time.monotonic() + MARK_RETRY_SECONDS
+                return
         self._written[name] = mark.written
         self._export_verdict(name, view)
         log.info("node marked node=%s ready=%s reason=%s", name, mark.verdict[0], mark.reason)

@@ -13,9 +13,11 @@ from mlxpool.nodes import Hardware
 from mlxpool.operator.logic.endpoints import NOT_PROBED, ProbeResult
 from mlxpool.operator.logic.fleet import Fleet
 from mlxpool.operator.logic.monitoring import (
+    MAX_TICK_SECONDS,
     ReadyMark,
     ReportStep,
     Unloads,
+    heartbeat_deadlines,
     heartbeat_news,
     lease_late,
     probe_now,
@@ -24,6 +26,7 @@ from mlxpool.operator.logic.monitoring import (
     ready_mark,
     report_period,
     report_step,
+    tick_delay,
     unloads_due,
 )
 from mlxpool.operator.logic.placement import NodeView
@@ -196,3 +199,22 @@ def test_report_period_and_lease_lateness():
     assert report_period(5.0, nodes=10, reports_per_second=20) == 5.0
     assert not lease_late(view(age=15), NOW, 40) and lease_late(view(age=25), NOW, 40)
     assert not lease_late(view(age=None), NOW, 40)  # no heartbeat at all: staleness says so
+
+
+@pytest.mark.parametrize(("busy", "due", "expected"), [
+    (True, [150.0], 1.0),  # following something (a failed probe, a load in transit): every interval
+    (False, [120.0, 150.0], 20.0),  # at rest: until the earliest thing due
+    (False, [100.5], 1.0),  # never sooner than the interval
+    (False, [90.0], 1.0),  # overdue: at the next interval
+    (False, [1000.0], MAX_TICK_SECONDS),  # never later than the cap
+    (False, [], MAX_TICK_SECONDS),
+])
+def test_tick_delay(busy, due, expected):
+    assert tick_delay(interval=1.0, now=100.0, busy=busy, due=due) == expected
+
+
+def test_heartbeat_deadlines_are_late_then_stale_those_ahead():
+    assert heartbeat_deadlines(view(age=5), NOW, 40) == (15.0, 35.0)
+    assert heartbeat_deadlines(view(age=25), NOW, 40) == (15.0,)  # late already: stale in 15 s
+    assert heartbeat_deadlines(view(age=50), NOW, 40) == ()
+    assert heartbeat_deadlines(view(age=None), NOW, 40) == ()

@@ -9,13 +9,14 @@ import asyncio
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 
-from mlxpool.agentapi import ModelPhase, ModelState
+from mlxpool.agentapi import ModelPhase, ModelState, NodeReport
+from mlxpool.nodes import Hardware
 from mlxpool.operator.io.agentclient import AgentError
 from mlxpool.operator.logic.endpoints import ProbeResult
 from mlxpool.operator.logic.fleet import Fleet
 from mlxpool.operator.logic.observations import HEALTH
 from mlxpool.operator.logic.placement import NodeView
-from mlxpool.operator.reconcilers.monitors import NodeMonitors
+from mlxpool.operator.reconcilers.monitors import MARK_WRITES_IN_FLIGHT, NodeMonitors
 
 UP = ProbeResult(True)
 SLOW = ProbeResult(False, "no answer to GET /health within 0.5s", timed_out=True)
@@ -149,3 +150,67 @@ async def test_a_watched_agent_is_probed_rarely_and_at_once_when_its_watch_ends(
     await asyncio.sleep(0.05)
     assert not fleet.observed.of("n").probe.healthy
     await monitors.close()
+
+
+class ReportingAgents(Agents):
+    def __init__(self) -> None:
+        super().__init__()
+        self.reports = 0
+        self.models: list[ModelState] = []
+
+    async def node(self, url: str) -> NodeReport:
+        self.reports += 1
+        return NodeReport(name="n", endpoint="http://n", max_models=4, agent_version="t", models=self.models,
+                          hardware=Hardware(chip="c", memory_bytes=1, cpu_cores=1, accelerator="cpu", platform="p"))
+
+
+async def test_a_monitor_at_rest_sleeps_until_something_is_due_and_wakes_for_a_load():
+    # A 0.02 s interval; watched, so probed every 1,000 / 50 = 20 s and reported on every
+    # 60 s: at rest it must not tick every interval (it would tick ~25 times in 0.5 s).
+    fleet = Fleet()
+    fleet.observed.set_view(NodeView(name="n", endpoint="http://n", labels={}, ready=True,
+                                     heartbeat=datetime.now(UTC), free_memory_bytes=None, models=frozenset()))
+    agents = ReportingAgents()
+    monitors = NodeMonitors(fleet, WatchedProber(), agents, Kube(), default_interval=0.02, override_interval=0.02,
+                            report_interval=60, stale_after=30, probes_per_second=0.05)
+    monitors.ensure("n")
+    await asyncio.sleep(0.5)
+    assert monitors.ticks <= 4 and agents.reports == 1, (monitors.ticks, agents.reports)
+    # A pool starts a load there: the monitor wakes and follows it at every interval.
+    agents.models = [ModelState(name="m", phase=ModelPhase.LOADING)]
+    fleet.observed.note_model("n", agents.models[0])
+    await asyncio.sleep(0.2)
+    assert agents.reports >= 3, agents.reports
+    await monitors.close()
+
+
+class SlowKube(Kube):
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_flight = self.most = 0
+
+    async def patch_node_status(self, name: str, status: Mapping) -> None:
+        self.in_flight += 1
+        self.most = max(self.most, self.in_flight)
+        await asyncio.sleep(0.02)
+        self.in_flight -= 1
+        await super().patch_node_status(name, status)
+
+
+async def test_ready_condition_writes_are_bounded_fleet_wide():
+    fleet = Fleet()
+    for i in range(40):
+        fleet.observed.set_view(NodeView(name=f"n{i}", endpoint=f"http://n{i}", labels={}, ready=True,
+                                         heartbeat=datetime.now(UTC), free_memory_bytes=None, models=frozenset()))
+    kube = SlowKube()
+    monitors = NodeMonitors(fleet, ScriptedProber([UP]), Agents(), kube, default_interval=0.01,
+                            override_interval=0.01, report_interval=60, stale_after=30)
+    for i in range(40):
+        monitors.ensure(f"n{i}")
+    for _ in range(100):
+        if len(kube.written) == 40:
+            break
+        await asyncio.sleep(0.02)
+    await monitors.close()
+    assert kube.written == [("True", "AgentReady")] * 40  # each node once: coalesced, not repeated per tick
+    assert kube.most == MARK_WRITES_IN_FLIGHT
