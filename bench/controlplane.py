@@ -1,10 +1,13 @@
 """Control-plane benchmark: the operator against a real API server and simulated agents.
 
 Starts the local control plane (etcd + kube-apiserver, `mlxpool.dev.controlplane`),
-`--nodes` simulated agents in one process (`bench.simagents`: real HTTP servers on
-loopback answering /health and the operations API without MLX, registering and
-heartbeating their InferenceNodes every 5 s as the agent identity), and the operator
-(its own process, as the operator identity, default settings: 1 s probes). Then:
+`--nodes` simulated agents in `--sim-processes` processes (`bench.simagents`, 250 agents
+per process by default: real HTTP servers on loopback answering /health and the
+operations API without MLX, registering their InferenceNodes and renewing their Leases
+every 10 s as the agent identity), and the operator (its own process, as the operator
+identity, default settings); with `--shards 2`, two operators, each owning the pools
+labelled with its shard (`--pool-selector mlxpool.dev/shard=a|b`; the second leaves the
+nodes' Ready condition to the first). Then:
 
 1. converge: `--pools` InferencePools created at once, each with its own model (loaded
    by path, 0.5 s per load) on 2 replicas; the time until every pool is Ready with
@@ -19,10 +22,13 @@ Also reported: the operator's own API requests per reconcile pass (its /metrics)
 load calls it made (exactly one per replica means no duplicates), the API server's
 requests and writes per second at rest (its own /metrics: lease renewals included),
 the operator's probes per second at rest, its CPU (cores) and RSS at rest and while
-converging (/proc), and the machine's load average before anything started (the
+converging (/proc; summed over the operators with `--shards 2`), the CPU of the
+simulated agents, kube-apiserver and etcd, the agents' failed heartbeats (renewals that
+timed out or were refused), with two shards the models each shard loaded for the
+other's pools (must be 0), and the machine's load average before anything started (the
 figures mean little on a busy machine).
 
-Usage: python -m bench.controlplane [--quick] [--pools N] [--nodes N] [--kills N] [--curve]
+Usage: python -m bench.controlplane [--quick] [--pools N] [--nodes N] [--kills N] [--curve] [--shards 2]
 Prints a table, then one JSON line last. `--quick`: 100 nodes, 50 pools, 8 kills (a few
 minutes). The default is the full fleet, 1,000 nodes and 500 pools; `--curve` runs
 100/50, 300/150 and 1,000/500 one after the other (a fresh control plane each) and
@@ -58,6 +64,9 @@ REPLICAS = 2
 STEADY_SECONDS = 20.0
 HEARTBEAT_SECONDS = 10.0
 CURVE = ((100, 50), (300, 150), (1000, 500))
+AGENTS_PER_PROCESS = 250
+SHARD_LABEL = "mlxpool.dev/shard"
+SHARDS = "ab"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 WRITE_VERBS = {"POST", "PUT", "PATCH", "DELETE"}
 API_REQUESTS, RECONCILES = "mlxpool_operator_api_requests_total", "mlxpool_operator_reconciles_total"
@@ -73,6 +82,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--kills", type=int, help="agents to kill one after the other (default 20, quick: 8)")
     parser.add_argument("--load-seconds", type=float, default=0.5)
     parser.add_argument("--workdir", type=Path, help="keep logs here (default: a temporary directory)")
+    parser.add_argument("--sim-processes", type=int, help=f"simulated-agent processes (default: one per "
+                                                          f"{AGENTS_PER_PROCESS} agents)")
+    parser.add_argument("--shards", type=int, choices=(1, 2), default=1,
+                        help="operators, each owning the pools of its shard (label mlxpool.dev/shard)")
     parser.add_argument("--operator-arg", action="append", default=[], metavar="ARG",
                         help="an extra argument for the operator, e.g. --operator-arg=--watch-interval=10")
     args = parser.parse_args(argv)
@@ -85,21 +98,32 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def sim_processes(args: argparse.Namespace) -> int:
+    return args.sim_processes or max(1, math.ceil(args.nodes / AGENTS_PER_PROCESS))
+
+
 class Usage:
     """A process's CPU time and RSS, from /proc (Linux)."""
 
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
+    def __init__(self, *pids: int) -> None:
+        self.pids = pids
 
     def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+        """Summed over the processes."""
+        total = 0.0
+        for pid in self.pids:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+        return total
 
     def rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return 0.0
+        """The largest of the processes'."""
+        largest = 0.0
+        for pid in self.pids:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    largest = max(largest, int(line.split()[1]) / 1024)
+        return largest
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -127,9 +151,10 @@ class Api:
         response.raise_for_status()
         return response
 
-    async def create_pool(self, index: int) -> None:
+    async def create_pool(self, index: int, shards: int = 1) -> None:
+        labels = {SHARD_LABEL: shard_of(index)} if shards > 1 else {}
         body = {"apiVersion": "mlxpool.dev/v1alpha1", "kind": "InferencePool",
-                "metadata": {"name": f"pool-{index:03d}", "namespace": NAMESPACE},
+                "metadata": {"name": f"pool-{index:03d}", "namespace": NAMESPACE, "labels": labels},
                 "spec": {"models": [{"name": f"model-{index:03d}", "source": f"file:///sim/model-{index:03d}"}],
                          "replicas": REPLICAS, "nodeSelector": {"matchLabels": {LABEL: "true"}}}}
         await self.request("POST", f"/apis/mlxpool.dev/v1alpha1/namespaces/{NAMESPACE}/inferencepools", json=body)
@@ -155,6 +180,10 @@ class Api:
         response = await self.request("GET", "/apis/mlxpool.dev/v1alpha1/inferencenodes",
                                       params={"labelSelector": LABEL})
         return len(response.json()["items"])
+
+
+def shard_of(index: int) -> str:
+    return SHARDS[index % len(SHARDS)]
 
 
 def pool_ready(pool: dict) -> bool:
@@ -231,9 +260,9 @@ class TableWatch:
             await asyncio.gather(self._task, return_exceptions=True)
 
 
-def operator_counters(url: str) -> dict[str, float]:
-    """Sums of the operator's counters we report, from its /metrics."""
-    text = httpx.get(f"{url}/metrics", timeout=10).text
+def operator_counters(urls: list[str]) -> dict[str, float]:
+    """Sums of the operators' counters we report, from their /metrics."""
+    text = "\n".join(httpx.get(f"{url}/metrics", timeout=10).text for url in urls)
     sums: dict[str, float] = {}
     for line in text.splitlines():
         match = re.match(r"^(mlxpool_operator_(?:api_requests|reconciles|cache_reconciles|agent_requests|probes)_total)"
@@ -258,10 +287,25 @@ def control(url: str, name: str, action: str) -> None:
     httpx.post(f"{url}/agents/{name}/{action}", json={}, timeout=30).raise_for_status()
 
 
+def heartbeat_failures(workdir: Path) -> int:
+    """Failed heartbeats (lease renewals and status writes) the simulated agents logged."""
+    return sum(path.read_text().count("inferencenode heartbeat failed") for path in workdir.glob("simagents-*.log"))
+
+
+def foreign_loads(urls: list[str]) -> int:
+    """Models that one shard's operator loaded for a pool of the other shard."""
+    foreign = 0
+    for url in urls:
+        for agent in httpx.get(f"{url}/agents", timeout=30).json():
+            for model, owner in agent["owners"].items():
+                index = int(model.rsplit("-", 1)[1])
+                if owner and f"{SHARD_LABEL}={shard_of(index)}" not in owner:
+                    foreign += 1
+    return foreign
+
+
 async def run(args: argparse.Namespace, workdir: Path) -> dict:
     load_at_start = os.getloadavg()[0]  # before we start anything: is someone else busy?
-    for log in ("simagents.log", "operator.log"):  # logs are appended to: a reused workdir must not mislead
-        (workdir / log).unlink(missing_ok=True)
     cp = ControlPlane(workdir / "controlplane").start()
     procs: list[Process] = []
     try:
@@ -274,27 +318,44 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict:
         token = workdir / "ops-token"
         token.write_text("bench-ops-token")
 
-        sims = Process.start("simagents", [
-            sys.executable, "-m", "bench.simagents", "--count", str(args.nodes), "--prefix", "node",
-            "--kubeconfig", str(cp.kubeconfig("agent")), "--label", f"{LABEL}=true",
-            "--heartbeat-interval", str(HEARTBEAT_SECONDS),
-            "--ops-token-file", str(token), "--max-models", "8", "--memory-gib", "64", "--model-gib", "2",
-            "--load-seconds", str(args.load_seconds)], workdir / "simagents.log",
-            env={"PYTHONPATH": str(REPO_ROOT)})
-        procs.append(sims)
-        sims_url = sims.wait_for_log(r"simagents ready url=(http://\S+)", 600).group(1)
+        processes = sim_processes(args)
+        per_process = math.ceil(args.nodes / processes)
+        sims: list[Process] = []
+        for k, first in enumerate(range(0, args.nodes, per_process)):
+            sims.append(Process.start(f"simagents-{k}", [
+                sys.executable, "-m", "bench.simagents", "--count", str(min(per_process, args.nodes - first)),
+                "--first", str(first), "--prefix", "node",
+                "--kubeconfig", str(cp.kubeconfig("agent")), "--label", f"{LABEL}=true",
+                "--heartbeat-interval", str(HEARTBEAT_SECONDS),
+                "--ops-token-file", str(token), "--max-models", "8", "--memory-gib", "64", "--model-gib", "2",
+                "--load-seconds", str(args.load_seconds)], workdir / f"simagents-{k}.log",
+                env={"PYTHONPATH": str(REPO_ROOT)}))
+            procs.append(sims[-1])
+        sims_urls = [sim.wait_for_log(r"simagents ready url=(http://\S+)", 600).group(1) for sim in sims]
         api = Api(cp)
         while await api.node_count() < args.nodes:  # noqa: ASYNC110 (polling the apiserver: no event to wait on)
             await asyncio.sleep(0.2)
 
-        operator = Process.start("operator", [
-            sys.executable, "-m", "mlxpool", "operator", "--kubeconfig", str(cp.kubeconfig("operator")),
-            "--namespace", NAMESPACE, "--metrics-port", "0", "--agent-token-file", str(token),
-            "--log-format", "plain", *args.operator_arg], workdir / "operator.log")
-        procs.append(operator)
-        metrics_url = operator.wait_for_log(r"operator ready url=(http://[0-9.]+:\d+)", 120).group(1)
+        operators: list[Process] = []
+        for k in range(args.shards):
+            shard = ["--pool-selector", f"{SHARD_LABEL}={SHARDS[k]}"] if args.shards > 1 else []
+            conditions = ["--no-node-conditions"] if k > 0 else []  # one shard writes the nodes' Ready
+            operators.append(Process.start(f"operator-{k}", [
+                sys.executable, "-m", "mlxpool", "operator", "--kubeconfig", str(cp.kubeconfig("operator")),
+                "--namespace", NAMESPACE, "--metrics-port", "0", "--agent-token-file", str(token),
+                "--log-format", "plain", *shard, *conditions, *args.operator_arg], workdir / f"operator-{k}.log"))
+            procs.append(operators[-1])
+        metrics_urls = [op.wait_for_log(r"operator ready url=(http://[0-9.]+:\d+)", 120).group(1)
+                        for op in operators]
         await asyncio.sleep(2.0 + args.nodes / 200)  # every node probed and reported once
-        counters = await measure(api, args, metrics_url, sims_url, Usage(operator.pid))
+        control_plane = {p.name: p.pid for p in cp.processes}
+        usages = {"operator": Usage(*(op.pid for op in operators)), "sims": Usage(*(s.pid for s in sims)),
+                  "apiserver": Usage(control_plane["kube-apiserver"]), "etcd": Usage(control_plane["etcd"])}
+        counters = await measure(api, args, metrics_urls, sims_urls, usages)
+        counters["heartbeat_failures"] = await asyncio.to_thread(heartbeat_failures, workdir)
+        counters["processes"] = processes
+        if args.shards > 1:
+            counters["foreign_loads"] = await asyncio.to_thread(foreign_loads, sims_urls)
         await api.client.aclose()
         return summarize(args, counters, load_at_start)
     finally:
@@ -303,19 +364,28 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict:
         cp.stop()
 
 
-async def measure(api: Api, args: argparse.Namespace, metrics_url: str, sims_url: str, usage: Usage) -> dict:
-    """The three phases; the operator's counters between them, and the measured times."""
+async def measure(api: Api, args: argparse.Namespace, metrics_urls: list[str], sims_urls: list[str],
+                  usages: dict[str, Usage]) -> dict:
+    """The three phases; the operators' counters between them, and the measured times."""
+    per_process = math.ceil(args.nodes / len(sims_urls))
+
+    def sims_url(node: str) -> str:
+        return sims_urls[int(node.rsplit("-", 1)[1]) // per_process]
+
     async def counters() -> dict[str, float]:
-        found = await asyncio.to_thread(operator_counters, metrics_url)  # a blocking GET: off the loop
+        found = await asyncio.to_thread(operator_counters, metrics_urls)  # blocking GETs: off the loop
         found.update({f"apiserver_{k}": v for k, v in (await api.request_counts()).items()})
-        found["cpu_s"], found["rss_mb"], found["t"] = usage.cpu_seconds(), usage.rss_mb(), time.monotonic()
+        for who, usage in usages.items():
+            found[f"{who}_cpu_s"] = usage.cpu_seconds()
+        found["cpu_s"], found["rss_mb"], found["t"] = found["operator_cpu_s"], usages["operator"].rss_mb(), \
+            time.monotonic()
         return found
 
     # 1. Convergence.
     before = await counters()
     started = time.monotonic()
     for first in range(0, args.pools, 100):  # in batches: one API server, a shared machine
-        await asyncio.gather(*(api.create_pool(i) for i in range(first, min(first + 100, args.pools))))
+        await asyncio.gather(*(api.create_pool(i, args.shards) for i in range(first, min(first + 100, args.pools))))
     await until_all_ready(api, args.pools, timeout=args.converge_timeout)
     converge = time.monotonic() - started
     converged = await counters()
@@ -338,12 +408,12 @@ async def measure(api: Api, args: argparse.Namespace, metrics_url: str, sims_url
         victim = next(v for v in victims if watch.listing(v))
         listed_by = len(watch.listing(victim))
         kill_started = time.monotonic()
-        await asyncio.to_thread(control, sims_url, victim, "kill")
+        await asyncio.to_thread(control, sims_url(victim), victim, "kill")
         await watch.until_gone(victim, timeout=30)
         latency = time.monotonic() - kill_started  # from before the kill: the kill itself counts
         latencies.append(latency)
         print(f"  killed {victim} (in {listed_by} tables): unrouted after {latency:.3f}s", flush=True)
-        await asyncio.to_thread(control, sims_url, victim, "revive")
+        await asyncio.to_thread(control, sims_url(victim), victim, "revive")
         await until_all_ready(api, args.pools, timeout=60)
     await watch.stop()
     return {"before": before, "converged": converged, "quiet": quiet, "steady": steady, "end": await counters(),
@@ -357,11 +427,12 @@ def summarize(args: argparse.Namespace, m: dict, load_at_start: float) -> dict:
     def rate(name: str) -> float:
         return round((steady.get(name, 0) - quiet.get(name, 0)) / (steady["t"] - quiet["t"]), 3)
 
-    def cores(a: dict, b: dict) -> float:
-        return round((b["cpu_s"] - a["cpu_s"]) / (b["t"] - a["t"]), 3)
+    def cores(a: dict, b: dict, who: str = "operator") -> float:
+        return round((b[f"{who}_cpu_s"] - a[f"{who}_cpu_s"]) / (b["t"] - a["t"]), 3)
 
     return {
         "pools": args.pools, "nodes": args.nodes, "replicas": REPLICAS, "kills": args.kills,
+        "shards": args.shards, "sim_processes": m["processes"],
         **({"converge_100_s": round(m["converge"], 3)} if args.pools == 100 else {}),
         "converge_s": round(m["converge"], 3),
         "failover_p50_s": round(statistics.median(latencies), 3),
@@ -383,6 +454,10 @@ def summarize(args: argparse.Namespace, m: dict, load_at_start: float) -> dict:
         "operator_cpu_cores_at_rest": cores(quiet, steady),
         "operator_rss_mb_converged": round(converged["rss_mb"], 1),
         "operator_rss_mb_at_rest": round(steady["rss_mb"], 1),
+        **{f"{who}_cpu_cores_{phase}": cores(a, b, who) for who in ("sims", "apiserver", "etcd")
+           for phase, (a, b) in (("converging", (before, converged)), ("at_rest", (quiet, steady)))},
+        "heartbeat_failures": m["heartbeat_failures"],
+        **({"foreign_loads": m["foreign_loads"]} if "foreign_loads" in m else {}),
         "load_avg_1m_at_start": round(load_at_start, 2),
         "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
     }
@@ -391,6 +466,7 @@ def summarize(args: argparse.Namespace, m: dict, load_at_start: float) -> dict:
 def print_table(result: dict) -> None:
     rows = [
         ("pools / nodes / replicas", f"{result['pools']} / {result['nodes']} / {result['replicas']}"),
+        ("operators (shards) / agent processes", f"{result['shards']} / {result['sim_processes']}"),
         ("converge (all pools Ready)", f"{result['converge_s']:.2f} s"),
         ("failover p50 / p99 / max", f"{result['failover_p50_s']:.3f} / {result['failover_p99_s']:.3f} / "
                                      f"{result['failover_max_s']:.3f} s over {result['kills']} kills"),
@@ -411,6 +487,12 @@ def print_table(result: dict) -> None:
                                               f"{result['operator_cpu_cores_at_rest']:.2f} cores"),
         ("operator RSS converged / at rest", f"{result['operator_rss_mb_converged']:.0f} / "
                                              f"{result['operator_rss_mb_at_rest']:.0f} MB"),
+        *((f"{who} CPU converging / at rest", f"{result[f'{who}_cpu_cores_converging']:.2f} / "
+                                              f"{result[f'{who}_cpu_cores_at_rest']:.2f} cores")
+          for who in ("sims", "apiserver", "etcd")),
+        ("agents' failed heartbeats", str(result["heartbeat_failures"])),
+        *((("models loaded for the other shard's pools", str(result["foreign_loads"])),)
+          if "foreign_loads" in result else ()),
         ("load average (1 min) at start / end", f"{result['load_avg_1m_at_start']} / {result['load_avg_1m_at_end']}"),
     ]
     width = max(len(k) for k, _ in rows)
@@ -421,6 +503,8 @@ def print_table(result: dict) -> None:
 def one_run(args: argparse.Namespace) -> dict:
     if args.workdir is not None:
         args.workdir.mkdir(parents=True, exist_ok=True)
+        for log in (*args.workdir.glob("simagents*.log"), *args.workdir.glob("operator*.log")):
+            log.unlink()  # logs are appended to: a reused workdir must not mislead
         return asyncio.run(run(args, args.workdir))
     with tempfile.TemporaryDirectory(prefix="mlxpool-bench-") as tmp:
         return asyncio.run(run(args, Path(tmp)))

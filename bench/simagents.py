@@ -20,6 +20,13 @@ With `--inference` every agent also serves the inference API of its preloaded mo
 `--step-per-seq-ms`, `--speeds` one factor per agent, cycled), and `GET /agents` adds
 each agent's engine counters (requests, tokens, cached prompt tokens, host lag).
 
+Agents are named `PREFIX-NNN` from `--first` on, so a fleet can be split over several
+processes (`bench.controlplane` starts one per 250 agents): one event loop serving a
+thousand agents' probes, watches and reports and renewing their leases lags enough to
+time renewals out on a busy machine. Lease renewals read their answer raw (not parsed
+into the client's models), and the API client does not read the environment (proxies,
+netrc) at every request.
+
 Prints `simagents ready url=http://127.0.0.1:PORT agents=N` once every agent answers
 and has registered. Stops on SIGTERM/SIGINT.
 """
@@ -76,7 +83,7 @@ class SimFleet:
         """One API client for every agent: a thousand would each load the kubeconfig and keep a pool."""
         self.hosted = {}
         speeds = [float(x) for x in args.speeds.split(",")] if args.speeds else [1.0]
-        for i in range(args.count):
+        for i in range(args.first, args.first + args.count):
             name = f"{args.prefix}-{i:03d}"
             agent_settings = settings
             if args.inference:
@@ -137,6 +144,10 @@ class SimFleet:
                                                client_configuration=configuration)
             configuration.connection_pool_maxsize = 32  # read when the client is made
             self.api_client = ApiClient(configuration)
+            # kubernetes_asyncio's session trusts the environment: aiohttp then looks for
+            # proxies and reads ~/.netrc at every request (4% of this process's CPU).
+            session = self.api_client.rest_client.pool_manager
+            session._trust_env = False  # no public setter; the session is ours
         # In batches: a thousand registrations at once would time out against one API server.
         agents = list(self.hosted.values())
         for start in range(0, len(agents), 50):
@@ -200,6 +211,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.simagents", description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=1)
     parser.add_argument("--prefix", default="sim")
+    parser.add_argument("--first", type=int, default=0, help="the first agent's number (PREFIX-NNN)")
     parser.add_argument("--kubeconfig", type=Path, help="register InferenceNodes with this identity")
     parser.add_argument("--label", action="append", default=[], metavar="K=V")
     parser.add_argument("--heartbeat-interval", type=float, default=5.0)

@@ -6,8 +6,9 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from kubernetes_asyncio.client.exceptions import ApiException
 
-from mlxpool.agent.node.registration import FREE_MEMORY_STEP, STATUS_REFRESH_S, status_due
+from mlxpool.agent.node.registration import FREE_MEMORY_STEP, STATUS_REFRESH_S, _raw, status_due
 from mlxpool.nodes import LoadedModel, NodeStatus, lease_object, lease_renewal, micro_time
 
 NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
@@ -57,3 +58,29 @@ def test_lease_round_trip():
 def test_bad_leases_are_named(body, error):
     with pytest.raises(ValueError, match=error):
         lease_renewal(body)
+
+
+class RawResponse:
+    """What kubernetes_asyncio returns with `_preload_content=False`: aiohttp's response."""
+
+    def __init__(self, status: int, body: bytes) -> None:
+        self.status, self.reason, self._body, self.released = status, "Whatever", body, False
+
+    async def read(self) -> bytes:
+        return self._body
+
+    def release(self) -> None:
+        self.released = True
+
+
+async def test_a_raw_renewal_answer_is_released_and_an_error_raises_as_a_parsed_one_would():
+    async def answer(response: RawResponse) -> RawResponse:
+        return response
+
+    ok = RawResponse(200, b'{"kind": "Lease"}')
+    await _raw(answer(ok))
+    assert ok.released
+    gone = RawResponse(404, b'{"reason": "NotFound"}')
+    with pytest.raises(ApiException) as caught:
+        await _raw(answer(gone))
+    assert gone.released and caught.value.status == 404 and "NotFound" in caught.value.body
