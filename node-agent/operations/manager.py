@@ -52,7 +52,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from mlxpool.agent.engine.interface import Engine, ModelInfo, WeightResidency, WeightsView
-from mlxpool.agent.engine.prompts import PromptEncoder
 from mlxpool.agent.errors import InvalidRequest, ModelLoadFailed, ModelLoading, ModelNotFound, ModelUnloading
 from mlxpool.agent.operations import eviction, filetiers, identity, weights
 from mlxpool.agent.operations.errors import MaxModelsReached, MemoryBudgetExceeded, ModelConflict, UnloadInProgress
@@ -60,6 +59,7 @@ from mlxpool.agent.serving.lifecycle import Lifecycle
 from mlxpool.agent.serving.promptcache import PromptCache
 from mlxpool.agent.serving.repository import ModelRepository, ServedModel
 from mlxpool.agent.serving.servedengine import ServedEngine
+from mlxpool.agent.serving.tokenizing import LanedPromptEncoder
 from mlxpool.agentapi import LoadModelRequest, ModelPhase, ModelState, ModelTier, QueueReport
 
 log = logging.getLogger(__name__)
@@ -416,7 +416,7 @@ class ModelManager:
                                                       identity=digest, on_weights_loaded=weights_loaded)
                 engine_started = time.perf_counter()
                 info = await record.engine.start()
-                encoder = PromptEncoder(record.engine.tokenizer)
+                encoder = LanedPromptEncoder(record.engine.tokenizer)
             except asyncio.CancelledError:
                 raise  # an unload cancelled us; it stops the engine
             except Exception as exc:
