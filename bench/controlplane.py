@@ -343,7 +343,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict:
             operators.append(Process.start(f"operator-{k}", [
                 sys.executable, "-m", "mlxpool", "operator", "--kubeconfig", str(cp.kubeconfig("operator")),
                 "--namespace", NAMESPACE, "--metrics-port", "0", "--agent-token-file", str(token),
-                "--log-format", "plain", *shard, *conditions, *args.operator_arg], workdir / f"operator-{k}.log"))
+                "--log-format", "full", *shard, *conditions, *args.operator_arg], workdir / f"operator-{k}.log"))
             procs.append(operators[-1])
         metrics_urls = [op.wait_for_log(r"operator ready url=(http://[0-9.]+:\d+)", 120).group(1)
                         for op in operators]
@@ -384,8 +384,15 @@ async def measure(api: Api, args: argparse.Namespace, metrics_urls: list[str], s
     # 1. Convergence.
     before = await counters()
     started = time.monotonic()
-    for first in range(0, args.pools, 100):  # in batches: one API server, a shared machine
-        await asyncio.gather(*(api.create_pool(i, args.shards) for i in range(first, min(first + 100, args.pools))))
+    # 16 in flight, as a client would: 100 at once, with the agents' renewals and the
+    # operator's writes, went over the API server's 200 mutating requests in flight (429s).
+    slots = asyncio.Semaphore(16)
+
+    async def create(index: int) -> None:
+        async with slots:
+            await api.create_pool(index, args.shards)
+
+    await asyncio.gather(*(create(i) for i in range(args.pools)))
     await until_all_ready(api, args.pools, timeout=args.converge_timeout)
     converge = time.monotonic() - started
     converged = await counters()

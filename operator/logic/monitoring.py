@@ -12,6 +12,11 @@ taken from values it passes in:
   costs at most `probes_per_second` (a watched agent's death is heard, not polled for).
 - `report_period`: how often to ask an agent for its report when nothing is in transit
   there, spread likewise over the fleet (`reports_per_second`).
+- `spread_due` and `phase`: when the next periodic probe or report is due. Each node
+  keeps to a grid of its own, offset by a fraction of the period taken from its name,
+  so a fleet whose monitors all started together (an operator starting on 1,000 nodes)
+  does not probe every agent in the same second, then ask every agent for its report
+  in the same second, again and again.
 - `probe_verdict`: whether a probe result counts. A timeout counts only when
   `TIMEOUTS_TO_FAIL` come in a row (a busy agent is not a dead one); a refused
   connection or an error answer counts at once.
@@ -34,6 +39,8 @@ taken from values it passes in:
 
 from __future__ import annotations
 
+import math
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -70,6 +77,21 @@ def report_period(report_interval: float, *, nodes: int, reports_per_second: flo
     """Seconds between reports of an agent with nothing in transit (loads and stagings are
     followed at every tick, and the operator's own calls update what it knows at once)."""
     return max(report_interval, nodes / reports_per_second)
+
+
+def phase(node: str) -> float:
+    """The node's offset on its grids, a fraction of the period in [0, 1), from its name."""
+    return zlib.crc32(node.encode()) / 2**32
+
+
+def spread_due(after: float, period: float, offset: float) -> float:
+    """The first time at least half a period after `after` on the grid of `period` offset
+    by `offset` periods (the times `(k + offset) * period`): between two periodic probes
+    (or reports) there is one period; after one made off the grid (the first, a
+    suspicion) the next comes within half a period to one and a half."""
+    if math.isinf(after):
+        return after
+    return (math.floor((after + period / 2) / period - offset) + 1 + offset) * period
 
 
 def lease_late(view: NodeView, now: datetime, stale_after: float) -> bool:

@@ -65,7 +65,7 @@ class Observations:
         self._failures: dict[str, dict[str, tuple[str, float]]] = {}
         """Node -> model -> (message, clock time) of the last failed load seen there."""
         self._sizes: dict[str, int] | None = None
-        """`model_sizes`, kept until a view or an agent view changes (read by every pool pass)."""
+        """`model_sizes`, kept until a node's or an agent's model sizes change (read by every pool pass)."""
         self._noted_at: dict[str, float] = {}
         """When the operator last learned a node's state from its own call (clock time)."""
         self._retry_after = retry_after
@@ -80,7 +80,8 @@ class Observations:
     def set_view(self, view: NodeView) -> bool:
         """Record a node's object; True when placement could see a difference."""
         old = self.views.get(view.name)
-        self._sizes = None
+        if old is None or old.model_bytes != view.model_bytes:
+            self._sizes = None
         self._status_beats[view.name] = view.heartbeat
         self.views[view.name] = replace(view, heartbeat=_later(view.heartbeat, self._renewals.get(view.name)))
         return old is None or old.routing_key() != view.routing_key()
@@ -191,8 +192,9 @@ class Observations:
         if (obs.agent, obs.agent_error) == (agent, error):
             return False
         placement_relevant = _digest(obs.agent) != _digest(agent) or (obs.agent is None) != (agent is None)
+        if (obs.agent.model_bytes if obs.agent else None) != (agent.model_bytes if agent else None):
+            self._sizes = None  # a report whose free memory moved (nearly every one) keeps the sizes
         obs.agent, obs.agent_error = agent, error
-        self._sizes = None
         if placement_relevant:
             self._changed(node, AGENT)
         return True

@@ -66,12 +66,14 @@ from mlxpool.operator.logic.monitoring import (
     heartbeat_deadlines,
     heartbeat_news,
     lease_late,
+    phase,
     probe_now,
     probe_period,
     probe_verdict,
     ready_mark,
     report_period,
     report_step,
+    spread_due,
     tick_delay,
     unloads_due,
 )
@@ -82,6 +84,9 @@ log = logging.getLogger(__name__)
 
 MARK_WRITES_IN_FLIGHT = 8
 """Ready-condition writes outstanding at once, fleet-wide."""
+REPORTS_IN_FLIGHT = 32
+"""Agent reports (`GET /v1/node`) outstanding at once, fleet-wide: an operator starting on
+1,000 nodes asks each for its report at its first tick."""
 
 
 class Kube(Protocol):
@@ -132,6 +137,7 @@ class NodeMonitors:
         self._marking: dict[str, asyncio.Task[None]] = {}
         """Node -> its Ready-condition write, queued or under way (one at a time per node)."""
         self._mark_slots = asyncio.Semaphore(MARK_WRITES_IN_FLIGHT)
+        self._report_slots = asyncio.Semaphore(REPORTS_IN_FLIGHT)
         self.ticks = 0
         """Ticks of all monitors so far (tests and benchmarks read it)."""
         fleet.observed.subscribe(self._heard)
@@ -192,6 +198,7 @@ class NodeMonitors:
         unloads: asyncio.Task[None] | None = None
         next_report = 0.0
         probed_at = float("-inf")
+        offset = phase(name)
         wake = self._wake.setdefault(name, asyncio.Event())
         try:
             while (view := observed.views.get(name)) is not None:
@@ -206,9 +213,9 @@ class NodeMonitors:
                     if suspicion is None and lease_late(view, self._clock(), self._stale_after):
                         suspicion = "its lease renewal is late"
                     # The period is read at every tick: it lengthens once the watch has spoken.
-                    due_at = probed_at + probe_period(self.interval(name), nodes=nodes,
-                                                      probes_per_second=self._probes_per_second,
-                                                      watched=name in self._watched)
+                    due_at = spread_due(probed_at, probe_period(self.interval(name), nodes=nodes,
+                                                                probes_per_second=self._probes_per_second,
+                                                                watched=name in self._watched), offset)
                     if probe_now(now=tick, due_at=due_at, suspected=suspicion is not None,
                                  healthy=recorded.healthy or recorded is NOT_PROBED, timeouts=timeouts):
                         reason = ("suspected" if suspicion else "first" if recorded is NOT_PROBED
@@ -237,8 +244,9 @@ class NodeMonitors:
                         observed.observe_report(name, None, "the agent does not answer its health probe")
                         next_report = 0.0
                     elif step is ReportStep.ASK:
-                        next_report = tick + report_period(self._report_interval, nodes=nodes,
-                                                           reports_per_second=self._reports_per_second)
+                        next_report = spread_due(tick, report_period(self._report_interval, nodes=nodes,
+                                                                     reports_per_second=self._reports_per_second),
+                                                 offset)
                         report = asyncio.create_task(self._refresh_report(name, view))
                     stale, news = heartbeat_news(view, self._clock(), self._stale_after, stale)
                     if news:
@@ -248,9 +256,9 @@ class NodeMonitors:
                     now = self._clock()
                     busy = (not probe.healthy or timeouts > 0 or observed.in_transit(name) or stale
                             or lease_late(view, now, self._stale_after))
-                    due_at = probed_at + probe_period(self.interval(name), nodes=nodes,
-                                                      probes_per_second=self._probes_per_second,
-                                                      watched=name in self._watched)
+                    due_at = spread_due(probed_at, probe_period(self.interval(name), nodes=nodes,
+                                                                probes_per_second=self._probes_per_second,
+                                                                watched=name in self._watched), offset)
                     deadlines = [tick + left for left in heartbeat_deadlines(view, now, self._stale_after)]
                     retry = self._retry_at.get(name, 0.0)
                     delay = tick_delay(interval=self.interval(name), now=tick, busy=busy,
@@ -299,12 +307,13 @@ class NodeMonitors:
 
     async def _refresh_report(self, name: str, view: NodeView) -> None:
         observed = self._fleet.observed
-        asked_at = observed.now()
-        try:
-            report = await self._agents.node(view.endpoint)
-        except AgentError as exc:  # unreachable, or 401/403 without a token, 404 without the ops API
-            observed.observe_report(name, None, str(exc), asked_at=asked_at)
-            return
+        async with self._report_slots:
+            asked_at = observed.now()
+            try:
+                report = await self._agents.node(view.endpoint)
+            except AgentError as exc:  # unreachable, or 401/403 without a token, 404 without the ops API
+                observed.observe_report(name, None, str(exc), asked_at=asked_at)
+                return
         if name in observed.views:  # not deleted meanwhile
             observed.observe_report(name, report, asked_at=asked_at)
 

@@ -20,12 +20,14 @@ from mlxpool.operator.logic.monitoring import (
     heartbeat_deadlines,
     heartbeat_news,
     lease_late,
+    phase,
     probe_now,
     probe_period,
     probe_verdict,
     ready_mark,
     report_period,
     report_step,
+    spread_due,
     tick_delay,
     unloads_due,
 )
@@ -218,3 +220,21 @@ def test_heartbeat_deadlines_are_late_then_stale_those_ahead():
     assert heartbeat_deadlines(view(age=25), NOW, 40) == (15.0,)  # late already: stale in 15 s
     assert heartbeat_deadlines(view(age=50), NOW, 40) == ()
     assert heartbeat_deadlines(view(age=None), NOW, 40) == ()
+
+
+@pytest.mark.parametrize(("after", "offset", "expected"), [
+    (0.0, 0.5, 30.0),  # at least half a period after, on the node's grid (k + 0.5) * 20
+    (10.0, 0.5, 30.0),  # on the grid: the next slot, one period later
+    (30.0, 0.5, 50.0),
+    (25.0, 0.5, 50.0),  # off the grid (a suspicion): 25 s later, not 5
+    (float("-inf"), 0.5, float("-inf")),  # never probed: due now
+])
+def test_spread_due(after, offset, expected):
+    assert spread_due(after, 20.0, offset) == expected
+
+
+def test_phases_spread_a_fleet_over_the_period():
+    offsets = sorted(phase(f"node-{i:03d}") for i in range(1000))
+    assert all(0 <= o < 1 for o in offsets) and phase("node-001") == phase("node-001")
+    per_tenth = [sum(1 for o in offsets if k / 10 <= o < (k + 1) / 10) for k in range(10)]
+    assert min(per_tenth) > 60, per_tenth  # about 100 in each tenth of the period, not all at once
