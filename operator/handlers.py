@@ -178,8 +178,11 @@ async def node_changed(type: str | None, name: str, body: kopf.Body, memo: kopf.
             await services.monitors.stop(name)
             runtimes.node_changed(name)
         return
+    before = fleet.observed.views.get(name)
     if fleet.observed.set_view(view):
         runtimes.node_changed(name)
+    elif before is not None and before.residency != view.residency:
+        runtimes.residency_changed(name)  # only the caches holding a copy there say where the weights are
     services.monitors.ensure(name)
 
 

@@ -192,6 +192,8 @@ class Weights:
         self._device_bytes = 0 if host_views else sum(array.nbytes for array in parameters.values())
         """Bytes of weights held in device memory (no views, no pins: all of it resident there)."""
         self._pins: _native.PinSet | None = None
+        self._pinned_weights = 0
+        """Bytes of the arrays locked whole (the pin set's own count is of pages: more for small arrays)."""
         self._report = report
         self._lock = threading.Lock()
 
@@ -213,9 +215,11 @@ class Weights:
                 self._report = replace(self._report, pinned_bytes=0,
                                        pin_message="not pinned: the weights are in device memory")
             return self._report
+        pinned_weights = 0
         for name in pin_order(self._views, policy):
             err = pins.add(self._views[name])
             if err == 0:
+                pinned_weights += self._views[name].nbytes
                 continue
             if err == errno.ENOBUFS:
                 message = (f"pin budget reached: {pins.bytes} of {budget_bytes} bytes pinned "
@@ -227,21 +231,21 @@ class Weights:
             log.warning("weights not fully pinned policy=%s pinned_bytes=%d reason=%r", policy, pins.bytes, message)
             break
         with self._lock:
-            self._pins = pins
+            self._pins, self._pinned_weights = pins, pinned_weights
             self._report = replace(self._report, pinned_bytes=pins.bytes, pin_message=message)
         return self._report
 
     def residency(self) -> WeightResidency:
         with self._lock:
             resident = sum(min(_native.resident_bytes(v), v.nbytes) for v in self._views.values()) + self._device_bytes
-            pinned = self._pins.bytes if self._pins is not None else 0
+            pinned = self._pinned_weights if self._pins is not None else 0
             return WeightResidency(total=self.total_bytes, resident=resident, pinned=pinned, mapped=0)
 
     def close(self) -> None:
         with self._lock:
             if self._pins is not None:
                 self._pins.release()
-                self._pins = None
+                self._pins, self._pinned_weights = None, 0
             for view in self._views.values():
                 view.release()
             self._views = {}

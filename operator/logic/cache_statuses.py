@@ -6,15 +6,22 @@ been asked yet, or holds nothing yet, is `Pending`. A cache is Ready when every
 selected node holds the copy in a finished phase: `Cached` or better, or `Warm` or
 better when `spec.warm` asks for it (an agent that cannot pin says so in its message
 and stays `Warm`; that counts, it does not pretend).
+
+Once a model is loaded from the copy, the node's entry also says where its weights are
+(`weights`: total, resident, pinned and mapped bytes, summed over the models loaded from
+the copy there, with their names), from the node's InferenceNode status
+(`models[].weights`); a node serving nothing from the copy has no `weights`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
+from pathlib import PurePosixPath
 from typing import Any
 
 from mlxpool.agentapi import CacheEntry, CachePhase
+from mlxpool.nodes import WeightsResidency, gib
 from mlxpool.operator.logic.conditions import DEGRADED, PROGRESSING, READY, set_condition
 from mlxpool.operator.logic.specs import CacheSpec
 
@@ -26,8 +33,31 @@ def finished_phases(spec: CacheSpec) -> frozenset[CachePhase]:
     return _WARMED if spec.warm else _FINISHED
 
 
-def node_entry(node: str, entry: CacheEntry | None, message: str | None = None) -> dict[str, Any]:
-    """One `status.nodes` item."""
+def cache_weights(key: str, path: str | None,
+                  loaded: Iterable[tuple[str, str | None, WeightsResidency]]) -> dict[str, Any] | None:
+    """`weights` of one node's entry: the residency of the node's models loaded from the copy
+    of `key` at `path` (a model loaded from the cache has the entry's directory, named after
+    the key, as its path; matched by name too, since the agent resolves symlinks in the path
+    it reports). None when no loaded model there comes from the copy."""
+    models: list[str] = []
+    total = resident = pinned = mapped = 0
+    for model, model_path, where in loaded:
+        if model_path is None or not (model_path == path or PurePosixPath(model_path).name == key):
+            continue
+        models.append(model)
+        total += where.total_bytes
+        resident += where.resident_bytes
+        pinned += where.pinned_bytes
+        mapped += where.mapped_bytes
+    if not models:
+        return None
+    return {"models": sorted(models), "totalBytes": total, "residentBytes": resident, "pinnedBytes": pinned,
+            "mappedBytes": mapped}
+
+
+def node_entry(node: str, entry: CacheEntry | None, message: str | None = None,
+               weights: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """One `status.nodes` item (`weights`: `cache_weights` of the node, if any)."""
     if entry is None:
         item: dict[str, Any] = {"node": node, "phase": CachePhase.PENDING.value}
     else:
@@ -38,6 +68,8 @@ def node_entry(node: str, entry: CacheEntry | None, message: str | None = None) 
         if entry.load_time_seconds is not None:
             item["loadTimeSeconds"] = round(entry.load_time_seconds, 3)
         message = message or entry.message
+        if weights:
+            item["weights"] = dict(weights)
     if message:
         item["message"] = message[:1024]
     return item
@@ -64,10 +96,14 @@ def cache_status(*, spec: CacheSpec, key: str, generation: int, nodes: Sequence[
     for type_, (status, reason, message) in ((READY, ready), (PROGRESSING, progressing), (DEGRADED, degraded)):
         conditions = set_condition(conditions, type=type_, status=status, reason=reason, message=message,
                                    generation=generation, now=now)
-    return {
+    result: dict[str, Any] = {
         "observedGeneration": generation,
         "cacheKey": key,
         "readySummary": f"{len(done)}/{len(entries)}",
         "nodes": entries,
         "conditions": conditions,
     }
+    serving = [n["weights"] for n in entries if n.get("weights")]
+    if serving:  # the printer column: bytes of the copy's weights in memory, all nodes together
+        result["resident"] = gib(sum(w["residentBytes"] for w in serving))
+    return result

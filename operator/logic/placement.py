@@ -29,7 +29,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from mlxpool.agentapi import CacheEntry, CachePhase, ModelPhase, ModelState, ModelTier, NodeReport, SchedulingPolicy
-from mlxpool.nodes import NodeSpec, NodeStatus
+from mlxpool.nodes import NodeSpec, NodeStatus, WeightsResidency
 from mlxpool.operator.logic.conditions import READY
 from mlxpool.operator.logic.endpoints import NOT_PROBED, PlacedEndpoint, ProbeResult
 from mlxpool.operator.logic.sources import LoadSource
@@ -66,6 +66,9 @@ class NodeView:
     """observedGeneration of that Ready condition (kstatus reads it)."""
     parked: frozenset[str] = frozenset()
     """Models held parked (weights in memory, no engine): they take no model slot."""
+    residency: tuple[tuple[str, str | None, WeightsResidency], ...] = ()
+    """(model, path, where its weights are) for each loaded model whose status says so; read
+    by the ModelCache status, not by placement (not in `routing_key`)."""
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> NodeView:
@@ -94,6 +97,7 @@ class NodeView:
             generation=int(meta.get("generation") or 0),
             condition_generation=ready.get("observedGeneration") if ready else None,
             parked=frozenset(m.name for m in status.models if m.tier == ModelTier.PARKED.value),
+            residency=tuple((m.name, m.path, m.weights) for m in status.models if m.weights is not None),
         )
 
     def routing_key(self) -> tuple[object, ...]:

@@ -28,7 +28,7 @@ from typing import Protocol
 from mlxpool.agentapi import CacheEntry, CachePhase, StageRequest
 from mlxpool.operator.io import metrics
 from mlxpool.operator.io.agentclient import AgentError
-from mlxpool.operator.logic.cache_statuses import cache_status, finished_phases, node_entry
+from mlxpool.operator.logic.cache_statuses import cache_status, cache_weights, finished_phases, node_entry
 from mlxpool.operator.logic.fleet import Fleet
 from mlxpool.operator.logic.placement import NodeView, node_unusable, selector_matches
 from mlxpool.operator.logic.sources import cache_key
@@ -137,7 +137,7 @@ class CacheReconciler:
                 events.warn("StagingError", f"{node}: {exc}")
             return kept
         self._fleet.observed.note_cache(node, entry)
-        item = node_entry(node, entry)
+        item = node_entry(node, entry, weights=cache_weights(key, entry.path, view.residency))
         if previous is not None and previous.get("phase") != item["phase"]:
             if entry.phase is CachePhase.FAILED:
                 events.warn("StagingFailed", f"{node}: {entry.message or 'failed'}")

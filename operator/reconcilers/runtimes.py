@@ -98,6 +98,13 @@ class Runtimes:
             if runtime.concerned_by(node):
                 runtime.woken.set()
 
+    def residency_changed(self, node: str) -> None:
+        """Where a node's weights are changed (nothing placement reads): wake the caches
+        holding a copy there, whose status says it."""
+        for runtime in self.caches.values():
+            if node in runtime.holds:
+                runtime.woken.set()
+
     def caches_by_model(self, namespace: str) -> dict[str, CacheRef]:
         """The namespace's ModelCaches by model name (the first by name if two name one model)."""
         found: dict[str, CacheRef] = {}

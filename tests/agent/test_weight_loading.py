@@ -150,10 +150,13 @@ def test_pin_policies_and_the_budget(four_layers: Path):
     loaded = loading.load(tiny_model, LoadOptions(pin_policy="all", pin_budget_bytes=1 << 40))
     total = loaded.info.memory_bytes
     report = loaded.weights.report
+    where = loaded.weights.residency()
     loaded.weights.close()
     if report.pin_message is not None and "RLIMIT_MEMLOCK" in report.pin_message:
         pytest.skip(f"this host refuses mlock: {report.pin_message}")
     assert report.pin_message is None and report.pinned_bytes >= total  # whole pages
+    assert where.pinned == where.total == total  # residency counts the weights' bytes, not their pages
+    assert loaded.weights.residency().pinned == 0  # released on close
     critical = loading.load(tiny_model, LoadOptions(pin_policy="critical", pin_budget_bytes=1 << 40))
     assert 0 < critical.weights.report.pinned_bytes < total and critical.weights.residency().pinned > 0
     critical.weights.close()

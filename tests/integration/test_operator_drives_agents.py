@@ -188,6 +188,23 @@ def test_modelcache_stages_over_http_on_real_agents(
     total = sum((tiny_model / f).stat().st_size for f in files)
     assert all(n["phase"] == "Warm" and n.get("bytes") == total for n in nodes), nodes
 
+    # A pool loads the model from the copy on one node: that node's entry says where its weights
+    # are (the agent's InferenceNode models[].weights), the other's does not.
+    pool = {"apiVersion": "mlxpool.dev/v1alpha1", "kind": "InferencePool",
+            "metadata": {"name": "from-cache", "namespace": namespace},
+            "spec": {"models": [{"name": "tiny"}], "replicas": 1, "nodeSelector": {"matchLabels": node_label}}}
+    controlplane.kubectl("apply", "-f", "-", input=yaml.safe_dump(pool))
+
+    def residency():
+        obj = json.loads(controlplane.kubectl("get", "modelcache", "tiny", "-n", namespace, "-o", "json").stdout)
+        weights = [n["weights"] for n in obj["status"]["nodes"] if n.get("weights")]
+        return (weights, obj["status"]) if weights else None
+
+    (weights,), status = wait_for(residency, 60, "the loading node's residency in the ModelCache status")
+    assert weights["models"] == ["tiny"] and weights["mappedBytes"] == 0, weights
+    assert 0 < weights["residentBytes"] <= weights["totalBytes"] and weights["pinnedBytes"] <= weights["totalBytes"]
+    assert status["resident"].endswith(" GiB")
+
     # A wrong digest is reported per node, naming the file.
     bad = dict(cache, metadata={"name": "bad", "namespace": namespace},
                spec=dict(cache["spec"], digests={**digests, "config.json": "0" * 64}))

@@ -4,12 +4,14 @@ with a faked API and faked agents; the fleet is the real one)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from mlxpool.agentapi import CacheEntry, CachePhase, StageRequest
-from mlxpool.operator.logic.cache_statuses import cache_status, node_entry
+from mlxpool.nodes import WeightsResidency
+from mlxpool.operator.logic.cache_statuses import cache_status, cache_weights, node_entry
 from mlxpool.operator.logic.conditions import node_readiness
 from mlxpool.operator.logic.endpoints import ProbeResult
 from mlxpool.operator.logic.fleet import Fleet
@@ -182,3 +184,53 @@ async def test_new_bytes_get_a_new_key_and_the_old_copies_go(parts):
     assert sorted(c for c in agents.calls if c[0] != "get") == [
         ("delete", "http://a", old_key), ("delete", "http://b", old_key),
         ("put", "http://a", new_key), ("put", "http://b", new_key)]
+
+
+def test_a_nodes_entry_sums_the_residency_of_the_models_loaded_from_the_copy():
+    def where(total: int, resident: int, pinned: int = 0) -> WeightsResidency:
+        return WeightsResidency(total_bytes=total, resident_bytes=resident, pinned_bytes=pinned, mapped_bytes=0)
+
+    loaded = [("tiny", "/var/cache/mlxpool/ns.c.abc", where(400, 300, 100)),
+              ("tiny-2", "/private/var/cache/mlxpool/ns.c.abc", where(400, 400)),  # symlinks resolved: the key matches
+              ("other", "/models/other", where(900, 900)),
+              ("nopath", None, where(1, 1))]
+    weights = cache_weights("ns.c.abc", "/var/cache/mlxpool/ns.c.abc", loaded)
+    assert weights == {"models": ["tiny", "tiny-2"], "totalBytes": 800, "residentBytes": 700, "pinnedBytes": 100,
+                       "mappedBytes": 0}
+    assert cache_weights("ns.c.abc", "/var/cache/mlxpool/ns.c.abc", loaded[2:]) is None
+    entry = CacheEntry(key="k", source="s", phase=CachePhase.CACHED, progress=1, bytes_done=5)
+    assert node_entry("n", entry, weights=weights)["weights"] == weights
+    assert "weights" not in node_entry("n", entry, weights=None) and "weights" not in node_entry("n", None)
+    nodes = [node_entry("a", entry, weights=weights), node_entry("b", entry)]
+    assert cache_status(spec=spec(), key="k", generation=1, nodes=nodes, previous={}, now=NOW)["resident"] == \
+        "0.0 GiB"
+    assert "resident" not in cache_status(spec=spec(), key="k", generation=1, nodes=nodes[1:], previous={}, now=NOW)
+
+
+async def test_the_status_follows_the_inference_nodes_residency(parts):
+    fleet, _, agents, reconciler = parts
+    state = CacheState()
+    await reconciler.reconcile(body(), state, Events())
+    key = state.status["cacheKey"]
+    assert all("weights" not in n for n in state.status["nodes"])
+    agents.entries["http://a", key].path = f"/cache/{key}"
+    where = WeightsResidency(total_bytes=2 << 30, resident_bytes=1 << 30, pinned_bytes=1 << 29, mapped_bytes=0)
+    fleet.observed.set_view(replace(node("a"), residency=(("model", f"/cache/{key}", where),)))
+    await reconciler.reconcile(body(), state, Events())
+    by_node = {n["node"]: n for n in state.status["nodes"]}
+    assert by_node["a"]["weights"] == {"models": ["model"], "totalBytes": 2 << 30, "residentBytes": 1 << 30,
+                                       "pinnedBytes": 1 << 29, "mappedBytes": 0}
+    assert "weights" not in by_node["b"] and state.status["resident"] == "1.0 GiB"
+
+
+def test_a_node_view_reads_residency_from_the_status():
+    status = {"ready": True, "models": [
+        {"name": "m", "path": "/cache/k", "weights": {"totalBytes": 10, "residentBytes": 9, "pinnedBytes": 0,
+                                                        "mappedBytes": 0}},
+        {"name": "unmeasured", "path": "/x"}]}
+    view = NodeView.from_body({"metadata": {"name": "n"}, "status": status, "spec": {
+        "endpoint": "http://n", "hardware": {"chip": "c", "memoryBytes": 1, "cpuCores": 1, "accelerator": "cpu",
+                                             "platform": "linux-x86_64"}}})
+    assert view.residency == (("m", "/cache/k", WeightsResidency(total_bytes=10, resident_bytes=9, pinned_bytes=0,
+                                                                 mapped_bytes=0)),)
+    assert view.routing_key() == replace(view, residency=()).routing_key()  # placement does not see it

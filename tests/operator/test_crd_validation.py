@@ -178,7 +178,7 @@ def test_printer_columns_short_names_and_category(controlplane: ControlPlane, na
     wide = controlplane.kubectl("get", "ipool", "-n", namespace, "-o", "wide").stdout.splitlines()[0]
     assert {"DESIRED", "REVISION"} <= set(wide.split())
     header = controlplane.kubectl("get", "mcache", "-n", namespace).stdout.splitlines()[0]
-    assert header.split() == ["NAME", "MODEL", "SOURCE", "READY", "WARM", "PIN", "STATUS", "AGE"]
+    assert header.split() == ["NAME", "MODEL", "SOURCE", "READY", "WARM", "PIN", "STATUS", "RESIDENT", "AGE"]
     listed = controlplane.kubectl("get", "mlxpool", "-n", namespace, "-o", "name").stdout.split()
     assert {"inferencepool.mlxpool.dev/shown", "modelcache.mlxpool.dev/c"} <= set(listed)
     header = controlplane.kubectl("get", "inode").stdout.splitlines()

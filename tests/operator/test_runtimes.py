@@ -37,3 +37,13 @@ def test_caches_by_model_in_a_namespace():
     runtimes.cache_refs["ns", "a"] = CacheRef("ns", "a", "m", "ns.a.1")
     runtimes.cache_refs["other", "c"] = CacheRef("other", "c", "m", "other.c.1")
     assert runtimes.caches_by_model("ns") == {"m": runtimes.cache_refs["ns", "a"]}
+
+
+async def test_a_residency_change_wakes_only_the_caches_holding_a_copy_there():
+    runtimes = Runtimes()
+    runtimes.pools["ns", "p"] = PoolRuntime(holds=frozenset({"a"}), settled=False)
+    runtimes.caches["ns", "here"] = CacheRuntime(holds=frozenset({"a"}), settled=True)
+    runtimes.caches["ns", "elsewhere"] = CacheRuntime(holds=frozenset({"b"}), settled=True)
+    runtimes.residency_changed("a")
+    assert [k[1] for k, r in runtimes.caches.items() if r.woken.is_set()] == ["here"]
+    assert not runtimes.pools["ns", "p"].woken.is_set()
