@@ -28,7 +28,7 @@ from mlx_lm import utils as mlx_lm_utils
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from mlxpool.agent.engine import blas as _blas
-from mlxpool.agent.engine import device, weightreading
+from mlxpool.agent.engine import device, weightreading, wiredlimit
 from mlxpool.agent.engine.interface import LoadOptions, LoadReport, ModelInfo
 from mlxpool.agent.engine.memory import kv_bytes_per_token
 
@@ -76,7 +76,7 @@ def load(path: str | Path, options: LoadOptions | None = None, host_memory: bool
     if options.pin_policy != "none":
         report = weights.pin(options.pin_policy, options.pin_budget_bytes)
     memory = weights.total_bytes
-    wired = weightreading.raise_wired_limit(memory)  # Metal only (not run here)
+    wired = wiredlimit.raise_wired_limit(memory)  # Metal only (not run here)
     if wired is not None:
         log.info("metal %s", wired)
     info = ModelInfo(path=str(directory), memory_bytes=memory, context_length=_context_length(config),

@@ -263,35 +263,3 @@ def refusal_message(err: int, pinned: int, wanted: int) -> str:
     return (f"the OS refused to lock more memory ({os.strerror(err)}) after {pinned} of {wanted} bytes; "
             f"RLIMIT_MEMLOCK is {limit}: raise it (ulimit -l, launchd HardResourceLimits/MemoryLock) "
             "or grant CAP_IPC_LOCK")
-
-
-# ---- macOS: MLX's wired limit (Apple only; NOT run on our Linux machines) ----
-
-def wired_limit_bytes(sysctl_mb: int | None, recommended: int | None) -> int | None:
-    """The wired limit to ask MLX for (as mlx-lm's `wired_limit` does, the most allowed: the
-    device's recommended working set), never past what the OS allows (`iogpu.wired_limit_mb`;
-    0 or unset: no raised limit). None: no limit known, leave MLX's default."""
-    caps = [c for c in ((sysctl_mb << 20) if sysctl_mb else None, recommended) if c and c > 0]
-    return min(caps) if caps else None
-
-
-def raise_wired_limit(weights: int) -> str | None:
-    """On Metal, `mx.set_wired_limit` for the weights within `iogpu.wired_limit_mb`; what was
-    done, for the load log, or None off Metal. Never raises: a refusal is a message."""
-    if not mx.metal.is_available():  # Linux CPU/CUDA: nothing to wire
-        return None
-    import subprocess
-
-    try:  # Apple only
-        out = subprocess.run(["sysctl", "-n", "iogpu.wired_limit_mb"], capture_output=True, text=True, timeout=5)
-        sysctl_mb = int(out.stdout.strip()) if out.returncode == 0 and out.stdout.strip().isdigit() else None
-        recommended = int(mx.metal.device_info().get("max_recommended_working_set_size", 0)) or None
-        limit = wired_limit_bytes(sysctl_mb, recommended)
-        if limit is None:
-            return "wired limit left at MLX's default (no limit known)"
-        mx.set_wired_limit(limit)
-        short = f"; the weights ({weights} bytes) exceed it: raise iogpu.wired_limit_mb" if weights > limit else ""
-        return f"wired limit {limit} bytes (iogpu.wired_limit_mb={sysctl_mb}, recommended={recommended}){short}"
-    except (OSError, ValueError, RuntimeError, subprocess.SubprocessError) as exc:
-        log.warning("wired limit not raised error=%r", exc)
-        return f"wired limit not raised: {exc}"

@@ -256,13 +256,3 @@ def test_the_mapping_is_a_read_only_buffer(tiny_model: Path):
     with pytest.raises(ValueError):
         a[...] = 0  # the mapping is PROT_READ: numpy refuses the write
     del a, view
-
-
-def test_the_wired_limit_stays_within_what_macos_allows():
-    # The Metal path itself (mx.set_wired_limit) does not run here: no Metal on Linux.
-    gib = 1 << 30
-    assert weightreading.wired_limit_bytes(None, None) is None
-    assert weightreading.wired_limit_bytes(0, 48 * gib) == 48 * gib  # sysctl unset: the working set
-    assert weightreading.wired_limit_bytes(40 * 1024, 48 * gib) == 40 * gib  # the sysctl caps it
-    assert weightreading.wired_limit_bytes(60 * 1024, 48 * gib) == 48 * gib
-    assert weightreading.raise_wired_limit(1 << 20) is None  # off Metal: nothing done
