@@ -1061,6 +1061,9 @@ class BatchEngine:
     # ---- memory admission (engine.memorygate: the node's books, projected KV bytes) ----
 
     def _open_gate(self, loaded: loading.LoadedModel) -> None:
+        if self._config.mlx_cache_limit_bytes is not None:  # weight_management's, with or without admission
+            previous = mx.set_cache_limit(self._config.mlx_cache_limit_bytes)
+            log.info("mlx cache limit bytes=%d previous=%d", self._config.mlx_cache_limit_bytes, previous)
         memory, per_token = self._memory, loaded.info.kv_bytes_per_token
         if memory is None or per_token is None:
             return
@@ -1070,8 +1073,6 @@ class BatchEngine:
         # MLX's own limits, process-wide: allocations past the limit wait for frees (and the
         # buffer cache is bounded) instead of growing until the OS kills us.
         mx.set_memory_limit(max(memory.policy.capacity_bytes - memory.policy.headroom_bytes, 1))
-        if self._config.mlx_cache_limit_bytes is not None:
-            mx.set_cache_limit(self._config.mlx_cache_limit_bytes)
         log.info("memory admission on model=%s kv_bytes_per_token=%d %s", self._name, per_token,
                  " ".join(f"{k}={v}" for k, v in memory.snapshot().items()))
 

@@ -135,7 +135,8 @@ def read(directory: Path, options: LoadOptions) -> tuple[dict[str, mx.array], Lo
         submitted = 0
         for k, group in enumerate(groups):
             # Keep the pool `prefetch_depth` layers ahead of the copy, in layer order.
-            while prefetcher is not None and submitted < min(len(groups), k + 1 + options.prefetch_depth):
+            ahead = prefetched_before(k, len(groups), options.prefetch_depth) if prefetcher is not None else 0
+            while prefetcher is not None and submitted < ahead:
                 for name in groups[submitted]:
                     t = tensors[name]
                     prefetcher.submit(t.file, t.begin, t.nbytes)
@@ -154,6 +155,12 @@ def read(directory: Path, options: LoadOptions) -> tuple[dict[str, mx.array], Lo
     report = LoadReport(reader="native", transfer="copy", files=len(files), bytes=total, seconds=seconds,
                         prefetch_threads=options.prefetch_threads, pin_policy=options.pin_policy, pinned_bytes=0)
     return arrays, report
+
+
+def prefetched_before(k: int, groups: int, depth: int) -> int:
+    """How many layer groups the prefetch pool has been given before group `k` is copied:
+    `k` itself and `depth` more (`weight_management.prefetch_depth`), never past the last."""
+    return min(groups, k + 1 + depth)
 
 
 # numpy views the mapped bytes; types numpy lacks (bfloat16) are read as same-size

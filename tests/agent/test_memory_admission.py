@@ -88,8 +88,12 @@ def test_requests_are_admitted_by_projected_kv_bytes(small_agent, tiny_model: Pa
 
 def test_memory_admission_off_lets_everything_in(tiny_model: Path, agent_factory, tmp_path: Path):
     config = tmp_path / "runtime.yaml"
-    config.write_text("weight_management:\n  memory_admission: false\n  memory_capacity_bytes: 1\n")
+    config.write_text("weight_management:\n  memory_admission: false\n  memory_capacity_bytes: 1\n"
+                      "  mlx_cache_limit_bytes: 3145728\n")
     agent = agent_factory(tiny_model, ["--config", str(config)])
     response = complete(agent.url, 64)
     assert response.status_code == 200, response.text
     assert json.loads(response.text)["usage"]["completion_tokens"] >= 1
+    # MLX's buffer-cache cap is applied with admission off too (it used to be set only with the books).
+    assert "mlx cache limit bytes=3145728" in agent.log_text()
+    assert "memory admission on" not in agent.log_text()

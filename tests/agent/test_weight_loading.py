@@ -132,6 +132,47 @@ def test_layer_order_and_what_critical_means():
     assert weightreading.pin_order(names, "none") == []
 
 
+@pytest.mark.parametrize("depth", [1, 3])
+def test_the_prefetch_runs_prefetch_depth_layers_ahead_of_the_copy(four_layers: Path, monkeypatch, depth: int):
+    """weight_management.prefetch_depth: before layer group k is copied, the pool has been
+    given groups 0..k+depth (in layer order) and no more; prefetch_threads sizes the pool."""
+    events: list[tuple[str, tuple[str, int]]] = []
+    pools: list[int] = []
+    real_copy = weightreading._from_mapping
+
+    class Recording:  # the native pool's interface, recording instead of paging in
+        def __init__(self, threads: int) -> None:
+            pools.append(threads)
+
+        def submit(self, file: _native.SafetensorsFile, begin: int, nbytes: int) -> None:
+            events.append(("submit", (file.path, begin)))
+
+        def close(self) -> None:
+            events.append(("close", ("", 0)))
+
+    def copy(t):
+        events.append(("copy", (t.file.path, t.begin)))
+        return real_copy(t)
+
+    monkeypatch.setattr(weightreading._native, "Prefetcher", Recording)
+    monkeypatch.setattr(weightreading, "_from_mapping", copy)
+    loaded = loading.load(four_layers, LoadOptions(pin_policy="none", prefetch_threads=3, prefetch_depth=depth))
+    loaded.weights.close()
+    assert pools == [3] and events[-1][0] == "close"
+    files = [_native.SafetensorsFile(str(p)) for p in sorted(four_layers.glob("model*.safetensors"))]
+    where = {name: (f.path, begin) for f in files for name, _, _, begin, _ in f.tensors()}
+    groups = weightreading.layer_groups(where)
+    assert len(groups) == 6  # embeddings, 4 layers, the rest
+    group_of = {where[n]: g for g, names in enumerate(groups) for n in names}
+    submitted: set[int] = set()
+    for kind, at in events[:-1]:
+        if kind == "submit":
+            submitted.add(group_of[at])
+        else:
+            k = group_of[at]
+            assert submitted == set(range(min(len(groups), k + 1 + depth))), (k, sorted(submitted))
+
+
 def test_shards_and_bfloat16_load_as_mlx_lm_loads_them(four_layers: Path):
     import mlx.core as mx
     import mlx_lm
