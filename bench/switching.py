@@ -167,6 +167,12 @@ def added_ms(seq: list[str], times: list[float], only: str | None = None) -> flo
     return round((statistics.median(switched) - statistics.median(same)) * 1000, 2)
 
 
+def same_ms(seq: list[str], times: list[float], only: str | None = None) -> float | None:
+    """Median TTFT of the non-switching requests (into `only`, if set), in ms."""
+    same = [t for i, t in enumerate(times) if i and seq[i] == seq[i - 1] and (only is None or seq[i] == only)]
+    return round(statistics.median(same) * 1000, 2) if same else None
+
+
 def turns(seq: list[str], ours: tuple[str, Mapping[str, Target]], them: tuple[str, Mapping[str, Target]]
           ) -> tuple[list[float], list[float]]:
     """Both servers through `seq`, taking turns request by request (ABBA)."""
@@ -235,10 +241,12 @@ def main(argv: list[str] | None = None) -> int:
               f"ms/switch, total {out['ours_adapters_total_s']}s vs {out['mlx_lm_adapters_total_s']}s "
               f"({out['speedup_vs_mlx_lm_adapters']}x)", flush=True)
         out["hot_switch_ms"] = added_ms(hot_seq, ours_t)
+        out["ttft_ms"], out["mlx_lm_ttft_ms"] = same_ms(hot_seq, ours_t), same_ms(hot_seq, their_t)
         out["mlx_lm_switch_ms"] = added_ms(hot_seq, their_t)
         out["ours_total_s"], out["mlx_lm_total_s"] = round(sum(ours_t), 3), round(sum(their_t), 3)
         out["speedup_vs_mlx_lm"] = round(sum(their_t) / sum(ours_t), 2)
         print(f"hot: +{out['hot_switch_ms']} ms/switch, mlx_lm.server +{out['mlx_lm_switch_ms']} ms/switch, "
+              f"TTFT not switching {out['ttft_ms']} vs {out['mlx_lm_ttft_ms']} ms, "
               f"total {out['ours_total_s']}s vs {out['mlx_lm_total_s']}s ({out['speedup_vs_mlx_lm']}x)", flush=True)
         # ---- parked: one slot, parking on, a and the >= 500 MB model ----
         park_seq = sequence(["a", "big"], n, seed=12)
@@ -256,13 +264,16 @@ def main(argv: list[str] | None = None) -> int:
         out["parked_switch_ms"] = added_ms(park_seq, times, only="big")
         out["parked_switch_ms_small"] = added_ms(park_seq, times, only="a")
         out["mlx_lm_big_switch_ms"] = added_ms(park_seq, their_big, only="big")
+        out["big_ttft_ms"] = same_ms(park_seq, times, "big")
+        out["mlx_lm_big_ttft_ms"] = same_ms(park_seq, their_big, "big")
         out["ours_big_total_s"], out["mlx_lm_big_total_s"] = round(sum(times), 3), round(sum(their_big), 3)
         out["speedup_vs_mlx_lm_big"] = round(sum(their_big) / sum(times), 2)
         out["wake_count"] = _metric(metrics, 'mlxpool_model_switch_seconds_count{tier="parked"}')
         out["wake_seconds_sum"] = _metric(metrics, 'mlxpool_model_switch_seconds_sum{tier="parked"}')
         print(f"parked: +{out['parked_switch_ms']} ms/switch into the {out['big_model_bytes']} B model "
               f"(+{out['parked_switch_ms_small']} ms into the bench one); load {out['load_gbps']} GB/s; "
-              f"mlx_lm.server +{out['mlx_lm_big_switch_ms']} ms into it, total {out['ours_big_total_s']}s vs "
+              f"mlx_lm.server +{out['mlx_lm_big_switch_ms']} ms into it (TTFT not switching {out['big_ttft_ms']} vs "
+              f"{out['mlx_lm_big_ttft_ms']} ms), total {out['ours_big_total_s']}s vs "
               f"{out['mlx_lm_big_total_s']}s ({out['speedup_vs_mlx_lm_big']}x)", flush=True)
         # ---- page cache warm and cold: one slot, no parking, load on request ----
         config = (f"multi_model:\n  max_models: 1\n  park: false\n  load_on_request: true\n"

@@ -48,7 +48,7 @@ from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
 from mlxpool.agent.engine import blas as _blas  # noqa: F401  (must precede mlx)
-from mlxpool.agent.engine import device, kvcodec, loading, precompile
+from mlxpool.agent.engine import device, kvcodec, laststep, loading, precompile
 from mlxpool.agent.engine.admission import (
     Outlook,
     RefusalReason,
@@ -88,6 +88,8 @@ from mlxpool.priorities import Priority
 __all__ = ["BatchEngine", "EngineConfig"]
 
 log = logging.getLogger(__name__)
+
+laststep.install()  # no forward pass after a batch's last token (`engine.laststep`)
 
 MIN_TOKENS_AFTER_RESUME = 8
 """A resumed sequence is not paused again before it produced this many more tokens (no thrashing)."""
