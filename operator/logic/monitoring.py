@@ -47,7 +47,7 @@ from datetime import datetime
 from enum import Enum
 
 from mlxpool.operator.logic.conditions import READY, node_readiness, rfc3339
-from mlxpool.operator.logic.endpoints import ProbeResult
+from mlxpool.operator.logic.endpoints import NOT_PROBED, ProbeResult
 from mlxpool.operator.logic.fleet import Fleet
 from mlxpool.operator.logic.placement import NodeView
 
@@ -118,11 +118,17 @@ def tick_delay(*, interval: float, now: float, busy: bool, due: Iterable[float])
     return max(interval, min(min(due, default=now + MAX_TICK_SECONDS), now + MAX_TICK_SECONDS) - now)
 
 
-def probe_verdict(result: ProbeResult, timeouts: int, recorded: ProbeResult) -> tuple[ProbeResult, int]:
+def probe_verdict(result: ProbeResult, timeouts: int, recorded: ProbeResult,
+                  watch_alive: bool = False) -> tuple[ProbeResult, int]:
     """The probe result to record after `result` (`recorded` is the one recorded so far),
-    and the count of timeouts in a row including this one."""
+    and the count of timeouts in a row including this one. A timeout is no verdict while
+    the agent's health watch speaks (`watch_alive`: its process is alive and serving; a
+    loaded machine is slow to answer, and a hung agent goes quiet on its watch too), nor
+    before `TIMEOUTS_TO_FAIL` in a row, nor at the first probe (the node stays not probed
+    until it answers or times out again)."""
     timeouts = timeouts + 1 if result.timed_out else 0
-    if result.timed_out and timeouts < TIMEOUTS_TO_FAIL and recorded.healthy:
+    if result.timed_out and (recorded.healthy or recorded is NOT_PROBED) and (
+            watch_alive or timeouts < TIMEOUTS_TO_FAIL):
         return recorded, timeouts  # one slow answer is not a verdict
     return result, timeouts
 

@@ -127,6 +127,8 @@ class NodeMonitors:
         self._watches: dict[str, asyncio.Task[None]] = {}
         self._watched: set[str] = set()
         """Nodes whose watch is open and has spoken: their deaths are heard, not polled for."""
+        self._spoke: dict[str, float] = {}
+        """Node -> when its watch last spoke (monotonic)."""
         self._unwatchable: set[str] = set()
         """Nodes whose agent has no health watch (until it registers again)."""
         self._suspicions: dict[str, str] = {}
@@ -168,6 +170,7 @@ class NodeMonitors:
         self._suspicions.pop(name, None)
         self._unwatchable.discard(name)
         self._watched.discard(name)
+        self._spoke.pop(name, None)
         self._wake.pop(name, None)
         for each in (task, watch, marking):
             if each is not None:
@@ -220,8 +223,9 @@ class NodeMonitors:
                                  healthy=recorded.healthy or recorded is NOT_PROBED, timeouts=timeouts):
                         reason = ("suspected" if suspicion else "first" if recorded is NOT_PROBED
                                   else "unhealthy" if not recorded.healthy else "scheduled")
-                        probe, timeouts = probe_verdict(await self._prober.probe(view.endpoint, reason), timeouts,
-                                                        recorded)
+                        result = await self._prober.probe(view.endpoint, reason)
+                        probe, timeouts = probe_verdict(result, timeouts, recorded,
+                                                        watch_alive=self._watch_alive(name))
                         if suspicion and not probe.healthy and recorded.healthy:
                             log.info("suspect node failed its probe node=%s suspicion=%r probe=%r", name,
                                      suspicion, probe.message)
@@ -273,6 +277,16 @@ class NodeMonitors:
                     task.cancel()
                     await asyncio.gather(task, return_exceptions=True)
 
+    def _heard_from(self, name: str) -> None:
+        self._watched.add(name)
+        self._spoke[name] = time.monotonic()
+
+    def _watch_alive(self, name: str) -> bool:
+        """Its watch is open and spoke within one and a half of its intervals."""
+        spoke = self._spoke.get(name)
+        return (name in self._watched and spoke is not None
+                and time.monotonic() - spoke < 1.5 * getattr(self._prober, "watch_interval", 10.0))
+
     def _keep_watching(self, name: str, view: NodeView) -> None:
         """A watch runs on a healthy agent that has one (started again after it ended)."""
         if not self._prober.watches or name in self._unwatchable:
@@ -283,7 +297,7 @@ class NodeMonitors:
 
     async def _watch(self, name: str, endpoint: str) -> None:
         try:
-            why = await self._prober.watch(endpoint, lambda: self._watched.add(name))
+            why = await self._prober.watch(endpoint, lambda: self._heard_from(name))
         except WatchUnsupported as exc:
             log.info("agent has no health watch node=%s (%s): probing it every interval", name, exc)
             self._unwatchable.add(name)
@@ -321,9 +335,9 @@ class NodeMonitors:
         """The node's view and the Ready condition to write now (None: none due); None when
         the node is gone."""
         view = self._fleet.observed.views.get(name)
-        if view is None:
-            return None
         probe = self._fleet.observed.of(name).probe
+        if view is None or probe is NOT_PROBED:  # nothing to say yet (a first probe timed out)
+            return None
         return view, ready_mark(view, probe, now=self._clock(), stale_after=self._stale_after,
                                 written=self._written.get(name), retry_at=self._retry_at.get(name, 0.0),
                                 tick=time.monotonic())

@@ -53,13 +53,24 @@ def view(age: float | None = 1.0, ready: bool = True, condition: tuple[str, str]
     (SLOW, 0, UP, (UP, 1)),  # one slow answer is not a verdict: the healthy result stays
     (SLOW, 1, UP, (SLOW, 2)),  # the second in a row is
     (SLOW, 2, SLOW, (SLOW, 3)),
-    (SLOW, 0, NOT_PROBED, (SLOW, 1)),  # nothing healthy to keep: it counts at once
+    (SLOW, 0, NOT_PROBED, (NOT_PROBED, 1)),  # a first probe that times out: not probed yet, asked again
+    (SLOW, 1, NOT_PROBED, (SLOW, 2)),  # ... and the second counts
     (SLOW, 0, REFUSED, (SLOW, 1)),
     (REFUSED, 0, UP, (REFUSED, 0)),  # a refused connection counts at once
     (REFUSED, 1, UP, (REFUSED, 0)),
 ])
 def test_probe_verdicts(result, timeouts, recorded, expected):
     assert probe_verdict(result, timeouts, recorded) == expected
+
+
+@pytest.mark.parametrize(("result", "timeouts", "recorded", "expected"), [
+    (SLOW, 1, UP, (UP, 2)),  # its watch speaks: the agent lives, a slow answer is the machine's
+    (SLOW, 5, UP, (UP, 6)),
+    (REFUSED, 0, UP, (REFUSED, 0)),  # a refusal counts whatever the watch says
+    (SLOW, 1, SLOW, (SLOW, 2)),  # already failed: stays failed until it answers
+])
+def test_probe_verdicts_while_the_watch_speaks(result, timeouts, recorded, expected):
+    assert probe_verdict(result, timeouts, recorded, watch_alive=True) == expected
 
 
 @pytest.mark.parametrize(("healthy", "asking", "in_transit", "now", "due_at", "step"), [
