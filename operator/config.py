@@ -98,6 +98,11 @@ class OperatorConfig:
     $MLXPOOL_AGENT_TOKEN). Without it the operator routes to what agents already serve
     but cannot load models or stage caches (agents answer 401/403)."""
 
+    agent_ca_file: Path | None = None
+    """CA bundle (PEM) that agents' HTTPS certificates are verified with, for the probes,
+    health watches, operations calls and scrapes (`--agent-ca-file`); None: the system's
+    trust store. Agents serve HTTPS with `auth.tls_cert_file`/`tls_key_file`."""
+
     agent_timeout: float = 5.0
     """Seconds an agent has to answer an operations call."""
 

@@ -12,9 +12,11 @@ import argparse
 import logging
 import os
 import re
+import ssl
 from pathlib import Path
 
 from mlxpool.operator.config import OperatorConfig
+from mlxpool.operator.io.transports import agent_tls
 from mlxpool.operator.logic.shards import parse_selector
 
 LOG_FORMATS = ("plain", "full", "json")
@@ -67,6 +69,9 @@ def parse_args(argv: list[str]) -> tuple[OperatorConfig, argparse.Namespace]:
     parser.add_argument("--liveness", metavar="URL", help="kopf liveness endpoint, e.g. http://0.0.0.0:8081/healthz")
     parser.add_argument("--agent-token-file", type=Path, metavar="PATH",
                         help=f"bearer token for the agents' operations API (default: ${TOKEN_ENV})")
+    parser.add_argument("--agent-ca-file", type=Path, metavar="PEM",
+                        help="CA bundle to verify agents' HTTPS certificates with (https:// agents); "
+                             "default: the system's trust store")
     parser.add_argument("--agent-timeout", type=_positive, default=OperatorConfig.agent_timeout, metavar="S",
                         help="seconds an agent has to answer an operations call (default: %(default)s)")
     parser.add_argument("--report-interval", type=_positive, default=OperatorConfig.report_interval, metavar="S",
@@ -107,6 +112,7 @@ def parse_args(argv: list[str]) -> tuple[OperatorConfig, argparse.Namespace]:
         metrics_address=args.metrics_address,
         liveness_endpoint=args.liveness,
         agent_token=_agent_token(parser, args.agent_token_file),
+        agent_ca_file=_agent_ca_file(parser, args.agent_ca_file),
         agent_timeout=args.agent_timeout,
         report_interval=args.report_interval,
         scrape_interval=args.scrape_interval,
@@ -127,6 +133,16 @@ def _agent_token(parser: argparse.ArgumentParser, path: Path | None) -> str | No
     if not token:
         parser.error(f"--agent-token-file {path}: the file is empty")
     return token
+
+
+def _agent_ca_file(parser: argparse.ArgumentParser, path: Path | None) -> Path | None:
+    """Refused at the start if it is not a CA bundle: a probe would fail on every agent."""
+    if path is not None:
+        try:
+            agent_tls(path)
+        except (OSError, ssl.SSLError) as exc:
+            parser.error(f"--agent-ca-file {path}: {exc}")
+    return path
 
 
 def _shard_name(text: str) -> str:

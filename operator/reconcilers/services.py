@@ -28,7 +28,7 @@ from mlxpool.operator.io.leases import LeaseWatcher
 from mlxpool.operator.io.metrics import MetricsServer
 from mlxpool.operator.io.probing import Prober
 from mlxpool.operator.io.scraping import UsageScraper
-from mlxpool.operator.io.transports import PerHostTransport
+from mlxpool.operator.io.transports import PerHostTransport, agent_tls
 from mlxpool.operator.logic.fleet import Fleet
 from mlxpool.operator.reconcilers.caches import CacheReconciler
 from mlxpool.operator.reconcilers.monitors import NodeMonitors
@@ -66,9 +66,11 @@ class OperatorServices:
         # Many agents, probed every second: keep their connections open.
         # A small pool per agent: one pool for the whole fleet costs O(connections) per
         # request in httpcore, which starved the event loop at 100 agents (io.transports).
-        http = httpx.AsyncClient(trust_env=False, follow_redirects=False, transport=PerHostTransport())
+        # One TLS context for both clients (`--agent-ca-file`, else the system's store).
+        tls = agent_tls(config.agent_ca_file)
+        http = httpx.AsyncClient(trust_env=False, follow_redirects=False, transport=PerHostTransport(verify=tls))
         watch_http = httpx.AsyncClient(trust_env=False, follow_redirects=False, transport=PerHostTransport(
-            max_connections=None, max_keepalive_connections=0))
+            max_connections=None, max_keepalive_connections=0, verify=tls))
         fleet = Fleet(retry_after=config.load_retry_after, owner=config.owner)
         agents = AgentClient(http, config.agent_token, config.agent_timeout, owner=config.owner)
         pool_reconciler = PoolReconciler(kube, agents, fleet, config.node_stale_after)

@@ -2,7 +2,8 @@
 with the openssl CLI signs the agent's certificate (for 127.0.0.1); the agent serves HTTPS
 from the files (`auth.tls_cert_file`/`tls_key_file`, `--tls-cert-file`/`--tls-key-file`), a
 router that trusts the CA (`--upstream-ca-file`) serves through it, and one that does not
-refuses to talk to it (a JSON error, never plain text on the way)."""
+refuses to talk to it (a JSON error, never plain text on the way). An operator given the
+CA (`--agent-ca-file`) probes such an agent and loads a pool's model on it over HTTPS."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from mlxpool.agent.config import AuthConfig
 from mlxpool.dev import components
+from mlxpool.dev.processes import wait_for
 from mlxpool.dev.rawhttp import openai_error
 
 from .conftest import write_routes
@@ -52,6 +55,19 @@ def test_tls_files_go_together(tmp_path):
         AuthConfig(tls_cert_file=cert, tls_key_file=tmp_path / "missing.pem")
 
 
+@pytest.mark.parametrize("content", [None, "not a certificate\n"], ids=["missing", "not-pem"])
+def test_the_operator_refuses_an_unusable_ca_file(tmp_path, capsys, content):
+    from mlxpool.operator.main import parse_args
+    ca = tmp_path / "ca.pem"
+    if content is not None:
+        ca.write_text(content)
+    with pytest.raises(SystemExit):
+        parse_args(["--agent-ca-file", str(ca)])
+    assert f"--agent-ca-file {ca}" in capsys.readouterr().err
+    good, _, _ = make_certificates(tmp_path)
+    assert parse_args(["--agent-ca-file", str(good)])[0].agent_ca_file == good
+
+
 def test_router_to_agent_over_tls(tiny_model, tmp_path):
     ca, cert, key = make_certificates(tmp_path)
     logs = tmp_path / "logs"
@@ -87,3 +103,49 @@ def test_router_to_agent_over_tls(tiny_model, tmp_path):
         for router in routers:
             router.stop(10)
         agent.stop(10)
+
+
+def test_operator_probes_and_loads_over_tls(tiny_model, tmp_path, controlplane, namespace):
+    """An empty agent serving HTTPS registers an https:// URL; the operator, trusting the CA,
+    probes it (the pool needs a healthy endpoint to be Ready) and loads the model through
+    its operations API. Without `--agent-ca-file` every probe fails verification."""
+    ca, cert, key = make_certificates(tmp_path)
+    logs = tmp_path / "logs"
+    token = tmp_path / "ops-token"
+    token.write_text("tls-ops-token-0123456789")
+    label = {"mlxpool.dev/test": namespace}
+    procs = []
+    try:
+        procs.append(components.start_operator(logs, kubeconfig=controlplane.kubeconfig("operator"),
+                                               agent_token_file=token,
+                                               extra=["--namespace", namespace, "--agent-ca-file", str(ca)]))
+        agent = components.start_agent(None, logs, kubeconfig=controlplane.kubeconfig("agent"),
+                                       node_name=f"{namespace}-tls", labels=label, ops_token_file=token,
+                                       extra=["--tls-cert-file", str(cert), "--tls-key-file", str(key)])
+        procs.append(agent)
+        assert agent.base_url.startswith("https://")
+        pool = {
+            "apiVersion": "mlxpool.dev/v1alpha1", "kind": "InferencePool",
+            "metadata": {"name": "pool", "namespace": namespace},
+            "spec": {"models": [{"name": "tiny", "source": f"file://{tiny_model}"}], "replicas": 1,
+                     "nodeSelector": {"matchLabels": label}},
+        }
+        controlplane.kubectl("apply", "-f", "-", input=yaml.safe_dump(pool))
+        controlplane.kubectl("wait", "--for=condition=Ready", "inferencepool/pool", "-n", namespace,
+                             "--timeout=60s")
+        tls = ssl.create_default_context(cafile=str(ca))
+
+        def loaded() -> bool:
+            report = httpx.get(agent.base_url + "/v1/node", timeout=10, verify=tls,
+                               headers={"authorization": f"Bearer {token.read_text()}"}).json()
+            return [(m["name"], m["phase"]) for m in report["models"]] == [("tiny", "ready")]
+
+        wait_for(loaded, 20, "the operator's load over HTTPS")
+        status = controlplane.kubectl("get", "inferencepool/pool", "-n", namespace, "-o",
+                                      "jsonpath={.status.readyReplicas}").stdout
+        print(f"TLS: operator with --agent-ca-file loaded and probed {agent.base_url}; readyReplicas {status}")
+    finally:
+        for proc in reversed(procs):
+            proc.stop(10)
+        (k, v), = label.items()
+        controlplane.kubectl("delete", "inferencenodes", "-l", f"{k}={v}", "--wait=false", check=False)
