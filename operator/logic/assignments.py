@@ -2,7 +2,8 @@
 
 Given the chosen nodes (with what their agents last reported) and where each model
 comes from, `plan` lists the calls that move the nodes toward serving every pool
-model: stage a pool-sourced copy the node lacks, else load the model. A model the
+model: stage a pool-sourced copy the node lacks, else load the model (a LoRA adapter
+only once its base is ready on the node: the agent loads it over the base's arrays). A model the
 agent already holds in any phase, or that cannot be loaded there, gets no call, so
 repeating the plan against an unchanged report asks for nothing twice, and a
 restarted operator that reads the agents' reports first repeats no call either.
@@ -72,6 +73,8 @@ def plan(chosen: Sequence[Candidate], model_names: Sequence[str],
             if (held is not None and held is not ModelPhase.FAILED) or source is None \
                     or loadable(c, model, source) is not None:
                 continue
+            if source.base is not None and c.agent.models.get(source.base) is not ModelPhase.READY:
+                continue  # a LoRA adapter loads over its base: once the base is ready here
             if source.stage is not None and source.cache_key is not None:
                 phase = c.agent.cache.get(source.cache_key)
                 if phase is None:
@@ -107,6 +110,9 @@ def progress(chosen: Sequence[Candidate], model_names: Sequence[str],
                 failed.append(f"{model} on {c.name}: {why}")
             elif model in c.in_transit:
                 loading.append(f"{model} on {c.name}")
+            elif (c.agent is not None and (source := sources.get(model)) is not None and source.base is not None
+                  and c.agent.models.get(source.base) is not ModelPhase.READY):
+                loading.append(f"{model} on {c.name} (after its base {source.base})")
             elif c.agent is not None and (source := sources.get(model)) is not None and source.cache_key:
                 phase = c.agent.cache.get(source.cache_key)
                 if phase is CachePhase.FAILED:

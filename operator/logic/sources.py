@@ -12,6 +12,10 @@ A pool model is resolved in this order (documented in the CRD and the README):
 3. else nothing: only nodes that already serve the model (an agent started with
    `--model`) can serve it.
 
+A LoRA adapter (`spec.models[].base`) resolves the same way (its files are the adapter's);
+its load names the base, and `assignments.plan` asks for it only once the base is ready
+on that node.
+
 Cache keys follow `mlxpool.agentapi.CACHE_KEY_PATTERN`; a ModelCache's key changes
 when its bytes do (source, revision or digests), never for warm/pin.
 """
@@ -64,9 +68,13 @@ class LoadSource:
     """Set when the operator stages the copy itself (a pool source); None for a ModelCache,
     which stages on its own nodes."""
     pin: bool = False
+    base: str | None = None
+    """A LoRA adapter's base model (`spec.models[].base`): loaded over it, once it is ready
+    on the node."""
 
     def request(self, model: str) -> LoadModelRequest:
-        return LoadModelRequest(name=model, path=self.path, cache_key=self.cache_key, warm=True, pin=self.pin)
+        return LoadModelRequest(name=model, path=self.path, cache_key=self.cache_key, warm=True, pin=self.pin,
+                                base=self.base)
 
 
 def cache_key(namespace: str, name: str, spec: CacheSpec) -> str:
@@ -98,15 +106,16 @@ def resolve(models: Sequence[ModelRef], caches: Mapping[str, CacheRef]) -> dict[
         cache = caches.get(model.name)
         if cache is not None:
             resolved[model.name] = LoadSource(origin=f"ModelCache {cache.namespace}/{cache.name}",
-                                              cache_key=cache.key, pin=cache.pin)
+                                              cache_key=cache.key, pin=cache.pin, base=model.base)
         elif model.source is None:
             resolved[model.name] = None
         elif model.source.startswith("file://"):
             try:
-                resolved[model.name] = LoadSource(origin="spec.models[].source", path=file_path(model.source))
+                resolved[model.name] = LoadSource(origin="spec.models[].source", path=file_path(model.source),
+                                                  base=model.base)
             except ValueError:
                 resolved[model.name] = None
         else:
             resolved[model.name] = LoadSource(origin="spec.models[].source", cache_key=source_key(model.source),
-                                              stage=StageRequest(source=model.source))
+                                              stage=StageRequest(source=model.source), base=model.base)
     return resolved

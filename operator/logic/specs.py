@@ -33,6 +33,9 @@ class ModelRef(_Spec):
     name: str
     source: str | None = None
     """Where agents get the weights when no ModelCache of the namespace provides the model."""
+    base: str | None = None
+    """Set for a LoRA adapter: the pool model (not itself an adapter) it is loaded over, on
+    the same node (the CRD's CEL rule checks it names one)."""
 
 
 class SelectorRequirement(_Spec):

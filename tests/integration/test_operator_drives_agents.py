@@ -1,6 +1,7 @@
 """The operator driving real agents through their operations API: agents start empty,
 a pool names its model by source, the operator loads it on the chosen nodes, the router
-serves it; a ModelCache is staged over HTTP onto real agents and verified."""
+serves it; a pool names a LoRA adapter of its base; a ModelCache is staged over HTTP onto
+real agents and verified."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import yaml
 
 from mlxpool.dev.controlplane import ControlPlane
 from mlxpool.dev.processes import LOOPBACK, wait_for
+from mlxpool.tinymodel import make_adapter
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -115,6 +117,39 @@ def test_operator_loads_pool_model_on_empty_agents(
         return sorted(counts) == [0, 1] and counts
 
     wait_for(loaded_counts, 30, "one agent to unload the model")
+
+
+@pytest.mark.usefixtures("cleanup_nodes")
+def test_a_pool_names_a_lora_adapter_and_the_operator_loads_it_over_its_base(
+    controlplane: ControlPlane, namespace: str, tiny_model: Path, launched, node_label, ops_token, routing_table,
+    tmp_path: Path,
+):
+    adapter = make_adapter(tiny_model, tmp_path / "a1", seed=1)
+    launched.operator(kubeconfig=controlplane.kubeconfig("operator"), agent_token_file=ops_token,
+                      extra=["--namespace", namespace])
+    (agent,) = _empty_agents(launched, controlplane, namespace, node_label, ops_token, n=1)
+    pool = {
+        "apiVersion": "mlxpool.dev/v1alpha1", "kind": "InferencePool",
+        "metadata": {"name": "adapters", "namespace": namespace},
+        "spec": {"models": [{"name": "tiny:a1", "source": f"file://{adapter}", "base": "tiny"},
+                            {"name": "tiny", "source": f"file://{tiny_model}"}],
+                 "replicas": 1, "nodeSelector": {"matchLabels": node_label}},
+    }
+    controlplane.kubectl("apply", "-f", "-", input=yaml.safe_dump(pool))
+    controlplane.kubectl("wait", "--for=condition=Ready", "inferencepool/adapters", "-n", namespace,
+                         "--timeout=90s")
+    headers = {"Authorization": f"Bearer {ops_token.read_text()}"}
+    report = httpx.get(f"{agent.url}/v1/node", headers=headers, timeout=10).json()
+    models = {m["name"]: m for m in report["models"]}
+    assert models["tiny:a1"]["phase"] == "ready" and models["tiny:a1"]["base"] == "tiny"
+    assert models["tiny:a1"]["memory_bytes"] < models["tiny"]["memory_bytes"] / 10  # the base is not copied
+    table = wait_for(lambda: (t := routing_table(namespace, "adapters")) is not None
+                     and t.endpoints_for("tiny:a1") and t, 10, "the adapter in the routing table")
+    assert [e.url for e in table.endpoints_for("tiny:a1")] == [agent.url]
+    outputs = [httpx.post(f"{agent.url}/v1/completions", timeout=60, json={
+        "model": m, "prompt": "Hello there", "max_tokens": 4, "temperature": 0, "logprobs": 1}
+    ).json()["choices"][0]["logprobs"] for m in ("tiny", "tiny:a1")]
+    assert outputs[0] != outputs[1]  # the adapter answers, not the base under its name
 
 
 @pytest.mark.usefixtures("cleanup_nodes")

@@ -105,3 +105,20 @@ def test_the_spec_becomes_the_wire_policy():
     assert (tier.ttft_target_ms, tier.preempt, tier.max_queue_depth, tier.deadline_seconds, tier.sheddable) == \
         (300, True, 4, 2, False)
     assert PoolSpec.model_validate({"models": [{"name": "x"}]}).scheduling is None
+
+
+def test_an_adapter_is_loaded_over_its_base_once_the_base_is_ready_on_the_node():
+    from mlxpool.operator.logic.sources import resolve
+    from mlxpool.operator.logic.specs import ModelRef
+
+    sources = resolve([ModelRef(name="x", source="file:///m/x"),
+                       ModelRef(name="x:a1", source="file:///m/a1", base="x")], {})
+    names = ["x", "x:a1"]
+    (base,) = plan([cand()], names, sources)  # nothing for the adapter while its base is not there
+    assert base.model == "x" and base.request.base is None
+    assert progress([cand()], names, sources)[0] == ["x:a1 on n (after its base x)"]
+    for phase in ("loading", "warming", "failed"):
+        assert [a.model for a in plan([cand({"x": phase})], names, sources)] == ([] if phase != "failed" else ["x"])
+    (adapter,) = plan([cand({"x": "ready"})], names, sources)
+    assert isinstance(adapter, LoadAction) and adapter.model == "x:a1"
+    assert adapter.request.base == "x" and adapter.request.path == "/m/a1"

@@ -64,6 +64,13 @@ INVALID = [
      "source must start with file://, http://, https:// or hf://"),
     ("bad-hf-source", pool(models=[{"name": "a", "source": "hf://just-a-name"}]),
      "an hf:// source is hf://ORG/REPO or hf://ORG/REPO@REVISION"),
+    ("adapter-of-nothing", pool(models=[{"name": "tiny"}, {"name": "tiny:a1", "base": "other"}]),
+     "models[].base must name another model of this pool that is not itself an adapter"),
+    ("adapter-of-an-adapter", pool(models=[{"name": "tiny"}, {"name": "a1", "base": "tiny"},
+                                           {"name": "a2", "base": "a1"}]),
+     "models[].base must name another model of this pool that is not itself an adapter"),
+    ("adapter-of-itself", pool(models=[{"name": "a1", "base": "a1"}]),
+     "models[].base must name another model of this pool that is not itself an adapter"),
     ("in-without-values", pool(nodeSelector={"matchExpressions": [{"key": "a", "operator": "In"}]}),
      "values must be non-empty for In and NotIn"),
     ("exists-with-values", pool(nodeSelector={"matchExpressions": [{"key": "a", "operator": "Exists",
@@ -126,7 +133,9 @@ def test_invalid_spec_is_rejected_with_a_readable_message(controlplane: ControlP
     cache(source="https://models.example.com/tiny", digests={"model.safetensors": SHA}),
     pool(models=[{"name": "org/model:q4@v1", "source": "hf://org/model@v1"}], replicas=0, minReplicas=0,
          maxReplicas=1000),
-], ids=["both-digest-forms", "hf-revision", "hf-at-revision", "https", "edge-pool"])
+    pool(models=[{"name": "tiny", "source": "file:///m/tiny"},
+                 {"name": "tiny:a1", "source": "file:///m/a1", "base": "tiny"}, {"name": "tiny:a2", "base": "tiny"}]),
+], ids=["both-digest-forms", "hf-revision", "hf-at-revision", "https", "edge-pool", "adapters"])
 def test_valid_edge_cases_are_accepted(controlplane: ControlPlane, namespace: str, obj):
     dry_run_create(controlplane, obj, namespace)
 
