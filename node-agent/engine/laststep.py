@@ -15,10 +15,16 @@ is its last by length, it evaluates and returns that token without launching a p
 KV then does not hold the last token, so it is left out of the batch's `tokens` (what a
 finished sequence's `all_tokens` reports beside its cache, e.g. to the prefix cache):
 tokens and cache agree, as they do when mlx-lm's pass runs. Any other step is mlx-lm's.
+
+Written against mlx-lm 0.32 (the private `_step` and the batch's `_current_tokens`,
+`_next_tokens`, `_num_tokens`, `max_tokens`, `uids`). Where a later mlx-lm lacks any of
+them, `install` logs one warning and leaves mlx-lm as it is (correct, one pass slower).
 """
 
 from __future__ import annotations
 
+import inspect
+import logging
 from typing import Any
 
 import mlx.core as mx
@@ -26,14 +32,25 @@ from mlx_lm.generate import GenerationBatch
 
 from mlxpool.agent.engine import blas as _blas  # noqa: F401  (must precede mlx)
 
+log = logging.getLogger(__name__)
+
 _INSTALLED = "_mlxpool_last_step"
+BATCH_ATTRIBUTES = ("uids", "max_tokens", "_num_tokens", "_current_tokens", "_next_tokens",
+                    "_current_logprobs", "_next_logprobs")
+"""What the wrapped step reads and writes on a `GenerationBatch` (mlx-lm 0.32)."""
 
 
-def install() -> None:
-    """Wrap `GenerationBatch._step` (idempotent)."""
-    if getattr(GenerationBatch, _INSTALLED, False):
-        return
-    original = GenerationBatch._step
+def install(batch_class: Any = GenerationBatch) -> bool:
+    """Wrap `batch_class._step` (idempotent); False, with one warning, when the class does
+    not look like the mlx-lm it was written for (then it is left untouched)."""
+    if getattr(batch_class, _INSTALLED, False):
+        return True
+    missing = [name for name in ("_step", *BATCH_ATTRIBUTES) if not _declares(batch_class, name)]
+    if missing:
+        log.warning("mlx-lm's %s lacks %s: the pass after a batch's last token is kept (engine.laststep off)",
+                    getattr(batch_class, "__name__", batch_class), ", ".join(missing))
+        return False
+    original = batch_class._step
 
     def _step(self: Any) -> tuple[list[int], list[mx.array]]:
         if not ends_by_length(self):
@@ -44,8 +61,21 @@ def install() -> None:
         mx.eval(inputs, self._current_logprobs)
         return inputs.tolist(), self._current_logprobs
 
-    GenerationBatch._step = _step  # type: ignore[method-assign]
-    setattr(GenerationBatch, _INSTALLED, True)
+    batch_class._step = _step
+    setattr(batch_class, _INSTALLED, True)
+    return True
+
+
+def _declares(batch_class: Any, name: str) -> bool:
+    """`name` is an attribute of the class, or one its source assigns to `self` (mlx-lm sets
+    the batch's state in `__init__`, invisible on the class itself)."""
+    if hasattr(batch_class, name):
+        return True
+    try:
+        source = inspect.getsource(batch_class)
+    except (OSError, TypeError):
+        return False
+    return f"self.{name} =" in source
 
 
 def ends_by_length(batch: Any) -> bool:

@@ -78,3 +78,17 @@ def test_install_is_idempotent() -> None:
     step = GenerationBatch._step
     laststep.install()
     assert GenerationBatch._step is step
+
+
+def test_an_mlx_lm_without_what_it_relies_on_is_left_alone(caplog: pytest.LogCaptureFixture) -> None:
+    class OtherBatch:  # a later mlx-lm: the step is there, the batch's state is not what it reads
+        def __init__(self) -> None:
+            self.uids: list[int] = []
+
+        def _step(self) -> None: ...
+
+    step = OtherBatch._step
+    assert laststep.install(OtherBatch) is False
+    assert OtherBatch._step is step
+    assert "engine.laststep off" in caplog.text and "_next_tokens" in caplog.text
+    assert laststep.install(GenerationBatch) is True  # today's mlx-lm has all of it
