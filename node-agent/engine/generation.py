@@ -77,9 +77,9 @@ from mlxpool.agent.engine.memory import MemoryBooks
 from mlxpool.agent.engine.memorybudget import MemoryBudget, UnlimitedBudget
 from mlxpool.agent.engine.memorygate import MemoryGate
 from mlxpool.agent.engine.prefixcache import PrefixCache
-from mlxpool.agent.engine.sampling import SamplerFactory, SeededSampler, logits_processors
+from mlxpool.agent.engine.sampling import SamplerFactory, SeededSampler, logits_processors, warm_samplers
 from mlxpool.agent.engine.scheduling import Forecast, PriorityAdmission
-from mlxpool.agent.engine.shapes import CPU_PREFILL_LIMIT, Shape, ShapeBook, ShapeKind, ShapePlan, WarmupRun
+from mlxpool.agent.engine.shapes import Shape, ShapeBook, ShapeKind, ShapePlan, WarmupRun
 from mlxpool.agent.engine.speed import PRIOR_PREFILL_TPS, SpeedModel
 from mlxpool.agent.engine.stopping import StopStringMatcher
 from mlxpool.agent.errors import DeadlineExceeded, DeadlineUnreachable, QueueFull, TargetUnreachable
@@ -251,7 +251,7 @@ class BatchEngine:
         on_cpu = mx.default_device() == mx.cpu
         self._shapes = ShapeBook(ShapePlan(
             self._config.max_running, min(self._config.prefill_batch_size, self._config.max_running),
-            self._config.prefill_step_size, prefill_warm_limit=CPU_PREFILL_LIMIT if on_cpu else None))
+            self._config.prefill_step_size, cpu=on_cpu))
         self._decode_width = 0  # the width of the last decode step (a new one is noted in the book)
 
     # ---- asyncio side ----
@@ -1000,7 +1000,10 @@ class BatchEngine:
             self._warm_run(generator, run, vocab_size)
         for run in book.plan.decode_top_up(book.seen):
             self._warm_run(generator, run, vocab_size)
+        warm_samplers(vocab_size, book.plan.decode_widths)
         mx.synchronize()
+        if book.plan.cpu:
+            book.cover()
         book.warmed = True
         self._decode_width = 0
         done, total = book.progress
@@ -1017,6 +1020,7 @@ class BatchEngine:
         self._samplers = SamplerFactory(loaded.vocab_size)
         for run in runs:
             self._warm_run(generator, run, loaded.vocab_size)
+        warm_samplers(loaded.vocab_size, list(range(1, self._config.max_running + 1)))
         mx.synchronize()
         generator.close()
 

@@ -12,12 +12,17 @@ purpose, and known:
   request's life, a compile is paid once, before ready.
 - prefill: chunks of at most `prefill_step_size` tokens, bucketed by powers of two
   (16, 32, .. the step size): one prompt of each bucket's length, and groups of
-  2, 4, .. prefill concurrency short prompts. On the CPU backend, which compiles
-  nothing per prompt length (BLAS and fixed kernels; only `mx.compile`d graphs such as
-  the samplers are compiled, per batch width), the lengths stop at `CPU_PREFILL_LIMIT`:
-  longer ones would cost seconds of compute and buy nothing.
-- samplers: greedy and plain temperature sampling (mlx-lm compiles its samplers per
-  shape); top-p/top-k/min-p and log-probabilities are not warmed.
+  2, 4, .. prefill concurrency short prompts.
+- samplers: greedy and temperature sampling in the ladders; then the engine runs every
+  filter (top-p, min-p, top-k) and draw on every decode width (`sampling.warm_samplers`;
+  the filters compile once, whatever the values: see `engine.sampling`).
+- On the CPU (`cpu=True`) nothing of the model is compiled per shape: matmuls are BLAS,
+  the other kernels are fixed or `mx.compile(shapeless=True)`d (mlx-lm's activations),
+  and their JIT depends on the number of dimensions and the dtypes, not on the sizes. So
+  the CPU plan runs only a short ladder (widths 2 and 1) per sampler, one 16-token prompt
+  and a group of 2, then covers every shape of the plan (`ShapeBook.cover`): the full
+  plan would spend seconds of compute on a 0.5 B model (32-wide ladders, prompts up to
+  the step size) and compile nothing more.
 
 A shape seen after warm-up that was not warmed is counted (`ShapeBook.note` says True
 once per shape, so the caller logs it once and counts it). Pure: no MLX here.
@@ -29,7 +34,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 MIN_PREFILL_BUCKET = 16
-CPU_PREFILL_LIMIT = 256
+CPU_LADDER_WIDTH = 2
 
 
 class ShapeKind(StrEnum):
@@ -94,8 +99,8 @@ class ShapePlan:
     prefill_concurrency: int
     prefill_step_size: int
     samplers: tuple[str, ...] = ("greedy", "temperature")
-    prefill_warm_limit: int | None = None
-    """Longest prefill bucket warmed (None: the step size); longer buckets are not planned."""
+    cpu: bool = False
+    """The CPU plan: short runs, then every shape covered (the module's docstring)."""
 
     @property
     def decode_widths(self) -> list[int]:
@@ -103,8 +108,7 @@ class ShapePlan:
 
     @property
     def prefill_lengths(self) -> list[int]:
-        limit = self.prefill_step_size if self.prefill_warm_limit is None else self.prefill_warm_limit
-        return [n for n in pow2_buckets(MIN_PREFILL_BUCKET, self.prefill_step_size) if n <= max(limit, 16)]
+        return pow2_buckets(MIN_PREFILL_BUCKET, self.prefill_step_size)
 
     @property
     def prefill_groups(self) -> list[int]:
@@ -120,19 +124,21 @@ class ShapePlan:
     def runs(self, tokens: int = 2) -> list[WarmupRun]:
         """The warm-up, in order: per sampler a decode ladder (sequence i generates `tokens + i`
         tokens, so the batch narrows by one each step: every width once); then one prompt per
-        prefill length bucket; then the prefill groups."""
-        runs: list[WarmupRun] = []
+        prefill length bucket; then the prefill groups. On the CPU: ladders of width
+        `CPU_LADDER_WIDTH`, one short prompt, a group of 2."""
         short = MIN_PREFILL_BUCKET
-        for sampler in self.samplers:
-            n = self.max_running
-            runs.append(WarmupRun((short,) * n, tuple(tokens + i for i in range(n)), sampler))
-        runs += [WarmupRun((length,), (tokens,), "greedy") for length in self.prefill_lengths]
-        runs += [WarmupRun((short,) * g, (tokens,) * g, "greedy") for g in self.prefill_groups]
+        n = min(self.max_running, CPU_LADDER_WIDTH) if self.cpu else self.max_running
+        runs = [WarmupRun((short,) * n, tuple(tokens + i for i in range(n)), sampler) for sampler in self.samplers]
+        lengths = [short] if self.cpu else self.prefill_lengths
+        groups = self.prefill_groups[:1] if self.cpu else self.prefill_groups
+        runs += [WarmupRun((length,), (tokens,), "greedy") for length in lengths]
+        runs += [WarmupRun((short,) * g, (tokens,) * g, "greedy") for g in groups]
         return runs
 
     def decode_top_up(self, seen: set[Shape]) -> list[WarmupRun]:
         """Runs for the decode widths a ladder missed (a sequence ended early on an EOS token)."""
-        missing = [w for w in self.decode_widths if Shape(ShapeKind.DECODE, w) not in seen]
+        widths = self.decode_widths[:CPU_LADDER_WIDTH] if self.cpu else self.decode_widths
+        missing = [w for w in widths if Shape(ShapeKind.DECODE, w) not in seen]
         return [WarmupRun((MIN_PREFILL_BUCKET,) * w, (3,) * w, "greedy") for w in missing]
 
     def prefill_shapes(self, prompt_lengths: list[int]) -> list[Shape]:
@@ -162,6 +168,10 @@ class ShapeBook:
     def progress(self) -> tuple[int, int]:
         """(planned shapes warmed, planned shapes)."""
         return len(self.planned & self.seen), len(self.planned)
+
+    def cover(self) -> None:
+        """Count every planned shape as warmed (the CPU plan, once its runs are done)."""
+        self.seen |= self.planned
 
     def note(self, shape: Shape) -> bool:
         """Record a shape; True the first time an unwarmed one appears after warm-up."""
