@@ -127,6 +127,24 @@ class DeadlineUnreachable(Refused):
         self.predicted_wait_s = predicted_wait_s
 
 
+class WaitBound(Refused):
+    """A request whose predicted wait for a batch slot would age it into a more urgent,
+    preempting tier's lane (`engine.scheduling.lane_wait_bound`)."""
+
+    code = "wait_bound"
+
+    def __init__(self, priority: Priority, lane: Priority, bound_s: float, predicted_wait_s: float,
+                 retry_after_s: int) -> None:
+        super().__init__(f"the {priority.value} tier's queue is too long: a batch slot is predicted to free after "
+                         f"{predicted_wait_s:.1f} s, and a {priority.value} request waiting over {bound_s:.1f} s "
+                         f"would be served in the {lane.value} tier's place; retry after {max(1, retry_after_s)} s",
+                         retry_after_s)
+        self.priority = priority
+        self.lane = lane
+        self.bound_s = bound_s
+        self.predicted_wait_s = predicted_wait_s
+
+
 class TierNotAllowed(AgentError):
     """The API key may not claim the tier asked for (`priority_scheduling.over_tier: reject`)."""
 

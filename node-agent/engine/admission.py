@@ -12,6 +12,10 @@ and which running sequence to pause for an urgent one.
 - a request with a deadline (how long it may wait for a slot) that the predicted wait
   already passes is refused at once too (429 `deadline_unreachable`, Retry-After the
   predicted wait), whatever its tier, instead of waiting out its deadline for a 504.
+- a request of a tier with a wait bound (`scheduling.lane_wait_bound`: how long it may
+  wait before aging into a preempting tier's lane) predicted to wait longer is refused
+  at once as well (429 `wait_bound`), so an overloaded tier's backlog never ages into
+  the critical lane.
 - `tier_waits` and `Outlook`: the predicted wait of a new request of every tier at once
   (one pass of the same list scheduling, tiers in order), which the engine thread
   publishes after each step so that `refusal` can answer a doomed request on the
@@ -136,6 +140,8 @@ class RefusalReason(StrEnum):
     """Sheddable, and its predicted first token already misses its tier's target."""
     DEADLINE_UNREACHABLE = "deadline_unreachable"
     """Its predicted wait for a slot is already longer than its deadline allows."""
+    WAIT_BOUND = "wait_bound"
+    """Its predicted wait for a slot would age it into a preempting tier's lane."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,11 +154,12 @@ class Refusal:
 
 def refusal(outlook: Outlook, priority: Priority, *, pending: int, max_waiting: int | None,
             sheddable: bool, ttft_target_s: float | None, prompt_tokens: int,
-            deadline_in_s: float | None = None) -> Refusal | None:
+            deadline_in_s: float | None = None, max_wait_s: float | None = None) -> Refusal | None:
     """Whether a new request must be refused at once, and the Retry-After it gets.
 
     `pending`: requests of its tier handed to the engine since the outlook was made;
-    `deadline_in_s`: how long it may still wait for a slot (its deadline less now), if it has one.
+    `deadline_in_s`: how long it may still wait for a slot (its deadline less now), if it has one;
+    `max_wait_s`: its tier's wait bound, if it has one.
     """
     wait = outlook.wait_s.get(priority, 0.0)
     prefill = max(0, prompt_tokens) / outlook.prefill_tps if outlook.prefill_tps > 0 else 0.0
@@ -160,6 +167,8 @@ def refusal(outlook: Outlook, priority: Priority, *, pending: int, max_waiting: 
         return Refusal(RefusalReason.QUEUE_FULL, retry_after_seconds(wait), wait + prefill, max_waiting)
     if deadline_in_s is not None and wait > max(0.0, deadline_in_s):
         return Refusal(RefusalReason.DEADLINE_UNREACHABLE, retry_after_seconds(wait), wait + prefill)
+    if max_wait_s is not None and wait > max_wait_s:
+        return Refusal(RefusalReason.WAIT_BOUND, retry_after_seconds(wait), wait + prefill)
     if shed(sheddable, ttft_target_s, wait, prefill):
         return Refusal(RefusalReason.TARGET_UNREACHABLE, retry_after_seconds(wait), wait + prefill)
     return None

@@ -82,7 +82,7 @@ from mlxpool.agent.engine.scheduling import Forecast, PriorityAdmission
 from mlxpool.agent.engine.shapes import Shape, ShapeBook, ShapeKind, ShapePlan, WarmupRun
 from mlxpool.agent.engine.speed import PRIOR_PREFILL_TPS, SpeedModel
 from mlxpool.agent.engine.stopping import StopStringMatcher
-from mlxpool.agent.errors import DeadlineExceeded, DeadlineUnreachable, QueueFull, TargetUnreachable
+from mlxpool.agent.errors import DeadlineExceeded, DeadlineUnreachable, QueueFull, TargetUnreachable, WaitBound
 from mlxpool.priorities import Priority
 
 __all__ = ["BatchEngine", "EngineConfig"]
@@ -363,7 +363,8 @@ class BatchEngine:
             max_waiting=terms.max_waiting if terms is not None else self._config.max_waiting.get(priority),
             sheddable=terms is not None and terms.sheddable,
             ttft_target_s=terms.ttft_target_s if terms is not None else None,
-            prompt_tokens=len(request.prompt_tokens), deadline_in_s=deadline_in)
+            prompt_tokens=len(request.prompt_tokens), deadline_in_s=deadline_in,
+            max_wait_s=None if terms is None or terms.wait_bound is None else terms.wait_bound[0])
         if verdict is None:
             return
         self._refused_early[verdict.reason.value] += 1
@@ -374,6 +375,10 @@ class BatchEngine:
             assert deadline_in is not None
             raise DeadlineUnreachable(max(0.0, deadline_in), self._outlook.wait_s.get(priority, 0.0),
                                       verdict.retry_after_s)
+        if verdict.reason is RefusalReason.WAIT_BOUND:
+            assert terms is not None and terms.wait_bound is not None
+            bound, lane = terms.wait_bound
+            raise WaitBound(priority, lane, bound, self._outlook.wait_s.get(priority, 0.0), verdict.retry_after_s)
         assert terms is not None and terms.ttft_target_s is not None
         raise TargetUnreachable(priority, terms.ttft_target_s, verdict.predicted_ttft_s, verdict.retry_after_s)
 
@@ -789,10 +794,11 @@ class BatchEngine:
         # Measured rates for routers (`/v1/signals`): a step that processed prompt tokens
         # counts as prefill time, one that only decoded as decode time.
         prefilling = bool(prompt_responses) or self._prefilling > 0
+        if responses:
+            self._speed.observe_step(len(responses), spent, decode_only=not prefilling)
         if prefilling:
             stats.prefill_seconds_total += spent
         else:
-            self._speed.observe_step(len(responses), spent)
             stats.decode_seconds_total += spent
             stats.decode_only_steps_total += 1
             stats.decode_only_tokens_total += len(responses)

@@ -264,6 +264,9 @@ class TierTerms:
     """May pause a lower tier's running sequence rather than miss its target."""
     sheddable: bool = False
     """Refused at once when the predicted wait already misses the target."""
+    wait_bound: tuple[float, Priority] | None = None
+    """Longest predicted wait for a slot accepted, and the lane it would age into past it
+    (`scheduling.lane_wait_bound`); longer: refused at once (WaitBound). None: no bound."""
 
 
 @dataclass(frozen=True)

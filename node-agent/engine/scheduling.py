@@ -24,6 +24,14 @@ urgent ones.
 
 Without `now` (and without predictions) the order is simply tier, then arrival.
 
+Aging has a price under sustained overload: a tier whose backlog outgrows the machine
+ages into the lane of the tiers above it, and its old requests then go ahead of fresh
+critical ones. `lane_wait_bound` gives the longest wait a request can be accepted with
+before that happens; admission refuses (429 `wait_bound`) a request of a tier with a
+TTFT target predicted to wait longer, so its backlog stays out of the preempting
+tier's lane. Tiers without a target keep the aging guarantee instead: never refused
+for their wait, never starved.
+
 Pure logic, no MLX, no clock of its own (the engine passes `now`); used from the
 engine thread only. The queue is bounded, so `pop` orders it afresh each time
 (O(n log n)) rather than keeping indexes that aging would invalidate.
@@ -34,7 +42,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -45,6 +53,20 @@ T = TypeVar("T")
 
 DEFAULT_AGING_S = 10.0
 DEFAULT_EDF_SLACK_S = 0.2
+
+
+def lane_wait_bound(priority: Priority, aging_s: float, preempting: Iterable[Priority], *,
+                    has_target: bool) -> tuple[float, Priority] | None:
+    """The longest wait for a slot a request of `priority` is accepted with, and the lane
+    it would age into past it: that of the most urgent tier that may preempt. A request
+    of rank r waiting w seconds ranks with tier r - floor(w / aging_s), so it reaches lane
+    l after (r - l) x aging_s. None: no preempting tier above it, or it has no TTFT target
+    (then it keeps the aging guarantee)."""
+    lanes = [p for p in preempting if p.rank < priority.rank]
+    if not has_target or not lanes:
+        return None
+    lane = min(lanes, key=lambda p: p.rank)
+    return (priority.rank - lane.rank) * aging_s, lane
 
 
 @dataclass(frozen=True, slots=True)

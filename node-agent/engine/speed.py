@@ -5,12 +5,17 @@ a machine whose load changes (other processes, thermal limits, a second model):
 - prefill speed, prompt tokens per second (from mlx-lm's own counters per step);
 - decode step time by batch size, in power-of-two buckets (a step of 32 sequences is
   slower than one of 1; buckets never seen are interpolated between the nearest seen
-  ones, or scaled linearly past them);
+  ones, or scaled linearly past them), twice: steps that only decoded (what a step of
+  that width costs), and every step that produced tokens, prompts processed in it
+  included (what a running sequence really waits per token while others' prompts are
+  prefilled: under a stream of arrivals most steps carry a prefill, and measured on
+  bench.scheduling's overload they took 0.5 s against 0.07 s for decode-only ones, so
+  durations predicted from decode-only steps were several times too short);
 - how many tokens requests really produce, as a fraction of their `max_tokens` (most
   stop early), so a duration is not predicted from `max_tokens` alone.
 
-From these: a prompt's prefill time, a request's duration, a running sequence's
-remaining time. Before the first measurement the priors below answer; they are
+From these: a prompt's prefill time, a request's duration and a running sequence's
+remaining time (both from the busy step time). Before the first measurement the priors below answer; they are
 deliberately slow guesses (a prediction too slow refuses early, one too fast
 promises what the machine cannot keep, and the first few steps correct it).
 
@@ -45,6 +50,9 @@ class SpeedModel:
         if not 0 < self.alpha <= 1:
             raise ValueError("alpha must be in (0, 1]")
         self._steps: dict[int, float] = {}
+        """Decode-only step seconds by bucket."""
+        self._busy: dict[int, float] = {}
+        """Seconds of every step that produced tokens (prefill work in it included), by bucket."""
 
     # ---- measurements ----
 
@@ -54,13 +62,18 @@ class SpeedModel:
         tps = tokens / seconds
         self.prefill_tps = tps if self.prefill_tps is None else (1 - self.alpha) * self.prefill_tps + self.alpha * tps
 
-    def observe_step(self, batch: int, seconds: float) -> None:
-        """One decode step of `batch` sequences took `seconds`."""
+    def observe_step(self, batch: int, seconds: float, *, decode_only: bool = True) -> None:
+        """A step that produced tokens for `batch` sequences took `seconds`; `decode_only`: no
+        prompt was processed in it."""
         if batch <= 0 or seconds <= 0:
             return
         key = _bucket(batch)
-        old = self._steps.get(key)
-        self._steps[key] = seconds if old is None else (1 - self.alpha) * old + self.alpha * seconds
+        if decode_only:
+            self._steps[key] = self._average(self._steps.get(key), seconds)
+        self._busy[key] = self._average(self._busy.get(key), seconds)
+
+    def _average(self, old: float | None, new: float) -> float:
+        return new if old is None else (1 - self.alpha) * old + self.alpha * new
 
     def observe_finished(self, produced: int, max_tokens: int) -> None:
         """A request ended after `produced` of its `max_tokens` tokens (not cancelled ones: they say nothing)."""
@@ -76,22 +89,13 @@ class SpeedModel:
         return max(0, tokens) / (self.prefill_tps or PRIOR_PREFILL_TPS)
 
     def step_seconds(self, batch: int) -> float:
-        """Predicted time of one decode step with `batch` sequences."""
-        if not self._steps:
-            return PRIOR_STEP_S
-        key = _bucket(batch)
-        if key in self._steps:
-            return self._steps[key]
-        below = [k for k in self._steps if k < key]
-        above = [k for k in self._steps if k > key]
-        if below and above:
-            lo, hi = max(below), min(above)
-            t = (math.log2(key) - math.log2(lo)) / (math.log2(hi) - math.log2(lo))
-            return self._steps[lo] + t * (self._steps[hi] - self._steps[lo])
-        nearest = max(below) if below else min(above)
-        # Past what was seen: per-sequence cost stays, so scale by the batch (never below what was seen).
-        scaled = self._steps[nearest] * key / nearest
-        return max(scaled, self._steps[nearest]) if below else min(scaled, self._steps[nearest])
+        """Predicted time of one decode-only step with `batch` sequences."""
+        return _by_batch(self._steps, batch)
+
+    def busy_step_seconds(self, batch: int) -> float:
+        """Predicted time between two tokens of a sequence in a batch of `batch`, with the
+        prefills that share the steps (the decode-only time when nothing else was measured)."""
+        return _by_batch(self._busy, batch) if self._busy else self.step_seconds(batch)
 
     def produced_tokens(self, max_tokens: int) -> float:
         """Tokens a request with this `max_tokens` is expected to produce (at least one)."""
@@ -100,11 +104,30 @@ class SpeedModel:
 
     def duration_seconds(self, prompt_tokens: int, max_tokens: int, batch: int) -> float:
         """Predicted time from admission to the last token, sharing the batch with `batch` sequences."""
-        return self.prefill_seconds(prompt_tokens) + self.produced_tokens(max_tokens) * self.step_seconds(batch)
+        return self.prefill_seconds(prompt_tokens) + self.produced_tokens(max_tokens) * self.busy_step_seconds(batch)
 
     def remaining_seconds(self, generated: int, max_tokens: int, batch: int) -> float:
         """Predicted time a running sequence still needs (at least one step)."""
         expected = min(self.produced_tokens(max_tokens), float(max_tokens))
         # Past what most requests produce: assume it runs halfway to its max_tokens.
         remaining = expected - generated if generated < expected else (max_tokens - generated) / 2
-        return max(1.0, remaining) * self.step_seconds(batch)
+        return max(1.0, remaining) * self.busy_step_seconds(batch)
+
+
+def _by_batch(steps: dict[int, float], batch: int) -> float:
+    """A step time for `batch` from the buckets measured: its own, else interpolated, else scaled."""
+    if not steps:
+        return PRIOR_STEP_S
+    key = _bucket(batch)
+    if key in steps:
+        return steps[key]
+    below = [k for k in steps if k < key]
+    above = [k for k in steps if k > key]
+    if below and above:
+        lo, hi = max(below), min(above)
+        t = (math.log2(key) - math.log2(lo)) / (math.log2(hi) - math.log2(lo))
+        return steps[lo] + t * (steps[hi] - steps[lo])
+    nearest = max(below) if below else min(above)
+    # Past what was seen: per-sequence cost stays, so scale by the batch (never below what was seen).
+    scaled = steps[nearest] * key / nearest
+    return max(scaled, steps[nearest]) if below else min(scaled, steps[nearest])

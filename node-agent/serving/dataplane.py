@@ -42,7 +42,7 @@ from mlxpool.agent.errors import (
 )
 from mlxpool.agent.serving import openai as api
 from mlxpool.agent.serving.lifecycle import Lifecycle, Phase
-from mlxpool.agent.serving.policies import SchedulingPolicies
+from mlxpool.agent.serving.policies import SchedulingPolicies, wait_bound
 from mlxpool.agent.serving.repository import ModelRepository, ServedModel
 from mlxpool.agent.serving.shaping import ChunkTemplate, chat_logprobs, completion_logprobs
 from mlxpool.priorities import DEADLINE_HEADER, PRIORITY_HEADER, TENANT_HEADER, Priority
@@ -367,6 +367,7 @@ class DataPlane:
         terms = TierTerms(
             ttft_target_s=None if tier.ttft_target_ms is None else tier.ttft_target_ms / 1000,
             max_waiting=tier.max_waiting, preempt=tier.preempt, sheddable=tier.sheddable,
+            wait_bound=wait_bound(scheduling, priority),
         )
         now = time.monotonic()
         request = GenerationRequest(

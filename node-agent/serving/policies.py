@@ -12,6 +12,7 @@ touching the engines; `applied()` is what `GET /v1/node` reports back.
 from __future__ import annotations
 
 from mlxpool.agent.config import PriorityScheduling, TierConfig
+from mlxpool.agent.engine.scheduling import lane_wait_bound
 from mlxpool.agentapi import SchedulingPolicy, TierPolicy
 from mlxpool.priorities import Priority
 
@@ -50,6 +51,14 @@ class SchedulingPolicies:
 
     def effective(self, model: str) -> PriorityScheduling:
         return self._effective.get(model, self.base)
+
+
+def wait_bound(scheduling: PriorityScheduling, priority: Priority) -> tuple[float, Priority] | None:
+    """The tier's wait bound under this policy (`scheduling.lane_wait_bound`): past it, a
+    request of `priority` would age into the lane of the most urgent tier that preempts."""
+    preempting = [p for p in Priority if p.rank < priority.rank and scheduling.tier(p).preempt]
+    return lane_wait_bound(priority, scheduling.aging_seconds, preempting,
+                           has_target=scheduling.tier(priority).ttft_target_ms is not None)
 
 
 def merge(base: PriorityScheduling, policy: SchedulingPolicy) -> PriorityScheduling:

@@ -120,3 +120,48 @@ def test_the_budget_respects_priority_before_size():
     queue.push("long-critical", "llll", CRITICAL)
     assert queue.pop(10, cost=len, budget=3) == []  # the critical one is next; nothing skips it
     assert queue.pop(10, cost=len, budget=5) == ["llll", "s"]
+
+
+# ---- the wait bound on a real agent ----
+
+
+def test_a_tier_predicted_to_age_into_the_critical_lane_is_refused_at_once(agent_factory, tiny_model, tmp_path):
+    """One slot held by a long request; `aging_seconds: 0.5`, so a `high` request (rank 1,
+    target 3 s) predicted to wait more than 0.5 s would rank with fresh `critical` ones:
+    429 `wait_bound` at once. `background` (no target) keeps the aging guarantee: it waits
+    and is served once the slot frees."""
+    import threading
+    import time
+
+    import httpx
+
+    config = tmp_path / "runtime.yaml"
+    config.write_text("serving: {decode_concurrency: 1, prefill_concurrency: 1}\n"
+                      "priority_scheduling: {aging_seconds: 0.5}\n")
+    agent = agent_factory(tiny_model, ["--config", str(config)])
+    hold = {"model": "tiny", "prompt": "hold the slot", "max_tokens": 1900, "temperature": 0, "stream": True}
+    patient: dict = {}
+    with httpx.Client(base_url=agent.url, timeout=60) as client, client.stream("POST", "/v1/completions",
+                                                                               json=hold) as holder:
+        lines = holder.iter_lines()
+        next(lines)  # the slot is taken (and the outlook published after that step)
+        started = time.monotonic()
+        r = client.post("/v1/completions", json={"model": "tiny", "prompt": "urgent-ish", "max_tokens": 3,
+                                                 "priority": "high"})
+        took = time.monotonic() - started
+        error = r.json()["error"]
+        assert r.status_code == 429 and error["code"] == "wait_bound", r.text
+        assert "critical" in error["message"] and int(r.headers["retry-after"]) >= 1
+        assert took < 1.0
+        waiter = threading.Thread(target=lambda: patient.setdefault("r", httpx.post(
+            f"{agent.url}/v1/completions", json={"model": "tiny", "prompt": "patient", "max_tokens": 2,
+                                                 "temperature": 0, "priority": "background"}, timeout=60)))
+        waiter.start()
+        deadline = time.monotonic() + 10
+        while 'vllm:num_requests_waiting{model_name="tiny"} 1.0' not in client.get("/metrics").text:
+            assert time.monotonic() < deadline, "the background request never queued"
+            time.sleep(0.02)
+        text = client.get("/metrics").text
+        assert 'mlxpool_requests_rejected_total{model_name="tiny",reason="wait_bound"} 1.0' in text
+    waiter.join(60)  # the holder went away: the background request runs
+    assert patient["r"].status_code == 200, patient["r"].text

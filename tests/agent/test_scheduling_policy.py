@@ -19,7 +19,7 @@ from mlxpool.agent.engine.admission import (
     shed,
     tier_waits,
 )
-from mlxpool.agent.engine.scheduling import Forecast, PriorityAdmission
+from mlxpool.agent.engine.scheduling import Forecast, PriorityAdmission, lane_wait_bound
 from mlxpool.agent.engine.speed import PRIOR_PREFILL_TPS, PRIOR_STEP_S, SpeedModel
 from mlxpool.priorities import Priority
 
@@ -261,6 +261,70 @@ def test_a_deadline_the_predicted_wait_passes_is_refused_at_once_whatever_the_ti
                    prompt_tokens=10, deadline_in_s=-1.0) is None
     assert refusal(outlook, NORMAL, pending=0, max_waiting=1, sheddable=False, ttft_target_s=None,
                    prompt_tokens=10, deadline_in_s=0.1).reason is RefusalReason.QUEUE_FULL
+
+
+def test_the_speed_model_predicts_durations_from_busy_steps_prefills_included():
+    speed = SpeedModel()
+    for _ in range(50):
+        speed.observe_step(32, 0.07)  # decode only
+        speed.observe_step(32, 0.5, decode_only=False)  # a prefill shared the step
+    assert speed.step_seconds(32) == pytest.approx(0.07)
+    busy = speed.busy_step_seconds(32)
+    assert 0.07 < busy < 0.5
+    assert speed.duration_seconds(0, 10, 32) == pytest.approx(10 * busy)
+    assert speed.remaining_seconds(0, 10, 32) == pytest.approx(10 * busy)
+    fresh = SpeedModel()
+    fresh.observe_step(4, 0.02)
+    assert fresh.busy_step_seconds(4) == fresh.step_seconds(4) == pytest.approx(0.02)
+    assert SpeedModel().busy_step_seconds(8) == PRIOR_STEP_S
+
+
+def test_the_wait_bound_is_where_aging_reaches_the_most_urgent_preempting_lane():
+    assert lane_wait_bound(HIGH, 10.0, [CRITICAL], has_target=True) == (10.0, CRITICAL)
+    assert lane_wait_bound(LOW, 10.0, [CRITICAL, HIGH], has_target=True) == (30.0, CRITICAL)
+    assert lane_wait_bound(LOW, 10.0, [HIGH], has_target=True) == (20.0, HIGH)
+    assert lane_wait_bound(HIGH, 10.0, [HIGH, LOW], has_target=True) is None  # nothing above it preempts
+    assert lane_wait_bound(CRITICAL, 10.0, [CRITICAL], has_target=True) is None
+    assert lane_wait_bound(BACKGROUND, 10.0, [CRITICAL], has_target=False) is None  # keeps the aging guarantee
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(list(Priority)), st.sampled_from(list(Priority)),
+       st.floats(0.01, 100.0), st.floats(0.0, 0.999))
+def test_a_request_within_its_wait_bound_never_ranks_with_the_lane_past_it_does(tier, lane, aging, fraction):
+    bound = lane_wait_bound(tier, aging, [lane], has_target=True)
+    if lane.rank >= tier.rank:
+        assert bound is None
+        return
+    assert bound is not None and bound[1] is lane
+    q = PriorityAdmission(aging_s=aging)
+    assert q.group(tier, 0.0, bound[0] * fraction) > lane.rank  # still behind the lane's fresh requests
+    assert q.group(tier, 0.0, bound[0] * (1 + 1e-9) + 1e-9) <= lane.rank  # past it: in the lane
+
+
+def test_a_wait_past_the_bound_is_refused_with_its_own_reason():
+    outlook = Outlook({HIGH: 40}, {CRITICAL: 0.5, HIGH: 12.0}, prefill_tps=100.0)
+    bounded = refusal(outlook, HIGH, pending=0, max_waiting=256, sheddable=False, ttft_target_s=1.0,
+                      prompt_tokens=10, max_wait_s=10.0)
+    assert bounded is not None and bounded.reason is RefusalReason.WAIT_BOUND and bounded.retry_after_s == 12
+    assert refusal(outlook, HIGH, pending=0, max_waiting=256, sheddable=False, ttft_target_s=1.0,
+                   prompt_tokens=10, max_wait_s=12.5) is None
+    assert refusal(outlook, CRITICAL, pending=0, max_waiting=256, sheddable=False, ttft_target_s=1.0,
+                   prompt_tokens=10, max_wait_s=None) is None
+
+
+def test_the_policy_gives_each_tier_its_wait_bound():
+    from mlxpool.agent.config import PriorityScheduling, TierConfig
+    from mlxpool.agent.serving.policies import wait_bound
+
+    defaults = PriorityScheduling()  # critical preempts; every tier but background has a target
+    assert wait_bound(defaults, CRITICAL) is None
+    assert wait_bound(defaults, HIGH) == (10.0, CRITICAL)
+    assert wait_bound(defaults, NORMAL) == (20.0, CRITICAL)
+    assert wait_bound(defaults, LOW) == (30.0, CRITICAL)
+    assert wait_bound(defaults, BACKGROUND) is None
+    calm = PriorityScheduling(aging_seconds=2.0, tiers={CRITICAL: TierConfig(preempt=False)})
+    assert all(wait_bound(calm, p) is None for p in Priority)  # nobody preempts: nothing to protect
 
 
 def test_the_victim_is_the_lowest_tier_with_the_most_work_left():
