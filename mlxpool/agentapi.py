@@ -150,6 +150,11 @@ class ModelState(_Strict):
     """Active (in an engine) or parked (weights kept, engine released; a request wakes it)."""
     base: str | None = None
     """For a LoRA adapter: the model whose weights it runs over (None: a model of its own)."""
+    last_switch_seconds: float | None = None
+    """How long its last switch into an engine took: a wake (from parked) or a load (from the
+    page cache or disk), up to serving; None before the first."""
+    last_switch_from: ModelTier | None = None
+    """The tier that last switch came from (parked, page_cache or disk)."""
 
 
 class StageRequest(_Strict):

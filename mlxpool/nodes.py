@@ -81,6 +81,10 @@ class LoadedModel(_Wire):
     weights: WeightsResidency | None = Field(default=None, description="Where the weights are (unset: not measured).")
     base: str | None = Field(default=None, max_length=253,
                              description="For a LoRA adapter: the model it runs over, sharing its weights.")
+    last_switch_seconds: float | None = Field(
+        default=None, ge=0, description="How long its last switch into an engine took (a wake or a load).")
+    last_switch_from: Literal["parked", "page_cache", "disk"] | None = Field(
+        default=None, description="Where that switch came from: parked (a wake), page_cache or disk (a load).")
 
 
 class WarmupProgress(_Wire):

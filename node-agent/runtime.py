@@ -23,7 +23,7 @@ import socket
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import uvicorn
 
@@ -340,17 +340,26 @@ class AgentRuntime:
         states = self.operations.manager.states()
         parked = {s.name for s in states if s.tier is ModelTier.PARKED}
         bases = {s.name: s.base for s in states if s.base is not None}
+        switches = {s.name: (s.last_switch_seconds, s.last_switch_from) for s in states
+                    if s.last_switch_seconds is not None and s.last_switch_from is not None}
         models = list(self.models.all())
         # Off the loop: residency is mincore over every array's pages.
         residency = await asyncio.to_thread(lambda: [status_residency(m.info.weights) for m in models])
         loaded = [LoadedModel(name=m.name, path=m.info.path, memory_bytes=m.info.memory_bytes, identity=m.identity,
                               decode_tokens_per_second=status_decode_rate(m.engine.stats),
                               tier="parked" if m.name in parked else "active", weights=where,
-                              base=bases.get(m.name))
+                              base=bases.get(m.name), **status_switch(switches.get(m.name)))
                   for m, where in zip(models, residency, strict=True)]
         warmup = [WarmupProgress(model=name, shapes_done=done, shapes_total=total)
                   for name, done, total in self.operations.manager.warming()]
         return node_status(ready, loaded, free, device_memory_used_bytes=used, warmup=warmup)
+
+
+def status_switch(switch: tuple[float | None, ModelTier | None] | None) -> dict[str, Any]:
+    """A model's last switch into an engine, as `LoadedModel` fields (none before the first)."""
+    if switch is None or switch[0] is None or switch[1] is None:
+        return {}
+    return {"last_switch_seconds": switch[0], "last_switch_from": switch[1].value}
 
 
 def device_probe() -> DeviceProbe:

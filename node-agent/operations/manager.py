@@ -159,6 +159,8 @@ class _Record:
     waking: bool = False
     base: str | None = None
     """For a LoRA adapter: the loaded model whose weights it runs over."""
+    last_switch: tuple[ModelTier, float] | None = None
+    """Its last switch into an engine: (the tier it came from, seconds)."""
 
     @property
     def crashed(self) -> bool:
@@ -181,6 +183,8 @@ class _Record:
             identity=self.identity,
             weights=weights.describe(view.report, residency) if view is not None else None,
             warmup_shapes_done=done, warmup_shapes_total=total, tier=self.tier, base=self.base,
+            last_switch_seconds=round(self.last_switch[1], 4) if self.last_switch else None,
+            last_switch_from=self.last_switch[0] if self.last_switch else None,
         )
 
     def warmup_progress(self) -> tuple[int, int] | None:
@@ -433,7 +437,7 @@ class ModelManager:
             record.load_time_seconds = round(time.perf_counter() - started, 4)
             record.memory_bytes = info.memory_bytes
             self._measured(info.memory_bytes, time.perf_counter() - started)
-            self._switched(source, info.memory_bytes, time.perf_counter() - engine_started)
+            self._switched(record, source, info.memory_bytes, time.perf_counter() - engine_started)
             if record.cache_key is None and record.base is None:
                 self._known[record.name] = record.path
             served_engine = ServedEngine(record.engine, record.name, digest, self._lifecycle,
@@ -483,7 +487,7 @@ class ModelManager:
                 started = time.perf_counter()
                 await record.engine.resume()
                 served.engine.asleep = False
-                self._switched(ModelTier.PARKED, record.memory_bytes or 0, time.perf_counter() - started)
+                self._switched(record, ModelTier.PARKED, record.memory_bytes or 0, time.perf_counter() - started)
                 log.info("model woken name=%s seconds=%.4f", record.name, time.perf_counter() - started)
             except Exception:
                 record.tier = ModelTier.PARKED
@@ -586,8 +590,9 @@ class ModelManager:
 
     # ---- helpers ----
 
-    def _switched(self, tier: ModelTier, size: int, seconds: float) -> None:
-        """Fold one switch into an engine, from `tier`, into that tier's rate."""
+    def _switched(self, record: _Record, tier: ModelTier, size: int, seconds: float) -> None:
+        """Fold one switch of `record` into an engine, from `tier`, into that tier's rate."""
+        record.last_switch = (tier, seconds)
         if self._on_switch is not None:
             self._on_switch(tier, seconds)
         if size <= 0 or seconds <= 0:

@@ -150,6 +150,14 @@ def test_a_pool_names_a_lora_adapter_and_the_operator_loads_it_over_its_base(
         "model": m, "prompt": "Hello there", "max_tokens": 4, "temperature": 0, "logprobs": 1}
     ).json()["choices"][0]["logprobs"] for m in ("tiny", "tiny:a1")]
     assert outputs[0] != outputs[1]  # the adapter answers, not the base under its name
+    # The InferenceNode status says how long each model's switch into an engine took, and from where.
+    def switches():
+        body = json.loads(controlplane.kubectl("get", "inferencenode", f"{namespace}-agent-0", "-o", "json").stdout)
+        seen = {m["name"]: (m.get("lastSwitchFrom"), m.get("lastSwitchSeconds")) for m in body["status"]["models"]}
+        return seen if len(seen) == 2 and all(s for s, _ in seen.values()) else None
+
+    seen = wait_for(switches, 20, "switch times in the InferenceNode status")
+    assert all(where in ("page_cache", "disk") and seconds > 0 for where, seconds in seen.values()), seen
 
 
 @pytest.mark.usefixtures("cleanup_nodes")

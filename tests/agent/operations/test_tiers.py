@@ -74,6 +74,10 @@ def test_a_model_that_loses_its_slot_is_parked_and_a_request_wakes_it(tier_agent
     woken = [line for line in metrics.splitlines()
              if line.startswith('mlxpool_model_switch_seconds_count{tier="parked"}')]
     assert woken and float(woken[0].split()[-1]) >= 2
+    # Each says its last switch into an engine: both were woken (other after its load).
+    last = {m["name"]: (m["last_switch_from"], m["last_switch_seconds"]) for m in node(tier_agent)["models"]}
+    assert {name: where for name, (where, _) in last.items()} == {"tiny": "parked", "other": "parked"}
+    assert all(0 < seconds < 5 for _, seconds in last.values()), last
     assert httpx.get(f"{tier_agent.url}/ready", timeout=10).status_code == 200  # parked is not unhealthy
     gone = httpx.delete(f"{tier_agent.url}/v1/node/models/other", headers={"Authorization": f"Bearer {OPS}"},
                         timeout=10)
