@@ -193,13 +193,19 @@ def pool_ready(pool: dict) -> bool:
             and status.get("readyReplicas") == pool["spec"]["replicas"])
 
 
-async def until_all_ready(api: Api, count: int, timeout: float) -> float:
-    """Seconds until every pool is Ready (polling the list every 0.2 s)."""
-    started = time.monotonic()
+async def until_all_ready(api: Api, count: int, timeout: float, *, at_least: int | None = None,
+                          progress: bool = False) -> float:
+    """Seconds until every pool (or `at_least` of them) is Ready, polling the list every
+    0.2 s; with `progress`, the count Ready every 10 s is printed (where a miss stalls)."""
+    started = last_print = time.monotonic()
     while time.monotonic() - started < timeout:
         pools = await api.pools()
-        if len(pools) == count and all(map(pool_ready, pools)):
+        ready = sum(map(pool_ready, pools))
+        if len(pools) == count and ready >= (count if at_least is None else at_least):
             return time.monotonic() - started
+        if progress and time.monotonic() - last_print >= 10:
+            last_print = time.monotonic()
+            print(f"  {last_print - started:.0f}s: {ready}/{count} pools Ready", flush=True)
         await asyncio.sleep(0.2)
     pending = [p["metadata"]["name"] for p in await api.pools() if not pool_ready(p)]
     raise TimeoutError(f"{len(pending)} pools not Ready after {timeout}s: {pending[:5]}")
@@ -395,10 +401,10 @@ async def measure(api: Api, args: argparse.Namespace, metrics_urls: list[str], s
     await asyncio.gather(*(create(i) for i in range(args.pools)))
     converge: float | None = None
     try:
-        await until_all_ready(api, args.pools, timeout=args.converge_timeout)
+        await until_all_ready(api, args.pools, timeout=args.converge_timeout, progress=True)
         converge = time.monotonic() - started
         print(f"converged: {args.pools} pools over {args.nodes} nodes in {converge:.2f}s", flush=True)
-    except TimeoutError as exc:  # a miss is a figure too: measure the rest, skip the failovers
+    except TimeoutError as exc:  # a miss is a figure too: measure the rest
         print(f"not converged: {exc}", flush=True)
     converged = await counters()
     ready = sum(map(pool_ready, await api.pools()))
@@ -416,7 +422,7 @@ async def measure(api: Api, args: argparse.Namespace, metrics_urls: list[str], s
     await watch.start()
     latencies: list[float] = []
     victims = iter([f"node-{i:03d}" for i in range(args.nodes)] * 4)  # round-robin over agents serving something
-    for _ in range(args.kills if converge is not None else 0):
+    for _ in range(args.kills):  # not converged: failovers of the routed agents all the same
         victim = next(v for v in victims if watch.listing(v))
         listed_by = len(watch.listing(victim))
         kill_started = time.monotonic()
@@ -426,8 +432,8 @@ async def measure(api: Api, args: argparse.Namespace, metrics_urls: list[str], s
         latencies.append(latency)
         print(f"  killed {victim} (in {listed_by} tables): unrouted after {latency:.3f}s", flush=True)
         await asyncio.to_thread(control, sims_url(victim), victim, "revive")
-        try:
-            await until_all_ready(api, args.pools, timeout=60)
+        try:  # whole again (or as whole as when converging stopped)
+            await until_all_ready(api, args.pools, timeout=60, at_least=None if converge is not None else ready)
         except TimeoutError as exc:
             print(f"  not whole again after the revival: {exc}", flush=True)
             break
