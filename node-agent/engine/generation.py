@@ -662,12 +662,20 @@ class BatchEngine:
         tokens: no big prefill step stands between it and its first token."""
         now = time.monotonic()
         budget = self._config.prefill_token_budget - self._prefilling_tokens
-        slack = self._protected_slack(now)
-        if slack is None:
+        protected = self._protected_slack(now)
+        if protected is None:
             return self._waiting.pop(free, cost=_prefill_cost, budget=budget, at_least_one=self._prefilling == 0,
                                      now=now)
-        taken = self._waiting.pop(free, cost=_prefill_cost, budget=budget, at_least_one=self._prefilling == 0,
-                                  now=now, only=_protected)
+        slack, lane = protected
+        waiting = self._waiting
+
+        def first(sequence: _Sequence) -> bool:
+            # Protected, or aged into the protected tier's lane: the aging bound still holds.
+            arrival = sequence.forecast.arrival if sequence.forecast is not None else now
+            return _protected(sequence) or waiting.group(sequence.request.priority, arrival, now) <= lane
+
+        taken = waiting.pop(free, cost=_prefill_cost, budget=budget, at_least_one=self._prefilling == 0,
+                            now=now, only=first)
         speed = self._speed
         cap = protected_prefill_tokens(slack, speed.step_seconds(max(1, len(self._running))),
                                        speed.prefill_tps or PRIOR_PREFILL_TPS)
@@ -676,17 +684,20 @@ class BatchEngine:
             taken += self._waiting.pop(free - len(taken), cost=_prefill_cost, budget=room, now=now)
         return taken
 
-    def _protected_slack(self, now: float) -> float | None:
+    def _protected_slack(self, now: float) -> tuple[float, int] | None:
         """Seconds until the nearest first-token deadline of a protected request still before
-        it, waiting or admitted without its first token yet; None: no such request."""
+        it, waiting or admitted without its first token yet, and the most urgent such
+        request's tier rank; None: no such request."""
         slack: float | None = None
+        lane = len(Priority)
         for sequence in (*(s for s, _, _ in self._waiting.items()), *self._running.values()):
             if sequence.generated or not _protected(sequence) or sequence.forecast is None:
                 continue
             due = sequence.forecast.ttft_deadline
-            if due is not None and due > now and (slack is None or due - now < slack):
-                slack = due - now
-        return slack
+            if due is not None and due > now:
+                slack = due - now if slack is None else min(slack, due - now)
+                lane = min(lane, sequence.request.priority.rank)
+        return None if slack is None else (slack, lane)
 
     # ---- per-tier figures (exported by the agent's /metrics) ----
 

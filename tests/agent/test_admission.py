@@ -198,8 +198,18 @@ def test_while_a_critical_waits_for_its_first_token_other_tiers_bring_no_big_pre
     assert cap < 40  # the priors: 0.05 s a step, 400 tokens/s: 20 tokens, less than one low prompt
     taken = engine._pop_admissions(8)
     assert [s.request.request_id for s in taken] == ["critical"]
+    # A low request aged into the critical lane (3 x aging_seconds) is not held back: the aging bound holds.
+    aged = GenerationRequest("aged", tuple(range(3, 43)), SamplingParams(max_tokens=4), Priority.LOW, terms=low,
+                             arrival=now - 3 * engine._config.aging_s - 1)
+    old = _Sequence(aged, asyncio.Queue(), loop)
+    old.forecast = engine._forecast(aged)
+    engine._waiting.push("aged", old, Priority.LOW, forecast=old.forecast, weight=40)
+    engine._waiting.push("critical", taken[0], Priority.CRITICAL, forecast=taken[0].forecast, weight=40)
+    taken = engine._pop_admissions(8)
+    assert {s.request.request_id for s in taken} == {"critical", "aged"}
     # The critical has its first token: nothing is protected any more, the lows go together.
-    taken[0].generated = 1
-    engine._running[0] = taken[0]
+    for uid, sequence in enumerate(taken):
+        sequence.generated = 1
+        engine._running[uid] = sequence
     assert sorted(s.request.request_id for s in engine._pop_admissions(8)) == ["low-0", "low-1", "low-2"]
     loop.close()
