@@ -51,6 +51,9 @@ from mlxpool.dev.processes import LOOPBACK, Process, free_port
 from mlxpool.tinymodel import make_tiny
 
 OURS, THEIRS = "mlxpool", "mlx_lm.server"
+SOAK_HEADROOM = 400 * 1024 * 1024
+"""The agent's memory_headroom_bytes in the soak: its own non-book memory (interpreter, MLX,
+tokenizer: the RSS at ready less the weights, printed) must fit in it, or the cap is a lie."""
 CGROUP_V1 = Path("/sys/fs/cgroup/memory")
 
 
@@ -231,6 +234,7 @@ def soak(model: Path, logs: Path, requests: int, prompt_tokens: int, max_tokens:
         try:
             if not first_token(proc.base_url, name, 300):
                 raise RuntimeError(f"{who} did not start: {proc.log_tail()}")
+            result["rss_at_ready_mb"] = round(proc_status_kb(proc.pid, "VmRSS") / 1024, 1)
 
             def one(prompt: str, proc: Process = proc, name: str = name) -> str:
                 try:
@@ -380,8 +384,13 @@ def jitter(model: Path, logs: Path, rounds: int, requests: int, max_tokens: int)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.memory")
     parser.add_argument("--quick", action="store_true", help="fewer rounds; under 5 minutes")
+    parser.add_argument("--parts", default="load,cold,soak,jitter",
+                        help="comma-separated subset of load,cold,soak,jitter (the rest reported as null)")
     parser.add_argument("--load-once", nargs=2, metavar=("WHO", "MODEL"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    parts = set(args.parts.split(","))
+    if not parts <= {"load", "cold", "soak", "jitter"}:
+        parser.error(f"--parts: unknown {sorted(parts - {'load', 'cold', 'soak', 'jitter'})}")
     if args.load_once:
         print(load_once(args.load_once[0], Path(args.load_once[1])))
         return 0
@@ -393,29 +402,31 @@ def main(argv: list[str] | None = None) -> int:
     big = make_tiny(work / "big", size="bench", layers=3, hidden=2048)  # ~0.6 GB of float32
     print(f"models: bench {weight_bytes(bench) / 1e6:.0f} MB, big {weight_bytes(big) / 1e6:.0f} MB; "
           "machine: 2-core x86-64 CPU, shared with other work", flush=True)
-    rates = {m.name: load_rates(m, rounds) for m in (bench, big)}
-    cold = {m.name: cold_starts(m, logs, rounds if not args.quick else 1) for m in (big,)}
+    rates = {m.name: load_rates(m, rounds) for m in (bench, big)} if "load" in parts else {}
+    cold = {m.name: cold_starts(m, logs, rounds if not args.quick else 1) for m in (big,)} if "cold" in parts else {}
     # Soak on the bench model (2,048-token context): 32 KB of KV per token; 1,600-token
     # prompts + 200 tokens (about 57 MB of KV each, 1,792 tokens in KV steps).
     soaked = soak(bench, logs, requests=8 if args.quick else 16, prompt_tokens=1600, max_tokens=200,
-                  cap=900 * 1024 * 1024, headroom=600 * 1024 * 1024)
-    jittered = jitter(bench, logs, rounds=1 if args.quick else 2, requests=3 if args.quick else 6, max_tokens=100)
+                  cap=900 * 1024 * 1024, headroom=SOAK_HEADROOM) if "soak" in parts else {}
+    jittered = jitter(bench, logs, rounds=1 if args.quick else 2, requests=3 if args.quick else 6,
+                      max_tokens=100) if "jitter" in parts else {}
     print(f"jitter: {json.dumps(jittered)}", flush=True)
     med = statistics.median
-    load_ratio = med(rates["big"][OURS]) / med(rates["big"][THEIRS])
-    cold_big = cold["big"][0]
+    load_ratio = med(rates["big"][OURS]) / med(rates["big"][THEIRS]) if rates else None
+    cold_big = cold["big"][0] if cold else {OURS: [], THEIRS: []}
     cold_ratio = (med(cold_big[OURS]) / med(cold_big[THEIRS])) if cold_big[OURS] and cold_big[THEIRS] else None
     summary = {
-        "bench": "memory", "quick": args.quick, "machine": "2-core x86-64 CPU, shared",
+        "bench": "memory", "quick": args.quick, "machine": "2-core x86-64 CPU, shared", "parts": sorted(parts),
         "load_gbps": {k: {who: round(med(v), 3) for who, v in r.items()} for k, r in rates.items()},
-        "load_gbps_ratio": round(load_ratio, 3),
+        "load_gbps_ratio": round(load_ratio, 3) if load_ratio is not None else None,
         "cold_ttft_s": {who: [round(x, 2) for x in v] for who, v in cold_big.items()},
         "cold_ttft_ratio": round(cold_ratio, 3) if cold_ratio is not None else None,
-        "page_cache_dropped": cold["big"][1],
+        "page_cache_dropped": cold["big"][1] if cold else None,
         "soak": soaked,
         "jitter": jittered,
         "pinned_jitter_ratio": jittered.get("pinned_jitter_ratio"),
-        "ours_aborts": soaked[OURS]["aborts"], "theirs_aborts": soaked[THEIRS]["aborts"],
+        "ours_aborts": soaked[OURS]["aborts"] if soaked else None,
+        "theirs_aborts": soaked[THEIRS]["aborts"] if soaked else None,
     }
     print(json.dumps(summary))
     return 0

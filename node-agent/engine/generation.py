@@ -867,6 +867,8 @@ class BatchEngine:
         for progress in prompt_responses:
             if progress.end_of_prompt and (sequence := self._running.get(progress.uid)) is not None:
                 self._prefill_done(sequence)
+                if self._gate is not None:  # its prefill scratch goes back to the books
+                    self._gate.prefilled(sequence.request)
                 if sequence.resuming:  # one fed-back token (or a recompute): not a prompt's speed
                     sequence.resuming = False
                     continue
@@ -1122,7 +1124,8 @@ class BatchEngine:
             return
         memory.add_weights(self._name, loaded.info.memory_bytes)
         self._gate = MemoryGate(memory, self._name, per_token, self._available_memory,
-                                self._config.memory_wait_s)
+                                self._config.memory_wait_s, prefill=loaded.info.prefill,
+                                prefill_step=self._config.prefill_step_size)
         # MLX's own limits, process-wide: allocations past the limit wait for frees (and the
         # buffer cache is bounded) instead of growing until the OS kills us.
         mx.set_memory_limit(max(memory.policy.capacity_bytes - memory.policy.headroom_bytes, 1))

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Literal, Protocol
 
+from mlxpool.agent.engine.memory import PrefillShape
 from mlxpool.priorities import Priority
 
 FinishReason = Literal["stop", "length"]
@@ -433,6 +434,8 @@ class ModelInfo:
     """KV cache bytes one token of a sequence costs (every layer's keys and values), if known."""
     weights: WeightsView | None = field(default=None, compare=False)
     """The loaded weights (load report, residency); None for engines that cannot tell."""
+    prefill: PrefillShape | None = None
+    """What a prompt's prefill holds besides its KV (`memory.prefill_scratch_bytes`), if the config says."""
 
 
 class Engine(Protocol):

@@ -30,7 +30,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlxpool.agent.engine import blas as _blas
 from mlxpool.agent.engine import device, weightreading, wiredlimit
 from mlxpool.agent.engine.interface import LoadOptions, LoadReport, ModelInfo
-from mlxpool.agent.engine.memory import kv_bytes_per_token
+from mlxpool.agent.engine.memory import kv_bytes_per_token, prefill_shape
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,8 @@ def load(path: str | Path, options: LoadOptions | None = None, host_memory: bool
     if wired is not None:
         log.info("metal %s", wired)
     info = ModelInfo(path=str(directory), memory_bytes=memory, context_length=_context_length(config),
-                     kv_bytes_per_token=_kv_bytes_per_token(config, parameters), weights=weights)
+                     kv_bytes_per_token=_kv_bytes_per_token(config, parameters), weights=weights,
+                     prefill=prefill_shape(config, _itemsize(parameters)))
     log.info(
         "model loaded path=%s memory_bytes=%d context_length=%s seconds=%.2f reader=%s transfer=%s files=%d "
         "read_seconds=%.3f load_gbps=%.2f prefetch_threads=%d pin_policy=%s pinned_bytes=%d blas=%s device=%s",
@@ -135,7 +136,7 @@ def load_adapter(base: LoadedModel, path: str | Path, options: LoadOptions | Non
                         pin_policy=options.pin_policy, pinned_bytes=0)
     weights = weightreading.Weights(own, report, host_views=device.weights_in_host_memory(device.accelerator().kind))
     info = ModelInfo(path=str(directory), memory_bytes=weights.total_bytes, context_length=base.info.context_length,
-                     kv_bytes_per_token=base.info.kv_bytes_per_token, weights=weights)
+                     kv_bytes_per_token=base.info.kv_bytes_per_token, weights=weights, prefill=base.info.prefill)
     log.info("adapter loaded path=%s base=%s adapter_bytes=%d shared_base_bytes=%d seconds=%.3f", directory,
              base_dir, weights.total_bytes, base.weights.total_bytes, time.perf_counter() - started)
     return LoadedModel(model, tokenizer, info, base.vocab_size, weights)
@@ -170,10 +171,14 @@ def _load_mlx(directory: Path, options: LoadOptions) -> _Loaded:
     return model, tokenizer, config, report
 
 
-def _kv_bytes_per_token(config: dict[str, Any], parameters: dict[str, mx.array]) -> int | None:
-    # The KV cache takes the dtype the model computes in: that of its floating weights.
+def _itemsize(parameters: dict[str, mx.array]) -> int:
+    # The KV cache and activations take the dtype the model computes in: that of its floating weights.
     floating = [a.dtype for a in parameters.values() if mx.issubdtype(a.dtype, mx.floating)]
-    itemsize = floating[0].size if floating else 2
+    return floating[0].size if floating else 2
+
+
+def _kv_bytes_per_token(config: dict[str, Any], parameters: dict[str, mx.array]) -> int | None:
+    itemsize = _itemsize(parameters)
     try:
         return kv_bytes_per_token(config, itemsize)
     except ValueError:

@@ -3,7 +3,10 @@
 The engine asks the gate at two points. On arrival (`refuse_on_arrival`): a request that
 can never fit, or a long one while the node is under pressure, is refused at once with
 `InsufficientMemory` (503, naming the shortfall), before it queues. At admission
-(`admit`): each sequence the scheduler picked reserves its projected KV in the books;
+(`admit`): each sequence the scheduler picked reserves its projected KV in the books,
+plus its prefill's scratch (`memory.prefill_scratch_bytes`: attention scores, logits and
+activations that exist only while its prompt is processed; prefilled together, several
+prompts' scratch adds up) until its prompt is done (`prefilled`), then only the KV;
 one that does not fit goes back to wait (the prefix cache is shed first, when shedding
 makes room), and one that waited longer than `wait_seconds` is refused. Under pressure
 the whole prefix cache goes before anything else. What a sequence reserved is released
@@ -20,7 +23,13 @@ from collections.abc import Callable, Sequence
 from typing import Protocol, TypeVar
 
 from mlxpool.agent.engine.interface import GenerationRequest
-from mlxpool.agent.engine.memory import MemoryBooks, Verdict, projected_kv_bytes
+from mlxpool.agent.engine.memory import (
+    MemoryBooks,
+    PrefillShape,
+    Verdict,
+    prefill_scratch_bytes,
+    projected_kv_bytes,
+)
 from mlxpool.agent.errors import InsufficientMemory
 
 log = logging.getLogger(__name__)
@@ -47,8 +56,11 @@ Refusal = InsufficientMemory
 class MemoryGate:
     def __init__(self, books: MemoryBooks, model: str, kv_bytes_per_token: int,
                  available: Callable[[], int | None], wait_seconds: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, prefill: PrefillShape | None = None,
+                 prefill_step: int = 2048) -> None:
         self.books = books
+        self.prefill = prefill
+        self.prefill_step = prefill_step
         self.model = model
         self.kv_bytes_per_token = kv_bytes_per_token
         self._available = available
@@ -59,10 +71,23 @@ class MemoryGate:
         self.shed_bytes = 0
 
     def projected(self, request: GenerationRequest) -> int:
+        """The request's KV at its longest: what stays reserved once its prompt is processed."""
         return projected_kv_bytes(len(request.prompt_tokens), request.sampling.max_tokens, self.kv_bytes_per_token)
 
+    def scratch(self, request: GenerationRequest) -> int:
+        return prefill_scratch_bytes(len(request.prompt_tokens), self.prefill, self.prefill_step)
+
+    def reservation(self, request: GenerationRequest) -> int:
+        """What admission reserves: the KV and, while its prompt is processed, the prefill's scratch."""
+        return self.projected(request) + self.scratch(request)
+
+    def prefilled(self, request: GenerationRequest) -> None:
+        """Its prompt is processed: the scratch goes back, the KV stays (a request already
+        done, or never admitted, holds nothing and gets nothing)."""
+        self.books.shrink(request.request_id, self.projected(request))
+
     def refuse_on_arrival(self, request: GenerationRequest) -> InsufficientMemory | None:
-        decision = self.books.decide(self.projected(request), self._available())
+        decision = self.books.decide(self.reservation(request), self._available())
         if decision.verdict is Verdict.REFUSE:
             return self._refusal(request, decision.reason, decision.shortfall_bytes)
         return None
@@ -81,7 +106,7 @@ class MemoryGate:
         now = self._clock()
         for item in picked:
             request = item.request
-            nbytes = self.projected(request)
+            nbytes = self.reservation(request)
             if back:  # keep their order: nobody overtakes a sequence sent back to wait
                 back.append(item)
                 continue
@@ -120,5 +145,6 @@ class MemoryGate:
                  self.model, shortfall)
         return InsufficientMemory(
             f"not enough memory for this request: {reason} (prompt {len(request.prompt_tokens)} + max_tokens "
-            f"{request.sampling.max_tokens} tokens at {self.kv_bytes_per_token} KV bytes per token; "
+            f"{request.sampling.max_tokens} tokens at {self.kv_bytes_per_token} KV bytes per token, and "
+            f"{self.scratch(request)} bytes of prefill scratch while the prompt is processed; "
             f"short by {shortfall} bytes)", shortfall)

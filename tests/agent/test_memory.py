@@ -11,8 +11,11 @@ from mlxpool.agent.engine.memory import (
     KV_STEP_TOKENS,
     MemoryBooks,
     MemoryPolicy,
+    PrefillShape,
     Verdict,
     kv_bytes_per_token,
+    prefill_scratch_bytes,
+    prefill_shape,
     projected_kv_bytes,
 )
 from mlxpool.agent.engine.memorybudget import MemoryBudget
@@ -142,6 +145,54 @@ def test_weight_management_keys_reach_the_books_and_the_engine(tmp_path):
     assert config.memory_wait_s == 4 and config.mlx_cache_limit_bytes == 5000
     assert (config.load.native, config.load.pin_policy, config.load.pin_budget_bytes) == (False, "all", 6000)
     assert (config.load.prefetch_threads, config.load.prefetch_depth) == (3, 5)
+
+
+BENCH = {"num_attention_heads": 8, "vocab_size": 5113, "hidden_size": 512, "intermediate_size": 1024}
+
+
+def test_prefill_scratch_is_the_padded_chunk_against_every_key():
+    shape = prefill_shape(BENCH, 4)
+    assert shape == PrefillShape(heads=8, vocab=5113, intermediate=1024, itemsize=4)
+    per_token = 5113 * 4 + 3 * 1024 * 4
+    # 1,600 tokens: one chunk padded to 2,048, scores 8 x 2,048 x 2,048 floats (the measured
+    # peak of that prefill on the CPU was 163 MiB; this says 192 MiB).
+    assert prefill_scratch_bytes(1600, shape, 2048) == 2048 * (8 * 2048 * 4 + per_token)
+    assert prefill_scratch_bytes(100, shape, 2048) == 128 * (8 * 128 * 4 + per_token)
+    # Longer than a step: chunks of 2,048, the last against all 5,000 keys.
+    assert prefill_scratch_bytes(5000, shape, 2048) == 2048 * (8 * 5000 * 4 + per_token)
+    assert prefill_scratch_bytes(0, shape, 2048) == 0 and prefill_scratch_bytes(100, None, 2048) == 0
+    assert prefill_shape({"hidden_size": 512}, 4) is None  # no heads or vocab: nothing counted
+    assert prefill_shape({"text_config": BENCH}, 2) == PrefillShape(8, 5113, 1024, 2)
+
+
+def test_the_gate_holds_prefill_scratch_until_the_prompt_is_processed():
+    """Prompts prefilled together each hold their scratch: the books let in only what fits
+    with it (a 900 MiB cgroup soak was OOM-killed when five 1,600-token prompts were admitted
+    by their KV alone and prefilled in one batch), and give it back once the prompt is done."""
+    shape = prefill_shape(BENCH, 4)
+    b = books(capacity=700 * MIB, headroom=0, weights=100 * MIB)  # 600 MiB of budget
+    gate = MemoryGate(b, "m", kv_bytes_per_token=32768, available=lambda: None, wait_seconds=60.0,
+                      prefill=shape, prefill_step=2048)
+    first, second, third = seq("a", 1600, 200), seq("b", 1600, 200), seq("c", 1600, 200)
+    kv, scratch = gate.projected(first.request), gate.scratch(first.request)
+    assert kv == 8 * 256 * 32768 and scratch == prefill_scratch_bytes(1600, shape, 2048)
+    assert gate.refuse_on_arrival(first.request) is None
+    go, back, refused = gate.admit([first, second, third], Prefix())
+    assert go == [first, second] and back == [third] and refused == []  # 2 x (64 + 192) MiB fit, not 3
+    assert b.reserved_bytes == 2 * (kv + scratch)
+    gate.prefilled(first.request)
+    gate.prefilled(second.request)
+    assert b.reserved_bytes == 2 * kv  # the KV stays until they end
+    go, _, _ = gate.admit([third], Prefix())
+    assert go == [third]
+    gate.done("a")
+    gate.prefilled(first.request)  # after its end (a cancel): nothing comes back
+    assert b.reserved_bytes == kv + kv + scratch
+    # A prompt whose scratch alone exceeds the budget can never be prefilled: refused on arrival, saying so.
+    refusal = gate.refuse_on_arrival(seq("long", 2000, 10).request)
+    assert refusal is None
+    huge = gate.refuse_on_arrival(seq("huge", 8000, 10).request)
+    assert isinstance(huge, InsufficientMemory) and "prefill scratch" in str(huge)
 
 
 @dataclass

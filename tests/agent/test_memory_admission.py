@@ -2,8 +2,9 @@
 
 The agent serves the tiny model (512 KV bytes per token: 2 layers x 2 KV heads x 16 x
 float32, keys and values) with its memory capacity set to its weights plus 960 KiB of KV
-budget and no headroom, so sizes are small and exact: 1792 tokens (7 of mlx-lm's 256-token
-steps, 896 KiB) fit, 2048 (1 MiB) do not.
+budget plus the prompt's prefill scratch (held only while the prompt is processed) and no
+headroom, so sizes are small and exact: 1792 tokens (7 of mlx-lm's 256-token steps,
+896 KiB) fit, 2048 (1 MiB) do not.
 """
 
 from __future__ import annotations
@@ -21,13 +22,27 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 3  # well over the prefix cache's 16 tokens
 
 
+def prompt_scratch(tiny_model: Path) -> int:
+    """The prefill scratch PROMPT holds while it is processed (the gate reserves it on top of the
+    KV until the prompt is done): it depends only on the padded chunk, 128 tokens here."""
+    from tokenizers import Tokenizer
+
+    from mlxpool.agent.engine.memory import prefill_scratch_bytes, prefill_shape
+
+    shape = prefill_shape(json.loads((tiny_model / "config.json").read_text()), 4)
+    n = len(Tokenizer.from_file(str(tiny_model / "tokenizer.json")).encode(PROMPT).ids)
+    with_bos = prefill_scratch_bytes(n + 1, shape, 2048)
+    assert prefill_scratch_bytes(n, shape, 2048) == with_bos > 0  # a BOS token or not: the same chunk
+    return with_bos
+
+
 @pytest.fixture
 def small_agent(tiny_model: Path, agent_factory, tmp_path: Path):
     weights = (tiny_model / "model.safetensors").stat().st_size
     config = tmp_path / "runtime.yaml"
     config.write_text(
         "weight_management:\n"
-        f"  memory_capacity_bytes: {weights + 960 * 1024}\n"
+        f"  memory_capacity_bytes: {weights + 960 * 1024 + prompt_scratch(tiny_model)}\n"
         "  memory_headroom_bytes: 0\n"
         "  memory_wait_seconds: 0\n"
         "  pin_policy: none\n"
