@@ -105,6 +105,41 @@ class LoadModelRequest(_Strict):
         return self
 
 
+class PrefetchRequest(_Strict):
+    """Read a model's weight files into the OS page cache ahead of a load announced as next
+    (exactly one of path and cache_key): no engine, no memory taken from the books, so the
+    later load reads memory instead of the disk. The kernel may drop the pages again under
+    memory pressure; the load's `last_switch_from` says which it found."""
+
+    path: str | None = Field(default=None, description="Local model directory.")
+    cache_key: str | None = Field(default=None, pattern=CACHE_KEY_PATTERN,
+                                  description="A cache entry staged with PUT /v1/node/cache/{key}.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> PrefetchRequest:
+        if (self.path is None) == (self.cache_key is None):
+            raise ValueError("exactly one of path and cache_key is required")
+        return self
+
+
+class PrefetchPhase(StrEnum):
+    PREFETCHING = "prefetching"
+    WARM = "warm"
+    """Every weight page was read; a load now finds them in the page cache (unless dropped since)."""
+    FAILED = "failed"
+
+
+class PrefetchState(_Strict):
+    path: str
+    """The resolved model directory."""
+    phase: PrefetchPhase
+    bytes: int = 0
+    """Weight bytes read into the page cache (or to read)."""
+    seconds: float | None = None
+    """How long the reading took (None while it runs)."""
+    message: str | None = None
+
+
 class ModelWeights(_Strict):
     """How a loaded model's weights came into memory, and where they are now."""
 
@@ -239,3 +274,5 @@ class NodeReport(_Strict):
     agent_version: str
     scheduling: dict[str, SchedulingPolicy] = Field(default_factory=dict)
     """Model name -> the pool policy applied to it (models without one use the node's defaults)."""
+    prefetches: list[PrefetchState] = Field(default_factory=list)
+    """Recent prefetches (`POST /v1/node/prefetch`), newest last."""

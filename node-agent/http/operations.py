@@ -24,7 +24,14 @@ from mlxpool.agent.operations.reports import NodeReporter
 from mlxpool.agent.operations.sources import SourceError
 from mlxpool.agent.operations.staging import ModelCacheStore
 from mlxpool.agent.serving.policies import TooManyPolicies
-from mlxpool.agentapi import CACHE_KEY_PATTERN, OPS_PREFIX, LoadModelRequest, SchedulingPolicy, StageRequest
+from mlxpool.agentapi import (
+    CACHE_KEY_PATTERN,
+    OPS_PREFIX,
+    LoadModelRequest,
+    PrefetchRequest,
+    SchedulingPolicy,
+    StageRequest,
+)
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -34,6 +41,7 @@ log = logging.getLogger(__name__)
 
 OPS_BODIES: dict[tuple[str, str], type[BaseModel]] = {
     ("POST", OPS_PREFIX + "/models"): LoadModelRequest,
+    ("POST", OPS_PREFIX + "/prefetch"): PrefetchRequest,
     ("PUT", OPS_PREFIX + "/scheduling/{model}"): SchedulingPolicy,
     ("PUT", OPS_PREFIX + "/cache/{key}"): StageRequest,
 }
@@ -52,6 +60,12 @@ def ops_router(manager: ModelManager, cache: ModelCacheStore, reporter: NodeRepo
         body = await _parse(request, LoadModelRequest)
         state, ready = await manager.load(body)
         return _json(state, 200 if ready else 202)
+
+    @router.post("/prefetch", status_code=202)
+    async def prefetch(request: Request) -> Response:
+        """Read a model's weight files into the page cache ahead of its load (202; the state
+        is in `GET /v1/node`'s `prefetches`)."""
+        return _json(await manager.prefetch(await _parse(request, PrefetchRequest)), 202)
 
     @router.delete("/models/{name:path}")
     async def unload_model(name: str) -> Response:

@@ -60,12 +60,23 @@ from mlxpool.agent.serving.promptcache import PromptCache
 from mlxpool.agent.serving.repository import ModelRepository, ServedModel
 from mlxpool.agent.serving.servedengine import ServedEngine
 from mlxpool.agent.serving.tokenizing import LanedPromptEncoder
-from mlxpool.agentapi import LoadModelRequest, ModelPhase, ModelState, ModelTier, QueueReport
+from mlxpool.agentapi import (
+    LoadModelRequest,
+    ModelPhase,
+    ModelState,
+    ModelTier,
+    PrefetchPhase,
+    PrefetchRequest,
+    PrefetchState,
+    QueueReport,
+)
 
 log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".npz", ".gguf")
 LOAD_ON_REQUEST_OWNER = "load-on-request"
+PREFETCHES_KEPT = 16
+"""Prefetch states reported in `/v1/node` (the oldest go first)."""
 """The `owner` of loads a request made (`multi_model.load_on_request`)."""
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
 
@@ -230,6 +241,9 @@ class ModelManager:
         """Bytes per second of bringing a model into an engine from each tier (moving averages)."""
         self._on_switch = on_switch
         self._background: set[asyncio.Task[None]] = set()
+        self._prefetches: dict[str, PrefetchState] = {}
+        """Resolved directory -> its latest prefetch, oldest first (at most PREFETCHES_KEPT)."""
+        self._prefetching: set[asyncio.Task[None]] = set()
         self._known: dict[str, str] = {}
         """Name -> directory of every model loaded from a path here (what a request may bring back)."""
 
@@ -294,6 +308,50 @@ class ModelManager:
                      record.name, record.path, estimate, ",".join(v.name for v in victims) or "-")
             self._changed()
             return record.state(), False
+
+    # ---- prefetch: the page cache, ahead of an announced load ----
+
+    async def prefetch(self, request: PrefetchRequest) -> PrefetchState:
+        """Start reading a model's weight files into the page cache (off the event loop), or
+        report the read already under way for that directory."""
+        path = await self._resolve(LoadModelRequest(name="prefetch", path=request.path, cache_key=request.cache_key))
+        key = str(path)
+        current = self._prefetches.get(key)
+        if current is not None and current.phase is PrefetchPhase.PREFETCHING:
+            return current
+        state = PrefetchState(path=key, phase=PrefetchPhase.PREFETCHING,
+                              bytes=await asyncio.to_thread(weights_bytes, path))
+        self._prefetches.pop(key, None)
+        self._prefetches[key] = state
+        while len(self._prefetches) > PREFETCHES_KEPT:
+            del self._prefetches[next(iter(self._prefetches))]
+        task = asyncio.create_task(self._prefetch(state, path), name=f"prefetch-{path.name}")
+        self._prefetching.add(task)
+        task.add_done_callback(self._prefetching.discard)
+        log.info("model prefetch started path=%s bytes=%d", key, state.bytes)
+        return state
+
+    async def _prefetch(self, state: PrefetchState, path: Path) -> None:
+        started = time.perf_counter()
+        try:
+            files = await weights.WeightFiles.open(path)
+            try:
+                await files.warm()
+            finally:
+                files.close()
+        except OSError as exc:
+            done = state.model_copy(update={"phase": PrefetchPhase.FAILED, "message": f"reading failed: {exc}"})
+            log.warning("model prefetch failed path=%s error=%s", state.path, exc)
+        else:
+            done = state.model_copy(update={"phase": PrefetchPhase.WARM,
+                                            "seconds": round(time.perf_counter() - started, 4)})
+            log.info("model prefetched path=%s bytes=%d seconds=%.3f", state.path, state.bytes, done.seconds)
+        if self._prefetches.get(state.path) is state:
+            self._prefetches[state.path] = done
+        self._changed()
+
+    def prefetches(self) -> list[PrefetchState]:
+        return list(self._prefetches.values())
 
     async def load_for_request(self, name: str) -> bool:
         """For a request naming `name`, not served now: load it if it is known and allowed, and
@@ -579,6 +637,8 @@ class ModelManager:
 
     async def close(self) -> None:
         """Stop every engine now (shutdown: the drain already waited for requests)."""
+        for task in list(self._prefetching):
+            task.cancel()  # a read already in its thread finishes there, unawaited
         for record in list(self._records.values()):
             prior = record.task
             if record.phase is not ModelPhase.UNLOADING:

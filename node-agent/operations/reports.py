@@ -83,5 +83,5 @@ class NodeReporter:
             name=self._identity.name, endpoint=self._identity.endpoint(), hardware=hw,
             max_models=self._manager.capacity.max_models, free_memory_bytes=free, device_memory_used_bytes=used,
             models=self._manager.states(residency), cache=self._cache.entries(), queue=self._manager.queue(),
-            agent_version=__version__, scheduling=self.policies.applied(),
+            agent_version=__version__, scheduling=self.policies.applied(), prefetches=self._manager.prefetches(),
         )

@@ -8,6 +8,8 @@ read by the operator's placement (pure), which counts only active models as slot
 
 from __future__ import annotations
 
+import os
+
 import httpx
 import pytest
 
@@ -85,3 +87,38 @@ def test_a_model_that_loses_its_slot_is_parked_and_a_request_wakes_it(tier_agent
     wait_tiers(tier_agent, {"tiny": ("ready", "parked")})
     assert complete(tier_agent, "tiny")["text"] == before["text"]
     wait_tiers(tier_agent, {"tiny": ("ready", "active")})
+
+
+def test_a_prefetched_model_loads_from_the_page_cache(tier_agent, tmp_path):
+    from mlxpool.agent.operations import filetiers
+    from mlxpool.tinymodel import make_tiny
+
+    auth = {"Authorization": f"Bearer {OPS}"}
+    announced = make_tiny(tmp_path / "announced", seed=7)
+    for path in filetiers.weight_files(announced):  # written pages are dirty: flush them, then drop
+        with path.open("rb+") as f:
+            os.fsync(f.fileno())
+    filetiers.drop(announced)
+    assert filetiers.tier_of(announced).value == "disk"
+    refused = httpx.post(f"{tier_agent.url}/v1/node/prefetch", headers=auth, json={"path": "relative/dir"}, timeout=10)
+    assert refused.status_code == 400 and "absolute" in refused.json()["error"]["message"], refused.text
+    started = httpx.post(f"{tier_agent.url}/v1/node/prefetch", headers=auth, json={"path": str(announced)}, timeout=10)
+    assert started.status_code == 202 and started.json()["phase"] in ("prefetching", "warm"), started.text
+    import time
+
+    deadline, state = time.monotonic() + 30, {}
+    while time.monotonic() < deadline:
+        state = next(p for p in node(tier_agent)["prefetches"] if p["path"] == str(announced.resolve()))
+        if state["phase"] != "prefetching":
+            break
+        time.sleep(0.05)
+    assert state["phase"] == "warm" and state["bytes"] > 0 and state["seconds"] >= 0, state
+    assert filetiers.tier_of(announced).value == "page_cache"  # read, not loaded: nothing in an engine
+    assert "announced" not in tiers(tier_agent)
+    load = httpx.post(f"{tier_agent.url}/v1/node/models", headers=auth,
+                      json={"name": "announced", "path": str(announced)}, timeout=10)
+    assert load.status_code == 202, load.text
+    wait_tiers(tier_agent, {"tiny": ("ready", "parked"), "announced": ("ready", "active")})
+    loaded = next(m for m in node(tier_agent)["models"] if m["name"] == "announced")
+    assert loaded["last_switch_from"] == "page_cache", loaded
+    assert httpx.delete(f"{tier_agent.url}/v1/node/models/announced", headers=auth, timeout=10).status_code == 200
