@@ -1,13 +1,20 @@
 // Tests of the weight-manager core without Python; built with sanitizers by `make native-test`.
+#include <atomic>
 #include <cerrno>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <functional>
+#include <memory>
+#include <stdexcept>
 #include <string>
 #include <system_error>
+#include <thread>
 #include <vector>
 
+#include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -17,6 +24,8 @@
 #endif
 
 #include "mapped_file.h"
+#include "pinning.h"
+#include "prefetching.h"
 #include "weight_set.h"
 
 // Unlike assert, stays on in release builds.
@@ -158,6 +167,73 @@ void lock_beyond_the_limit_fails_and_leaves_nothing_locked() {
   CHECK(ok);
 }
 
+// The fallback when the OS refuses: the pin set keeps what it pinned, reports the
+// errno (the loader turns it into the RLIMIT_MEMLOCK warning) and stays usable; release
+// gives the locked pages back (the limit's room can be used again).
+void pin_set_refused_by_the_os_keeps_what_it_pinned() {
+  bool ok = in_child_with_memlock_limit(kPage * 2, [&] {
+    const std::size_t len = kPage * 8;
+    void* mem = ::mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (mem == MAP_FAILED) _exit(20);
+    std::memset(mem, 1, len);
+    auto* bytes = static_cast<unsigned char*>(mem);
+    mlxpool::PinSet pins(len);  // the budget allows all of it: the OS is what refuses
+    if (pins.add(bytes, kPage) != 0) _exit(21);
+    int err = pins.add(bytes + 2 * kPage, 4 * kPage);  // 1 + 4 pages > the 2-page limit
+    if (err != ENOMEM && err != EPERM && err != EAGAIN) _exit(22);
+    if (pins.bytes() != kPage || pins.spans() != 1) _exit(23);  // nothing half-counted
+    if (pins.resident_bytes() != kPage) _exit(24);
+    if (pins.add(bytes + 7 * kPage, kPage) != 0 || pins.bytes() != 2 * kPage) _exit(25);  // still usable
+    pins.release();
+    if (pins.bytes() != 0 || pins.spans() != 0) _exit(26);
+    mlxpool::PinSet again(len);
+    if (again.add(bytes, 2 * kPage) != 0) _exit(27);  // the released pages' room is free again
+    again.release();
+    ::munmap(mem, len);
+  });
+  CHECK(ok);
+}
+
+// Submitters racing close(), and a waiter blocked while the pool closes: every submit
+// either queues or throws logic_error, wait() returns, all threads are joined (ASan
+// sees any use of a freed job or mapping).
+void prefetcher_close_races_submitters_and_waiters() {
+  TempFile file(kPage * 16);
+  auto mapping = std::make_shared<const mlxpool::MappedFile>(file.path);
+  for (int round = 0; round < 20; ++round) {
+    auto pool = std::make_unique<mlxpool::Prefetcher>(3);
+    std::atomic<int> refused{0}, queued{0};
+    std::atomic<bool> go{false};
+    std::vector<std::thread> submitters;
+    for (int t = 0; t < 4; ++t) {
+      submitters.emplace_back([&] {
+        while (!go.load()) std::this_thread::yield();
+        for (int i = 0; i < 200; ++i) {
+          try {
+            pool->submit(mapping, static_cast<std::size_t>(i % 16) * kPage, kPage);
+            queued.fetch_add(1);
+          } catch (const std::logic_error&) {
+            refused.fetch_add(1);
+          }
+        }
+      });
+    }
+    std::thread waiter([&] {
+      while (!go.load()) std::this_thread::yield();
+      pool->wait();
+    });
+    go.store(true);
+    std::this_thread::sleep_for(std::chrono::microseconds(50 * round));
+    pool->close();
+    for (auto& t : submitters) t.join();
+    waiter.join();
+    CHECK(queued.load() + refused.load() == 800);
+    CHECK(pool->closed() && pool->running() == 0 && pool->threads() == 0);
+    pool.reset();  // destroyed after close: nothing left to join
+  }
+  CHECK(mapping.use_count() == 1);  // no job kept a reference to the mapping
+}
+
 }  // namespace
 
 int main() {
@@ -169,6 +245,8 @@ int main() {
       {"weight_set_aggregates_files", weight_set_aggregates_files},
       {"weight_set_with_a_missing_file_throws", weight_set_with_a_missing_file_throws},
       {"lock_beyond_the_limit_fails_and_leaves_nothing_locked", lock_beyond_the_limit_fails_and_leaves_nothing_locked},
+      {"pin_set_refused_by_the_os_keeps_what_it_pinned", pin_set_refused_by_the_os_keeps_what_it_pinned},
+      {"prefetcher_close_races_submitters_and_waiters", prefetcher_close_races_submitters_and_waiters},
   };
   for (const auto& [name, test] : tests) {
     test();
