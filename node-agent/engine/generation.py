@@ -670,9 +670,12 @@ class BatchEngine:
         waiting = self._waiting
 
         def first(sequence: _Sequence) -> bool:
-            # Protected, or aged into the protected tier's lane: the aging bound still holds.
+            # Protected; aged into the protected tier's lane (the aging bound still holds); or
+            # a paused sequence resuming with its KV (one token to feed: no prefill to speak of).
+            if _protected(sequence) or (sequence.paused is not None and sequence.paused.cache is not None):
+                return True
             arrival = sequence.forecast.arrival if sequence.forecast is not None else now
-            return _protected(sequence) or waiting.group(sequence.request.priority, arrival, now) <= lane
+            return waiting.group(sequence.request.priority, arrival, now) <= lane
 
         taken = waiting.pop(free, cost=_prefill_cost, budget=budget, at_least_one=self._prefilling == 0,
                             now=now, only=first)

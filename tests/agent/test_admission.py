@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from mlxpool.agent.engine.admission import protected_prefill_tokens
-from mlxpool.agent.engine.generation import BatchEngine, EngineConfig, _Sequence
+from mlxpool.agent.engine.generation import BatchEngine, EngineConfig, _Paused, _Sequence
 from mlxpool.agent.engine.interface import GenerationRequest, SamplingParams, TierTerms
 from mlxpool.agent.engine.scheduling import PriorityAdmission
 from mlxpool.agent.errors import QueueFull
@@ -205,8 +205,15 @@ def test_while_a_critical_waits_for_its_first_token_other_tiers_bring_no_big_pre
     old.forecast = engine._forecast(aged)
     engine._waiting.push("aged", old, Priority.LOW, forecast=old.forecast, weight=40)
     engine._waiting.push("critical", taken[0], Priority.CRITICAL, forecast=taken[0].forecast, weight=40)
+    paused_request = GenerationRequest("paused", tuple(range(3, 43)), SamplingParams(max_tokens=4), Priority.LOW,
+                                       terms=low, arrival=now)
+    paused = _Sequence(paused_request, asyncio.Queue(), loop)
+    paused.forecast = engine._forecast(paused_request)
+    paused.paused = _Paused([object()], list(range(3, 45)))  # its KV kept: one token to feed on resume
+    engine._waiting.push("paused", paused, Priority.LOW, forecast=paused.forecast, over_limit=True)
     taken = engine._pop_admissions(8)
-    assert {s.request.request_id for s in taken} == {"critical", "aged"}
+    assert {s.request.request_id for s in taken} == {"critical", "aged", "paused"}
+    paused.paused = None
     # The critical has its first token: nothing is protected any more, the lows go together.
     for uid, sequence in enumerate(taken):
         sequence.generated = 1
