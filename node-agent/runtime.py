@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import logging
 import signal
 import socket
+import sys
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -63,6 +65,8 @@ T = TypeVar("T")
 FINAL_STATUS_TIMEOUT_S = 5.0
 MEMORY_WATCH_SECONDS = 0.25
 """How often the OS's available memory is read for the engines' admission decisions."""
+ENGINE_MODULE = "mlxpool.agent.engine.generation"
+"""Imported off the loop before the first engine is made (`_import_engine`)."""
 
 
 @dataclass(frozen=True)
@@ -155,6 +159,8 @@ class AgentRuntime:
         )
         if config.runtime.multi_model.load_on_request:
             self.dataplane.load_on_request = self.operations.manager.load_for_request
+        self.operations.manager.before_engine = self._import_engine
+        self._engine_import: asyncio.Task[object] | None = None
         # ----
         self.app = create_app(self.dataplane, self.metrics, config.credentials,
                               ops=ops_router(self.operations.manager, self.operations.cache,
@@ -242,6 +248,18 @@ class AgentRuntime:
         )
 
     # ---- operations API wiring: engines for the model manager, prompt status writes ----
+
+    async def _import_engine(self) -> None:
+        """Import the engine module (MLX, mlx-lm, transformers) on a thread, once: imported
+        on the loop by `make_engine`, it stalled an agent started without a model for
+        1.4-2.9 s at its first load, so the operator's health probes timed out and pools
+        moved off the node that was loading their model (and back)."""
+        if ENGINE_MODULE in sys.modules:
+            return
+        if self._engine_import is None:
+            self._engine_import = asyncio.create_task(asyncio.to_thread(importlib.import_module, ENGINE_MODULE),
+                                                      name="engine-import")
+        await asyncio.shield(self._engine_import)
 
     def make_engine(
         self, path: str, name: str, *, warm: bool, identity: str, on_weights_loaded: Callable[[], None],

@@ -46,7 +46,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -246,6 +246,10 @@ class ModelManager:
         self._prefetching: set[asyncio.Task[None]] = set()
         self._known: dict[str, str] = {}
         """Name -> directory of every model loaded from a path here (what a request may bring back)."""
+        self.before_engine: Callable[[], Awaitable[None]] | None = None
+        """Awaited before each engine is made: the runtime imports the engine module (MLX,
+        mlx-lm, transformers: 1.3-2.3 s) there off the event loop, which an agent started
+        without a model would otherwise do on it at its first load (`make_engine`)."""
 
     # ---- reading ----
 
@@ -469,6 +473,8 @@ class ModelManager:
                     digest = identity.combined(base.identity, digest)
                 record.identity = digest
                 source = await asyncio.to_thread(filetiers.tier_of, Path(record.path))
+                if self.before_engine is not None:
+                    await self.before_engine()
                 if base is not None:
                     assert base.engine is not None
                     record.engine = self._make_engine(record.path, record.name, warm=record.warm, identity=digest,
