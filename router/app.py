@@ -33,6 +33,7 @@ from mlxpool.router.picking.signals import EndpointSignals
 from mlxpool.router.polling import SignalPoller
 from mlxpool.router.relaying import INFERENCE_PATHS, InferenceEndpoint
 from mlxpool.router.settings import RouterSettings, SheddingSettings, TableSourceSettings, UpstreamSettings
+from mlxpool.router.sharing import PrefixSharing
 from mlxpool.router.tables.files import follow_file
 from mlxpool.router.tables.holder import TableHolder
 
@@ -127,6 +128,11 @@ def create_app(settings: RouterSettings, metrics: RouterMetrics | None = None) -
                 poller = asyncio.create_task(app.state.poller.run(), name="signal-poller")
                 poller.add_done_callback(_log_poller_end)
                 stack.push_async_callback(_cancel, poller)
+            if settings.sharing.redis_url is not None:
+                app.state.sharing = PrefixSharing(settings.sharing, strategies.prefix_indexes())
+                sharing = asyncio.create_task(app.state.sharing.run(), name="prefix-sharing")
+                sharing.add_done_callback(_log_sharing_end)
+                stack.push_async_callback(_cancel, sharing)
             if settings.first_table_wait > 0:
                 await _first_table(holder, settings.first_table_wait)
             yield
@@ -216,6 +222,11 @@ def _log_source_end(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("routing table source stopped; the table will not change any more",
                   exc_info=task.exception())
+
+
+def _log_sharing_end(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("prefix sharing stopped; replicas place prefixes on their own", exc_info=task.exception())
 
 
 def _log_poller_end(task: asyncio.Task[None]) -> None:

@@ -128,7 +128,7 @@ class Forwarder:
             raise ModelNotFound(
                 f"model {request.model!r} is not served by pool {table.namespace}/{table.pool}", param="model")
         endpoints = table.endpoints_for(request.model)
-        pick = PickRequest(request.model, request.prompt, request.priority, self.clock())
+        pick = PickRequest(request.model, request.prompt, request.priority, self.clock(), request.session)
         self._shed_if_saturated(pick, endpoints)
         pipeline = self.strategies.for_name(self._strategy(table, request))
         ranked = pipeline.rank(pick, endpoints, self.signals) if endpoints else []

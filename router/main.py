@@ -19,6 +19,7 @@ from mlxpool.router.app import create_app, shedding_policy
 from mlxpool.router.settings import (
     PoolRef,
     RouterSettings,
+    SharingSettings,
     SheddingSettings,
     SignalSettings,
     StalePolicy,
@@ -88,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help="older reports are stale")
     signals.add_argument("--signals-stale", choices=[p.value for p in StalePolicy], default=sig.stale_policy.value,
                          help="a stale endpoint counts as saturated, or is scored on local counts (fallback)")
+    share = parser.add_argument_group("prefix index shared by router replicas (Redis)")
+    shr = SharingSettings()
+    share.add_argument("--prefix-redis", metavar="URL", default=None,
+                       help="redis://host:port/db: share prefix-affinity indexes with the pool's other replicas")
+    share.add_argument("--prefix-redis-key", metavar="KEY", default=shr.key,
+                       help="the Redis stream of this pool's replicas (one per pool)")
     return parser
 
 
@@ -137,6 +144,7 @@ def settings_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace
                                       high=args.shed_high, mean_output_tokens=args.shed_mean_output_tokens),
             signals=SignalSettings(interval=args.signals_interval, max_age=args.signals_max_age,
                                    stale_policy=StalePolicy(args.signals_stale)),
+            sharing=SharingSettings(redis_url=args.prefix_redis, key=args.prefix_redis_key),
             strategies_file=args.strategies,
             limits=SizeLimits(max_body_bytes=args.max_body_bytes, max_header_bytes=args.max_header_bytes),
             first_table_wait=args.first_table_wait if args.first_table_wait is not None

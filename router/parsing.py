@@ -32,6 +32,11 @@ MAX_MODEL_CHARS = 512
 STRATEGY_HEADER = "x-mlxpool-strategy"
 """Names the strategy profile for this request, among those the pool's table allows."""
 
+SESSION_HEADER = "x-session-id"
+"""Names the conversation a request belongs to: `session-affinity` keeps it on one endpoint."""
+
+MAX_SESSION_CHARS = 256
+
 
 @dataclass(frozen=True)
 class InferenceRequest:
@@ -42,6 +47,8 @@ class InferenceRequest:
     body: bytes
     strategy: str | None = None
     """The profile the request asked for (`STRATEGY_HEADER`), not yet checked against the table."""
+    session: str | None = None
+    """The conversation (`SESSION_HEADER`), for session affinity."""
 
 
 def parse_inference_request(body: bytes, headers: Mapping[str, str]) -> InferenceRequest:
@@ -71,7 +78,12 @@ def parse_inference_request(body: bytes, headers: Mapping[str, str]) -> Inferenc
     strategy = headers.get(STRATEGY_HEADER)
     if strategy is not None and not (0 < len(strategy) <= 63):
         raise BadRequest(f"{STRATEGY_HEADER} must name a strategy (1 to 63 characters)", param=STRATEGY_HEADER)
-    return InferenceRequest(model, stream, priority or header_priority, _prompt_text(document), body, strategy)
+    session = headers.get(SESSION_HEADER) or None
+    if session is not None and len(session) > MAX_SESSION_CHARS:
+        raise BadRequest(f"{SESSION_HEADER} has {len(session)} characters; at most {MAX_SESSION_CHARS} are accepted",
+                         param=SESSION_HEADER)
+    return InferenceRequest(model, stream, priority or header_priority, _prompt_text(document), body, strategy,
+                            session)
 
 
 def _priority(value: Any, where: str) -> Priority | None:

@@ -158,6 +158,26 @@ class SheddingSettings:
 
 
 @dataclass(frozen=True)
+class SharingSettings:
+    """How router replicas share their prefix indexes through Redis (`mlxpool.router.sharing`)."""
+
+    redis_url: str | None = None
+    """redis://host:port/db of the pool's Redis; None: each replica keeps its index to itself."""
+    key: str = "mlxpool:router:prefixes"
+    """The Redis stream the replicas of one pool write to and read from (one per pool)."""
+    interval: float = 0.02
+    """Seconds between two writes of what this replica recorded (batched)."""
+    max_stream_entries: int = 100_000
+    """Entries the stream keeps (approximately): what a replica starting late catches up on."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.interval <= 10:
+            raise ValueError("sharing interval must be in (0, 10] seconds")
+        if self.max_stream_entries < 1:
+            raise ValueError("sharing max_stream_entries must be >= 1")
+
+
+@dataclass(frozen=True)
 class RouterSettings:
     """Everything one router process needs."""
 
@@ -165,6 +185,7 @@ class RouterSettings:
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
     signals: SignalSettings = field(default_factory=SignalSettings)
     shedding: SheddingSettings = field(default_factory=SheddingSettings)
+    sharing: SharingSettings = field(default_factory=SharingSettings)
     strategies_file: Path | None = None
     """YAML file of strategy profiles merged over the built-in ones (see `profiles`)."""
     limits: SizeLimits = field(default_factory=SizeLimits)

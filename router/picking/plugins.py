@@ -33,6 +33,8 @@ class PickRequest:
     priority: Priority | None = None
     now: float = 0.0
     """Monotonic time of the pick, so plugins never read a clock."""
+    session: str | None = None
+    """The conversation the request belongs to (`x-session-id`), for session affinity."""
 
 
 class NoParams(BaseModel):

@@ -19,12 +19,16 @@ in text share its tokens, all but the last few. Hashes are BLAKE2b (standard lib
 stable across runs and processes, unlike `hash()`), 8 bytes: a collision among even
 millions of entries is unlikely, and would only misplace one request. Pure data, no
 clock, no I/O.
+
+Router replicas share what they record (`mlxpool.router.sharing` carries `outbox` to
+the others through Redis, which `merge` it), so each replica's index sees every
+replica's traffic and N replicas place prefixes as one router would.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 
 BlockHash = bytes
@@ -56,6 +60,13 @@ class PrefixIndex:
             raise ValueError("max_entries must be >= 1")
         self.max_entries = max_entries
         self._entries: OrderedDict[tuple[BlockHash, str], None] = OrderedDict()
+        self.outbox: deque[tuple[tuple[BlockHash, ...], str]] | None = None
+        """When set (`share`), every `record` is also queued here for other router replicas."""
+
+    def share(self, max_pending: int) -> deque[tuple[tuple[BlockHash, ...], str]]:
+        """Queue what `record` remembers from now on (at most `max_pending`, oldest dropped)."""
+        self.outbox = deque(maxlen=max_pending)
+        return self.outbox
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -72,6 +83,12 @@ class PrefixIndex:
 
     def record(self, blocks: Sequence[BlockHash], url: str) -> None:
         """Remember that `url` was sent the prompt of `blocks`, evicting the least recently used."""
+        if self.outbox is not None and blocks:
+            self.outbox.append((tuple(blocks), url))
+        self.merge(blocks, url)
+
+    def merge(self, blocks: Sequence[BlockHash], url: str) -> None:
+        """As `record`, for what another replica sent (never queued again)."""
         # Deepest block first, so a prompt's leading blocks are the most recent: eviction
         # trims remembered prompts from their tail, never leaving a tail no match can reach.
         for block in reversed(blocks):

@@ -25,10 +25,12 @@ from mlxpool.router.picking.loadscorers import (
 )
 from mlxpool.router.picking.picker import MaxScorePicker, Pipeline, WeightedRandomPicker, WeightedScorer
 from mlxpool.router.picking.plugins import Filter, Picker, Plugin, Scorer
+from mlxpool.router.picking.prefixindex import PrefixIndex
 from mlxpool.router.picking.scorers import (
     LeastInFlightScorer,
     LowLatencyScorer,
     PrefixAffinityScorer,
+    SessionAffinityScorer,
     WeightedRoundRobinScorer,
 )
 
@@ -46,6 +48,7 @@ PLUGIN_TYPES: tuple[type[Plugin], ...] = (
     SlotUtilisationScorer,
     PredictedTtftScorer,
     StickyPrefixScorer,
+    SessionAffinityScorer,
     MaxScorePicker,
     WeightedRandomPicker,
 )
@@ -74,12 +77,15 @@ profiles:
   # are placed by load, then by rotation, which spreads new prefixes over the endpoints.
   # A hard cap per endpoint is a max-in-flight filter in a strategies file: a hot prefix
   # then spills onto a second endpoint, which from then on matches it too.
+  # A request naming its conversation (x-session-id) stays on that conversation's
+  # endpoint (session-affinity outweighs the rest), the same on every router replica.
   prefix-affinity:
     filters: [{type: circuit-breaker}]
     scorers:
       - {type: prefix-affinity, weight: 2.0}
       - {type: least-in-flight, weight: 1.0}
       - {type: weighted-round-robin, weight: 0.1}
+      - {type: session-affinity, weight: 4.0}
   # On the agents' own reports (GET /v1/signals), not this router's view: with several
   # router replicas each sees only its own requests, the agents see them all.
   load-aware:
@@ -103,6 +109,7 @@ profiles:
       - {type: queue-depth, weight: 1.0}
       - {type: slot-utilisation, weight: 0.5}
       - {type: weighted-round-robin, weight: 0.1}
+      - {type: session-affinity, weight: 5.0}
 """
 
 
@@ -184,6 +191,16 @@ class Strategies:
         self.default = config.default
         self.pipelines = {name: build_pipeline(name, p) for name, p in config.profiles.items()}
         self._warned: set[str] = set()
+
+    def prefix_indexes(self) -> dict[str, PrefixIndex]:
+        """Every scorer's prefix index, named `profile/position/type` (the same on replicas of one file)."""
+        found: dict[str, PrefixIndex] = {}
+        for name, pipeline in self.pipelines.items():
+            for position, weighted in enumerate(pipeline.scorers):
+                index = getattr(weighted.scorer, "index", None)
+                if isinstance(index, PrefixIndex):
+                    found[f"{name}/{position}/{weighted.scorer.type_name}"] = index
+        return found
 
     def known(self, name: str) -> bool:
         return name in self.pipelines

@@ -9,10 +9,16 @@
   sent (`prefixindex`), so prompts sharing a prefix (a system prompt, a few-shot
   preamble, a conversation's earlier turns) reach the agent whose prefix cache holds
   it; stateful, it records the chosen endpoint's blocks in `picked`.
+- `session-affinity`: a request naming its conversation (`x-session-id`) scores 1 on
+  one endpoint, the highest of hash(session, endpoint URL) (rendezvous hashing), 0
+  elsewhere; without a session it scores 0 everywhere. Stateless: every router replica
+  picks the same endpoint for a conversation, and an endpoint leaving moves only its
+  own conversations.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -137,3 +143,24 @@ class PrefixAffinityScorer(Scorer):
 
     def picked(self, request: PickRequest, ranked: Sequence[RouteEndpoint]) -> None:
         self.index.record(self._blocks(request), ranked[0].url)
+
+
+class SessionAffinityScorer(Scorer):
+    """One endpoint per conversation, the same on every replica (rendezvous hashing)."""
+
+    type_name = "session-affinity"
+
+    def score(
+        self, request: PickRequest, endpoints: Sequence[RouteEndpoint], signals: EndpointSignals
+    ) -> list[float]:
+        if not request.session or not endpoints:
+            return [0.0] * len(endpoints)
+        keys = [rendezvous_key(request.session, e.url) for e in endpoints]
+        best = max(keys)
+        return [1.0 if k == best else 0.0 for k in keys]
+
+
+def rendezvous_key(session: str, url: str) -> bytes:
+    """hash(session, url): the endpoint with the highest key holds the session."""
+    digest = hashlib.blake2b(url.encode(), digest_size=8, key=session.encode("utf-8", "surrogatepass")[:64])
+    return digest.digest()

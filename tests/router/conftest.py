@@ -32,7 +32,13 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from mlxpool.router.app import create_app
-from mlxpool.router.settings import RouterSettings, SignalSettings, TableSourceSettings, UpstreamSettings
+from mlxpool.router.settings import (
+    RouterSettings,
+    SharingSettings,
+    SignalSettings,
+    TableSourceSettings,
+    UpstreamSettings,
+)
 from mlxpool.routing import RouteEndpoint, RoutingTable
 
 LOOPBACK = "127.0.0.1"
@@ -195,7 +201,8 @@ async def start_router(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
     """Factory: `await start_router(table, max_attempts=2, ...)` serves a router following a routes file."""
     async with contextlib.AsyncExitStack() as stack:
         async def start(table: RoutingTable | None = None, *, strategies_file: Path | None = None,
-                        signals: SignalSettings | None = None, **upstream: Any) -> RouterUnderTest:
+                        signals: SignalSettings | None = None, sharing: SharingSettings | None = None,
+                        **upstream: Any) -> RouterUnderTest:
             routes_file = tmp_path / "routes.json"
             if table is not None:
                 write_atomically(routes_file, table.to_json())
@@ -203,6 +210,7 @@ async def start_router(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
                 tables=TableSourceSettings(pool=None, routes_file=routes_file, file_poll_interval=0.02),
                 upstream=UpstreamSettings(**{"connect_timeout": 2.0, "first_byte_timeout": 10.0, **upstream}),
                 signals=signals or SignalSettings(),
+                sharing=sharing or SharingSettings(),
                 strategies_file=strategies_file,
             )
             app = create_app(settings)

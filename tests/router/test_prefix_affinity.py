@@ -163,7 +163,7 @@ def test_the_profile_is_built_in():
     assert REGISTRY["prefix-affinity"] is PrefixAffinityScorer
     pipeline = Strategies(load_strategies()).for_name("prefix-affinity")
     assert [(w.scorer.type_name, w.weight) for w in pipeline.scorers] == [
-        ("prefix-affinity", 2.0), ("least-in-flight", 1.0), ("weighted-round-robin", 0.1)]
+        ("prefix-affinity", 2.0), ("least-in-flight", 1.0), ("weighted-round-robin", 0.1), ("session-affinity", 4.0)]
     assert [f.type_name for f in pipeline.filters] == ["circuit-breaker"]
 
 
@@ -211,3 +211,49 @@ def test_load_wins_over_a_short_shared_opening():
     assert pipeline.rank(PickRequest("m", opening + text("other topic", 32)), EPS, signals)[0].node != "a"
     # Most of the prompt matches on a: affinity decides, busier or not.
     assert pipeline.rank(PickRequest("m", opening + text("first topic", 56)), EPS, signals)[0].node == "a"
+
+
+def test_a_shared_index_queues_its_records_and_merges_without_queueing():
+    index = PrefixIndex(max_entries=100)
+    outbox = index.share(max_pending=2)
+    blocks = prompt_blocks("m", text("sys", 4 * BLOCK), BLOCK, 64)
+
+    index.record(blocks, "http://a")
+    index.merge(blocks, "http://b")  # what another replica sent: matched, never sent on
+    index.record(blocks[:1], "http://c")
+    index.record(blocks[:2], "http://c")
+
+    assert index.match(blocks, ["http://a", "http://b", "http://c"]) == [4, 4, 2]
+    assert list(outbox) == [(tuple(blocks[:1]), "http://c"), (tuple(blocks[:2]), "http://c")]  # bounded
+
+
+def test_session_affinity_is_one_endpoint_per_session_the_same_in_any_order():
+    from mlxpool.router.picking.scorers import SessionAffinityScorer
+
+    eps = [RouteEndpoint(node=f"n{i}", url=f"http://n{i}") for i in range(8)]
+    scorer_ = SessionAffinityScorer()
+
+    def holder(session: str | None, endpoints: list[RouteEndpoint]) -> str | None:
+        scores = scorer_.score(PickRequest("m", session=session), endpoints, EndpointSignals())
+        assert sorted(scores)[:-1] == [0.0] * (len(endpoints) - 1)
+        return endpoints[scores.index(1.0)].node if 1.0 in scores else None
+
+    sessions = [f"conversation-{i}" for i in range(400)]
+    placed = {s: holder(s, eps) for s in sessions}
+    assert all(holder(s, list(reversed(eps))) == placed[s] for s in sessions)  # another replica's order
+    assert min(Counter(placed.values()).values()) > 400 / 8 / 2  # spread over every endpoint
+    assert holder(None, eps) is None
+    # n3 leaves: only its own conversations move.
+    rest = [e for e in eps if e.node != "n3"]
+    assert all(holder(s, rest) == placed[s] for s in sessions if placed[s] != "n3")
+
+
+def test_builtin_prefix_profiles_put_a_session_first():
+    strategies = Strategies(load_strategies())
+    for name in ("prefix-affinity", "sticky-prefix"):
+        pipeline = strategies.for_name(name)
+        signals = EndpointSignals()
+        first = pipeline.rank(PickRequest("m", text("x", 4 * BLOCK), session="s-1"), EPS, signals)[0]
+        for i in range(6):  # other prompts and load do not move it
+            assert pipeline.rank(PickRequest("m", text(f"p{i}", 4 * BLOCK), session="s-1"), EPS, signals)[0] == first
+    assert set(strategies.prefix_indexes()) == {"prefix-affinity/0/prefix-affinity", "sticky-prefix/0/sticky-prefix"}
