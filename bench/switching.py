@@ -13,6 +13,9 @@ non-switching ones (same models, same run).
   and loads the other from page-cache-warm files;
 - cold: as page_cache with the page cache dropped before each switch (root only; skipped
   with a note otherwise);
+- prefetched: as cold, but after the drop the next model is announced
+  (`POST /v1/node/prefetch`, waited for until `warm`) before the request that switches to it
+  (`prefetched_switch_ms`: a cold switch that an announcement made page-cache warm);
 - mlx_lm.server is asked for the other model through its `model` field (how it switches:
   it loads the named model in place of the one it holds), on the hot case's sequence; ours
   and it take turns request by request (ABBA) and `speedup_vs_mlx_lm` is its total time
@@ -137,6 +140,20 @@ def load(server: Server, name: str, path: Path) -> None:
     response = ops(server, "POST", "/models", json={"name": name, "path": str(path), "warm": False})
     assert response.status_code in (200, 202), response.text
     wait_for(lambda: _ready(server, name), 300, f"{name} ready", server.proc)
+
+
+def prefetch(server: Server, path: Path) -> None:
+    """Announce `path` as next (`POST /v1/node/prefetch`) and wait until its files are read."""
+    response = ops(server, "POST", "/prefetch", json={"path": str(path)})
+    assert response.status_code == 202, response.text
+    want = str(path.resolve())
+
+    def warm() -> bool:
+        states = [p for p in ops(server, "GET", "").json()["prefetches"] if p["path"] == want]
+        assert not states or states[-1]["phase"] != "failed", states
+        return bool(states) and states[-1]["phase"] == "warm"
+
+    wait_for(warm, 120, f"{path.name} prefetched", server.proc)
 
 
 def _ready(server: Server, name: str) -> bool:
@@ -286,12 +303,20 @@ def main(argv: list[str] | None = None) -> int:
             if drop_caches():
                 cold = run(ours.url, cold_seq, {"a": "a", "b": "b"}, before_switch=drop_caches)
                 out["cold_switch_ms"] = added_ms(cold_seq, cold)
+                pf_seq = sequence(["a", "b"], n_cold, seed=16, switch_share=0.6)
+                pf_times = []
+                for i, m in enumerate(pf_seq):
+                    if i and m != pf_seq[i - 1]:
+                        drop_caches()
+                        prefetch(ours, models[m])
+                    pf_times.append(ttft(ours.url, m))
+                out["prefetched_switch_ms"] = added_ms(pf_seq, pf_times)
             else:
-                out["cold_switch_ms"] = None
+                out["cold_switch_ms"] = out["prefetched_switch_ms"] = None
                 out["cold_note"] = "page cache not dropped: not permitted here"
             metrics = httpx.get(f"{ours.url}/metrics", timeout=10).text
-        print(f"page cache warm: +{out['page_cache_switch_ms']} ms/switch; cold: +{out['cold_switch_ms']} ms/switch",
-              flush=True)
+        print(f"page cache warm: +{out['page_cache_switch_ms']} ms/switch; cold: +{out['cold_switch_ms']} ms/switch; "
+              f"cold, announced (prefetched): +{out['prefetched_switch_ms']} ms/switch", flush=True)
         # ---- Zipf over 5 models, room for 3: replayed through the agent's policy ----
         reload_s = (out["page_cache_switch_ms"] or 1000) / 1000
         wake_s = max((out["parked_switch_ms_small"] or 1) / 1000, 1e-4)
