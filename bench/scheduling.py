@@ -59,6 +59,7 @@ class Result:
     ttft_s: float
     latency_s: float
     tokens: int
+    prompt_tokens: int = 0
 
 
 async def one(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int, tier: str,
@@ -66,7 +67,7 @@ async def one(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "priority": tier, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
-    ttft, tokens = None, 0
+    ttft, tokens, prompt_tokens = None, 0, 0
     try:
         async with client.stream("POST", f"{url}/v1/completions", json=body, headers={"x-tenant": tenant}) as r:
             if r.status_code != 200:
@@ -78,12 +79,13 @@ async def one(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_
                 chunk = json.loads(line[6:])
                 if chunk.get("usage"):
                     tokens = chunk["usage"].get("completion_tokens") or tokens
+                    prompt_tokens = chunk["usage"].get("prompt_tokens") or prompt_tokens
                 if ttft is None and any(c.get("text") for c in chunk.get("choices") or []):
                     ttft = time.perf_counter() - start
     except (httpx.HTTPError, TimeoutError):
         return Result(tier, tenant, 0, 0.0, time.perf_counter() - start, 0)
     latency = time.perf_counter() - start
-    return Result(tier, tenant, 200, ttft if ttft is not None else latency, latency, tokens)
+    return Result(tier, tenant, 200, ttft if ttft is not None else latency, latency, tokens, prompt_tokens)
 
 
 async def unloaded_ttft(client: httpx.AsyncClient, url: str, model: str, n: int) -> float:
@@ -165,7 +167,11 @@ def mixed_summary(results: list[Result], wall: float) -> dict:
 
 
 def overload_summary(results: list[Result], wall: float, targets: dict[str, float]) -> dict:
-    out: dict = {"requests": len(results), "tok_s": round(sum(r.tokens for r in results) / wall, 1)}
+    # tok_s counts what was served: a server that refuses some requests serves fewer tokens.
+    # work_tok_s (prompt + output tokens of the served requests per second) is its drain rate.
+    out: dict = {"requests": len(results), "tok_s": round(sum(r.tokens for r in results) / wall, 1),
+                 "work_tok_s": round(sum(r.tokens + r.prompt_tokens for r in results) / wall, 1),
+                 "served": sum(1 for r in results if r.status == 200)}
     for tier, _ in CLASSES:
         mine = [r for r in results if r.tier == tier]
         ok = [r for r in mine if r.status == 200]
@@ -248,7 +254,7 @@ def tables(report: dict) -> dict:
     mixed, over = report["mixed"], report["overload"]
     keys_m = ["short_p50_s", "short_p99_s", "long_p50_s", "long_p99_s", "ttft_critical_p99_s", "tok_s", "errors"]
     keys_o = ["critical_sla", "high_sla", "low_sla", "critical_ttft_p99_s", "high_ttft_p99_s", "refused_429",
-              "reject_p99_ms", "jain_index", "tok_s", "errors"]
+              "reject_p99_ms", "jain_index", "tok_s", "work_tok_s", "served", "errors"]
     print("\nmixed workload (36 clients: 12 long low, 24 short critical)")
     print(f"  {'':<24}" + "".join(f"{n:>16}" for n in (OURS, THEIRS)) + f"{'ratio':>10}")
     for k in keys_m:
@@ -272,6 +278,8 @@ def tables(report: dict) -> dict:
         "recompute_fraction": mean(over[OURS], "recompute_fraction"),
         "reject_p99_ms": mean(over[OURS], "reject_p99_ms"),
         "jain_index": mean(over[OURS], "jain_index"), "theirs_jain_index": mean(over[THEIRS], "jain_index"),
+        "ratio_overload_tok_s": ratio(mean(over[OURS], "tok_s"), mean(over[THEIRS], "tok_s")),
+        "ratio_overload_work_tok_s": ratio(mean(over[OURS], "work_tok_s"), mean(over[THEIRS], "work_tok_s")),
         "unloaded_ttft_s": report["unloaded_ttft_s"], "targets_s": report["targets_s"],
         "saturation_req_s": report["saturation_req_s"], "overload_rate_req_s": round(report["overload_rate"], 2),
     }
