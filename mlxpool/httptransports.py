@@ -38,9 +38,14 @@ MAX_HOSTS = 10_000
 
 class PerHostTransport(httpx.AsyncBaseTransport):
     def __init__(self, *, max_connections: int | None = 8, max_keepalive_connections: int = 4,
-                 max_hosts: int = MAX_HOSTS, verify: ssl.SSLContext | None = None) -> None:
+                 max_hosts: int = MAX_HOSTS, verify: ssl.SSLContext | None = None,
+                 keepalive_expiry: float | None = 5.0) -> None:
+        """`keepalive_expiry`: seconds an idle connection is kept (httpx's default, 5 s); the
+        operator keeps its probe connections longer than the longest probe period, or every
+        probe of a large fleet opens a connection (and a TLS session) of its own."""
         self._limits = httpx.Limits(max_connections=max_connections,
-                                    max_keepalive_connections=max_keepalive_connections)
+                                    max_keepalive_connections=max_keepalive_connections,
+                                    keepalive_expiry=keepalive_expiry)
         self._max_hosts = max_hosts
         # One TLS context for all: each transport would otherwise load the CA bundle
         # (~1 MB of RSS per agent; 200 MB at 100 agents with two clients).

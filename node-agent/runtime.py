@@ -188,6 +188,9 @@ class AgentRuntime:
         # The drain already waits for in-flight requests; uvicorn then only closes what is left.
         server = _Server(uvicorn.Config(
             self.app, lifespan="off", log_config=None, access_log=False, timeout_graceful_shutdown=1,
+            # uvicorn closes idle connections after 5 s: the operator probes a watched agent of a
+            # large fleet every ~20 s, and each probe would connect (and handshake TLS) afresh.
+            timeout_keep_alive=75,
             h11_max_incomplete_event_size=self.config.runtime.limits.max_header_bytes,  # where h11 parses
             ssl_certfile=str(auth.tls_cert_file) if tls else None,
             ssl_keyfile=str(auth.tls_key_file) if auth.tls_key_file is not None else None,

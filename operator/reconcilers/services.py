@@ -38,6 +38,8 @@ from mlxpool.operator.reconcilers.runtimes import Runtimes
 log = logging.getLogger(__name__)
 
 LEASE_SYNC_TIMEOUT_S = 15.0
+AGENT_KEEPALIVE_S = 120.0
+"""Seconds an idle connection to an agent is kept (agents keep theirs 75 s)."""
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,11 @@ class OperatorServices:
         # request in httpcore, which starved the event loop at 100 agents (io.transports).
         # One TLS context for both clients (`--agent-ca-file`, else the system's store).
         tls = agent_tls(config.agent_ca_file)
-        http = httpx.AsyncClient(trust_env=False, follow_redirects=False, transport=PerHostTransport(verify=tls))
+        # Kept alive for AGENT_KEEPALIVE_S: a watched agent is probed every nodes / 50 s (20 s at
+        # 1,000 nodes) and reported on every nodes / 20 s; with httpx's 5 s expiry every probe
+        # connected afresh (py-spy at 1,000 agents: ~25% of the operator's CPU in TCP connects).
+        http = httpx.AsyncClient(trust_env=False, follow_redirects=False,
+                                 transport=PerHostTransport(verify=tls, keepalive_expiry=AGENT_KEEPALIVE_S))
         watch_http = httpx.AsyncClient(trust_env=False, follow_redirects=False, transport=PerHostTransport(
             max_connections=None, max_keepalive_connections=0, verify=tls))
         fleet = Fleet(retry_after=config.load_retry_after, owner=config.owner)
