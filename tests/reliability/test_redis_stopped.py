@@ -5,6 +5,8 @@ What users see: nothing. Every request is served (0 failed): the agents serve wi
 sharing. Hung (SIGSTOP), each Redis call would wait its timeout; the breaker opens after
 a few failures and from then on no request waits on Redis. Stopped and started again on
 its port, the agents find it by themselves (a probe each breaker period) and publish again.
+Each phase ends on an event read from the agents' metrics (the breaker open, a failed
+probe counted as a trip, publishing again), not after a sleep.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import shutil
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -48,6 +51,18 @@ def breaker_open(agent: Process) -> bool:
     return metric_total(agent.base_url, "mlxpool_shared_kv_breaker_open") == 1
 
 
+def breaker_trips(agent: Process) -> float:
+    """Times the breaker opened, or stayed open after a failed probe."""
+    return metric_total(agent.base_url, "mlxpool_shared_kv_breaker_trips_total")
+
+
+def failed_probe(agents: list[Process], timeout: float, what: str) -> None:
+    """Until every agent's breaker has probed Redis once more and the probe failed."""
+    before = [breaker_trips(a) for a in agents]
+    for a, tripped in zip(agents, before, strict=True):
+        wait_for(lambda a=a, tripped=tripped: breaker_trips(a) > tripped, timeout, what)
+
+
 def test_redis_hung_then_stopped_under_load(tiny_model, tmp_path: Path):
     port = free_port()
     work = tmp_path / "redis"
@@ -78,8 +93,9 @@ def test_redis_hung_then_stopped_under_load(tiny_model, tmp_path: Path):
 
     threads: list[threading.Thread] = []
     try:
-        agents = [components.start_agent(tiny_model, logs, name=f"agent-{i}",
-                                         extra=["--config", str(config), "--no-warmup"]) for i in range(2)]
+        with ThreadPoolExecutor(2) as pool:  # side by side: each start waits for its agent's ready line
+            agents = list(pool.map(lambda i: components.start_agent(
+                tiny_model, logs, name=f"agent-{i}", extra=["--config", str(config), "--no-warmup"]), range(2)))
         threads = [threading.Thread(target=load, args=(a, 10_000 * i)) for i, a in enumerate(agents)]
         for t in threads:
             t.start()
@@ -93,7 +109,10 @@ def test_redis_hung_then_stopped_under_load(tiny_model, tmp_path: Path):
         for a in agents:
             wait_for(lambda a=a: breaker_open(a), 20, "the breaker to open on a hung Redis")
         opened_s = time.monotonic() - hung
-        time.sleep(2 * OPEN_S)  # traffic through at least one failed probe: measured below, not a sync
+        # Traffic through at least one failed probe of each agent (a probe's request may wait the timeout).
+        trips_open = sum(breaker_trips(a) for a in agents)
+        failed_probe(agents, 20, "a probe of the hung Redis")
+        probes = sum(breaker_trips(a) for a in agents) - trips_open
         while_open = [o for o in outcomes if o[0] > hung + opened_s + 0.1]
 
         # Stopped, then started again on its port: the agents reconnect by themselves.
@@ -101,7 +120,7 @@ def test_redis_hung_then_stopped_under_load(tiny_model, tmp_path: Path):
         os.kill(server.pid, signal.SIGCONT)
         server.popen.wait(10)
         published = [metric_total(a.base_url, "mlxpool_shared_kv_published_total") for a in agents]
-        time.sleep(OPEN_S)
+        failed_probe(agents, 20, "a probe of the stopped Redis (connection refused)")
         server = start_redis(port, work)
         back = time.monotonic()
         for a, before in zip(agents, published, strict=True):
@@ -114,8 +133,8 @@ def test_redis_hung_then_stopped_under_load(tiny_model, tmp_path: Path):
         stop.set()
         for t in threads:
             t.join(30)
-        for a in agents:
-            a.stop(10)
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(lambda a: a.stop(10), agents))
         if server.alive():
             os.kill(server.pid, signal.SIGCONT)
         server.stop(5)
@@ -124,9 +143,10 @@ def test_redis_hung_then_stopped_under_load(tiny_model, tmp_path: Path):
     assert while_open, "no request ran while the breaker was open"
     worst_open = max(o[1] for o in while_open)
     baseline = sorted(o[1] for o in outcomes if o[0] < hung)
-    # With the breaker open a request never waits the Redis timeout (a probe's request may, once per period).
+    # With the breaker open a request never waits the Redis timeout (a probe's request may, once per probe:
+    # counted by the trips; +2 for the probes begun before the count was read, one per agent).
     slow = [o for o in while_open if o[1] > TIMEOUT_S + baseline[len(baseline) // 2]]
-    assert len(slow) <= 2 * 3, f"requests waited on a hung Redis: {slow}"  # 2 agents, <= 3 probes each
+    assert len(slow) <= probes + 2, f"requests waited on a hung Redis: {slow} ({probes} failed probes)"
     print(f"Redis hung then stopped: {len(outcomes)} requests, 0 failed; breaker open {opened_s:.2f}s after the hang; "
           f"{len(while_open)} requests while open, worst {worst_open:.2f}s ({len(slow)} waited a probe's timeout; "
           f"median before the fault {baseline[len(baseline) // 2]:.2f}s); reconnected {reconnect_s:.2f}s after "
