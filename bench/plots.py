@@ -152,7 +152,8 @@ def switching(fig: Figure, d: dict[str, Any]) -> None:
              ("parked, into the small one", "parked_switch_ms_small", OURS),
              ("mlx_lm.server, into the big model", "mlx_lm_big_switch_ms", THEIRS),
              ("page cache warm (reload)", "page_cache_switch_ms", OURS), ("cold (page cache dropped)",
-                                                                          "cold_switch_ms", OURS)]
+                                                                          "cold_switch_ms", OURS),
+             ("cold, next one announced (prefetch)", "prefetched_switch_ms", OURS)]
     _bars(left, [k[0] for k in kinds], [_num(d.get(k[1])) for k in kinds],
           "added time to first token per switch", "ms", [COLOURS[k[2]] for k in kinds])
     loads = [("LRU", "lru_loads"), ("cost-aware", "cost_loads"), ("cost-aware + parking", "parked_loads"),
