@@ -314,6 +314,12 @@ def token_gaps(url: str, prompt: str, max_tokens: int) -> list[float]:
     return gaps
 
 
+def major_faults(pid: int) -> int:
+    """Page faults of `pid` that had to read a page in (from swap or a file): /proc/PID/stat majflt."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[9])  # field 12 of stat; [0] here is field 3 (state)
+
+
 def proc_status_kb(pid: int, key: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(key + ":"):
@@ -329,6 +335,8 @@ def jitter(model: Path, logs: Path, rounds: int, requests: int, max_tokens: int)
                                                 "MLX's Python API cannot wrap the mapping)"}
     gaps: dict[str, list[float]] = {"pinned": [], "unpinned": []}
     swapped: dict[str, list[int]] = {"pinned": [], "unpinned": []}
+    faults: dict[str, list[int]] = {"pinned": [], "unpinned": []}
+    locked: dict[str, list[int]] = {"pinned": [], "unpinned": []}
     weights = weight_bytes(model)
     with swap_file(logs / "swapfile", 1 << 30) as swap:
         out["swap"] = swap
@@ -357,9 +365,12 @@ def jitter(model: Path, logs: Path, rounds: int, requests: int, max_tokens: int)
                     while time.monotonic() < deadline and hog.poll() is None and \
                             proc_status_kb(hog.pid, "VmRSS") << 10 < weights * 0.9:
                         time.sleep(0.05)
+                    before = major_faults(proc.pid)
                     for i in range(requests):
                         gaps[kind] += token_gaps(proc.base_url, f"request {i}: tell me about fleets", max_tokens)
                     swapped[kind].append(proc_status_kb(proc.pid, "VmSwap") * 1024 if proc.alive() else -1)
+                    faults[kind].append(major_faults(proc.pid) - before if proc.alive() else -1)
+                    locked[kind].append(proc_status_kb(proc.pid, "VmLck") * 1024 if proc.alive() else -1)
                 finally:
                     if hog is not None:
                         hog.kill()
@@ -367,14 +378,16 @@ def jitter(model: Path, logs: Path, rounds: int, requests: int, max_tokens: int)
                     proc.stop(10)
                     remove_cgroup(group)
                 print(f"jitter {kind:9s} round {r}: {len(gaps[kind])} gaps, agent swapped "
-                      f"{swapped[kind][-1] / 1e6:.1f} MB", flush=True)
+                      f"{swapped[kind][-1] / 1e6:.1f} MB, locked {locked[kind][-1] / 1e6:.1f} MB, "
+                      f"{faults[kind][-1]} major faults while streaming", flush=True)
     for kind, g in gaps.items():
         if not g:
             continue
         g = sorted(g)
         p50, p99 = g[len(g) // 2], g[min(len(g) - 1, int(len(g) * 0.99))]
         out[kind] = {"tokens": len(g), "p50_ms": round(p50 * 1e3, 2), "p99_ms": round(p99 * 1e3, 2),
-                     "p99_over_p50": round(p99 / p50, 3), "agent_swap_bytes": swapped[kind]}
+                     "p99_over_p50": round(p99 / p50, 3), "agent_swap_bytes": swapped[kind],
+                     "agent_locked_bytes": locked[kind], "major_faults_while_streaming": faults[kind]}
     if isinstance(out.get("pinned"), dict) and isinstance(out.get("unpinned"), dict):
         pinned, unpinned = cast("dict[str, float]", out["pinned"]), cast("dict[str, float]", out["unpinned"])
         out["pinned_jitter_ratio"] = round(pinned["p99_over_p50"] / unpinned["p99_over_p50"], 3)
