@@ -26,7 +26,7 @@ tick and per pass, were most of the operator's CPU (docs/fleet-scale.md).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from mlxpool.agentapi import ModelPhase
@@ -34,6 +34,58 @@ from mlxpool.operator.logic.placement import AgentView
 
 PoolKey = tuple[str, str]
 Pair = tuple[str, str]
+
+
+class PairSet:
+    """A set of (node, model) pairs that also knows each node's models: `on(node)` is asked
+    for every node a pool pass chooses, and scanning every pair of a 1,000-node fleet each
+    time was 4% of the operator's CPU at rest. Compares equal to a set of the same pairs."""
+
+    def __init__(self) -> None:
+        self._by_node: dict[str, set[str]] = {}
+
+    def on(self, node: str) -> set[str]:
+        return set(self._by_node.get(node, ()))
+
+    def add(self, pair: Pair) -> None:
+        self._by_node.setdefault(pair[0], set()).add(pair[1])
+
+    def discard(self, pair: Pair) -> None:
+        models = self._by_node.get(pair[0])
+        if models is not None:
+            models.discard(pair[1])
+            if not models:
+                del self._by_node[pair[0]]
+
+    def update(self, pairs: Iterable[Pair]) -> None:
+        for pair in pairs:
+            self.add(pair)
+
+    def difference_update(self, pairs: Iterable[Pair]) -> None:
+        for pair in list(pairs):
+            self.discard(pair)
+
+    def __contains__(self, pair: object) -> bool:
+        return (isinstance(pair, tuple) and len(pair) == 2
+                and pair[1] in self._by_node.get(pair[0], ()))
+
+    def __iter__(self) -> Iterator[Pair]:
+        return ((node, model) for node, models in self._by_node.items() for model in models)
+
+    def __len__(self) -> int:
+        return sum(map(len, self._by_node.values()))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, PairSet):
+            return self._by_node == other._by_node
+        if isinstance(other, (set, frozenset)):
+            return set(self) == other
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like a set
+
+    def __repr__(self) -> str:
+        return f"PairSet({set(self)!r})"
 """(node, model)."""
 _LIVE = frozenset({ModelPhase.LOADING, ModelPhase.WARMING, ModelPhase.READY})
 
@@ -48,7 +100,7 @@ class Claim:
 class Claims:
     def __init__(self, owner: str | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.pools: dict[PoolKey, Claim] = {}
-        self.managed: set[Pair] = set()
+        self.managed = PairSet()
         """(node, model) pairs the operator loaded: the only models it ever unloads."""
         self.owner = owner
         """Who this operator is on the agents (`LoadModelRequest.owner`); None: no orphan cleanup."""
@@ -138,7 +190,7 @@ class Claims:
         self.managed.discard((node, model))
 
     def managed_on(self, node: str) -> set[str]:
-        return {m for n, m in self.managed if n == node}
+        return self.managed.on(node)
 
     def adopt(self, node: str, agent: AgentView) -> None:
         """What the agent says we loaded (and still holds) is ours to unload, even if we

@@ -254,3 +254,16 @@ def test_the_node_index_follows_claims_releases_and_seeds():
     assert claims.nodes() == {"n2"} and claims.claimed_on("n1") == set()
     claims.seed(B, {"n3": ["z"]})
     assert claims.claimed_by_others(A) == {"n3": {"z"}}
+
+
+def test_managed_pairs_know_each_nodes_models():
+    from mlxpool.operator.logic.claims import PairSet
+
+    pairs = PairSet()
+    pairs.update([("n1", "a"), ("n1", "b"), ("n2", "a")])
+    pairs.discard(("n1", "b"))
+    pairs.discard(("n3", "x"))  # not there: nothing happens
+    assert pairs.on("n1") == {"a"} and pairs.on("n2") == {"a"} and pairs.on("n3") == set()
+    assert pairs == {("n1", "a"), ("n2", "a")} and len(pairs) == 2 and ("n2", "a") in pairs
+    pairs.difference_update([("n1", "a")])
+    assert pairs == {("n2", "a")} and pairs.on("n1") == set()
