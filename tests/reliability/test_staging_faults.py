@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -48,10 +49,13 @@ async def cache(tmp_path: Path):
 
 
 def model_with_loop(tiny_model: Path, where: Path) -> Path:
-    """The tiny model plus a directory whose link points back at its parent (a loop)."""
+    """The tiny model plus a directory with two links back at its parent: a walk that follows
+    links (as the one before the fix did) meets 2**depth paths before its paths grow too long,
+    i.e. it never ends (with one link it ended after ~450 levels of copies)."""
     shutil.copytree(tiny_model, where)
     (where / "sub").mkdir()
     (where / "sub" / "loop").symlink_to(where)
+    (where / "sub" / "loop2").symlink_to(where)
     (where / "sub" / "self").symlink_to(where / "sub" / "self")  # ELOOP: neither file nor directory
     return where
 
@@ -110,17 +114,24 @@ async def test_a_directory_that_is_not_a_model_fails(cache, tmp_path):
 
 
 async def test_delete_stops_a_slow_walk(cache, tiny_model, tmp_path):
-    """A wide tree (many directories): DELETE cancels the walk between directories."""
-    source = tmp_path / "wide"
-    shutil.copytree(tiny_model, source)
+    """A wide tree (many directories) with a loop: DELETE cancels the walk between
+    directories, and the thread that walked ends (before the fix DELETE returned and the
+    thread walked on: the loop made it endless)."""
+    source = model_with_loop(tiny_model, tmp_path / "wide")
     for i in range(3000):
         (source / f"d{i:04d}").mkdir()
+    loop = asyncio.get_running_loop()
+    walkers = ThreadPoolExecutor(2, thread_name_prefix="walker")
+    loop.set_default_executor(walkers)  # the staging's threads, so the test can wait for them to end
     await cache.stage("wide", StageRequest(source=f"file://{source}"))
     await asyncio.sleep(0.01)
     start = time.monotonic()
     await cache.delete("wide")
     assert time.monotonic() - start < 5
     assert cache.entries() == [] and not (cache.root / "wide").exists()
+    loop.set_default_executor(ThreadPoolExecutor(2))
+    # Every thread that worked for the entry ends: nothing walks on after the DELETE (30 s: a hang guard).
+    await asyncio.wait_for(asyncio.to_thread(walkers.shutdown, wait=True), 30)
 
 
 @pytest.fixture
