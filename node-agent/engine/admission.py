@@ -21,10 +21,6 @@ and which running sequence to pause for an urgent one.
   publishes after each step so that `refusal` can answer a doomed request on the
   asyncio side without a round trip through the engine thread (429 in well under a
   step's time).
-- `protected_prefill_tokens`: while a request that may preempt waits for its first token,
-  how many prompt tokens other tiers may bring into an admission so that every step on
-  its way to that token stays within its share of the target (a step that prefills 16
-  prompts took 3 s on bench.scheduling's overload, one that prefills one 0.25 s).
 - `choose_victim`: when a request that may preempt would miss its target waiting for
   a slot, the running sequence to pause: a decoding one of a strictly lower tier, the
   lowest tier first, then the one with the most work left (it would hold its slot
@@ -88,24 +84,6 @@ def retry_after_seconds(wait_s: float) -> int:
 def shed(sheddable: bool, ttft_target_s: float | None, wait_s: float, prefill_s: float) -> bool:
     """Whether to refuse at once: sheddable, with a target the predicted first token misses."""
     return sheddable and ttft_target_s is not None and wait_s + prefill_s > ttft_target_s
-
-
-STEPS_TO_FIRST_TOKEN = 3
-"""Engine steps from admission to a sequence's first token in mlx-lm's BatchGenerator: the
-one that prefills its prompt, the one that moves it to decoding (its first token computed),
-the one that hands that token over."""
-
-
-def protected_prefill_tokens(target_s: float, step_s: float, prefill_tps: float,
-                             steps: int = STEPS_TO_FIRST_TOKEN) -> int:
-    """Prompt tokens of other tiers an admission may take while a protected request (one
-    that may preempt, with a TTFT target of `target_s`) waits for its first token: each of
-    its `steps` steps may last target / steps, of which the decode step (`step_s`) is
-    spent already; the rest at `prefill_tps`. 0: none until its first token is out."""
-    if target_s <= 0 or prefill_tps <= 0:
-        return 0
-    room = target_s / max(1, steps) - max(0.0, step_s)
-    return max(0, math.floor(room * prefill_tps + 1e-9))  # (0.3 / 3 - 0.07) x 1000 is 30, not 29.99
 
 
 def choose_victim(priority: Priority, slack_s: float, free_slots: int, running: Sequence[RunningView]

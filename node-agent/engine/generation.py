@@ -54,7 +54,6 @@ from mlxpool.agent.engine.admission import (
     RefusalReason,
     RunningView,
     choose_victim,
-    protected_prefill_tokens,
     refusal,
     retry_after_seconds,
     tier_waits,
@@ -592,7 +591,11 @@ class BatchEngine:
 
     def _admit(self, generator: BatchGenerator) -> None:
         free = self._free_slots()
-        admitted = self._pop_admissions(free) if free > 0 else []
+        admitted = self._waiting.pop(
+            free, cost=_prefill_cost,
+            budget=self._config.prefill_token_budget - self._prefilling_tokens,
+            at_least_one=self._prefilling == 0, now=time.monotonic(),
+        ) if free > 0 else []
         if self._gate is not None and admitted:
             # Resumed sequences still hold their reservation: only new ones pass the gate.
             resumed = [s for s in admitted if s.paused is not None]
@@ -654,53 +657,6 @@ class BatchEngine:
         self._prefilling_tokens += sum(s.prefill_tokens for s in admitted)
         self._count_prefix_cache()
         self._count_queues()
-
-    def _pop_admissions(self, free: int) -> list[_Sequence]:
-        """The waiting requests to admit into `free` slots. While a protected request (its
-        tier may preempt) waits for its first token with its deadline still ahead, it goes
-        first and other tiers bring at most `admission.protected_prefill_tokens` prompt
-        tokens: no big prefill step stands between it and its first token."""
-        now = time.monotonic()
-        budget = self._config.prefill_token_budget - self._prefilling_tokens
-        protected = self._protected_slack(now)
-        if protected is None:
-            return self._waiting.pop(free, cost=_prefill_cost, budget=budget, at_least_one=self._prefilling == 0,
-                                     now=now)
-        slack, lane = protected
-        waiting = self._waiting
-
-        def first(sequence: _Sequence) -> bool:
-            # Protected; aged into the protected tier's lane (the aging bound still holds); or
-            # a paused sequence resuming with its KV (one token to feed: no prefill to speak of).
-            if _protected(sequence) or (sequence.paused is not None and sequence.paused.cache is not None):
-                return True
-            arrival = sequence.forecast.arrival if sequence.forecast is not None else now
-            return waiting.group(sequence.request.priority, arrival, now) <= lane
-
-        taken = waiting.pop(free, cost=_prefill_cost, budget=budget, at_least_one=self._prefilling == 0,
-                            now=now, only=first)
-        speed = self._speed
-        cap = protected_prefill_tokens(slack, speed.step_seconds(max(1, len(self._running))),
-                                       speed.prefill_tps or PRIOR_PREFILL_TPS)
-        room = min(budget - sum(_prefill_cost(s) for s in taken), cap)
-        if len(taken) < free and room > 0:
-            taken += self._waiting.pop(free - len(taken), cost=_prefill_cost, budget=room, now=now)
-        return taken
-
-    def _protected_slack(self, now: float) -> tuple[float, int] | None:
-        """Seconds until the nearest first-token deadline of a protected request still before
-        it, waiting or admitted without its first token yet, and the most urgent such
-        request's tier rank; None: no such request."""
-        slack: float | None = None
-        lane = len(Priority)
-        for sequence in (*(s for s, _, _ in self._waiting.items()), *self._running.values()):
-            if sequence.generated or not _protected(sequence) or sequence.forecast is None:
-                continue
-            due = sequence.forecast.ttft_deadline
-            if due is not None and due > now:
-                slack = due - now if slack is None else min(slack, due - now)
-                lane = min(lane, sequence.request.priority.rank)
-        return None if slack is None else (slack, lane)
 
     # ---- per-tier figures (exported by the agent's /metrics) ----
 
@@ -1197,12 +1153,6 @@ def _prefill_cost(sequence: _Sequence) -> int:
     if paused is None:
         return len(sequence.request.prompt_tokens)
     return 1 if paused.cache is not None else len(paused.tokens)
-
-
-def _protected(sequence: _Sequence) -> bool:
-    """Whether the sequence's tier may preempt (its first token is protected at admission)."""
-    terms = sequence.request.terms
-    return terms is not None and terms.preempt
 
 
 def _put_all(batch: list[_Put]) -> None:

@@ -151,14 +151,12 @@ class PriorityAdmission(Generic[T]):
             heapq.heappush(self._deadlines, (deadline, seq, request_id))
 
     def pop(self, free_slots: int, *, cost: Callable[[T], int] | None = None, budget: int | None = None,
-            at_least_one: bool = False, now: float | None = None,
-            only: Callable[[T], bool] | None = None) -> list[T]:
+            at_least_one: bool = False, now: float | None = None) -> list[T]:
         """Up to `free_slots` items to admit now, most urgent first, removed from the queue.
 
         With `cost` and `budget`, the items taken cost at most `budget` in all; the first
         item that would overrun it stops the pop (it stays first in line), unless it would
-        be the only one taken and `at_least_one` is set. With `only`, items it rejects are
-        passed over (they keep their place).
+        be the only one taken and `at_least_one` is set.
         """
         taken: list[T] = []
         if free_slots <= 0 or not self._waiting:
@@ -167,8 +165,6 @@ class PriorityAdmission(Generic[T]):
         for request_id, entry in self._ordered(now):
             if len(taken) >= free_slots:
                 break
-            if only is not None and not only(entry.item):
-                continue
             if cost is not None and budget is not None:
                 price = cost(entry.item)
                 if spent + price > budget and not (at_least_one and not taken):

@@ -2,16 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
-import threading
-import time
-
-import httpx
 import pytest
 
-from mlxpool.agent.engine.admission import protected_prefill_tokens
-from mlxpool.agent.engine.generation import BatchEngine, EngineConfig, _Paused, _Sequence
-from mlxpool.agent.engine.interface import GenerationRequest, SamplingParams, TierTerms
 from mlxpool.agent.engine.scheduling import PriorityAdmission
 from mlxpool.agent.errors import QueueFull
 from mlxpool.priorities import Priority
@@ -138,6 +130,11 @@ def test_a_tier_predicted_to_age_into_the_critical_lane_is_refused_at_once(agent
     target 3 s) predicted to wait more than 0.5 s would rank with fresh `critical` ones:
     429 `wait_bound` at once. `background` (no target) keeps the aging guarantee: it waits
     and is served once the slot frees."""
+    import threading
+    import time
+
+    import httpx
+
     config = tmp_path / "runtime.yaml"
     config.write_text("serving: {decode_concurrency: 1, prefill_concurrency: 1}\n"
                       "priority_scheduling: {aging_seconds: 0.5}\n")
@@ -168,55 +165,3 @@ def test_a_tier_predicted_to_age_into_the_critical_lane_is_refused_at_once(agent
         assert 'mlxpool_requests_rejected_total{model_name="tiny",reason="wait_bound"} 1.0' in text
     waiter.join(60)  # the holder went away: the background request runs
     assert patient["r"].status_code == 200, patient["r"].text
-
-
-# ---- the engine's admission while a protected first token is on its way ----
-
-
-def test_while_a_critical_waits_for_its_first_token_other_tiers_bring_no_big_prefill(tmp_path):
-    """The engine's own glue (`BatchEngine._pop_admissions`, no model loaded): a waiting
-    critical request (it may preempt, its deadline ahead) is taken first, and the low ones
-    bring at most `protected_prefill_tokens` prompt tokens with it; once no protected
-    request waits for a first token, admission is the plain ordered pop again."""
-    engine = BatchEngine(str(tmp_path), EngineConfig(max_running=8, prefill_batch_size=8))
-    loop = asyncio.new_event_loop()
-    now = time.monotonic()
-
-    def push(name: str, priority: Priority, tokens: int, terms: TierTerms) -> None:
-        request = GenerationRequest(name, tuple(range(3, 3 + tokens)), SamplingParams(max_tokens=4), priority,
-                                    terms=terms, arrival=now)
-        sequence = _Sequence(request, asyncio.Queue(), loop)
-        sequence.forecast = engine._forecast(request)
-        engine._waiting.push(name, sequence, priority, forecast=sequence.forecast, weight=tokens)
-
-    critical = TierTerms(ttft_target_s=0.3, preempt=True)
-    low = TierTerms(ttft_target_s=30.0)
-    for i in range(3):
-        push(f"low-{i}", Priority.LOW, 40, low)
-    push("critical", Priority.CRITICAL, 40, critical)
-    cap = protected_prefill_tokens(0.3, engine._speed.step_seconds(1), engine._speed.prefill_tps or 400.0)
-    assert cap < 40  # the priors: 0.05 s a step, 400 tokens/s: 20 tokens, less than one low prompt
-    taken = engine._pop_admissions(8)
-    assert [s.request.request_id for s in taken] == ["critical"]
-    # A low request aged into the critical lane (3 x aging_seconds) is not held back: the aging bound holds.
-    aged = GenerationRequest("aged", tuple(range(3, 43)), SamplingParams(max_tokens=4), Priority.LOW, terms=low,
-                             arrival=now - 3 * engine._config.aging_s - 1)
-    old = _Sequence(aged, asyncio.Queue(), loop)
-    old.forecast = engine._forecast(aged)
-    engine._waiting.push("aged", old, Priority.LOW, forecast=old.forecast, weight=40)
-    engine._waiting.push("critical", taken[0], Priority.CRITICAL, forecast=taken[0].forecast, weight=40)
-    paused_request = GenerationRequest("paused", tuple(range(3, 43)), SamplingParams(max_tokens=4), Priority.LOW,
-                                       terms=low, arrival=now)
-    paused = _Sequence(paused_request, asyncio.Queue(), loop)
-    paused.forecast = engine._forecast(paused_request)
-    paused.paused = _Paused([object()], list(range(3, 45)))  # its KV kept: one token to feed on resume
-    engine._waiting.push("paused", paused, Priority.LOW, forecast=paused.forecast, over_limit=True)
-    taken = engine._pop_admissions(8)
-    assert {s.request.request_id for s in taken} == {"critical", "aged", "paused"}
-    paused.paused = None
-    # The critical has its first token: nothing is protected any more, the lows go together.
-    for uid, sequence in enumerate(taken):
-        sequence.generated = 1
-        engine._running[uid] = sequence
-    assert sorted(s.request.request_id for s in engine._pop_admissions(8)) == ["low-0", "low-1", "low-2"]
-    loop.close()

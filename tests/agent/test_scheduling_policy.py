@@ -14,7 +14,6 @@ from mlxpool.agent.engine.admission import (
     RunningView,
     choose_victim,
     predicted_wait,
-    protected_prefill_tokens,
     refusal,
     retry_after_seconds,
     shed,
@@ -326,36 +325,6 @@ def test_the_policy_gives_each_tier_its_wait_bound():
     assert wait_bound(defaults, BACKGROUND) is None
     calm = PriorityScheduling(aging_seconds=2.0, tiers={CRITICAL: TierConfig(preempt=False)})
     assert all(wait_bound(calm, p) is None for p in Priority)  # nobody preempts: nothing to protect
-
-
-def test_other_tiers_prefill_only_what_keeps_a_protected_first_token_on_time():
-    # Target 0.3 s over 3 steps: 0.1 s a step, 0.07 s of it decoding: 0.03 s x 1000 tok/s.
-    assert protected_prefill_tokens(0.3, 0.07, 1000.0) == 30
-    assert protected_prefill_tokens(0.3, 0.2, 1000.0) == 0  # the decode step alone is over its share
-    assert protected_prefill_tokens(3.0, 0.07, 1000.0, steps=1) == 2930
-    assert protected_prefill_tokens(0.0, 0.01, 1000.0) == 0 and protected_prefill_tokens(1.0, 0.01, 0.0) == 0
-
-
-@settings(max_examples=200, deadline=None)
-@given(st.floats(0.001, 60.0), st.floats(0.0, 5.0), st.floats(1.0, 1e5), st.integers(1, 5), st.floats(1.0, 4.0))
-def test_protected_prefill_keeps_each_step_within_its_share(target, step, tps, steps, more):
-    tokens = protected_prefill_tokens(target, step, tps, steps)
-    assert tokens >= 0
-    if tokens > 0:
-        assert step + tokens / tps <= target / steps + 1e-6  # the step it shares stays within its share
-    assert protected_prefill_tokens(target * more, step, tps, steps) >= tokens  # a looser target allows more
-    assert protected_prefill_tokens(target, step * more + 0.001, tps, steps) <= tokens  # a slower step less
-
-
-def test_pop_passes_over_what_only_rejects_and_keeps_its_place():
-    q = queue()
-    q.push("h1", "h1", HIGH, forecast=Forecast(arrival=0.0))
-    q.push("c1", "c1", CRITICAL, forecast=Forecast(arrival=1.0))
-    q.push("h2", "h2", HIGH, forecast=Forecast(arrival=2.0))
-    q.push("c2", "c2", CRITICAL, forecast=Forecast(arrival=3.0))
-    # h1 has aged into the critical lane (group 0) by now=11 and is first, but only criticals go.
-    assert q.pop(4, now=11.0, only=lambda item: item.startswith("c")) == ["c1", "c2"]
-    assert q.ordered(now=11.0) == ["h1", "h2"] and len(q) == 2
 
 
 def test_the_victim_is_the_lowest_tier_with_the_most_work_left():
