@@ -141,9 +141,17 @@ class Api:
                                         headers={"Authorization": f"Bearer {cp.tokens['admin']}"})
 
     async def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
-        """A request, retried while the API server says 429 (a new CRD's storage initializing)."""
-        for _ in range(50):
-            response = await self.client.request(method, url, **kwargs)
+        """A request, retried while the API server says 429 (a new CRD's storage initializing,
+        or too many requests in flight) and, for reads, when it does not answer in 30 s (the
+        two-shard run at 1,000 nodes died on one such list)."""
+        for attempt in range(50):
+            try:
+                response = await self.client.request(method, url, **kwargs)
+            except httpx.ReadTimeout:
+                if method != "GET" or attempt >= 3:
+                    raise
+                print(f"  the API server did not answer GET {url} in 30 s: again", flush=True)
+                continue
             if response.status_code != 429:
                 response.raise_for_status()
                 return response
