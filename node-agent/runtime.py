@@ -181,6 +181,10 @@ class AgentRuntime:
         """Serve until signalled; the process exit code."""
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
+        if self.config.model_path is not None:  # a model to load at once: import its engine meanwhile
+            # (MLX, mlx-lm, transformers: ~2-3 s on the CPU machines) while the server starts and
+            # the model's content identity is hashed, instead of after both.
+            self._background.append(asyncio.create_task(self._import_engine(), name="engine-preimport"))
         sock = _bind(self.config.host, self.config.port)
         auth = self.config.runtime.auth
         tls = auth.tls_cert_file is not None
