@@ -14,7 +14,8 @@ Sections (each prints a table; one JSON line last):
 - max: the router's maximum req/s (closed loop, 64 clients), and the same loop direct.
 - replicas: 3 router replicas vs 1 on the same agents (clients spread over the
   replicas): req/s, and the prefix-cache hit rate of a shared-prefix workload under
-  `sticky-prefix` (each replica keeps its own prefix index).
+  `sticky-prefix`, with the replicas' prefix indexes shared through a real redis-server
+  (`--prefix-redis`) and, for comparison, each replica's own.
 - skewed: 4 agents, one at half speed, 70% short / 30% long prompts, open loop at about
   70% of the pool's capacity: p99 latency and TTFT p90 per strategy.
 - prefix: 150 groups of long system prompts over 4 agents whose prefix caches hold about
@@ -449,37 +450,57 @@ def group_prompt(group: int, user: int, system_chars: int) -> str:
 
 
 async def replicas(bench: Bench, out: dict) -> None:
+    """1 router, then 3 replicas sharing their prefix indexes through Redis, then 3 that do not.
+
+    Each pass sends its shared-prefix groups under a model name of its own, so it starts
+    on cold agent caches (a pass never inherits what the one before warmed).
+    """
+    from bench.sharedkv import start_redis  # only this section needs Redis
+
     quick = bench.args.quick
     seconds = 4.0 if quick else 10.0
-    sims, urls = bench.sims("rep", 8, [MODEL], **FAST_TIMING, prefix_cache_blocks=2000)
+    passes = [("1", 1, True), ("3 shared", 3, True), ("3 own", 3, False)]
+    models = [f"{MODEL}-rep{n}" for n in range(len(passes))]
+    sims, urls = bench.sims("rep", 8, [MODEL, *models], **FAST_TIMING, prefix_cache_blocks=2000)
+    redis_proc = start_redis(bench.work)
+    bench.procs.append(redis_proc)
     routes = bench.work / "rep-routes.json"
-    bench.routes(routes, {MODEL: urls}, "sticky-prefix")
-    routers = [bench.router(f"router-rep{i}", routes) for i in range(3)]
+    bench.routes(routes, dict.fromkeys((MODEL, *models), urls), "sticky-prefix")
+    redis_url = redis_proc.url
+    assert redis_url is not None
+    shared = [bench.router(f"router-rep{i}", routes, ["--prefix-redis", redis_url]) for i in range(3)]
+    own = [bench.router(f"router-own{i}", routes) for i in range(3)]
     prompt = "a short question about the weather today, please answer briefly"
     rows = []
     rps = {}
-    for count in (1, 3):
-        via = itertools.cycle(f"{r.url}/v1/chat/completions" for r in routers[:count])
+    for (name, count, sharing), model in zip(passes, models, strict=True):
+        routers = (shared if sharing else own)[:count]
+        via = itertools.cycle(f"{r.url}/v1/chat/completions" for r in routers)
         results, _ = await closed_loop(lambda i: chat(next(via), MODEL, prompt, 1, False), 32 * count, seconds)
         ok = sum(r.ok for r in results)
-        rps[count] = ok / seconds
+        rps[name] = ok / seconds
         # Shared prefixes: 64 groups; hit rate from the agents' own counters.
         before = _prefix_counts(bench, sims)
-        via = itertools.cycle(f"{r.url}/v1/chat/completions" for r in routers[:count])
-        rng = random.Random(count)
-        await open_loop(lambda i: chat(next(via), MODEL, group_prompt(rng.randrange(64), i, 3000), 1, False),
-                        100, seconds)
+        via = itertools.cycle(f"{r.url}/v1/chat/completions" for r in routers)
+        rng = random.Random(7)  # the same groups in the same order in every pass
+        grouped, _ = await open_loop(
+            lambda i: chat(next(via), model, group_prompt(rng.randrange(64), i, 3000), 1, False), 100, seconds)
         after = _prefix_counts(bench, sims)
         hit = (after[1] - before[1]) / max(after[0] - before[0], 1)
-        rows.append([count, 32 * count, len(results), len(results) - ok, f"{rps[count]:.0f}", f"{hit:.3f}"])
-        out[f"replicas{count}_rps"] = round(rps[count], 1)
-        out[f"replicas{count}_prefix_hit_rate"] = round(hit, 4)
-    out["replicas3_speedup"] = round(rps[3] / rps[1], 3) if rps[1] else None
+        p90 = ms(pct(latencies(grouped), 90))
+        rows.append([name, 32 * count, len(results), len(results) - ok, f"{rps[name]:.0f}", f"{hit:.3f}", p90])
+        key = name.replace(" ", "_")
+        out[f"replicas{key}_rps"] = round(rps[name], 1)
+        out[f"replicas{key}_prefix_hit_rate"] = round(hit, 4)
+        out[f"replicas{key}_prefix_p90_ms"] = p90
+    out["replicas3_speedup"] = round(rps["3 shared"] / rps["1"], 3) if rps["1"] else None
     table(f"active-active replicas: closed loop, 1-token chats, {seconds:.0f} s; then 64 shared-prefix groups at"
-          " 100 req/s under sticky-prefix (each replica's own prefix index)",
-          ["replicas", "clients", "requests", "errors", "req/s", "prefix_hit_rate"], rows)
-    for r in routers:
+          " 100 req/s under sticky-prefix, a model name (cold caches) per pass; '3 shared': prefix indexes"
+          " shared through Redis (--prefix-redis), '3 own': each replica's own",
+          ["replicas", "clients", "requests", "errors", "req/s", "prefix_hit_rate", "p90_ms"], rows)
+    for r in shared + own:
         bench.stop(r)
+    bench.stop(redis_proc)
     bench.stop(sims)
 
 
