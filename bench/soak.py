@@ -223,6 +223,8 @@ class Soak:
     series: dict[str, Series] = field(default_factory=dict)
     tally: Tally = field(default_factory=Tally)
     restart_seconds: float | None = None
+    router_in_flight_idle: float | None = None
+    """The router's in-flight requests once traffic stopped: a reply never closed stays counted."""
 
     def run(self) -> dict:
         logs = self.work / "logs"
@@ -276,6 +278,7 @@ class Soak:
             await asyncio.sleep(1.0)  # the last cancelled streams' cleanup
             # The last sample is taken idle: tasks left then outlived their requests.
             await self._sample(client, procs, time.monotonic() - started)
+            self.router_in_flight_idle = await router_in_flight(client, router)
         return self._report(elapsed)
 
     async def _until_routed(self, client: httpx.AsyncClient, router: str) -> None:
@@ -311,9 +314,18 @@ class Soak:
             "requests": counts, "by_kind": self.tally.by_kind,
             "throughput_rps": round(answered / elapsed, 2) if elapsed else 0.0,
             "restart_seconds": round(self.restart_seconds, 1) if self.restart_seconds is not None else None,
+            "router_in_flight_idle": self.router_in_flight_idle,
             "processes": {name: s.summary() for name, s in self.series.items()},
             "lost_reasons": self.tally.lost_reasons, "failed_reasons": self.tally.failed_reasons,
         }
+
+
+async def router_in_flight(client: httpx.AsyncClient, router: str) -> float:
+    """Sum of the router's `mlxpool_router_in_flight_requests` over its endpoints."""
+    reply = await client.get(router + "/metrics", timeout=10)
+    reply.raise_for_status()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in reply.text.splitlines()
+               if line.startswith("mlxpool_router_in_flight_requests{"))
 
 
 async def _gather_started(starts: list) -> list[Process]:

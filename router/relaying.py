@@ -95,6 +95,10 @@ class InferenceEndpoint:
             watch.stop()
             with anyio.CancelScope(shield=True):
                 await chunks.aclose()  # type: ignore[attr-defined]
+                # A relay cancelled before its first chunk (the client left during the
+                # response start) never ran its own `finally`: close the upstream here, or
+                # its connection stays checked out and its in-flight count never drops.
+                await reply.aclose()
 
     def _count(self, inference: InferenceRequest | None, status: int) -> None:
         """Counts a request the router answered itself (the model only if the table knows it)."""

@@ -25,6 +25,9 @@ def test_soak_loses_nothing_and_does_not_grow(tiny_model, tmp_path):
     assert counts["ok"] >= 20 and counts["cancelled"] >= 5, counts
     assert report["restart_seconds"] is not None, "the agent was never restarted"
     assert report["processes"].get("agent-b2", {}).get("samples", 0) >= 1, "the fresh agent was never sampled"
+    # Every upstream reply was closed, however its client left (a reply left open keeps a
+    # connection checked out and its endpoint counted as busy by the load-aware pickers).
+    assert report["router_in_flight_idle"] == 0, report["router_in_flight_idle"]
     for name in ("router", "agent-a"):  # the ones alive from start to end
         s = report["processes"][name]
         assert s["samples"] >= 10, (name, s)
