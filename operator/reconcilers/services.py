@@ -38,8 +38,10 @@ from mlxpool.operator.reconcilers.runtimes import Runtimes
 log = logging.getLogger(__name__)
 
 LEASE_SYNC_TIMEOUT_S = 15.0
-AGENT_KEEPALIVE_S = 120.0
-"""Seconds an idle connection to an agent is kept (agents keep theirs 75 s)."""
+AGENT_KEEPALIVE_S = 60.0
+"""Seconds an idle connection to an agent is kept: below the agents' own 75 s, so the
+operator drops an idle connection before the agent does and never sends a probe into one
+the agent is closing at that moment (a spurious failed probe)."""
 
 
 @dataclass(frozen=True)

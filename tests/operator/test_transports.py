@@ -81,7 +81,7 @@ def test_requests_do_not_search_sys_path_for_sniffio_on_every_call():
 
 
 def test_idle_connections_are_kept_for_the_keepalive_expiry_given():
-    """The operator keeps its probe connections 120 s: probes of a watched agent come every
+    """The operator keeps its probe connections 60 s (under the agents' 75 s): probes of a watched agent come every
     ~20 s at 1,000 nodes, and with httpx's 5 s each one connected afresh."""
     async def peers(expiry: float) -> set[int]:
         runners, urls = await _servers(1)
