@@ -63,6 +63,9 @@ class Kind(Enum):
     STREAM_CANCELLED = "stream_cancelled"
 
 
+ROUTER_KEEPALIVE_EXPIRY_S = 5.0
+"""How long the router keeps an idle connection to an agent (httpx's default, PerHostTransport's)."""
+
 MIX = (Kind.COMPLETION, Kind.STREAM, Kind.CHAT, Kind.STREAM_CANCELLED)
 
 
@@ -224,6 +227,8 @@ class Soak:
     tally: Tally = field(default_factory=Tally)
     restart_seconds: float | None = None
     router_in_flight_idle: float | None = None
+    router_fds_idle: int | None = None
+    """The router's descriptors after the traffic, once idle connections expired."""
     """The router's in-flight requests once traffic stopped: a reply never closed stays counted."""
 
     def run(self) -> dict:
@@ -279,6 +284,14 @@ class Soak:
             # The last sample is taken idle: tasks left then outlived their requests.
             await self._sample(client, procs, time.monotonic() - started)
             self.router_in_flight_idle = await router_in_flight(client, router)
+            # Descriptors once idle connections could expire: past the router's keep-alive
+            # expiry for agents, then a few round-robin requests (httpcore prunes a pool's
+            # expired connections when it is next used). A leak stays; load's peaks go.
+            await asyncio.sleep(ROUTER_KEEPALIVE_EXPIRY_S + 1.0)
+            for n in range(4):
+                await one_request(client, router, Kind.COMPLETION, n, Tally())
+            await asyncio.sleep(0.5)
+            self.router_fds_idle = (await asyncio.to_thread(read_proc, procs["router"].pid))[1]
         return self._report(elapsed)
 
     async def _until_routed(self, client: httpx.AsyncClient, router: str) -> None:
@@ -314,7 +327,7 @@ class Soak:
             "requests": counts, "by_kind": self.tally.by_kind,
             "throughput_rps": round(answered / elapsed, 2) if elapsed else 0.0,
             "restart_seconds": round(self.restart_seconds, 1) if self.restart_seconds is not None else None,
-            "router_in_flight_idle": self.router_in_flight_idle,
+            "router_in_flight_idle": self.router_in_flight_idle, "router_fds_idle": self.router_fds_idle,
             "processes": {name: s.summary() for name, s in self.series.items()},
             "lost_reasons": self.tally.lost_reasons, "failed_reasons": self.tally.failed_reasons,
         }

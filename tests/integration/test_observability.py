@@ -240,9 +240,16 @@ def test_status_summarises_the_pool_and_its_nodes_and_they_agree(controlplane: C
               and not s.disagreements)
         return s if ok else None
 
-    summary = wait_for(settled, 20, "the pool 2/2 and both nodes READY True")
+    def agreeing() -> tuple[status.Summary, dict] | None:
+        # Read twice: the routing revision may move between the summary and kubectl's read.
+        summary = settled()
+        if summary is None:
+            return None
+        live = kubectl_json(controlplane, "inferencepool", "tiny", "-n", namespace)
+        return (summary, live) if summary.pools[0].revision == live["status"]["routingRevision"] else None
+
+    summary, live = wait_for(agreeing, 20, "the pool 2/2, both nodes READY True, the same routing revision")
     (row,) = summary.pools
-    live = kubectl_json(controlplane, "inferencepool", "tiny", "-n", namespace)
     assert (row.namespace, row.name, row.status, row.models) == (namespace, "tiny", "True", [stack.model])
     assert row.revision == live["status"]["routingRevision"] and row.revision >= 1
     assert sorted(row.nodes) == sorted(names)
