@@ -227,9 +227,9 @@ class Soak:
     tally: Tally = field(default_factory=Tally)
     restart_seconds: float | None = None
     router_in_flight_idle: float | None = None
+    """The router's in-flight requests once traffic stopped: a reply never closed stays counted."""
     router_fds_idle: int | None = None
     """The router's descriptors after the traffic, once idle connections expired."""
-    """The router's in-flight requests once traffic stopped: a reply never closed stays counted."""
 
     def run(self) -> dict:
         logs = self.work / "logs"
