@@ -190,6 +190,9 @@ class ModelState(_Strict):
     page cache or disk), up to serving; None before the first."""
     last_switch_from: ModelTier | None = None
     """The tier that last switch came from (parked, page_cache or disk)."""
+    shared_bytes: int = 0
+    """Bytes of its weights held as one copy with another loaded model (equal tensors:
+    `multi_model.share_tensors`); not in its `memory_bytes` when it took them from that model."""
 
 
 class StageRequest(_Strict):
@@ -276,3 +279,6 @@ class NodeReport(_Strict):
     """Model name -> the pool policy applied to it (models without one use the node's defaults)."""
     prefetches: list[PrefetchState] = Field(default_factory=list)
     """Recent prefetches (`POST /v1/node/prefetch`), newest last."""
+    shared_tensor_bytes_saved: int | None = None
+    """Weight bytes not in memory because loaded models hold equal tensors as one copy
+    (each shared tensor once per extra model); None: sharing is off."""

@@ -103,6 +103,9 @@ class NodeStatus(_Wire):
     warmup: list[WarmupProgress] = Field(default_factory=list)
     """Models still compiling their shapes before they serve."""
     agent_version: str | None = None
+    shared_tensor_bytes_saved: int | None = Field(
+        default=None, ge=0,
+        description="Weight bytes not in memory because loaded models hold equal tensors as one copy.")
 
     @computed_field  # type: ignore[prop-decorator]
     @property

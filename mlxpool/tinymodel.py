@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -206,9 +207,12 @@ def make_tiny(path: str | Path, size: str = "tiny", seed: int = 0, *, layers: in
     return out
 
 
-def make_variant(base: str | Path, path: str | Path, seed: int = 1, scale: float = 0.01) -> Path:
+def make_variant(base: str | Path, path: str | Path, seed: int = 1, scale: float = 0.01,
+                 layers: Collection[int] | None = None) -> Path:
     """A fine-tune of `base` at `path`: the same config, tokenizer, tensor names, shapes and
-    file sizes, every weight nudged by seeded noise (what two checkpoints of one run look like)."""
+    file sizes, every weight nudged by seeded noise (what two checkpoints of one run look like).
+    `layers`: only those decoder layers' tensors are nudged; every other tensor keeps its
+    base's bytes (a fine-tune of a few layers, what shared-tensor accounting finds)."""
     import shutil
 
     from safetensors.numpy import load_file, save_file
@@ -219,7 +223,11 @@ def make_variant(base: str | Path, path: str | Path, seed: int = 1, scale: float
         if item.is_file() and not item.name.startswith(".") and item.name != "model.safetensors":
             shutil.copy2(item, out / item.name)
     rng = np.random.default_rng(seed)
+    def changed(name: str) -> bool:
+        return layers is None or any(name.startswith(f"model.layers.{k}.") for k in layers)
+
     weights = {name: (value + rng.standard_normal(value.shape, dtype=np.float32) * scale).astype(value.dtype)
+               if changed(name) else value
                for name, value in load_file(str(src / "model.safetensors")).items()}
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "mlx"})
     return out

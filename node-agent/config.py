@@ -266,6 +266,10 @@ class MultiModel(_Section):
     """Absolute directories that models may be loaded on request from (the allow-list)."""
     load_on_request_wait_seconds: float = Field(default=120.0, gt=0, le=3600)
     """How long a request waits for the model it named to load before a 503 (it keeps loading)."""
+    share_tensors: bool = True
+    """Loaded models hold a tensor whose bytes they have in common (a fine-tune and its base) as
+    one copy: found by the content identity's per-tensor digests and checked equal at the load,
+    counted once in the memory books; `shared_tensor_bytes_saved` in /v1/node says how much."""
 
     @field_validator("load_on_request_sources")
     @classmethod

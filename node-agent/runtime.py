@@ -22,7 +22,7 @@ import logging
 import signal
 import socket
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -160,6 +160,8 @@ class AgentRuntime:
         if config.runtime.multi_model.load_on_request:
             self.dataplane.load_on_request = self.operations.manager.load_for_request
         self.operations.manager.before_engine = self._import_engine
+        if self.operations.manager.tensor_share is not None:
+            self.metrics.watch_shared_tensors(self.operations.manager.shared_tensor_bytes_saved)
         self._engine_import: asyncio.Task[object] | None = None
         # ----
         self.app = create_app(self.dataplane, self.metrics, config.credentials,
@@ -270,7 +272,7 @@ class AgentRuntime:
 
     def make_engine(
         self, path: str, name: str, *, warm: bool, identity: str, on_weights_loaded: Callable[[], None],
-        base: ManagedEngine | None = None,
+        base: ManagedEngine | None = None, tensors: Mapping[str, str] | None = None,
     ) -> BatchEngine:
         """The model manager's engine factory: every model, the command line's included, is built here."""
         from mlxpool.agent.engine.generation import BatchEngine  # imports MLX
@@ -280,7 +282,8 @@ class AgentRuntime:
         if base is not None and not isinstance(base, BatchEngine):
             raise TypeError(f"an adapter's base must be a BatchEngine, not {type(base).__name__}")
         return BatchEngine(path, config, name=name, on_weights_loaded=on_weights_loaded, kv_publisher=publisher,
-                           memory=self.memory, available_memory=lambda: self._available_memory, base=base)
+                           memory=self.memory, available_memory=lambda: self._available_memory, base=base,
+                           tensor_share=self.operations.manager.tensor_share, tensor_digests=tensors)
 
     async def _write_status_now(self) -> None:
         if self._registrar is not None:
@@ -377,7 +380,9 @@ class AgentRuntime:
                   for m, where in zip(models, residency, strict=True)]
         warmup = [WarmupProgress(model=name, shapes_done=done, shapes_total=total)
                   for name, done, total in self.operations.manager.warming()]
-        return node_status(ready, loaded, free, device_memory_used_bytes=used, warmup=warmup)
+        status = node_status(ready, loaded, free, device_memory_used_bytes=used, warmup=warmup)
+        status.shared_tensor_bytes_saved = self.operations.manager.shared_tensor_bytes_saved()
+        return status
 
 
 def status_switch(switch: tuple[float | None, ModelTier | None] | None) -> dict[str, Any]:

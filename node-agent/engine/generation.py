@@ -38,7 +38,7 @@ import queue
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -82,6 +82,7 @@ from mlxpool.agent.engine.scheduling import Forecast, PriorityAdmission
 from mlxpool.agent.engine.shapes import Shape, ShapeBook, ShapeKind, ShapePlan, WarmupRun
 from mlxpool.agent.engine.speed import PRIOR_PREFILL_TPS, SpeedModel
 from mlxpool.agent.engine.stopping import StopStringMatcher
+from mlxpool.agent.engine.tensorshare import TensorShare
 from mlxpool.agent.errors import DeadlineExceeded, DeadlineUnreachable, QueueFull, TargetUnreachable, WaitBound
 from mlxpool.priorities import Priority
 
@@ -184,9 +185,13 @@ class BatchEngine:
                  on_weights_loaded: Callable[[], None] | None = None,
                  kv_publisher: KVPublisher | None = None, memory: MemoryBooks | None = None,
                  available_memory: Callable[[], int | None] | None = None,
-                 paused_budget: MemoryBudget | None = None, base: BatchEngine | None = None) -> None:
+                 paused_budget: MemoryBudget | None = None, base: BatchEngine | None = None,
+                 tensor_share: TensorShare | None = None, tensor_digests: Mapping[str, str] | None = None) -> None:
         self._path = model_path
         self._base = base
+        self._sharing = (loading.Sharing(tensor_share, name, tensor_digests)
+                         if tensor_share is not None and tensor_digests and base is None else None)
+        """Where its load looks for tensors another loaded model holds (`engine.tensorshare`)."""
         """Set for a LoRA adapter (`model_path` its directory): the engine of the base model whose
         weights it shares (`loading.load_adapter`); its own are only the adapter's tensors."""
         self._current: loading.LoadedModel | None = None
@@ -323,11 +328,17 @@ class BatchEngine:
 
     def _release(self, loaded: loading.LoadedModel) -> None:
         loaded.weights.close()  # unlock the pinned pages before MLX may cache their buffers
-        if self._memory is not None:
-            self._memory.remove_weights(self._name)
+        self._drop_books()
         del loaded
         mx.synchronize()
         mx.clear_cache()
+
+    def _drop_books(self) -> None:
+        """The model is out of memory: out of the node's books and the tensor share."""
+        if self._memory is not None:
+            self._memory.remove_weights(self._name)
+        if self._sharing is not None:
+            self._sharing.share.release(self._name)
 
     async def submit(self, request: GenerationRequest) -> AsyncGenerator[TokenEvent, None]:
         sequence = _Sequence(request, asyncio.Queue(), asyncio.get_running_loop())
@@ -404,6 +415,7 @@ class BatchEngine:
                 self._warm_up(generator, loaded.vocab_size)
         except BaseException as exc:
             self._current = None
+            self._drop_books()
             log.exception("engine failed to load model path=%s", self._path)
             if not self._loaded.cancelled():
                 self._loaded.set_exception(exc)
@@ -415,6 +427,7 @@ class BatchEngine:
             self._current = None
             generator.close()
             loaded.weights.close()
+            self._drop_books()
             return
         self._loaded.set_result(loaded.info)
         try:
@@ -437,8 +450,7 @@ class BatchEngine:
                     self._memory.set_prefix_bytes(self._name, 0)
             else:
                 loaded.weights.close()  # unlock the pinned pages before MLX may cache their buffers
-                if self._memory is not None:
-                    self._memory.remove_weights(self._name)
+                self._drop_books()
             del generator, loaded
             # The last step was evaluated asynchronously: let the device finish it before this
             # thread ends (on CUDA, work still in flight at exit aborts the process).
@@ -447,7 +459,7 @@ class BatchEngine:
 
     def _load(self) -> loading.LoadedModel:
         if self._base is None:
-            return loading.load(self._path, self._config.load)
+            return loading.load(self._path, self._config.load, sharing=self._sharing)
         base = self._base.loaded_model()
         if base is None:
             raise EngineError(f"the base model of adapter {self._name!r} is not loaded")
@@ -1081,7 +1093,10 @@ class BatchEngine:
         memory, per_token = self._memory, loaded.info.kv_bytes_per_token
         if memory is None or per_token is None:
             return
-        memory.add_weights(self._name, loaded.info.memory_bytes)
+        if loaded.unshared_bytes is None:
+            memory.add_weights(self._name, loaded.info.memory_bytes)
+        else:  # its tensors in the share are counted once, whichever models hold them
+            memory.add_weights(self._name, loaded.unshared_bytes, shared=loaded.shared)
         self._gate = MemoryGate(memory, self._name, per_token, self._available_memory,
                                 self._config.memory_wait_s, prefill=loaded.info.prefill,
                                 prefill_step=self._config.prefill_step_size)

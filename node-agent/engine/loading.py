@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -31,6 +32,7 @@ from mlxpool.agent.engine import blas as _blas
 from mlxpool.agent.engine import device, weightreading, wiredlimit
 from mlxpool.agent.engine.interface import LoadOptions, LoadReport, ModelInfo
 from mlxpool.agent.engine.memory import kv_bytes_per_token, prefill_shape
+from mlxpool.agent.engine.tensorshare import TensorShare
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +45,25 @@ class LoadedModel:
     vocab_size: int
     """Width of the model's output (may exceed the tokenizer's vocabulary: padded vocabs)."""
     weights: weightreading.Weights
-    """The parameters' pin set and residency; `close()` it before dropping the model."""
+    """The parameters' pin set and residency; `close()` it before dropping the model. Tensors
+    taken from another model (`Sharing`) are not in it: that model's weights pin them."""
+    shared: dict[str, int] = field(default_factory=dict)
+    """Digest -> bytes of its tensors held in the node's tensor share (its own, or another's)."""
+    unshared_bytes: int | None = None
+    """Bytes of its weights that are not in the tensor share (None: no share: all of them)."""
+    received_bytes: int = 0
+    """Bytes of tensors it uses that another loaded model brought (not read into memory again)."""
+
+
+@dataclass(frozen=True)
+class Sharing:
+    """Where a load looks for tensors another loaded model holds (`engine.tensorshare`)."""
+
+    share: TensorShare
+    model: str
+    """The name the model is loaded under (its holder name in the share)."""
+    digests: Mapping[str, str]
+    """Safetensors tensor name -> digest of its bytes (the content identity's `tensors`)."""
 
 
 def check_model_dir(path: str | Path) -> Path:
@@ -56,12 +76,14 @@ def check_model_dir(path: str | Path) -> Path:
     return directory
 
 
-def load(path: str | Path, options: LoadOptions | None = None, host_memory: bool | None = None) -> LoadedModel:
+def load(path: str | Path, options: LoadOptions | None = None, host_memory: bool | None = None,
+         sharing: Sharing | None = None) -> LoadedModel:
     """`host_memory`: whether the weights live in host pages (None: as the device says,
     `device.weights_in_host_memory`). Where they do not (CUDA), mlx-lm's reader puts them
     straight into device memory (through a transient host buffer per tensor) and nothing
     views or pins them: the native reader's copy goes through host pages, which would
-    leave the model in managed memory, counted in RSS."""
+    leave the model in managed memory, counted in RSS. `sharing`: tensors equal to one
+    another loaded model holds are that model's array, not a second copy (`share_tensors`)."""
     options = options or LoadOptions()
     directory = check_model_dir(path)
     started = time.perf_counter()
@@ -72,7 +94,12 @@ def load(path: str | Path, options: LoadOptions | None = None, host_memory: bool
     else:
         model, tokenizer, config, report = _load_mlx(directory, options)
     parameters = dict(cast("list[tuple[str, mx.array]]", tree_flatten(model.parameters())))
-    weights = weightreading.Weights(parameters, report, host_views=host_memory)
+    received: set[str] = set()
+    registered: set[str] = set()
+    if sharing is not None:
+        received, registered = share_tensors(model, parameters, sharing)
+    own = {k: a for k, a in parameters.items() if k not in received}
+    weights = weightreading.Weights(own, report, host_views=host_memory)
     if options.pin_policy != "none":
         report = weights.pin(options.pin_policy, options.pin_budget_bytes)
     memory = weights.total_bytes
@@ -90,7 +117,41 @@ def load(path: str | Path, options: LoadOptions | None = None, host_memory: bool
         _blas.preloaded or "bundled", mx.default_device(),
     )
     vocab = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size") or len(tokenizer)
-    return LoadedModel(model, tokenizer, info, int(vocab), weights)
+    if sharing is None:
+        return LoadedModel(model, tokenizer, info, int(vocab), weights)
+    received_bytes = sum(parameters[k].nbytes for k in received)
+    unshared = sum(a.nbytes for k, a in parameters.items() if k not in registered)
+    if received:
+        log.info("tensors shared path=%s model=%s tensors=%d shared_bytes=%d own_bytes=%d", directory, sharing.model,
+                 len(received), received_bytes, memory)
+    return LoadedModel(model, tokenizer, info, int(vocab), weights, sharing.share.held_by(sharing.model),
+                       unshared, received_bytes)
+
+
+def share_tensors(model: nn.Module, parameters: dict[str, mx.array], sharing: Sharing) -> tuple[set[str], set[str]]:
+    """Put `model`'s tensors into the node's tensor share: each one whose file digest another
+    loaded model holds, with equal shape, dtype and values, becomes that model's array (the
+    copy just read is dropped); the others are offered as this model's own. Returns (the
+    names taken from another model, the names held in the share either way)."""
+    taken: dict[str, mx.array] = {}
+    registered: set[str] = set()
+    share, me = sharing.share, sharing.model
+    for name, array in parameters.items():
+        digest = sharing.digests.get(name)
+        if digest is None:
+            continue  # not a file tensor under this name (sanitize made it): never shared
+        other = share.candidate(me, digest)
+        # Same file bytes need not mean the same array (sanitize may change it): compare values.
+        if (other is not None and other.shape == array.shape and other.dtype == array.dtype
+                and bool(mx.array_equal(other, array).item()) and share.join(me, digest, other)):
+            taken[name] = other
+            registered.add(name)
+        elif share.offer(me, digest, array, array.nbytes):
+            registered.add(name)
+    if taken:
+        model.load_weights(list(taken.items()), strict=False)
+        parameters.update(taken)
+    return set(taken), registered
 
 
 ADAPTER_FILES = ("adapter_config.json", "adapters.safetensors")

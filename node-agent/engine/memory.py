@@ -3,7 +3,9 @@ whether a new request's KV fits (mlx_lm.server grows until Metal aborts; we refu
 
 The books are node-wide (every engine of the agent shares one; engine threads call them,
 so they lock). They count, in bytes:
-- the weights of every loaded model (`add_weights` at load, `remove_weights` at unload);
+- the weights of every loaded model (`add_weights` at load, `remove_weights` at unload); a
+  tensor several models hold as one array (`engine.tensorshare`) once, under its digest,
+  for as long as any of them holds it;
 - the projected KV of every admitted sequence, reserved at admission and released when it
   ends: (prompt + max_tokens) tokens at the model's KV bytes per token, rounded up to
   mlx-lm's KV allocation step (its caches grow 256 tokens at a time);
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -134,20 +137,31 @@ class MemoryBooks:
         self.policy = policy
         self._lock = threading.Lock()
         self._weights: dict[str, int] = {}
+        self._shared: dict[str, tuple[int, set[str]]] = {}
+        """Digest -> (bytes, the models holding that one array)."""
         self._reserved: dict[str, int] = {}
         self._prefix: dict[str, int] = {}
         self._reserved_total = 0
 
     # ---- the books ----
 
-    def add_weights(self, model: str, nbytes: int) -> None:
+    def add_weights(self, model: str, nbytes: int, shared: Mapping[str, int] | None = None) -> None:
+        """`nbytes`: the model's weights outside the tensor share; `shared`: digest -> bytes of
+        its tensors in the share (each counted once, whichever models hold it)."""
         with self._lock:
             self._weights[model] = max(nbytes, 0)
+            for digest, size in (shared or {}).items():
+                _, holders = self._shared.setdefault(digest, (max(size, 0), set()))
+                holders.add(model)
 
     def remove_weights(self, model: str) -> None:
         with self._lock:
             self._weights.pop(model, None)
             self._prefix.pop(model, None)
+            for digest, (_, holders) in list(self._shared.items()):
+                holders.discard(model)
+                if not holders:
+                    del self._shared[digest]
 
     def set_prefix_bytes(self, model: str, nbytes: int) -> None:
         with self._lock:
@@ -155,7 +169,13 @@ class MemoryBooks:
 
     @property
     def weights_bytes(self) -> int:
-        return sum(self._weights.values())
+        return sum(self._weights.values()) + sum(size for size, _ in list(self._shared.values()))
+
+    @property
+    def shared_bytes_saved(self) -> int:
+        """Weight bytes not counted twice: each shared tensor once per extra model holding it."""
+        with self._lock:
+            return sum(size * (len(holders) - 1) for size, holders in self._shared.values())
 
     @property
     def prefix_bytes(self) -> int:

@@ -26,7 +26,7 @@ Each app has its own registry: several agents can live in one test process.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -98,6 +98,13 @@ class AgentMetrics:
             ["tier"], buckets=SWITCH_BUCKETS, registry=registry,
         )
         registry.register(_EngineCollector(models, lifecycle, probe))
+
+    def watch_shared_tensors(self, saved_bytes: Callable[[], int | None]) -> None:
+        """Export what the tensor share saves (`multi_model.share_tensors`), read at each scrape."""
+        gauge = Gauge("mlxpool_shared_tensor_bytes_saved",
+                      "Weight bytes not in memory because loaded models hold equal tensors as one copy.",
+                      registry=self.registry)
+        gauge.set_function(lambda: float(saved_bytes() or 0))
 
     def model_switched(self, tier: ModelTier, seconds: float) -> None:
         """The model manager's `SwitchObserver`."""

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from mlxpool.agent.config import MultiModel, WeightManagement
 from mlxpool.agent.engine.interface import DeviceProbe
+from mlxpool.agent.engine.tensorshare import TensorShare
 from mlxpool.agent.operations import eviction
 from mlxpool.agent.operations.manager import Capacity, EngineFactory, ModelManager, SwitchObserver
 from mlxpool.agent.operations.reports import NodeIdentity, NodeReporter, model_memory_bytes
@@ -101,7 +102,8 @@ class Operations:
             hub_endpoint=env.get(HUB_ENDPOINT_ENV) or DEFAULT_HUB_ENDPOINT, hub_token=env.get(HUB_TOKEN_ENV) or None,
         )
         manager = ModelManager(repository, make_engine, capacity, lifecycle=lifecycle, prompt_cache=prompt_cache,
-                               cache_path=cache.ready_path, on_change=on_change, on_switch=on_switch)
+                               cache_path=cache.ready_path, on_change=on_change, on_switch=on_switch,
+                               tensor_share=TensorShare() if multi_model.share_tensors else None)
         reporter = NodeReporter(NodeIdentity(node_name, endpoint), manager, cache, policies, probe)
         return cls(manager, cache, reporter)
 

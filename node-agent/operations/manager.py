@@ -46,12 +46,13 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from mlxpool.agent.engine.interface import Engine, ModelInfo, WeightResidency, WeightsView
+from mlxpool.agent.engine.tensorshare import TensorShare
 from mlxpool.agent.errors import InvalidRequest, ModelLoadFailed, ModelLoading, ModelNotFound, ModelUnloading
 from mlxpool.agent.operations import eviction, filetiers, identity, weights
 from mlxpool.agent.operations.errors import MaxModelsReached, MemoryBudgetExceeded, ModelConflict, UnloadInProgress
@@ -105,11 +106,14 @@ class ManagedEngine(Engine, Protocol):
 
 class EngineFactory(Protocol):
     def __call__(self, path: str, name: str, *, warm: bool, identity: str,
-                 on_weights_loaded: Callable[[], None], base: ManagedEngine | None = None) -> ManagedEngine:
+                 on_weights_loaded: Callable[[], None], base: ManagedEngine | None = None,
+                 tensors: Mapping[str, str] | None = None) -> ManagedEngine:
         """A new, not yet started engine for the model of content identity `identity`;
         `on_weights_loaded` may be called from any thread once the weights are in memory and
         warm-up begins (engines that cannot tell skip it). `base`: `path` is a LoRA adapter
-        over that engine's model (the manager passes it only for adapters)."""
+        over that engine's model (the manager passes it only for adapters). `tensors`: the
+        identity's digest per safetensors tensor, to share equal tensors with other loaded
+        models through the manager's `tensor_share` (passed only when there is one)."""
         ...
 
 
@@ -182,7 +186,7 @@ class _Record:
     def weights(self) -> WeightsView | None:
         return self.served.info.weights if self.served is not None else None
 
-    def state(self, residency: WeightResidency | None = None) -> ModelState:
+    def state(self, residency: WeightResidency | None = None, shared_bytes: int = 0) -> ModelState:
         phase, message = self.phase, self.message
         if self.crashed:
             phase, message = ModelPhase.FAILED, "the engine stopped unexpectedly (see the agent's log)"
@@ -195,7 +199,7 @@ class _Record:
             weights=weights.describe(view.report, residency) if view is not None else None,
             warmup_shapes_done=done, warmup_shapes_total=total, tier=self.tier, base=self.base,
             last_switch_seconds=round(self.last_switch[1], 4) if self.last_switch else None,
-            last_switch_from=self.last_switch[0] if self.last_switch else None,
+            last_switch_from=self.last_switch[0] if self.last_switch else None, shared_bytes=shared_bytes,
         )
 
     def warmup_progress(self) -> tuple[int, int] | None:
@@ -222,7 +226,7 @@ class ModelManager:
         self, repository: ModelRepository, make_engine: EngineFactory, capacity: Capacity, *,
         lifecycle: Lifecycle, prompt_cache: PromptCache | None = None,
         cache_path: Callable[[str], Path] | None = None, on_change: Callable[[], None] | None = None,
-        on_switch: SwitchObserver | None = None,
+        on_switch: SwitchObserver | None = None, tensor_share: TensorShare | None = None,
     ) -> None:
         """`lifecycle` counts the requests in flight (an unload waits for its model's);
         `prompt_cache` is looked up before every request (None: the local-only one)."""
@@ -240,6 +244,8 @@ class ModelManager:
         self.tier_bps: dict[ModelTier, float] = {}
         """Bytes per second of bringing a model into an engine from each tier (moving averages)."""
         self._on_switch = on_switch
+        self.tensor_share = tensor_share
+        """Tensors held once across the loaded models (`multi_model.share_tensors`); None: off."""
         self._background: set[asyncio.Task[None]] = set()
         self._prefetches: dict[str, PrefetchState] = {}
         """Resolved directory -> its latest prefetch, oldest first (at most PREFETCHES_KEPT)."""
@@ -257,14 +263,24 @@ class ModelManager:
         """Every model's state; `residency` (from `weight_views`, measured off the loop) fills in
         where each model's weights are."""
         residency = residency or {}
-        return [r.state(residency.get(r.name)) for r in sorted(self._records.values(), key=lambda r: r.name)]
+        return [r.state(residency.get(r.name), self._shared_bytes(r))
+                for r in sorted(self._records.values(), key=lambda r: r.name)]
+
+    def _shared_bytes(self, record: _Record) -> int:
+        share = self.tensor_share
+        return share.shared_bytes(record.name) if share is not None and record.weights is not None else 0
+
+    def shared_tensor_bytes_saved(self) -> int | None:
+        """Weight bytes the tensor share saves across the loaded models (None: sharing is off)."""
+        return self.tensor_share.saved_bytes if self.tensor_share is not None else None
 
     def weight_views(self) -> dict[str, WeightsView]:
         """The loaded models' weights, to measure residency from (any thread)."""
         return {r.name: view for r in self._records.values() if (view := r.weights) is not None}
 
     def state(self, name: str) -> ModelState:
-        return self._record(name).state()
+        record = self._record(name)
+        return record.state(shared_bytes=self._shared_bytes(record))
 
     def queue(self) -> QueueReport:
         stats = [m.engine.stats for m in self.repository.all()]
@@ -465,7 +481,8 @@ class ModelManager:
             started = time.perf_counter()
             try:
                 # KV state and dedupes go by content, not name (off the loop: it reads every byte once).
-                digest = (await asyncio.to_thread(identity.content_identity, record.path)).digest
+                content = await asyncio.to_thread(identity.content_identity, record.path)
+                digest = content.digest
                 base = self._records.get(record.base) if record.base is not None else None
                 if record.base is not None:
                     if base is None or base.engine is None or base.identity is None:
@@ -479,6 +496,10 @@ class ModelManager:
                     assert base.engine is not None
                     record.engine = self._make_engine(record.path, record.name, warm=record.warm, identity=digest,
                                                       on_weights_loaded=weights_loaded, base=base.engine)
+                elif self.tensor_share is not None and content.tensors:
+                    record.engine = self._make_engine(record.path, record.name, warm=record.warm,
+                                                      identity=digest, on_weights_loaded=weights_loaded,
+                                                      tensors=content.tensors)
                 else:
                     record.engine = self._make_engine(record.path, record.name, warm=record.warm,
                                                       identity=digest, on_weights_loaded=weights_loaded)

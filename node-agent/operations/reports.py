@@ -84,4 +84,5 @@ class NodeReporter:
             max_models=self._manager.capacity.max_models, free_memory_bytes=free, device_memory_used_bytes=used,
             models=self._manager.states(residency), cache=self._cache.entries(), queue=self._manager.queue(),
             agent_version=__version__, scheduling=self.policies.applied(), prefetches=self._manager.prefetches(),
+            shared_tensor_bytes_saved=self._manager.shared_tensor_bytes_saved(),
         )
