@@ -217,7 +217,10 @@ class BatchEngine:
         self._alive = False
         self._thread = threading.Thread(target=self._run, name=f"engine-{name}", daemon=True)
         self._kept: loading.LoadedModel | None = None
-        """The loaded model while parked (`park`): weights in memory, no thread, no KV."""
+        """The loaded model while parked (`park`): weights in memory, no thread, no running KV."""
+        self._kept_prefix: PrefixCache | None = None
+        """Its prefix cache while parked: the first requests after a wake reuse what it held
+        (still counted in the node's books; dropped with the weights)."""
         self._parking = False
         # Admission off the engine thread: `submit` refuses a doomed request from the queue's
         # last published outlook (no round trip through a step). Both under `_accepting_lock`.
@@ -288,11 +291,13 @@ class BatchEngine:
         await self._end_thread(timeout)
         if self._kept is not None:
             kept, self._kept = self._kept, None
+            self._kept_prefix = None
             await asyncio.to_thread(self._release, kept)
 
     async def park(self, timeout: float = 10.0) -> None:
         """Release the engine but keep the weights in memory (vLLM's sleep level 1): the thread,
-        the batch and every KV cache go; `resume` serves again without reading a byte."""
+        the batch and the running sequences' KV go (the prefix cache is kept, within its cap);
+        `resume` serves again without reading a byte."""
         self._parking = True
         await self._end_thread(timeout)
         self._parking = False
@@ -311,7 +316,8 @@ class BatchEngine:
         if self._kept is None:
             raise EngineError("the engine is not parked")
         self._loaded = Future()
-        self._prefix = PrefixCache(self._config.prompt_cache_bytes, self._config.prompt_cache_entries)
+        kept, self._kept_prefix = self._kept_prefix, None
+        self._prefix = kept or PrefixCache(self._config.prompt_cache_bytes, self._config.prompt_cache_entries)
         with self._accepting_lock:  # the queue the outlook described is gone
             self._outlook, self._pending, self._accepted_since = Outlook(), Counter(), Counter()
         self._thread = threading.Thread(target=self._run, name=f"engine-{self._name}", daemon=True)
@@ -441,13 +447,14 @@ class BatchEngine:
                 self._accepting = False
             self._fail_all(EngineError("the engine stopped"))
             generator.close()
-            # Unloaded: drop the weights (unless parking) and the cached KV, then give MLX's freed buffers back.
+            # Unloaded: drop the weights and the cached KV (parking: keep both), then give MLX's
+            # freed buffers back.
+            if self._parking:
+                self._kept_prefix = self._prefix  # its bytes stay in the books: they stay in memory
             self._prefix = PrefixCache(0, 1)
             self._current = None
             if self._parking:
                 self._kept = loaded
-                if self._memory is not None:
-                    self._memory.set_prefix_bytes(self._name, 0)
             else:
                 loaded.weights.close()  # unlock the pinned pages before MLX may cache their buffers
                 self._drop_books()

@@ -7,6 +7,13 @@ lazy slice never keeps a whole batch buffer alive behind the count), short match
 are not worth a copy (`MIN_REUSE_TOKENS`), an exact hit still leaves one token to
 compute (generation needs an input), and hit/lookup counters for /metrics.
 
+Short prompts: a repeated prompt shorter than `MIN_REUSE_TOKENS` is reused when all of it
+but its last token is cached (an exact repeat): that skips the whole prefill pass (mlx-lm
+runs the prompt less its last token as one pass, then the last token as the first decode
+step), which is what mlx_lm.server's cache does for a repeated short prompt. Such
+sequences are kept in a small LRU of their own (`SHORT_ENTRIES`, within the byte cap), so
+a stream of distinct short prompts never evicts the long prefixes.
+
 Engine thread only (imports MLX).
 """
 
@@ -24,13 +31,23 @@ MIN_REUSE_TOKENS = 16
 """Fewer cached tokens than this are not reused: copying the entry costs more than
 computing them."""
 
+MIN_SHORT_TOKENS = 2
+"""Shorter sequences are not kept at all (nothing left to reuse but the last token)."""
+SHORT_ENTRIES = 8
+"""Sequences shorter than MIN_REUSE_TOKENS kept at once (reused as exact repeats only)."""
+SHORT_BYTES_SHARE = 16
+"""The short sequences' LRU may take 1/this of the byte cap (the rest is the long ones')."""
+
 _MODEL_KEY = "model"  # one model per engine
 
 
 class PrefixCache:
     def __init__(self, max_bytes: int, max_entries: int) -> None:
         self.max_bytes = max_bytes
-        self._lru = LRUPromptCache(max_size=max_entries, max_bytes=max_bytes) if max_bytes > 0 else None
+        short_bytes = max_bytes // SHORT_BYTES_SHARE
+        self._lru = LRUPromptCache(max_size=max_entries, max_bytes=max_bytes - short_bytes) if max_bytes > 0 else None
+        self._short = (LRUPromptCache(max_size=min(SHORT_ENTRIES, max_entries), max_bytes=short_bytes)
+                       if short_bytes > 0 else None)
         self.lookups = 0
         self.hits = 0
 
@@ -40,10 +57,10 @@ class PrefixCache:
 
     @property
     def nbytes(self) -> int:
-        return self._lru.nbytes if self._lru is not None else 0
+        return sum(lru.nbytes for lru in (self._lru, self._short) if lru is not None)
 
     def __len__(self) -> int:
-        return len(self._lru) if self._lru is not None else 0
+        return sum(len(lru) for lru in (self._lru, self._short) if lru is not None)
 
     def fetch(self, tokens: Sequence[int]) -> tuple[list[Any] | None, int]:
         """A private copy of the longest usable cached prefix of `tokens`, and its length.
@@ -53,7 +70,16 @@ class PrefixCache:
         if self._lru is None:
             return None, 0
         self.lookups += 1
-        cache, rest = self._lru.fetch_nearest_cache(_MODEL_KEY, list(tokens))
+        found = self._nearest(self._lru, tokens)
+        if found[0] is None and self._short is not None and len(tokens) <= MIN_REUSE_TOKENS:
+            found = self._nearest(self._short, tokens)
+        if found[0] is not None:
+            self.hits += 1
+        return found
+
+    @staticmethod
+    def _nearest(lru: LRUPromptCache, tokens: Sequence[int]) -> tuple[list[Any] | None, int]:
+        cache, rest = lru.fetch_nearest_cache(_MODEL_KEY, list(tokens))
         if cache is None:
             return None, 0
         cached = len(tokens) - len(rest)
@@ -62,26 +88,31 @@ class PrefixCache:
                 return None, 0
             trim_prompt_cache(cache, 1)
             cached -= 1
-        if cached < MIN_REUSE_TOKENS:
+        # A short match is not worth the copy, unless it is all but the last token: then the
+        # whole prefill pass is saved.
+        if cached < MIN_REUSE_TOKENS and not (0 < cached == len(tokens) - 1):
             return None, 0
-        self.hits += 1
         return cache, cached
 
     def shed(self, nbytes: int) -> int:
         """Drop least recently used entries until `nbytes` are freed or none is left; bytes freed."""
         if self._lru is None or nbytes <= 0:
             return 0
-        before = self._lru.nbytes
-        self._lru.trim_to(n_bytes=max(before - nbytes, 0))
-        return before - self._lru.nbytes
+        before = self.nbytes
+        if self._short is not None:  # the short ones first: each saves a pass, not a long prefill
+            self._short.trim_to(n_bytes=max(self._short.nbytes - nbytes, 0))
+        self._lru.trim_to(n_bytes=max(self._lru.nbytes - (nbytes - (before - self.nbytes)), 0))
+        return before - self.nbytes
 
     def store(self, tokens: Sequence[int], cache: list[Any]) -> None:
         """Keep `cache` (the KV state of exactly `tokens`), evicting to stay within the caps."""
-        if self._lru is None or len(tokens) < MIN_REUSE_TOKENS:
+        short = len(tokens) < MIN_REUSE_TOKENS
+        lru = self._short if short else self._lru
+        if lru is None or len(tokens) < MIN_SHORT_TOKENS:
             return
         # Materialize (asynchronously, with the next step): an unevaluated slice would pin
         # the whole batch buffer it came from, behind the byte count.
         mx.async_eval([c.state for c in cache])
-        if sum(c.nbytes for c in cache) > self.max_bytes:
+        if sum(c.nbytes for c in cache) > lru.max_bytes:
             return  # would evict everything and still not fit
-        self._lru.insert_cache(_MODEL_KEY, list(tokens), cache)
+        lru.insert_cache(_MODEL_KEY, list(tokens), cache)

@@ -364,6 +364,25 @@ async def test_the_prefix_cache_reuses_a_shared_prompt_and_gives_the_same_tokens
     assert again[-1].cached_tokens == len(exact) - 1
 
 
+async def test_a_repeated_short_prompt_skips_its_prefill_and_a_parked_engine_keeps_its_prefix_cache(make_engine):
+    engine = await make_engine(max_running=2)
+    short = await prompt_tokens(engine)  # "Once upon a time": shorter than MIN_REUSE_TOKENS
+    assert 2 < len(short) < MIN_REUSE_TOKENS
+    first = await collect(engine, request("first", short, max_tokens=1))
+    again = await collect(engine, request("again", short, max_tokens=1))
+    # All but its last token came from the cache (no prefill pass), and the token is the same.
+    assert (first[-1].cached_tokens, again[-1].cached_tokens) == (0, len(short) - 1)
+    assert [e.token_id for e in again] == [e.token_id for e in first]
+    # A short match that leaves more than the last token to compute is not reused (not worth a copy).
+    other = (*short[:-2], short[0], short[0])
+    assert (await collect(engine, request("other", other, max_tokens=1)))[-1].cached_tokens == 0
+    await engine.park()
+    await engine.resume()
+    woken = await collect(engine, request("woken", short, max_tokens=3))
+    assert woken[-1].cached_tokens == len(short) - 1  # what it cached before the park
+    assert woken[0].token_id == first[0].token_id
+
+
 async def test_the_prefix_cache_byte_cap_holds(make_engine):
     cap = 150_000  # about two of these sequences (~60 KB each on the tiny model)
     engine = await make_engine(max_running=2, prompt_cache_bytes=cap)
