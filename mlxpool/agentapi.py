@@ -181,6 +181,11 @@ class ModelState(_Strict):
     warmup_shapes_done: int | None = None
     """Shapes compiled so far by its warm-up (`engine.shapes`); None before the plan is made."""
     warmup_shapes_total: int | None = None
+    dense_copy_bytes: int | None = None
+    """Bytes of the dense copies of its quantized linears, when kept (wide steps compute from
+    them: MLX's CUDA 4-bit matmul grows with rows); None: none kept."""
+    dense_from_rows: int | None = None
+    """Steps of at least this many rows use the dense copies (measured at warm-up)."""
     tier: ModelTier = ModelTier.ACTIVE
     """Active (in an engine) or parked (weights kept, engine released; a request wakes it)."""
     base: str | None = None

@@ -212,6 +212,10 @@ class WeightManagement(_Section):
     """Native threads paging the next layers' file pages in while a layer is copied; 0: none."""
     prefetch_depth: int = Field(default=2, ge=1, le=64)
     """Layers the prefetch runs ahead of the copy."""
+    dense_copies: Literal["off", "auto", "on"] = "auto"
+    """Keep a dense copy of each quantized linear and compute steps of many rows from it, from the
+    width measured at warm-up where it is faster (MLX's CUDA 4-bit matmul grows with rows): auto =
+    on CUDA when the copies fit in a quarter of the device memory; on = any device; off."""
     memory_admission: bool = True
     """Admit a request only when its projected KV (prompt + max_tokens) fits the node's memory;
     false: no memory books (mlx_lm.server's behaviour: grow until the OS says no)."""

@@ -30,7 +30,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import uvicorn
 
 from mlxpool.agent.config import RuntimeConfig, WeightManagement
-from mlxpool.agent.engine.interface import Accelerator, DeviceMemory, DeviceProbe, EngineConfig, LoadOptions
+from mlxpool.agent.engine.interface import (
+    Accelerator,
+    DenseCopyPolicy,
+    DeviceMemory,
+    DeviceProbe,
+    EngineConfig,
+    LoadOptions,
+)
 from mlxpool.agent.engine.memory import MemoryBooks, MemoryPolicy
 from mlxpool.agent.http.app import create_app
 from mlxpool.agent.http.auth import CredentialReloader, Credentials
@@ -251,7 +258,8 @@ class AgentRuntime:
             stream_interval_s=serving.stream_interval_ms / 1000,
             load=LoadOptions(native=weights.use_mmap, pin_policy=weights.pin_policy,
                              pin_budget_bytes=weights.pin_budget_bytes, prefetch_threads=weights.prefetch_threads,
-                             prefetch_depth=weights.prefetch_depth),
+                             prefetch_depth=weights.prefetch_depth,
+                             dense_copies=DenseCopyPolicy(weights.dense_copies)),
             memory_wait_s=weights.memory_wait_seconds,
             mlx_cache_limit_bytes=weights.mlx_cache_limit_bytes,
         )

@@ -48,7 +48,7 @@ from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
 from mlxpool.agent.engine import blas as _blas  # noqa: F401  (must precede mlx)
-from mlxpool.agent.engine import device, kvcodec, laststep, loading, precompile
+from mlxpool.agent.engine import densecopies, device, kvcodec, laststep, loading, precompile
 from mlxpool.agent.engine.admission import (
     Outlook,
     RefusalReason,
@@ -419,6 +419,8 @@ class BatchEngine:
                 self._on_weights_loaded()
             if resuming is None:
                 self._warm_up(generator, loaded.vocab_size)
+                loaded = self._settle_dense_copies(loaded)
+                self._current = loaded
         except BaseException as exc:
             self._current = None
             self._drop_books()
@@ -1038,6 +1040,29 @@ class BatchEngine:
         self._count_device_memory()
         log.info("engine warmed up path=%s shapes=%d/%d seconds=%.2f", self._path, done, total,
                  time.perf_counter() - started)
+
+    def _settle_dense_copies(self, loaded: loading.LoadedModel) -> loading.LoadedModel:
+        """Measure from which width the dense copies are faster (`engine.densecopies`); drop
+        them, and their bytes from the memory books, where they win at no width."""
+        dense = loaded.dense
+        if dense is None:
+            return loaded
+        widths = [w for w in densecopies.MEASURED_WIDTHS if w <= self._config.max_running]
+        timings = densecopies.measure(dense, densecopies.decode_step(loaded.model), widths)
+        dense.switch.min_rows = densecopies.choose_min_rows(timings)
+        steps = " ".join(f"w{w}={q * 1e3:.2f}/{d * 1e3:.2f}ms" for w, (q, d) in timings.items())
+        log.info("dense copies measured path=%s bytes=%d from_rows=%s quantized/dense %s", self._path, dense.bytes,
+                 dense.switch.min_rows, steps)
+        if dense.switch.min_rows != densecopies.NEVER:
+            self._stats.dense_copy_bytes = dense.bytes
+            self._stats.dense_from_rows = int(dense.switch.min_rows)
+            return loaded
+        info = replace(loaded.info, memory_bytes=loaded.info.memory_bytes - dense.bytes)
+        dense.drop()
+        mx.clear_cache()
+        if self._gate is not None and self._memory is not None:
+            self._memory.add_weights(self._name, info.memory_bytes)
+        return replace(loaded, info=info, dense=None)
 
     def compile_only(self, runs: list[WarmupRun]) -> None:
         """Load the model and run these warm-up runs on this thread, then drop it all (a

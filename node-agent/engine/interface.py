@@ -76,6 +76,16 @@ class EngineError(RuntimeError):
 PinPolicy = Literal["none", "critical", "all"]
 
 
+class DenseCopyPolicy(StrEnum):
+    """Whether quantized linears also keep a dense copy for wide steps (`engine.densecopies`)."""
+
+    OFF = "off"
+    AUTO = "auto"
+    """On CUDA, when the copies fit in a quarter of the device memory; kept only where they win."""
+    ON = "on"
+    """On any device (still dropped when the measurement says they win at no width)."""
+
+
 @dataclass(frozen=True)
 class LoadOptions:
     """How a model's weights are read and kept (the runtime file's `weight_management`)."""
@@ -92,6 +102,8 @@ class LoadOptions:
     """Native threads paging the next layers' file pages in while one layer is copied (0: none)."""
     prefetch_depth: int = 2
     """Layers the prefetch runs ahead of the copy."""
+    dense_copies: DenseCopyPolicy = DenseCopyPolicy.AUTO
+    """Dense copies of quantized linears for steps wide enough to gain (`engine.densecopies`)."""
 
     def __post_init__(self) -> None:
         if self.pin_budget_bytes < 0 or not 0 <= self.prefetch_threads <= 64 or self.prefetch_depth < 1:
@@ -400,6 +412,10 @@ class EngineStats:
     """Shapes of the warm-up plan; 0 until the plan is made (or with warm-up off)."""
     unwarmed_shapes_total: int = 0
     """Distinct shapes that first appeared after warm-up (each compiled while users waited)."""
+    dense_copy_bytes: int = 0
+    """Bytes of the dense copies of quantized linears kept (`engine.densecopies`); 0: none."""
+    dense_from_rows: int = 0
+    """Steps of at least this many rows compute from the dense copies (0: none do)."""
     device_memory_active_bytes: int = 0
     """MLX's allocator: bytes in live arrays, on the accelerator (all of MLX in this process)."""
     device_memory_peak_bytes: int = 0

@@ -29,7 +29,7 @@ from mlx_lm import utils as mlx_lm_utils
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from mlxpool.agent.engine import blas as _blas
-from mlxpool.agent.engine import device, weightreading, wiredlimit
+from mlxpool.agent.engine import densecopies, device, weightreading, wiredlimit
 from mlxpool.agent.engine.interface import LoadOptions, LoadReport, ModelInfo
 from mlxpool.agent.engine.memory import kv_bytes_per_token, prefill_shape
 from mlxpool.agent.engine.tensorshare import TensorShare
@@ -53,6 +53,8 @@ class LoadedModel:
     """Bytes of its weights that are not in the tensor share (None: no share: all of them)."""
     received_bytes: int = 0
     """Bytes of tensors it uses that another loaded model brought (not read into memory again)."""
+    dense: densecopies.DenseCopies | None = None
+    """Dense copies of its quantized linears (counted in `info.memory_bytes`), if made."""
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,9 @@ def load(path: str | Path, options: LoadOptions | None = None, host_memory: bool
     if options.pin_policy != "none":
         report = weights.pin(options.pin_policy, options.pin_budget_bytes)
     memory = weights.total_bytes
+    dense = _dense_copies(model, options)
+    if dense is not None:
+        memory += dense.bytes
     wired = wiredlimit.raise_wired_limit(memory)  # Metal only (not run here)
     if wired is not None:
         log.info("metal %s", wired)
@@ -111,21 +116,22 @@ def load(path: str | Path, options: LoadOptions | None = None, host_memory: bool
                      prefill=prefill_shape(config, _itemsize(parameters)))
     log.info(
         "model loaded path=%s memory_bytes=%d context_length=%s seconds=%.2f reader=%s transfer=%s files=%d "
-        "read_seconds=%.3f load_gbps=%.2f prefetch_threads=%d pin_policy=%s pinned_bytes=%d blas=%s device=%s",
+        "read_seconds=%.3f load_gbps=%.2f prefetch_threads=%d pin_policy=%s pinned_bytes=%d dense_copy_bytes=%d "
+        "blas=%s device=%s",
         directory, memory, info.context_length, time.perf_counter() - started, report.reader, report.transfer,
         report.files, report.seconds, report.gbps, report.prefetch_threads, report.pin_policy, report.pinned_bytes,
-        _blas.preloaded or "bundled", mx.default_device(),
+        dense.bytes if dense else 0, _blas.preloaded or "bundled", mx.default_device(),
     )
     vocab = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size") or len(tokenizer)
     if sharing is None:
-        return LoadedModel(model, tokenizer, info, int(vocab), weights)
+        return LoadedModel(model, tokenizer, info, int(vocab), weights, dense=dense)
     received_bytes = sum(parameters[k].nbytes for k in received)
     unshared = sum(a.nbytes for k, a in parameters.items() if k not in registered)
     if received:
         log.info("tensors shared path=%s model=%s tensors=%d shared_bytes=%d own_bytes=%d", directory, sharing.model,
                  len(received), received_bytes, memory)
     return LoadedModel(model, tokenizer, info, int(vocab), weights, sharing.share.held_by(sharing.model),
-                       unshared, received_bytes)
+                       unshared, received_bytes, dense)
 
 
 def share_tensors(model: nn.Module, parameters: dict[str, mx.array], sharing: Sharing) -> tuple[set[str], set[str]]:
@@ -152,6 +158,15 @@ def share_tensors(model: nn.Module, parameters: dict[str, mx.array], sharing: Sh
         model.load_weights(list(taken.items()), strict=False)
         parameters.update(taken)
     return set(taken), registered
+
+
+def _dense_copies(model: nn.Module, options: LoadOptions) -> densecopies.DenseCopies | None:
+    """The copies, where the policy, the device and their size say so (`densecopies.wanted`)."""
+    accelerator = device.accelerator()
+    if not densecopies.wanted(options.dense_copies, accelerator.kind, accelerator.memory_bytes,
+                              densecopies.dense_bytes(model)):
+        return None
+    return densecopies.attach(model)
 
 
 ADAPTER_FILES = ("adapter_config.json", "adapters.safetensors")

@@ -76,11 +76,14 @@ def compile_ahead(model_path: str, config: EngineConfig, runs: list[WarmupRun], 
 def main(argv: list[str]) -> int:
     """A child: load the model, run its share of the warm-up, exit."""
     from mlxpool.agent.engine.generation import BatchEngine
-    from mlxpool.agent.engine.interface import LoadOptions
+    from mlxpool.agent.engine.interface import DenseCopyPolicy, LoadOptions
 
     spec = json.loads(argv[0])
+    # No dense copies in a child: several children at once would each hold them on the device,
+    # and the parent's dense path needs no kernel compiled (its GEMM is cuBLAS's).
+    load = LoadOptions(pin_policy="none", dense_copies=DenseCopyPolicy.OFF)
     config = EngineConfig(max_running=spec["max_running"], prefill_batch_size=spec["prefill_batch_size"],
-                          prefill_step_size=spec["prefill_step_size"], load=LoadOptions(pin_policy="none"))
+                          prefill_step_size=spec["prefill_step_size"], load=load)
     runs = [WarmupRun(tuple(r["prompt_lengths"]), tuple(r["max_tokens"]), r["sampler"]) for r in spec["runs"]]
     BatchEngine(spec["model"], config).compile_only(runs)
     return 0

@@ -198,9 +198,17 @@ class _Record:
             identity=self.identity,
             weights=weights.describe(view.report, residency) if view is not None else None,
             warmup_shapes_done=done, warmup_shapes_total=total, tier=self.tier, base=self.base,
+            **self.dense_copies(),
             last_switch_seconds=round(self.last_switch[1], 4) if self.last_switch else None,
             last_switch_from=self.last_switch[0] if self.last_switch else None, shared_bytes=shared_bytes,
         )
+
+    def dense_copies(self) -> dict[str, int]:
+        """`dense_copy_bytes` and `dense_from_rows` of its engine, when it keeps copies."""
+        stats = self.engine.stats if self.engine is not None else None
+        if stats is None or not stats.dense_copy_bytes:
+            return {}
+        return {"dense_copy_bytes": stats.dense_copy_bytes, "dense_from_rows": stats.dense_from_rows}
 
     def warmup_progress(self) -> tuple[int, int] | None:
         """(shapes warmed, shapes planned) once its engine has a warm-up plan."""
