@@ -69,6 +69,8 @@ SHARD_LABEL = "mlxpool.dev/shard"
 SHARDS = "ab"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 WRITE_VERBS = {"POST", "PUT", "PATCH", "DELETE"}
+FAILOVER_TIMEOUT_S = 30.0
+"""A kill not unrouted by then counts as this long (a miss), and the run goes on."""
 API_REQUESTS, RECONCILES = "mlxpool_operator_api_requests_total", "mlxpool_operator_reconciles_total"
 
 
@@ -172,7 +174,8 @@ class Api:
         return response.json()["items"]
 
     async def request_counts(self) -> dict[str, float]:
-        """The API server's own count of the requests it served: all of them, and writes."""
+        """The API server's own count of the requests it served: all of them, writes, and
+        each `verb resource[/subresource] code` (key "by <verb> <resource> <code>")."""
         text = (await self.request("GET", "/metrics")).text
         counts = {"requests": 0.0, "writes": 0.0}
         for line in text.splitlines():
@@ -182,6 +185,11 @@ class Api:
                 counts["requests"] += float(value)
                 if verb and verb.group(1) in WRITE_VERBS:
                     counts["writes"] += float(value)
+                found = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+                if verb and found.get("resource"):
+                    what = found["resource"] + (f"/{found['subresource']}" if found.get("subresource") else "")
+                    key = f"by {verb.group(1)} {what} {found.get('code', '?')}"
+                    counts[key] = counts.get(key, 0.0) + float(value)
         return counts
 
     async def node_count(self) -> int:
@@ -410,6 +418,7 @@ async def measure(api: Api, args: argparse.Namespace, metrics_urls: list[str], s
             await api.create_pool(index, args.shards)
 
     await asyncio.gather(*(create(i) for i in range(args.pools)))
+    print(f"  created {args.pools} pools in {time.monotonic() - started:.1f}s", flush=True)
     converge: float | None = None
     try:
         await until_all_ready(api, args.pools, timeout=args.converge_timeout, progress=True)
@@ -440,7 +449,10 @@ async def measure(api: Api, args: argparse.Namespace, metrics_urls: list[str], s
         listed_by = len(watch.listing(victim))
         kill_started = time.monotonic()
         await asyncio.to_thread(control, sims_url(victim), victim, "kill")
-        await watch.until_gone(victim, timeout=30)
+        try:
+            await watch.until_gone(victim, timeout=FAILOVER_TIMEOUT_S)
+        except TimeoutError as exc:  # a miss is a figure: counted at the timeout, the run goes on
+            print(f"  {exc}", flush=True)
         latency = time.monotonic() - kill_started  # from before the kill: the kill itself counts
         latencies.append(latency)
         print(f"  killed {victim} (in {listed_by} tables): unrouted after {latency:.3f}s", flush=True)
@@ -453,6 +465,13 @@ async def measure(api: Api, args: argparse.Namespace, metrics_urls: list[str], s
     await watch.stop()
     return {"before": before, "converged": converged, "quiet": quiet, "steady": steady, "end": await counters(),
             "converge": converge, "latencies": latencies, "ready": ready}
+
+
+def breakdown(a: dict, b: dict, top: int = 12) -> dict[str, int]:
+    """The API server's requests from `a` to `b` by verb, resource and code, the most first."""
+    keys = [k for k in b if k.startswith("apiserver_by ")]
+    counts = {k.removeprefix("apiserver_by "): int(b[k] - a.get(k, 0)) for k in keys}
+    return dict(sorted(((k, n) for k, n in counts.items() if n > 0), key=lambda kv: -kv[1])[:top])
 
 
 def summarize(args: argparse.Namespace, m: dict, load_at_start: float) -> dict:
@@ -475,6 +494,7 @@ def summarize(args: argparse.Namespace, m: dict, load_at_start: float) -> dict:
         "failover_p99_s": round(percentile(latencies, 99), 3) if latencies else None,
         "failover_max_s": round(max(latencies), 3) if latencies else None,
         "failovers": len(latencies),
+        "failover_misses": sum(latency >= FAILOVER_TIMEOUT_S for latency in latencies),
         "converge_reconciles": int(converged.get(RECONCILES, 0) - before.get(RECONCILES, 0)),
         "converge_api_requests_per_reconcile": round(per_reconcile(before, converged), 3),
         "steady_api_requests_per_s": rate(API_REQUESTS),
@@ -483,6 +503,7 @@ def summarize(args: argparse.Namespace, m: dict, load_at_start: float) -> dict:
         "converge_load_calls": int(converged.get("loads", 0) - before.get("loads", 0)),
         "load_calls_total": int(end.get("loads", 0)),
         "reconcile_errors": int(end.get("errors", 0)),
+        "converge_apiserver_requests": breakdown(before, converged),
         "steady_apiserver_requests_per_s": rate("apiserver_requests"),
         "steady_apiserver_writes_per_s": rate("apiserver_writes"),
         "steady_apiserver_writes_per_node_per_10s": round(rate("apiserver_writes") * 10 / args.nodes, 3),
@@ -507,7 +528,10 @@ def print_table(result: dict) -> None:
         ("converge (all pools Ready)", f"{result['converge_s']} s ({result['pools_ready_at_converge']} Ready)"),
         ("failover p50 / p99 / max", f"{result['failover_p50_s']} / {result['failover_p99_s']} / "
                                      f"{result['failover_max_s']} s over {result['failovers']} kills"),
+        (f"failovers past the {FAILOVER_TIMEOUT_S:g} s timeout", str(result["failover_misses"])),
         ("reconcile passes to converge", str(result["converge_reconciles"])),
+        ("API server requests while converging", ", ".join(f"{k}: {n}" for k, n in
+                                                           result["converge_apiserver_requests"].items())),
         ("API requests per reconcile (converge)", f"{result['converge_api_requests_per_reconcile']:.3f}"),
         ("API requests per reconcile (whole run)", f"{result['api_requests_per_reconcile']:.3f}"),
         ("steady state: API requests / s", f"{result['steady_api_requests_per_s']:.2f}"),

@@ -40,6 +40,7 @@ import logging
 import random
 import signal
 import sys
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -189,7 +190,11 @@ class SimFleet:
         action = request.match_info["action"]
         body = await request.json() if request.can_read_body else {}
         if action == "kill":
+            started = time.monotonic()
             await self.kill(hosted)
+            # WARNING: the level this tool logs at; a kill is rare (the bench's failover phase),
+            # and when it was done is where a failover trace starts.
+            log.warning("agent killed name=%s took_s=%.3f", hosted.agent.name, time.monotonic() - started)
         elif action == "revive":
             if not hosted.alive:
                 await self.start_agent(hosted)

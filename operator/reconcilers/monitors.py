@@ -223,12 +223,13 @@ class NodeMonitors:
                                  healthy=recorded.healthy or recorded is NOT_PROBED, timeouts=timeouts):
                         reason = ("suspected" if suspicion else "first" if recorded is NOT_PROBED
                                   else "unhealthy" if not recorded.healthy else "scheduled")
+                        probe_started = time.monotonic()
                         result = await self._prober.probe(view.endpoint, reason)
                         probe, timeouts = probe_verdict(result, timeouts, recorded,
                                                         watch_alive=self._watch_alive(name))
                         if suspicion and not probe.healthy and recorded.healthy:
-                            log.info("suspect node failed its probe node=%s suspicion=%r probe=%r", name,
-                                     suspicion, probe.message)
+                            log.info("suspect node failed its probe node=%s suspicion=%r probe=%r probe_s=%.3f",
+                                     name, suspicion, probe.message, time.monotonic() - probe_started)
                         observed.observe_probe(name, probe)
                         probed_at = tick
                     else:
@@ -305,6 +306,7 @@ class NodeMonitors:
         finally:
             self._watched.discard(name)
         metrics.WATCH_ENDS.inc()
+        log.info("health watch ended node=%s why=%r", name, why)  # rare: an agent died or went quiet
         self.suspect(name, why)
 
     async def _unload_deferred(self, name: str, view: NodeView, models: Sequence[str]) -> None:
