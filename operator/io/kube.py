@@ -89,8 +89,10 @@ class KubeClient:
                         namespace, name, exc.errors()[0]["msg"])
             return None
 
-    async def write_routes(self, pool: Mapping, table: RoutingTable, exists: bool) -> None:
-        """Create or merge-patch the ConfigMap; falls back to the other when `exists` was wrong."""
+    async def write_routes(self, pool: Mapping, table: RoutingTable, exists: bool, *,
+                           create_only: bool = False) -> None:
+        """Create or merge-patch the ConfigMap; falls back to the other when `exists` was wrong,
+        except with `create_only`: then a ConfigMap already there is an error (409, raised)."""
         body = routes_configmap(pool, table)
         name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
         if not exists:
@@ -101,7 +103,7 @@ class KubeClient:
                     _request_timeout=REQUEST_TIMEOUT)
                 return
             except ApiException as exc:
-                if exc.status != 409:
+                if exc.status != 409 or create_only:
                     raise
         patch = {"metadata": {k: body["metadata"][k] for k in ("labels", "ownerReferences")}, "data": body["data"]}
         metrics.API_REQUESTS.labels("patch", "configmaps").inc()

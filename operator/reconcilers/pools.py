@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 
 class Kube(Protocol):
     async def read_routes(self, namespace: str, pool: str) -> RoutingTable | None: ...
-    async def write_routes(self, pool: Mapping, table: RoutingTable, exists: bool) -> None: ...
+    async def write_routes(self, pool: Mapping, table: RoutingTable, exists: bool, *,
+                           create_only: bool = False) -> None: ...
     async def patch_pool_status(self, namespace: str, name: str, status: Mapping) -> dict: ...
 
 
@@ -74,6 +75,16 @@ class PoolState:
     table: RoutingTable | None = None
     table_known: bool = False
     """Whether `table` is what the ConfigMap holds (read once, then tracked by our writes)."""
+
+    table_assumed: bool = False
+    """`table` (None) was not read but assumed: the pool never had a table (no routing
+    revision in its status), so its first pass creates one without a GET first (500 GETs,
+    each answered 404, and one round trip in every new pool's first pass at 1,000 nodes).
+    A create that fails makes the next pass read it after all (`table_read`): an older
+    table may be there (a pool deleted and made again under its name before the garbage
+    collector came), whose revision the new one must go past."""
+    table_read: bool = False
+    """The ConfigMap is to be read, never assumed (an assumed create failed)."""
 
     @classmethod
     def from_status(cls, status: Mapping | None) -> PoolState:
@@ -172,7 +183,8 @@ class PoolReconciler:
         loading, failed = progress(chosen, spec.model_names, sources)
 
         if not state.table_known:
-            state.table = await self._kube.read_routes(namespace, name)
+            state.table_assumed = not state.table_read and not state.status.get("routingRevision")
+            state.table = None if state.table_assumed else await self._kube.read_routes(namespace, name)
             state.table_known = True
         table = next_table(
             pool=name, namespace=namespace, strategy=spec.routing.strategy,
@@ -182,8 +194,14 @@ class PoolReconciler:
         )
         wrote_routes = table is not state.table
         if wrote_routes:
-            await self._kube.write_routes(body, table, exists=state.table is not None)
-            state.table = table
+            try:
+                await self._kube.write_routes(body, table, exists=state.table is not None,
+                                              create_only=state.table_assumed)
+            except Exception:
+                if state.table_assumed:  # there may be an older table after all: read it next pass
+                    state.table_known, state.table_assumed, state.table_read = False, False, True
+                raise
+            state.table, state.table_assumed = table, False
             log.info("routing table written namespace=%s pool=%s revision=%d routed=%s", namespace, name,
                      table.revision, ",".join(sorted({r.node for routes in table.models.values() for r in routes}))
                      or "-")

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from kubernetes_asyncio.client.exceptions import ApiException
 
 from mlxpool.agentapi import (
     CacheEntry,
@@ -45,8 +46,11 @@ class FakeKube:
         self.requests.append("get configmap")
         return self.table
 
-    async def write_routes(self, pool: Mapping, table: RoutingTable, exists: bool) -> None:
+    async def write_routes(self, pool: Mapping, table: RoutingTable, exists: bool, *,
+                           create_only: bool = False) -> None:
         self.requests.append("patch configmap" if exists else "create configmap")
+        if create_only and self.table is not None and self.table.pool == table.pool:  # one table held
+            raise ApiException(status=409, reason="Conflict")
         self.table = table
 
     async def patch_pool_status(self, namespace: str, name: str, status: Mapping) -> dict:
@@ -135,7 +139,7 @@ async def test_first_pass_writes_table_and_status_then_nothing(world):
     world.add(node("a"), node("b"))
     state = PoolState()
     first = await world.run(pool(), state)
-    assert world.kube.requests == ["get configmap", "create configmap", "patch status"]
+    assert world.kube.requests == ["create configmap", "patch status"]  # a new pool: no table to read
     assert world.routed() == ["a", "b"]
     assert world.kube.status["readyReplicas"] == 2 and world.kube.status["routingRevision"] == 1
     assert world.kube.status["readySummary"] == "2/2"
@@ -191,6 +195,20 @@ async def test_scaling_observes_the_new_generation(world):
     assert world.kube.status["replicas"] == 1
     await world.run(pool(replicas=2, generation=2), state)
     assert world.kube.status["replicas"] == 2 and world.kube.status["observedGeneration"] == 2
+
+
+async def test_a_new_pool_over_an_older_table_reads_it_and_goes_past_its_revision(world):
+    """A pool made again under its name before the old ConfigMap was collected: the create
+    without a GET fails, the next pass reads the old table and writes a later revision
+    (routers ignore an older one)."""
+    world.add(node("a"), node("b"))
+    world.kube.table = RoutingTable(pool="tiny", namespace="ns", revision=7, models={})
+    state = PoolState()
+    with pytest.raises(ApiException):
+        await world.run(pool(), state)
+    await world.run(pool(), state)
+    assert world.kube.requests == ["create configmap", "get configmap", "patch configmap", "patch status"]
+    assert world.kube.table.revision == 8 and world.routed() == ["a", "b"]
 
 
 async def test_a_restarted_operator_rewrites_nothing_and_repeats_no_event(world):
