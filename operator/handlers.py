@@ -271,6 +271,7 @@ async def release_pool(name: str, namespace: str | None, body: kopf.Body, memo: 
     key = (_namespace(namespace), name)
     await _daemon_gone(services.runtimes.pools, key)
     pairs = services.fleet.claims.release(key)
+    services.pool_reconciler.forget(key)
     await services.pool_reconciler.unload(pairs, KopfEvents(body))
 
 

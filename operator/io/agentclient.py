@@ -21,6 +21,8 @@ from mlxpool.agentapi import (
     LoadModelRequest,
     ModelState,
     NodeReport,
+    PrefetchRequest,
+    PrefetchState,
     SchedulingPolicy,
     StageRequest,
 )
@@ -65,6 +67,10 @@ class AgentClient:
 
     async def stage(self, url: str, key: str, request: StageRequest) -> CacheEntry:
         return await self._call("stage", "PUT", url, f"/cache/{key}", CacheEntry, request)
+
+    async def prefetch(self, url: str, request: PrefetchRequest) -> PrefetchState:
+        """Announce a model as next: the agent reads its files into the page cache (202)."""
+        return await self._call("prefetch", "POST", url, "/prefetch", PrefetchState, request)
 
     async def put_scheduling(self, url: str, model: str, policy: SchedulingPolicy) -> SchedulingPolicy:
         return await self._call("scheduling", "PUT", url, f"/scheduling/{quote(model, safe='')}",

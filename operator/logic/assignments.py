@@ -13,6 +13,13 @@ Executing the calls is `reconcilers.pools`' job; unloads are decided by the `cla
 agent does not report the pool's policy for a pool model gets it put (before the model
 is even loaded: the agent keeps it by name), so a change of the spec reaches every
 agent at the next pass and an unchanged one costs no call.
+
+`prefetch_plan` announces the pool's models to its `next` node (placement: where one more
+replica would go): a model that node does not hold, that it could load, and whose files
+are on it already (a path, or a cache entry staged there) gets a `POST /v1/node/prefetch`,
+so a scale-up or a failover loads it from the page cache instead of the disk. Adapters
+are left out (a few MB; the agent prefetches model directories). The reconciler makes
+each (pool, node, model) announcement once.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from mlxpool.agentapi import CachePhase, LoadModelRequest, ModelPhase, SchedulingPolicy, StageRequest
+from mlxpool.agentapi import CachePhase, LoadModelRequest, ModelPhase, PrefetchRequest, SchedulingPolicy, StageRequest
 from mlxpool.operator.logic.placement import READY_CACHE_PHASES, Candidate, loadable
 from mlxpool.operator.logic.sources import LoadSource
 
@@ -55,6 +62,14 @@ class PolicyAction:
     url: str
     model: str
     policy: SchedulingPolicy
+
+
+@dataclass(frozen=True)
+class PrefetchAction:
+    node: str
+    url: str
+    model: str
+    request: PrefetchRequest
 
 
 Action = LoadAction | StageAction
@@ -120,3 +135,26 @@ def progress(chosen: Sequence[Candidate], model_names: Sequence[str],
                 elif source.stage is not None and phase not in READY_CACHE_PHASES:
                     loading.append(f"{model} on {c.name} (staging)")
     return loading, failed
+
+
+def prefetch_plan(next_node: Candidate | None, model_names: Sequence[str],
+                  sources: Mapping[str, LoadSource | None]) -> list[PrefetchAction]:
+    """The prefetch calls announcing the pool's models to the node a replica would go to next."""
+    c = next_node
+    if c is None or c.agent is None or not c.probe.healthy:
+        return []
+    actions = []
+    for model in model_names:
+        source = sources.get(model)
+        if source is None or source.base is not None or model in c.agent.models or loadable(c, model, source):
+            continue
+        if source.cache_key is not None:
+            if c.agent.cache.get(source.cache_key) not in READY_CACHE_PHASES:
+                continue  # not on the node yet: staging it is a download, not a prefetch
+            request = PrefetchRequest(cache_key=source.cache_key)
+        elif source.path is not None:
+            request = PrefetchRequest(path=source.path)
+        else:
+            continue
+        actions.append(PrefetchAction(c.name, c.view.endpoint, model, request))
+    return actions

@@ -15,7 +15,11 @@ Of the eligible nodes a pool takes at most `spec.replicas`: healthy ones first, 
 the ones it already has (no churn when free memory moves between heartbeats), then
 those with more of its models already loaded (less to load), then more free memory,
 then fewer models held or reserved (spreading models whose size nobody knows yet),
-then the name. Probe results, agent reports and size estimates come in as values.
+then the name. The first eligible, healthy node past those is the pool's `next`: where
+one more replica (a scale-up, or the replacement of a failed node) would go, which the
+operator announces to that node's agent so the model's files are in its page cache
+before the load (`assignments.prefetch_plan`). Probe results, agent reports and size
+estimates come in as values.
 """
 
 from __future__ import annotations
@@ -244,6 +248,9 @@ class Placement:
     """Every node placement looked at."""
     unhealthy: dict[str, str] = field(default_factory=dict)
     """Eligible nodes failing their probe (name -> probe message)."""
+    next: Candidate | None = None
+    """The eligible, healthy node ranked right after the chosen ones: where one more replica
+    would go (None: no such node among those looked at)."""
 
 
 def selector_matches(selector: LabelSelector | None, labels: Mapping[str, str]) -> bool:
@@ -352,13 +359,14 @@ def place(
                 unhealthy[c.name] = c.probe.message
         else:
             excluded[c.name] = why
-    return Placement(choose(eligible, spec.replicas, spec.model_names, current), excluded, frozenset(considered),
-                     unhealthy)
+    order = ranked(eligible, spec.model_names, current)
+    chosen = order[: max(spec.replicas, 0)]
+    after = next((c for c in order[len(chosen):] if c.probe.healthy), None)
+    return Placement(sorted(chosen, key=lambda c: c.name), excluded, frozenset(considered), unhealthy, after)
 
 
-def choose(eligible: Sequence[Candidate], replicas: int, model_names: Collection[str],
-           current: Collection[str]) -> list[Candidate]:
-    """At most `replicas` of `eligible`, by name (ranking in the module docstring)."""
+def ranked(eligible: Sequence[Candidate], model_names: Collection[str], current: Collection[str]) -> list[Candidate]:
+    """`eligible`, best first (ranking in the module docstring)."""
     wanted = set(model_names)
 
     def rank(c: Candidate) -> tuple[bool, bool, int, int, int, str]:
@@ -366,7 +374,13 @@ def choose(eligible: Sequence[Candidate], replicas: int, model_names: Collection
         return (not c.probe.healthy, c.name not in current, -len((c.served | c.in_transit) & wanted),
                 -(free - c.reserved_bytes), c.model_slots_used, c.name)
 
-    return sorted(sorted(eligible, key=rank)[: max(replicas, 0)], key=lambda c: c.name)
+    return sorted(eligible, key=rank)
+
+
+def choose(eligible: Sequence[Candidate], replicas: int, model_names: Collection[str],
+           current: Collection[str]) -> list[Candidate]:
+    """At most `replicas` of `eligible`, by name (ranking in the module docstring)."""
+    return sorted(ranked(eligible, model_names, current)[: max(replicas, 0)], key=lambda c: c.name)
 
 
 def endpoints_of(chosen: Sequence[Candidate], model_names: Sequence[str],

@@ -3,7 +3,9 @@
 Observe: the fleet (node objects, probes and agent reports, other pools' claims) and
 the namespace's ModelCaches. Decide: placement, the agent calls that move the chosen
 nodes toward serving every pool model, the routing table, the status (pure modules).
-Act: load/stage calls to the chosen agents, unloads of models no pool needs any more.
+Act: load/stage calls to the chosen agents, unloads of models no pool needs any more,
+and a prefetch of the pool's models on the node one more replica would go to (once per
+pool, node and model: a scale-up or a failover then loads from the page cache).
 Write: the ConfigMap only when the routes changed, the status only when a field
 changed; an unchanged pool costs no API request and no agent call at all. Also posts
 Kubernetes Events for placements, loads, failures and recoveries.
@@ -22,11 +24,28 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
-from mlxpool.agentapi import CacheEntry, LoadModelRequest, ModelState, SchedulingPolicy, StageRequest
+from mlxpool.agentapi import (
+    CacheEntry,
+    LoadModelRequest,
+    ModelState,
+    PrefetchRequest,
+    PrefetchState,
+    SchedulingPolicy,
+    StageRequest,
+)
 from mlxpool.operator.config import OperatorConfig
 from mlxpool.operator.io import metrics
 from mlxpool.operator.io.agentclient import AgentError
-from mlxpool.operator.logic.assignments import LoadAction, PolicyAction, StageAction, plan, policy_plan, progress
+from mlxpool.operator.logic.assignments import (
+    LoadAction,
+    PolicyAction,
+    PrefetchAction,
+    StageAction,
+    plan,
+    policy_plan,
+    prefetch_plan,
+    progress,
+)
 from mlxpool.operator.logic.claims import PoolKey
 from mlxpool.operator.logic.endpoints import NOT_PROBED, PlacedEndpoint, ProbeResult
 from mlxpool.operator.logic.fleet import Fleet
@@ -52,6 +71,7 @@ class Agents(Protocol):
     async def unload(self, url: str, model: str) -> ModelState: ...
     async def stage(self, url: str, key: str, request: StageRequest) -> CacheEntry: ...
     async def put_scheduling(self, url: str, model: str, policy: SchedulingPolicy) -> SchedulingPolicy: ...
+    async def prefetch(self, url: str, request: PrefetchRequest) -> PrefetchState: ...
 
 
 class Events(Protocol):
@@ -107,6 +127,8 @@ class PassResult:
     """Nodes matching the pool's selector: a change on one of them may change the pool."""
     settled: bool = True
     """Fully placed, nothing loading or pending: the pool can wait for events."""
+    prefetches: int = 0
+    """Models announced to the pool's next node (`POST /v1/node/prefetch`)."""
 
     @property
     def outcome(self) -> str:
@@ -152,6 +174,8 @@ class PoolReconciler:
         self._fleet = fleet
         self._stale_after = stale_after
         self._clock = clock
+        self._announced: dict[PoolKey, frozenset[tuple[str, str]]] = {}
+        """Per pool, the (node, model) prefetches made, so each is announced once."""
 
     async def reconcile(self, body: Mapping, caches: Mapping[str, CacheRef], state: PoolState, events: Events,
                         probe_interval: float | None = None) -> PassResult:
@@ -172,7 +196,10 @@ class PoolReconciler:
         actions: list[LoadAction | StageAction | PolicyAction] = [*plan(placement.chosen, spec.model_names, sources)]
         actions += policy_plan(placement.chosen, spec.model_names,
                                spec.scheduling.policy() if spec.scheduling is not None else None)
-        calls = await self._act(actions, events) + await self.unload(unloads, events)
+        announce = [a for a in prefetch_plan(placement.next, spec.model_names, sources)
+                    if (a.node, a.model) not in self._announced.get(key, frozenset())]
+        calls, prefetched = await asyncio.gather(self._act(actions, events), self._prefetch(key, announce))
+        calls += await self.unload(unloads, events)
 
         # Placement again from what the calls just taught the fleet (loading, staging, failed).
         fresh = {c.name: c for c in _assume_known_health(self._fleet.candidates(key, sizes, only=chosen_names),
@@ -216,7 +243,7 @@ class PoolReconciler:
         _report(events, before, endpoints, placement)
         interest = frozenset(n for n in placement.considered if placement.excluded.get(n) != NOT_SELECTED)
         settled = len(endpoints) >= spec.replicas and all(e.ready for e in endpoints)
-        result = PassResult(endpoints, table, wrote_routes, patch is not None, calls, interest, settled)
+        result = PassResult(endpoints, table, wrote_routes, patch is not None, calls, interest, settled, prefetched)
         metrics.RECONCILES.labels(result.outcome).inc()
         metrics.READY_ENDPOINTS.labels(namespace, name).set(sum(e.healthy for e in endpoints))
         metrics.ROUTING_REVISION.labels(namespace, name).set(table.revision)
@@ -237,6 +264,27 @@ class PoolReconciler:
                 return placement
         candidates = _assume_known_health(self._fleet.candidates(key, sizes), before)
         return place(candidates, spec, sources, sizes, before.keys(), now, self._stale_after)
+
+    async def _prefetch(self, key: PoolKey, actions: Sequence[PrefetchAction]) -> int:
+        """Announce the pool's models to its next node; each (node, model) once, answered or not
+        (an agent without the route, or one that failed the read, is not asked again)."""
+        if not actions:
+            return 0
+        self._announced[key] = self._announced.get(key, frozenset()) | {(a.node, a.model) for a in actions}
+
+        async def one(action: PrefetchAction) -> None:
+            try:
+                await self._agents.prefetch(action.url, action.request)
+                log.info("prefetch announced node=%s model=%s pool=%s/%s", action.node, action.model, *key)
+            except AgentError as exc:
+                log.info("prefetch not taken node=%s model=%s error=%s", action.node, action.model, exc)
+
+        await asyncio.gather(*(one(a) for a in actions))
+        return len(actions)
+
+    def forget(self, key: PoolKey) -> None:
+        """The pool is gone: its announcements go too."""
+        self._announced.pop(key, None)
 
     async def _act(self, actions: Sequence[LoadAction | StageAction | PolicyAction], events: Events) -> int:
         await asyncio.gather(*(self._do(a, events) if not isinstance(a, PolicyAction) else self._apply_policy(a, events)

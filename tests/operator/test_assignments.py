@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from mlxpool.agentapi import CachePhase, ModelPhase, StageRequest
-from mlxpool.operator.logic.assignments import LoadAction, StageAction, plan, progress
+from mlxpool.operator.logic.assignments import LoadAction, StageAction, plan, prefetch_plan, progress
 from mlxpool.operator.logic.endpoints import ProbeResult
 from mlxpool.operator.logic.placement import AgentView, Candidate, NodeView
 from mlxpool.operator.logic.sources import LoadSource
@@ -122,3 +122,19 @@ def test_an_adapter_is_loaded_over_its_base_once_the_base_is_ready_on_the_node()
     (adapter,) = plan([cand({"x": "ready"})], names, sources)
     assert isinstance(adapter, LoadAction) and adapter.model == "x:a1"
     assert adapter.request.base == "x" and adapter.request.path == "/m/a1"
+
+
+def test_the_next_node_is_told_to_prefetch_what_is_on_it_and_not_held():
+    adapter = LoadSource(origin="spec.models[].source", path="/a/x", base="x")
+    sources = {"x": FILE, "c": CACHED, "r": REMOTE, "ad": adapter}
+    (only,) = prefetch_plan(cand(), ["x", "c", "r", "ad"], sources)  # c and r not on the node: nothing to read
+    assert (only.model, only.request.path, only.url) == ("x", "/m/x", "http://n")
+    both = prefetch_plan(cand(cache={"ns.x.1": "Cached", "src-1": "Cached"}), ["x", "c", "r"], sources)
+    assert [(a.model, a.request.path or a.request.cache_key) for a in both] == [
+        ("x", "/m/x"), ("c", "ns.x.1"), ("r", "src-1")]
+    # Held in any phase (parked included), failed there, unhealthy, no report, no next node: none.
+    assert prefetch_plan(cand({"x": "ready"}), ["x"], sources) == []
+    assert prefetch_plan(cand(failures={"x": "boom"}), ["x"], sources) == []
+    assert prefetch_plan(cand(healthy=False), ["x"], sources) == []
+    assert prefetch_plan(cand(report=False), ["x"], sources) == []
+    assert prefetch_plan(None, ["x"], sources) == []

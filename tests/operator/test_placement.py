@@ -299,3 +299,11 @@ def test_without_a_report_the_heartbeat_s_tiers_count_the_slots():
     assert parsed.parked == {"x"} and parsed.models == {"x", "y"}
     assert Candidate(view=parsed).model_slots_used == 1
     assert parsed.routing_key() != replace(parsed, parked=frozenset()).routing_key()
+
+
+def test_the_next_node_is_the_best_healthy_one_past_the_chosen():
+    nodes = [cand("a", free=1), cand("b", free=9), cand("c", free=5, probe=ProbeResult(False, "down")),
+             cand("d", free=3)]
+    placed = place(nodes, pool(replicas=1), {}, {}, (), NOW, 30)
+    assert names(placed.chosen) == ["b"] and placed.next is not None and placed.next.name == "d"  # c is down
+    assert place(nodes, pool(replicas=4), {}, {}, (), NOW, 30).next is None

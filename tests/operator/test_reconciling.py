@@ -21,6 +21,9 @@ from mlxpool.agentapi import (
     ModelPhase,
     ModelState,
     NodeReport,
+    PrefetchPhase,
+    PrefetchRequest,
+    PrefetchState,
     StageRequest,
 )
 from mlxpool.nodes import Hardware
@@ -62,6 +65,7 @@ class FakeKube:
 class FakeAgents:
     def __init__(self) -> None:
         self.calls: list[tuple] = []
+        self.prefetched: list[tuple[str, str | None]] = []
         self.refuse: dict[str, AgentError] = {}
 
     async def load(self, url: str, request: LoadModelRequest) -> ModelState:
@@ -77,6 +81,12 @@ class FakeAgents:
     async def stage(self, url: str, key: str, request: StageRequest) -> CacheEntry:
         self.calls.append(("stage", url, key, request.source))
         return CacheEntry(key=key, source=request.source, phase=CachePhase.DOWNLOADING)
+
+    async def prefetch(self, url: str, request: PrefetchRequest) -> PrefetchState:
+        self.prefetched.append((url, request.path or request.cache_key))
+        if url in self.refuse:
+            raise self.refuse[url]
+        return PrefetchState(path=request.path or "", phase=PrefetchPhase.PREFETCHING)
 
 
 class FakeEvents:
@@ -98,9 +108,10 @@ def node(name: str, ready: bool = True, models: tuple[str, ...] = ("tiny",), lab
                     heartbeat=NOW - timedelta(seconds=1), free_memory_bytes=0, models=frozenset(models), max_models=4)
 
 
-def report(name: str, models: dict[str, str] | None = None, cache: dict[str, str] | None = None) -> NodeReport:
+def report(name: str, models: dict[str, str] | None = None, cache: dict[str, str] | None = None,
+           free: int = 8 << 30) -> NodeReport:
     return NodeReport(name=name, endpoint=f"http://{name}:8101", hardware=HW, max_models=4,
-                      free_memory_bytes=8 << 30, agent_version="t",
+                      free_memory_bytes=free, agent_version="t",
                       models=[ModelState(name=m, phase=ModelPhase(p)) for m, p in (models or {}).items()],
                       cache=[CacheEntry(key=k, source="hf://x", phase=CachePhase(p)) for k, p in (cache or {}).items()])
 
@@ -405,3 +416,19 @@ async def test_a_pool_whose_own_nodes_suffice_looks_at_no_other_node(world):
     world.fleet.observed.observe_probe("b", ProbeResult(False, "cannot connect"))
     replaced = await world.run(pool(), state)
     assert replaced.interest == {"a", "b", "c", "d"} and world.routed() == ["a", "c"]
+
+
+async def test_the_node_a_replica_would_go_to_next_is_told_to_prefetch_once(world):
+    body = pool(replicas=2, models=[{"name": "tiny", "source": "file:///models/tiny"}])
+    world.add(node("a", models=()), node("b", models=()), node("c", models=()), reports=True)
+    world.fleet.observed.observe_report("a", report("a", free=9 << 30))
+    world.fleet.observed.observe_report("b", report("b", free=9 << 30))
+    world.agents.refuse["http://c:8101"] = AgentError(404, "no such route")  # an older agent: no harm done
+    state = PoolState()
+    first = await world.run(body, state)
+    assert [c[1] for c in world.agents.calls] == ["http://a:8101", "http://b:8101"]  # the two loads
+    assert world.agents.prefetched == [("http://c:8101", "/models/tiny")] and first.prefetches == 1
+    # Announced already (answered or not): not again, even from a pass over the whole fleet.
+    world.fleet.observed.observe_probe("b", ProbeResult(False, "down"))
+    again = await world.run(body, state)
+    assert world.agents.prefetched == [("http://c:8101", "/models/tiny")] and again.prefetches == 0
