@@ -56,6 +56,16 @@ def _reexec_with_huge_pages() -> None:
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
+def _page_in_weights(argv: list[str]) -> None:
+    """Start reading the served model's weights into the page cache before the agent's
+    imports (seconds of them): see `mlxpool.agent.engine.pagein`. MLXPOOL_PAGE_IN=0: off."""
+    from mlxpool.agent.engine import pagein
+
+    model = pagein.model_argument(argv)
+    if model is not None:
+        pagein.start(model)
+
+
 def usage() -> str:
     lines = ["usage: mlxpool COMMAND [ARGS...]", "", "commands:"]
     lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
@@ -82,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         target = "mlxpool.agentinstall"  # the launchd service, not the agent process
     elif name == "agent" and from_command_line:
         _reexec_with_huge_pages()
+        _page_in_weights(rest)
     module_name, _, function = target.partition(":")
     module = importlib.import_module(module_name)
     return int(getattr(module, function or "main")(rest) or 0)

@@ -19,10 +19,14 @@ purpose, and known:
 - On the CPU (`cpu=True`) nothing of the model is compiled per shape: matmuls are BLAS,
   the other kernels are fixed or `mx.compile(shapeless=True)`d (mlx-lm's activations),
   and their JIT depends on the number of dimensions and the dtypes, not on the sizes. So
-  the CPU plan runs only a short ladder (widths 2 and 1) per sampler, one 16-token prompt
-  and a group of 2, then covers every shape of the plan (`ShapeBook.cover`): the full
-  plan would spend seconds of compute on a 0.5 B model (32-wide ladders, prompts up to
-  the step size) and compile nothing more.
+  the CPU plan runs one short ladder (two 16-token prompts prefilled together, then
+  widths 2 and 1, at most 2 + 3 tokens) with the temperature sampler (it records the
+  model's log-probability dtype for `warm_samplers`; the greedy sampler is a plain
+  argmax, nothing to compile), then covers every shape of the plan (`ShapeBook.cover`):
+  the full plan would spend seconds of compute on a 0.5 B model (32-wide ladders,
+  prompts up to the step size) and compile nothing more. Each run is whole forward
+  passes: on a 545 MB model four runs took 2-4 s of a cold start (bench.memory), one
+  ladder ~0.5-1 s.
 
 A shape seen after warm-up that was not warmed is counted (`ShapeBook.note` says True
 once per shape, so the caller logs it once and counts it). Pure: no MLX here.
@@ -35,6 +39,8 @@ from enum import StrEnum
 
 MIN_PREFILL_BUCKET = 16
 CPU_LADDER_WIDTH = 2
+CPU_LADDER_TOKENS = 2
+"""Tokens of the CPU ladder's first sequence: prefill + one step at width 2 + one at width 1."""
 
 
 class ShapeKind(StrEnum):
@@ -124,15 +130,16 @@ class ShapePlan:
     def runs(self, tokens: int = 2) -> list[WarmupRun]:
         """The warm-up, in order: per sampler a decode ladder (sequence i generates `tokens + i`
         tokens, so the batch narrows by one each step: every width once); then one prompt per
-        prefill length bucket; then the prefill groups. On the CPU: ladders of width
-        `CPU_LADDER_WIDTH`, one short prompt, a group of 2."""
+        prefill length bucket; then the prefill groups. On the CPU: one temperature ladder
+        of width `CPU_LADDER_WIDTH` of at most `CPU_LADDER_TOKENS` (+ i) tokens."""
         short = MIN_PREFILL_BUCKET
-        n = min(self.max_running, CPU_LADDER_WIDTH) if self.cpu else self.max_running
+        if self.cpu:
+            n, first = min(self.max_running, CPU_LADDER_WIDTH), min(tokens, CPU_LADDER_TOKENS)
+            return [WarmupRun((short,) * n, tuple(first + i for i in range(n)), "temperature")]
+        n = self.max_running
         runs = [WarmupRun((short,) * n, tuple(tokens + i for i in range(n)), sampler) for sampler in self.samplers]
-        lengths = [short] if self.cpu else self.prefill_lengths
-        groups = self.prefill_groups[:1] if self.cpu else self.prefill_groups
-        runs += [WarmupRun((length,), (tokens,), "greedy") for length in lengths]
-        runs += [WarmupRun((short,) * g, (tokens,) * g, "greedy") for g in groups]
+        runs += [WarmupRun((length,), (tokens,), "greedy") for length in self.prefill_lengths]
+        runs += [WarmupRun((short,) * g, (tokens,) * g, "greedy") for g in self.prefill_groups]
         return runs
 
     def decode_top_up(self, seen: set[Shape]) -> list[WarmupRun]:

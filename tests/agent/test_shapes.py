@@ -48,10 +48,10 @@ def test_cpu_plan_runs_short_ladders_and_one_prompt_and_covers_the_same_shapes()
     full = ShapePlan(max_running=32, prefill_concurrency=16, prefill_step_size=2048)
     cpu = ShapePlan(max_running=32, prefill_concurrency=16, prefill_step_size=2048, cpu=True)
     assert cpu.shapes() == full.shapes()
-    runs = cpu.runs(tokens=2)
-    assert [(r.prompt_lengths, r.max_tokens, r.sampler) for r in runs] == [
-        ((16, 16), (2, 3), "greedy"), ((16, 16), (2, 3), "temperature"), ((16,), (2,), "greedy"),
-        ((16, 16), (2, 2), "greedy")]
+    for tokens in (2, 4):  # one ladder, whatever the tokens asked: each step is a forward pass
+        runs = cpu.runs(tokens=tokens)
+        assert [(r.prompt_lengths, r.max_tokens, r.sampler) for r in runs] == [((16, 16), (2, 3), "temperature")]
+    assert [(r.prompt_lengths, r.max_tokens) for r in ShapePlan(1, 1, 64, cpu=True).runs(4)] == [((16,), (2,))]
     assert [len(r.prompt_lengths) for r in cpu.decode_top_up({Shape(ShapeKind.DECODE, 1)})] == [2]
     book = ShapeBook(cpu)
     book.cover()
@@ -114,9 +114,9 @@ async def test_engine_warms_every_planned_shape_and_then_serves_none_unwarmed(ti
         stats = engine.stats
         assert stats.warmup_shapes_total == len(ShapePlan(8, 4, 256).shapes())
         assert stats.warmup_shapes_done == stats.warmup_shapes_total
+        compiled = sampling.compiles()  # the CPU plan's one ladder + warm_samplers compiled every filter
         for n in (1, 3, 8, 5):
             await _burst(engine, n)
-        compiled = sampling.compiles()
         await _burst(engine, 6, temperature=0.8, top_p=0.93, prompt=200)  # a new width, a value and a length
         assert sampling.compiles() == compiled
         assert stats.unwarmed_shapes_total == 0
