@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -134,9 +135,10 @@ def attach(model: nn.Module) -> DenseCopies:
 
 
 def measure(copies: DenseCopies, step: Callable[[int], Callable[[], mx.array]], widths: list[int],
-            repeats: int = 3) -> dict[int, tuple[float, float]]:
-    """Seconds per step at each width, quantized then dense (`step(width)` returns one step's
-    function on a fresh cache); each is run once first so that compiling is not counted."""
+            repeats: int = 7) -> dict[int, tuple[float, float]]:
+    """Median seconds per step at each width, quantized then dense (`step(width)` returns one
+    step's function on a fresh cache); two runs first so that compiling and the GEMM library's
+    first plan are not counted; each step synchronized (the median shrugs off a stray stall)."""
     timings: dict[int, tuple[float, float]] = {}
     saved = copies.switch.min_rows
     try:
@@ -145,13 +147,16 @@ def measure(copies: DenseCopies, step: Callable[[int], Callable[[], mx.array]], 
             for min_rows in (NEVER, 0):
                 copies.switch.min_rows = min_rows
                 run = step(width)
-                mx.eval(run())
-                mx.synchronize()
-                started = time.perf_counter()
-                for _ in range(repeats):
+                for _ in range(2):
                     mx.eval(run())
                 mx.synchronize()
-                pair.append((time.perf_counter() - started) / repeats)
+                samples = []
+                for _ in range(repeats):
+                    started = time.perf_counter()
+                    mx.eval(run())
+                    mx.synchronize()
+                    samples.append(time.perf_counter() - started)
+                pair.append(statistics.median(samples))
             timings[width] = (pair[0], pair[1])
     finally:
         copies.switch.min_rows = saved

@@ -8,12 +8,15 @@ much as mlx_lm.server holds. So on CUDA, with a kernel cache set, the warm-up ru
 split among `workers` child processes that each load the model, run their share and
 exit (their compiler memory goes with them); the engine then runs every shape itself
 as before, now from the cache. A child that fails only costs time: the engine's own
-warm-up still compiles whatever is missing. Not used on the CPU (nothing is compiled
-per shape there) or on Metal (not measured).
+warm-up still compiles whatever is missing. Once every child succeeded, a marker in the
+cache (keyed by the MLX version, the model's files and the runs) says so, and a restart
+with the same cache skips the children: its own warm-up finds every kernel there. Not
+used on the CPU (nothing is compiled per shape there) or on Metal (not measured).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -21,6 +24,8 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict
+from importlib import metadata
+from pathlib import Path
 
 from mlxpool.agent.engine.interface import AcceleratorKind, EngineConfig
 from mlxpool.agent.engine.shapes import WarmupRun
@@ -53,11 +58,31 @@ def child_argv(model_path: str, config: EngineConfig, runs: list[WarmupRun]) -> 
     return [sys.executable, "-m", "mlxpool.agent.engine.precompile", json.dumps(spec)]
 
 
+def marker(cache_dir: str | Path, model_path: str, config: EngineConfig, runs: list[WarmupRun]) -> Path:
+    """The file that says these runs' kernels are in `cache_dir`: named by a hash of the MLX
+    version, the model's config and weight files (name, size, mtime) and the runs."""
+    model = Path(model_path)
+    files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in model.iterdir()
+                   if f.suffix in (".json", ".safetensors") and f.is_file()) if model.is_dir() else []
+    try:
+        mlx_version = metadata.version("mlx")
+    except metadata.PackageNotFoundError:
+        mlx_version = "unknown"
+    key = json.dumps([mlx_version, str(model.resolve()), files, child_argv(model_path, config, runs)[-1]])
+    return Path(cache_dir) / f"mlxpool-precompiled-{hashlib.sha256(key.encode()).hexdigest()[:32]}"
+
+
 def compile_ahead(model_path: str, config: EngineConfig, runs: list[WarmupRun], workers: int = WORKERS,
-                  timeout_s: float = TIMEOUT_S) -> int:
-    """Run the shares in child processes and wait for all of them (bounded); how many succeeded."""
+                  timeout_s: float = TIMEOUT_S, cache_dir: str | None = None) -> int:
+    """Run the shares in child processes and wait for all of them (bounded); how many
+    succeeded (all of them, without starting any, when the cache's marker says they did before)."""
     started = time.perf_counter()
     shares = split(runs, workers)
+    cache_dir = cache_dir or os.environ.get(CACHE_ENV)
+    done = marker(cache_dir, model_path, config, runs) if cache_dir else None
+    if done is not None and done.exists():
+        log.info("kernels found compiled ahead path=%s marker=%s", model_path, done.name)
+        return len(shares)
     children = [subprocess.Popen(child_argv(model_path, config, share)) for share in shares]
     ok = 0
     deadline = time.monotonic() + timeout_s
@@ -70,6 +95,11 @@ def compile_ahead(model_path: str, config: EngineConfig, runs: list[WarmupRun], 
         ok += code == 0
     log.info("kernels compiled ahead path=%s children=%d ok=%d runs=%d seconds=%.1f", model_path, len(children), ok,
              len(runs), time.perf_counter() - started)
+    if done is not None and ok == len(children):
+        try:
+            done.write_text(json.dumps({"model": model_path, "runs": len(runs)}))
+        except OSError as exc:  # a read-only cache: the next start compiles ahead again
+            log.warning("precompile marker not written path=%s error=%s", done, exc)
     return ok
 
 
