@@ -34,7 +34,12 @@ non-switching ones (same models, same run).
   adapters: it reloads the base and the adapter); ours and it take turns (ABBA),
   `speedup_vs_mlx_lm_adapters` is its total time over ours.
 
-Not measured (null, because it is not built yet): the resident memory saved by shared tensors.
+- shared tensors: a fine-tune of bench model `a` with one layer changed
+  (`tinymodel.make_variant(layers=[1])`) loaded into the hot case's agent beside `a`: its own
+  `memory_bytes`, `shared_tensor_bytes_saved` from `/v1/node`, and the agent's resident
+  memory (VmRSS) before and after the load (`shared_rss_added_bytes`) against the
+  fine-tune's whole size (what it adds without sharing, as mlx_lm.server or a second
+  process would hold it).
 
 `python -m bench.switching [--quick]`; the last line is one JSON object.
 """
@@ -63,7 +68,7 @@ from bench.memory import drop_caches
 from bench.serving import blas_env
 from mlxpool.agent.operations.eviction import Order, fewest_loads, replay
 from mlxpool.dev.processes import LOOPBACK, Process, free_port, wait_for
-from mlxpool.tinymodel import make_adapter, make_tiny
+from mlxpool.tinymodel import make_adapter, make_tiny, make_variant
 
 OURS, THEIRS = "mlxpool", "mlx_lm.server"
 OPS_TOKEN = "bench-ops-token"
@@ -220,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     n_cold = 8 if args.quick else 30
     started = time.monotonic()
     out: dict = {"quick": args.quick, "requests": n, "load_average": [round(x, 2) for x in os.getloadavg()],
-                 "shared_tensor_bytes_saved": None, "zipf_replayed": True}
+                 "zipf_replayed": True}
     root = Path(tempfile.mkdtemp(prefix="bench-switching-"))
     try:
         models = make_models(root, args.quick)
@@ -250,6 +255,22 @@ def main(argv: list[str] | None = None) -> int:
                 ttft(ours.url, ours_adapters[k]), ttft(them.url, their_adapters[k])
             adapter_seq = sequence(list(adapters), n, seed=15)
             ours_ad, their_ad = turns(adapter_seq, (ours.url, ours_adapters), (them.url, their_adapters))
+            # ---- shared tensors: a fine-tune of a (layer 1 changed) beside a ----
+            tuned = make_variant(models["a"], root / "tuned", seed=21, scale=0.05, layers=[1])
+            rss_before = _rss(ours.proc.popen.pid)
+            load(ours, "a-tuned", tuned)
+            rss_after = _rss(ours.proc.popen.pid)
+            node = ops(ours, "GET", "").json()
+            state = next(m for m in node["models"] if m["name"] == "a-tuned")
+            out["shared_tensor_bytes_saved"] = node.get("shared_tensor_bytes_saved")
+            out["shared_model_bytes"] = sum(p.stat().st_size for p in tuned.glob("*.safetensors"))
+            out["shared_own_bytes"] = state["memory_bytes"]
+            out["shared_rss_added_bytes"] = (rss_after - rss_before if rss_before is not None and rss_after is not None
+                                             else None)
+            ttft(ours.url, "a-tuned")  # it serves
+        print(f"shared tensors: a fine-tune of {out['shared_model_bytes']} B adds {out['shared_own_bytes']} B "
+              f"({out['shared_tensor_bytes_saved']} B saved); resident memory +{out['shared_rss_added_bytes']} B",
+              flush=True)
         out["adapter_switch_ms"] = added_ms(adapter_seq, ours_ad)
         out["mlx_lm_adapter_switch_ms"] = added_ms(adapter_seq, their_ad)
         out["ours_adapters_total_s"], out["mlx_lm_adapters_total_s"] = round(sum(ours_ad), 3), round(sum(their_ad), 3)
@@ -346,6 +367,17 @@ def main(argv: list[str] | None = None) -> int:
     out["seconds"] = round(time.monotonic() - started, 1)
     print(json.dumps(out))
     return 0
+
+
+def _rss(pid: int) -> int | None:
+    """The process's resident memory (VmRSS) in bytes; None where /proc does not say."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def _metric(text: str, series: str) -> float | None:

@@ -157,6 +157,9 @@ def share_tensors(model: nn.Module, parameters: dict[str, mx.array], sharing: Sh
     if taken:
         model.load_weights(list(taken.items()), strict=False)
         parameters.update(taken)
+        # The copies just read are dropped: give their buffers back to the OS now, or MLX's
+        # buffer cache keeps them resident (measured: +96.6 MB of RSS for a 10.5 MB model).
+        mx.clear_cache()
     return set(taken), registered
 
 
