@@ -7,8 +7,8 @@ healthy; the router only adds fast local signals (in-flight counts, time to firs
 byte, recent connect failures).
 
 Layers, top to bottom (`.importlinter`, `router-layers`): `main` (command line) →
-`app` (FastAPI factory, lifespan, thin routes) → `relaying` (upstream replies to the
-ASGI server) → `forwarding` (the data plane: candidates, tries, relay) → `metrics`,
+`app` (FastAPI factory, lifespan, the other routes) → `relaying` (the two inference
+routes as plain ASGI) → `forwarding` (the data plane: candidates, tries, relay) → `metrics`,
 `parsing` → `picking/` (filters, scorers, picker, profiles, prefix index, signals)
 and `tables/` (the current table and its followers) → `settings`, `errors`.
 """

@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import logging
 import ssl
-import uuid
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
@@ -21,19 +20,18 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mlxpool import __version__
-from mlxpool.httpguards import SizeLimitsMiddleware, UnexpectedErrorsMiddleware
+from mlxpool.httpguards import ASGIApp, Receive, Scope, Send, SizeLimitsMiddleware, UnexpectedErrorsMiddleware
 from mlxpool.httptransports import PerHostTransport
 from mlxpool.openapischema import install_openapi
 from mlxpool.priorities import Priority
 from mlxpool.router.errors import NoRoutingTable, Overloaded, RouterError, error_body
 from mlxpool.router.forwarding import Forwarder
 from mlxpool.router.metrics import RouterMetrics
-from mlxpool.router.parsing import InferenceRequest, parse_inference_request, upstream_headers
 from mlxpool.router.picking.profiles import Strategies, load_strategies
 from mlxpool.router.picking.shedding import SheddingPolicy
 from mlxpool.router.picking.signals import EndpointSignals
 from mlxpool.router.polling import SignalPoller
-from mlxpool.router.relaying import ClientDisconnected, RelayResponse, cancel_on_disconnect
+from mlxpool.router.relaying import INFERENCE_PATHS, InferenceEndpoint
 from mlxpool.router.settings import RouterSettings, SheddingSettings, TableSourceSettings, UpstreamSettings
 from mlxpool.router.sharing import PrefixSharing
 from mlxpool.router.tables.files import follow_file
@@ -41,8 +39,21 @@ from mlxpool.router.tables.holder import TableHolder
 
 log = logging.getLogger(__name__)
 
-CLIENT_CLOSED_REQUEST = 499
-"""Status recorded (nginx's convention) when the client left before the agent answered."""
+class RouterApp(FastAPI):
+    """FastAPI, except for the two inference routes: `inference` (plain ASGI) serves those.
+
+    Set by the lifespan once the forwarder exists; until then (and without a lifespan)
+    FastAPI's own routes answer 503.
+    """
+
+    inference: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (self.inference is not None and scope["type"] == "http" and scope["method"] == "POST"
+                and scope["path"] in INFERENCE_PATHS):
+            await self.inference(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
 
 
 def tls_verification(settings: UpstreamSettings) -> ssl.SSLContext:
@@ -83,7 +94,7 @@ async def table_source(settings: TableSourceSettings, holder: TableHolder,
     return ConfigMapFollower(api, holder, settings.pool, settings).run()
 
 
-def create_app(settings: RouterSettings, metrics: RouterMetrics | None = None) -> FastAPI:
+def create_app(settings: RouterSettings, metrics: RouterMetrics | None = None) -> RouterApp:
     strategies = Strategies(load_strategies(settings.strategies_file))
     metrics = metrics if metrics is not None else RouterMetrics()
     holder = TableHolder(settings.tables.pool)
@@ -98,8 +109,13 @@ def create_app(settings: RouterSettings, metrics: RouterMetrics | None = None) -
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with AsyncExitStack() as stack:
             client = await stack.enter_async_context(http_client(settings.upstream))
-            app.state.forwarder = Forwarder(client, holder, strategies, signals, metrics, settings.upstream,
-                                          shedding=shedding)
+            forwarder = Forwarder(client, holder, strategies, signals, metrics, settings.upstream, shedding=shedding)
+            app.state.forwarder = forwarder
+            assert isinstance(app, RouterApp)
+            # Outermost first, as the middleware of FastAPI's stack below.
+            app.inference = UnexpectedErrorsMiddleware(SizeLimitsMiddleware(
+                InferenceEndpoint(forwarder, holder, metrics), limits=settings.limits))
+            stack.callback(setattr, app, "inference", None)
             task = asyncio.create_task(await table_source(settings.tables, holder, stack), name="routing-table-source")
             task.add_done_callback(_log_source_end)
             stack.push_async_callback(_cancel, task)
@@ -121,7 +137,7 @@ def create_app(settings: RouterSettings, metrics: RouterMetrics | None = None) -
                 await _first_table(holder, settings.first_table_wait)
             yield
 
-    app = FastAPI(title="mlxpool router", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = RouterApp(title="mlxpool router", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     # Innermost first: sizes checked before the body is read; anything unexpected answered as JSON.
     app.add_middleware(SizeLimitsMiddleware, limits=settings.limits)
     app.add_middleware(UnexpectedErrorsMiddleware)
@@ -141,29 +157,18 @@ def create_app(settings: RouterSettings, metrics: RouterMetrics | None = None) -
         body = error_body(f"{request.method} {request.url.path[:256]}: {exc.detail}", "invalid_request_error")
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
-    async def proxy(request: Request, path: str) -> Response:
-        forwarder: Forwarder = request.app.state.forwarder
-        inference: InferenceRequest | None = None
-        try:
-            inference = parse_inference_request(await request.body(), request.headers)
-            request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-            headers = upstream_headers(request.headers.items(), request_id)
-            reply = await cancel_on_disconnect(request.receive, forwarder.open(path, inference, headers))
-        except (RouterError, ClientDisconnected) as exc:
-            status = exc.status_code if isinstance(exc, RouterError) else CLIENT_CLOSED_REQUEST
-            metrics.requests.labels(_model_label(holder, inference), "", str(status)).inc()
-            if isinstance(exc, ClientDisconnected):
-                return Response(status_code=CLIENT_CLOSED_REQUEST)
-            raise
-        return RelayResponse(reply, forwarder.relay(reply, inference.model))
+    def starting() -> JSONResponse:
+        """Reached only before the lifespan started: `RouterApp.inference` serves these routes."""
+        body = error_body("the router is starting; retry shortly", "server_error", code="starting")
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
 
     @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        return await proxy(request, "/v1/completions")
+    async def completions() -> JSONResponse:
+        return starting()
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        return await proxy(request, "/v1/chat/completions")
+    async def chat_completions() -> JSONResponse:
+        return starting()
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
@@ -211,14 +216,6 @@ def shedding_policy(settings: SheddingSettings) -> SheddingPolicy:
     tiers = {Priority.BACKGROUND: settings.background, Priority.LOW: settings.low,
              Priority.NORMAL: settings.normal, Priority.HIGH: settings.high}
     return SheddingPolicy({p: t for p, t in tiers.items() if t is not None}, settings.mean_output_tokens)
-
-
-def _model_label(holder: TableHolder, inference: InferenceRequest | None) -> str:
-    """The model as a metric label, only if the table knows it (client input is unbounded)."""
-    table = holder.current
-    if inference is None or table is None or inference.model not in table.models:
-        return ""
-    return inference.model
 
 
 def _log_source_end(task: asyncio.Task[None]) -> None:

@@ -6,7 +6,7 @@ on to the next candidate (at most `max_attempts`). The first body chunk is read 
 a reply is returned, so nothing has reached the client while failover is still
 possible; once `relay` has yielded bytes, an upstream failure is never retried.
 
-No HTTP server types here: `relaying` adapts replies to Starlette responses.
+No HTTP server types here: `relaying` serves the inference routes over ASGI.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import anyio
@@ -42,6 +42,9 @@ from mlxpool.router.tables.holder import TableHolder
 from mlxpool.routing import RouteEndpoint, RoutingTable
 
 log = logging.getLogger(__name__)
+
+MAX_CACHED_URLS = 4096
+"""Parsed endpoint URLs kept (endpoints x the two paths; cleared with each new table)."""
 
 ENDPOINT_HEADER = "x-mlxpool-endpoint"
 """Response header naming the node that answered."""
@@ -100,7 +103,21 @@ class Forwarder:
         self.settings = settings
         self.clock = clock
         self.shedding = shedding
-        holder.on_accept(lambda table: signals.retain(e.url for es in table.models.values() for e in es))
+        self._urls: dict[tuple[str, str], httpx.URL] = {}
+        holder.on_accept(self._table_accepted)
+
+    def _table_accepted(self, table: RoutingTable) -> None:
+        self.signals.retain(e.url for es in table.models.values() for e in es)
+        self._urls.clear()
+
+    def _url(self, endpoint: RouteEndpoint, path: str) -> httpx.URL:
+        """The request URL, parsed once per table (httpx parses a string URL in ~40 us per request)."""
+        url = self._urls.get((endpoint.url, path))
+        if url is None:
+            if len(self._urls) >= MAX_CACHED_URLS:
+                self._urls.clear()
+            url = self._urls[(endpoint.url, path)] = httpx.URL(endpoint.url.rstrip("/") + path)
+        return url
 
     async def open(self, path: str, request: InferenceRequest, headers: list[tuple[str, str]]) -> UpstreamReply:
         """Send `request` to the best candidate that answers; raises a `RouterError` when none can."""
@@ -166,13 +183,18 @@ class Forwarder:
         chunks: AsyncIterator[bytes] | None = None
         try:
             async with asyncio.timeout(self.settings.first_byte_timeout):
-                upstream = self.client.build_request(
-                    "POST", endpoint.url.rstrip("/") + path, content=request.body, headers=headers)
+                upstream = self.client.build_request("POST", self._url(endpoint, path), content=request.body,
+                                                     headers=headers)
                 response = await self.client.send(upstream, stream=True)
                 self.signals.connected(endpoint.url)
                 if response.status_code >= 500:
                     raise _ServerError(response, await response.aread())
-                chunks = response.aiter_raw()
+                # The raw stream, not `aiter_raw()`: that closes the response itself when
+                # the body ends, and httpx marks a response closed before its close has run,
+                # so a close cut short there would never be retried (`UpstreamReply.aclose`
+                # closes it, shielded, whatever happens).
+                assert isinstance(response.stream, httpx.AsyncByteStream)
+                chunks = aiter(response.stream)
                 first_chunk = await anext(chunks, b"")
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
@@ -219,14 +241,18 @@ class Forwarder:
         self.signals.finished(endpoint.url)
         self.metrics.in_flight.labels(endpoint.node).dec()
 
-    async def relay(self, reply: UpstreamReply, model: str) -> AsyncIterator[bytes]:
-        """The reply's body, chunk by chunk as the agent sends it; closes the upstream at the end."""
+    async def relay(self, reply: UpstreamReply, model: str, write: Callable[[bytes], Awaitable[None]]) -> None:
+        """Writes the reply's body chunk by chunk as the agent sends it; always closes the upstream.
+
+        A coroutine rather than an async generator: its `finally` runs however the caller
+        ends (a generator never started, or left suspended, never runs its own).
+        """
         try:
             if reply.first_chunk:
-                yield reply.first_chunk
+                await write(reply.first_chunk)
             if reply.chunks is not None:
                 async for chunk in reply.chunks:
-                    yield chunk
+                    await write(chunk)
         except httpx.HTTPError as exc:
             # Bytes already reached the client: no failover. SSE clients get an error event;
             # other bodies are cut short, which the client sees as a truncated response.
@@ -236,7 +262,8 @@ class Forwarder:
             if not reply.is_sse:
                 raise
             message = f"endpoint {reply.endpoint.node} broke off the stream: {exc.__class__.__name__}"
-            yield f"data: {json.dumps(error_body(message, 'upstream_error', code='stream_interrupted'))}\n\n".encode()
+            await write(
+                f"data: {json.dumps(error_body(message, 'upstream_error', code='stream_interrupted'))}\n\n".encode())
         finally:
             await reply.aclose()
             self.metrics.requests.labels(model, reply.endpoint.node, str(reply.status)).inc()

@@ -8,6 +8,8 @@ import json
 import httpx
 import pytest
 
+from mlxpool.router.app import create_app
+from mlxpool.router.settings import RouterSettings, TableSourceSettings
 from mlxpool.routing import RouteEndpoint
 
 from .conftest import make_table
@@ -219,6 +221,25 @@ async def test_unknown_path_is_404_in_openai_shape(start_router):
 
     assert response.status_code == 404
     assert "error" in response.json()
+
+
+async def test_inference_paths_keep_fastapi_answers_for_other_methods(start_router):
+    router = await start_router(make_table({"m": []}))
+
+    response = await router.client.get("/v1/chat/completions")
+
+    assert response.status_code == 405
+    assert "error" in response.json()
+
+
+async def test_inference_before_the_lifespan_is_503_in_openai_shape(tmp_path):
+    settings = RouterSettings(tables=TableSourceSettings(pool=None, routes_file=tmp_path / "routes.json"))
+    app = create_app(settings)  # its lifespan never runs: no forwarder yet
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router") as client:
+        response = await client.post("/v1/chat/completions", json={"model": "m"})
+
+    assert response.status_code == 503 and response.headers["retry-after"] == "1"
+    assert response.json()["error"]["code"] == "starting"
 
 
 async def test_models_lists_the_table(agents, start_router):
