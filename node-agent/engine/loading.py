@@ -14,6 +14,7 @@ line says how the bytes came (reader, copy or zero-copy, GB/s, pinned).
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import time
 from collections.abc import Mapping
@@ -158,8 +159,10 @@ def share_tensors(model: nn.Module, parameters: dict[str, mx.array], sharing: Sh
         model.load_weights(list(taken.items()), strict=False)
         parameters.update(taken)
         # The copies just read are dropped: give their buffers back to the OS now, or MLX's
-        # buffer cache keeps them resident (measured: +96.6 MB of RSS for a 10.5 MB model).
+        # buffer cache, then glibc's arenas, keep them resident (an agent measured +93 MB of
+        # RSS for a fine-tune adding 10.5 MB; +101 MB with sharing off).
         mx.clear_cache()
+        _trim_heap()
     return set(taken), registered
 
 
@@ -220,6 +223,21 @@ def load_adapter(base: LoadedModel, path: str | Path, options: LoadOptions | Non
              base_dir, weights.total_bytes, base.weights.total_bytes, time.perf_counter() - started)
     return LoadedModel(model, tokenizer, info, base.vocab_size, weights)
 
+
+def _trim_heap() -> None:
+    """glibc's `malloc_trim(0)`: free pages inside its arenas go back to the OS (freed buffers
+    below its mmap threshold otherwise stay resident). Elsewhere (macOS, musl): nothing."""
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL("libc.so.6")
+        except OSError:
+            _libc = False
+    if _libc is not False and hasattr(_libc, "malloc_trim"):
+        _libc.malloc_trim(0)
+
+
+_libc: Any = None
 
 _Loaded = tuple[nn.Module, TokenizerWrapper, dict[str, Any], LoadReport]
 
