@@ -15,12 +15,14 @@ memory is the host's. The copies count in the model's memory bytes.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -161,6 +163,27 @@ def measure(copies: DenseCopies, step: Callable[[int], Callable[[], mx.array]], 
     finally:
         copies.switch.min_rows = saved
     return timings
+
+
+def write_record(path: Path, min_rows: float, timings: Mapping[int, tuple[float, float]]) -> None:
+    """Keep a measured crossover for the next start (best effort: a read-only cache only costs
+    the next start its measurement)."""
+    body = {"from_rows": None if min_rows == NEVER else int(min_rows),
+            "timings_ms": {str(w): [round(q * 1e3, 3), round(d * 1e3, 3)] for w, (q, d) in timings.items()}}
+    try:
+        path.write_text(json.dumps(body))
+    except OSError as exc:
+        log.warning("dense crossover not kept path=%s error=%s", path, exc)
+
+
+def read_record(path: Path) -> float | None:
+    """The crossover `write_record` kept (NEVER for "no width"), or None: none, or unreadable."""
+    try:
+        body = json.loads(path.read_text())
+        rows = body["from_rows"]
+        return NEVER if rows is None else float(int(rows))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def decode_step(model: nn.Module, context: int = 16) -> Callable[[int], Callable[[], mx.array]]:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import queue
 import threading
 import time
@@ -41,6 +42,7 @@ from collections import Counter, defaultdict
 from collections.abc import AsyncGenerator, Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Protocol
 
 import mlx.core as mx
@@ -1047,12 +1049,21 @@ class BatchEngine:
         dense = loaded.dense
         if dense is None:
             return loaded
-        widths = [w for w in densecopies.MEASURED_WIDTHS if w <= self._config.max_running]
-        timings = densecopies.measure(dense, densecopies.decode_step(loaded.model), widths)
-        dense.switch.min_rows = densecopies.choose_min_rows(timings)
-        steps = " ".join(f"w{w}={q * 1e3:.2f}/{d * 1e3:.2f}ms" for w, (q, d) in timings.items())
-        log.info("dense copies measured path=%s bytes=%d from_rows=%s quantized/dense %s", self._path, dense.bytes,
-                 dense.switch.min_rows, steps)
+        record = self._dense_record()
+        remembered = densecopies.read_record(record) if record is not None else None
+        if remembered is not None:
+            dense.switch.min_rows = remembered
+            log.info("dense copies crossover remembered path=%s bytes=%d from_rows=%s record=%s", self._path,
+                     dense.bytes, remembered, record)
+        else:
+            widths = [w for w in densecopies.MEASURED_WIDTHS if w <= self._config.max_running]
+            timings = densecopies.measure(dense, densecopies.decode_step(loaded.model), widths)
+            dense.switch.min_rows = densecopies.choose_min_rows(timings)
+            steps = " ".join(f"w{w}={q * 1e3:.2f}/{d * 1e3:.2f}ms" for w, (q, d) in timings.items())
+            log.info("dense copies measured path=%s bytes=%d from_rows=%s quantized/dense %s", self._path,
+                     dense.bytes, dense.switch.min_rows, steps)
+            if record is not None:
+                densecopies.write_record(record, dense.switch.min_rows, timings)
         if dense.switch.min_rows != densecopies.NEVER:
             self._stats.dense_copy_bytes = dense.bytes
             self._stats.dense_from_rows = int(dense.switch.min_rows)
@@ -1063,6 +1074,17 @@ class BatchEngine:
         if self._gate is not None and self._memory is not None:
             self._memory.add_weights(self._name, info.memory_bytes)
         return replace(loaded, info=info, dense=None)
+
+    def _dense_record(self) -> Path | None:
+        """Where a restart finds the measured crossover: beside the compiled kernels (CUDA with
+        a kernel cache), keyed like them and by the device's name; None: measure every start."""
+        cache = os.environ.get(precompile.CACHE_ENV)
+        accelerator = device.accelerator()
+        if not cache or not precompile.wanted(accelerator.kind):
+            return None
+        runs = self._shapes.plan.runs(max(self._config.warmup_tokens, 1))
+        name = "".join(c if c.isalnum() else "-" for c in accelerator.device_name or "device")
+        return precompile.marker(cache, self._path, self._config, runs, kind=f"dense-{name}")
 
     def compile_only(self, runs: list[WarmupRun]) -> None:
         """Load the model and run these warm-up runs on this thread, then drop it all (a

@@ -58,9 +58,11 @@ def child_argv(model_path: str, config: EngineConfig, runs: list[WarmupRun]) -> 
     return [sys.executable, "-m", "mlxpool.agent.engine.precompile", json.dumps(spec)]
 
 
-def marker(cache_dir: str | Path, model_path: str, config: EngineConfig, runs: list[WarmupRun]) -> Path:
+def marker(cache_dir: str | Path, model_path: str, config: EngineConfig, runs: list[WarmupRun],
+           kind: str = "precompiled") -> Path:
     """The file that says these runs' kernels are in `cache_dir`: named by a hash of the MLX
-    version, the model's config and weight files (name, size, mtime) and the runs."""
+    version, the model's config and weight files (name, size, mtime) and the runs. Other
+    `kind`s keep other facts of the same setting there (`dense-<device>`: the measured crossover)."""
     model = Path(model_path)
     files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in model.iterdir()
                    if f.suffix in (".json", ".safetensors") and f.is_file()) if model.is_dir() else []
@@ -69,7 +71,7 @@ def marker(cache_dir: str | Path, model_path: str, config: EngineConfig, runs: l
     except metadata.PackageNotFoundError:
         mlx_version = "unknown"
     key = json.dumps([mlx_version, str(model.resolve()), files, child_argv(model_path, config, runs)[-1]])
-    return Path(cache_dir) / f"mlxpool-precompiled-{hashlib.sha256(key.encode()).hexdigest()[:32]}"
+    return Path(cache_dir) / f"mlxpool-{kind}-{hashlib.sha256(key.encode()).hexdigest()[:32]}"
 
 
 def compile_ahead(model_path: str, config: EngineConfig, runs: list[WarmupRun], workers: int = WORKERS,

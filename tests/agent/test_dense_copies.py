@@ -135,3 +135,34 @@ async def test_engine_keeps_copies_only_where_they_win(quantized_model: Path, mo
     finally:
         await engine.stop()
         await reference.stop()
+
+
+async def test_a_restart_reuses_the_measured_crossover(quantized_model: Path, tmp_path: Path, monkeypatch):
+    measured: list[list[int]] = []
+
+    def measure(copies, step, widths, repeats=7):
+        measured.append(widths)
+        return {w: (1.0, 0.5 if w >= 4 else 2.0) for w in widths}
+
+    monkeypatch.setattr(densecopies, "measure", measure)
+    # As on CUDA with a kernel cache (the CPU engine would compile nothing ahead).
+    from mlxpool.agent.engine import precompile
+
+    monkeypatch.setattr(precompile, "wanted", lambda kind, environ=None: True)
+    monkeypatch.setattr(precompile, "compile_ahead", lambda *a, **k: 0)
+    monkeypatch.setenv(precompile.CACHE_ENV, str(tmp_path))
+    config = EngineConfig(max_running=4, load=LoadOptions(dense_copies=DenseCopyPolicy.ON))
+    for _ in range(2):
+        engine = BatchEngine(str(quantized_model), config)
+        await engine.start()
+        try:
+            assert engine.stats.dense_from_rows == 4
+        finally:
+            await engine.stop()
+    assert measured == [[1, 2, 4]]  # the second start read it back
+    (record,) = tmp_path.glob("mlxpool-dense-*")
+    record.write_text("not json")  # unreadable: measured again, not trusted
+    engine = BatchEngine(str(quantized_model), config)
+    await engine.start()
+    await engine.stop()
+    assert len(measured) == 2
