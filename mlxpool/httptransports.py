@@ -22,6 +22,7 @@ import importlib.util
 import ssl
 import sys
 from collections import OrderedDict
+from collections.abc import Iterable
 
 import httpx
 
@@ -56,8 +57,7 @@ class PerHostTransport(httpx.AsyncBaseTransport):
         return len(self._pools)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        url = request.url
-        key = (url.raw_scheme, url.raw_host, url.port)
+        key = _origin(request.url)
         pool = self._pools.get(key)
         if pool is None:
             pool = self._pools[key] = httpx.AsyncHTTPTransport(limits=self._limits, verify=self._ssl)
@@ -68,7 +68,30 @@ class PerHostTransport(httpx.AsyncBaseTransport):
             self._pools.move_to_end(key)
         return await pool.handle_async_request(request)
 
+    async def retain(self, urls: Iterable[str]) -> int:
+        """Close the pools of origins that none of `urls` is on and that have no request in
+        progress; returns how many were closed. A pool still busy stays (call again later).
+
+        Without this the pool of an agent that left keeps its idle connections until
+        something uses that pool again, which nothing will: once the agent closes its
+        side they sit in CLOSE-WAIT, a descriptor each, for as long as the process lives.
+        """
+        keep = {_origin(httpx.URL(url)) for url in urls}
+        idle = [key for key, pool in self._pools.items() if key not in keep and _is_idle(pool)]
+        for key in idle:
+            await self._pools.pop(key).aclose()
+        return len(idle)
+
     async def aclose(self) -> None:
         pools, self._pools = list(self._pools.values()), OrderedDict()
         for pool in pools:
             await pool.aclose()
+
+
+def _origin(url: httpx.URL) -> tuple[bytes, bytes, int | None]:
+    return url.raw_scheme, url.raw_host, url.port
+
+
+def _is_idle(pool: httpx.AsyncHTTPTransport) -> bool:
+    """No request in progress on the pool: each connection idle or closed (httpcore 1.0's pool)."""
+    return all(c.is_idle() or c.is_closed() for c in pool._pool.connections)

@@ -63,16 +63,19 @@ def tls_verification(settings: UpstreamSettings) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=str(settings.ca_file))
 
 
-def http_client(settings: UpstreamSettings) -> httpx.AsyncClient:
-    """The one client every request to every agent goes through: a small pool per agent.
+def upstream_transport(settings: UpstreamSettings) -> PerHostTransport:
+    """A small pool per agent: one pool for all agents made httpcore scan every connection
+    at each request start and end (~40% of the router's CPU at 8 agents under a closed
+    loop: `mlxpool.httptransports`)."""
+    return PerHostTransport(max_connections=settings.max_connections,
+                            max_keepalive_connections=settings.max_keepalive_connections,
+                            verify=tls_verification(settings))
 
-    One pool for all agents made httpcore scan every connection at each request start and
-    end (~40% of the router's CPU at 8 agents under a closed loop: `mlxpool.httptransports`).
-    """
+
+def http_client(settings: UpstreamSettings, transport: PerHostTransport) -> httpx.AsyncClient:
+    """The one client every request to every agent goes through."""
     return httpx.AsyncClient(
-        transport=PerHostTransport(max_connections=settings.max_connections,
-                                   max_keepalive_connections=settings.max_keepalive_connections,
-                                   verify=tls_verification(settings)),
+        transport=transport,
         timeout=httpx.Timeout(connect=settings.connect_timeout, read=settings.read_timeout,
                               write=settings.read_timeout, pool=settings.connect_timeout),
         trust_env=False,  # agents are reached directly, never through an environment proxy
@@ -108,8 +111,10 @@ def create_app(settings: RouterSettings, metrics: RouterMetrics | None = None) -
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with AsyncExitStack() as stack:
-            client = await stack.enter_async_context(http_client(settings.upstream))
-            forwarder = Forwarder(client, holder, strategies, signals, metrics, settings.upstream, shedding=shedding)
+            pools = upstream_transport(settings.upstream)
+            client = await stack.enter_async_context(http_client(settings.upstream, pools))
+            forwarder = Forwarder(client, holder, strategies, signals, metrics, settings.upstream, shedding=shedding,
+                                  pools=pools)
             app.state.forwarder = forwarder
             assert isinstance(app, RouterApp)
             # Outermost first, as the middleware of FastAPI's stack below.

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import anyio
 import httpx
 
+from mlxpool.httptransports import PerHostTransport
 from mlxpool.priorities import Priority
 from mlxpool.router.errors import (
     BadRequest,
@@ -94,7 +95,9 @@ class _ServerError(Exception):
 class Forwarder:
     def __init__(self, client: httpx.AsyncClient, holder: TableHolder, strategies: Strategies,
                  signals: EndpointSignals, metrics: RouterMetrics, settings: UpstreamSettings,
-                 clock: Callable[[], float] = time.monotonic, shedding: SheddingPolicy | None = None) -> None:
+                 clock: Callable[[], float] = time.monotonic, shedding: SheddingPolicy | None = None,
+                 pools: PerHostTransport | None = None) -> None:
+        """`pools`: the client's transport, whose pools of agents that left the table get closed."""
         self.client = client
         self.holder = holder
         self.strategies = strategies
@@ -103,12 +106,30 @@ class Forwarder:
         self.settings = settings
         self.clock = clock
         self.shedding = shedding
+        self.pools = pools
         self._urls: dict[tuple[str, str], httpx.URL] = {}
+        self._live: frozenset[str] = frozenset()
+        self._pruning: set[asyncio.Task[int]] = set()
         holder.on_accept(self._table_accepted)
+        if holder.current is not None:
+            self._table_accepted(holder.current)
 
     def _table_accepted(self, table: RoutingTable) -> None:
-        self.signals.retain(e.url for es in table.models.values() for e in es)
+        self._live = frozenset(e.url for es in table.models.values() for e in es)
+        self.signals.retain(self._live)
         self._urls.clear()
+        self._prune_pools()
+
+    def _prune_pools(self) -> None:
+        """Close, soon, the connection pools of agents no longer in the table (once idle)."""
+        if self.pools is None:
+            return
+        try:
+            task = asyncio.get_running_loop().create_task(self.pools.retain(self._live), name="prune-agent-pools")
+        except RuntimeError:
+            return  # no loop (a table offered before serving): the next table or release prunes
+        self._pruning.add(task)
+        task.add_done_callback(self._pruning.discard)
 
     def _url(self, endpoint: RouteEndpoint, path: str) -> httpx.URL:
         """The request URL, parsed once per table (httpx parses a string URL in ~40 us per request)."""
@@ -240,6 +261,8 @@ class Forwarder:
     def _release(self, endpoint: RouteEndpoint) -> None:
         self.signals.finished(endpoint.url)
         self.metrics.in_flight.labels(endpoint.node).dec()
+        if endpoint.url not in self._live and self.signals.get(endpoint.url).in_flight == 0:
+            self._prune_pools()  # the last request to an agent that left the table
 
     async def relay(self, reply: UpstreamReply, model: str, write: Callable[[bytes], Awaitable[None]]) -> None:
         """Writes the reply's body chunk by chunk as the agent sends it; always closes the upstream.

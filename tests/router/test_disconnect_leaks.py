@@ -10,6 +10,10 @@ more descriptors than the idle pool connections explain. Closing an upstream rep
 to take a while (`CLOSE_SECONDS`), as on a loaded machine: the first plain-ASGI version of
 the inference path (ce7aa11, cancelling the request's task on a disconnect) fails here
 with 12 connections stuck open, one per client that left after [DONE].
+
+And the pool of an agent that left the routing table is closed once its last request
+ended (it would otherwise keep its idle connections, in CLOSE-WAIT once the agent closed
+its side, for as long as the router lives).
 """
 
 from __future__ import annotations
@@ -161,3 +165,30 @@ async def test_clients_leaving_at_any_stage_leave_no_connection_behind(agents, s
             break
         await asyncio.sleep(0.02)
     assert state() == settled
+
+
+async def test_the_pool_of_an_agent_that_left_is_closed_once_idle(agents, start_router):
+    release: asyncio.Queue[None] = asyncio.Queue()
+    stay, leave = await agents("stay"), await agents("leave", release=release, stream_chunks=2)
+    router = await start_router(make_table({"m": [("stay", stay.url), ("leave", leave.url)]}),
+                                signals=SignalSettings(interval=0))
+    pools = router.app.state.forwarder.pools
+    assert (await router.complete()).status_code == 200  # round-robin: one to each
+    async with router.client.stream("POST", "/v1/completions",
+                                    json={"model": "m", "prompt": "hi", "stream": True}) as streaming:
+        events = streaming.aiter_lines()
+        assert '"leave"' in await asyncio.wait_for(anext(events), 5)
+        assert len(pools) == 2
+
+        await router.set_table(make_table({"m": [("stay", stay.url)]}, revision=2))
+        for _ in range(10):  # the pruning task ran: a pool with a stream in progress stays
+            await asyncio.sleep(0.01)
+        assert len(pools) == 2
+        release.put_nowait(None)
+        release.put_nowait(None)
+        assert [line async for line in events if line][-1] == "data: [DONE]"
+
+    async with asyncio.timeout(5):  # the stream's end was the last request there: closed
+        while len(pools) > 1:
+            await asyncio.sleep(0.01)
+    assert (await router.complete()).json()["node"] == "stay"
