@@ -505,6 +505,7 @@ def summarize(args: argparse.Namespace, m: dict, load_at_start: float) -> dict:
         "reconcile_errors": int(end.get("errors", 0)),
         "converge_apiserver_requests": breakdown(before, converged),
         "steady_apiserver_requests_per_s": rate("apiserver_requests"),
+        "steady_apiserver_requests": breakdown(quiet, steady),
         "steady_apiserver_writes_per_s": rate("apiserver_writes"),
         "steady_apiserver_writes_per_node_per_10s": round(rate("apiserver_writes") * 10 / args.nodes, 3),
         "steady_probes_per_s": rate("mlxpool_operator_probes_total"),
@@ -543,6 +544,7 @@ def print_table(result: dict) -> None:
                                                         f"{result['steady_apiserver_writes_per_s']:.1f} "
                                                         f"({result['steady_apiserver_writes_per_node_per_10s']:.2f}"
                                                         " per node per 10 s)"),
+        ("API server requests at rest", ", ".join(f"{k}: {n}" for k, n in result["steady_apiserver_requests"].items())),
         ("probes / s at rest", f"{result['steady_probes_per_s']:.1f}"),
         ("operator CPU converging / at rest", f"{result['operator_cpu_cores_converging']:.2f} / "
                                               f"{result['operator_cpu_cores_at_rest']:.2f} cores"),
