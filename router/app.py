@@ -126,10 +126,11 @@ def create_app(settings: RouterSettings, metrics: RouterMetrics | None = None) -
             stack.push_async_callback(_cancel, task)
             if settings.signals.interval > 0:
                 # Its own small client: polls never wait behind inference connections.
-                poll_client = await stack.enter_async_context(httpx.AsyncClient(
-                    transport=PerHostTransport(max_connections=4, max_keepalive_connections=2,
-                                               verify=tls_verification(settings.upstream)), trust_env=False))
-                app.state.poller = SignalPoller(poll_client, holder, signals, metrics, settings.signals)
+                poll_pools = PerHostTransport(max_connections=4, max_keepalive_connections=2,
+                                              verify=tls_verification(settings.upstream))
+                poll_client = await stack.enter_async_context(httpx.AsyncClient(transport=poll_pools, trust_env=False))
+                app.state.poller = SignalPoller(poll_client, holder, signals, metrics, settings.signals,
+                                                pools=poll_pools)
                 poller = asyncio.create_task(app.state.poller.run(), name="signal-poller")
                 poller.add_done_callback(_log_poller_end)
                 stack.push_async_callback(_cancel, poller)

@@ -18,6 +18,7 @@ from collections.abc import Callable
 import httpx
 from pydantic import ValidationError
 
+from mlxpool.httptransports import PerHostTransport
 from mlxpool.loadsignals import SIGNALS_PATH, AgentSignals
 from mlxpool.router.metrics import RouterMetrics
 from mlxpool.router.picking.signals import EndpointSignals
@@ -34,8 +35,11 @@ MAX_REPORT_BYTES = 1 << 20
 class SignalPoller:
     def __init__(self, client: httpx.AsyncClient, holder: TableHolder, signals: EndpointSignals,
                  metrics: RouterMetrics, settings: SignalSettings,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, pools: PerHostTransport | None = None) -> None:
+        """`pools`: the client's transport, whose pools of agents that left the table get closed."""
         self.client, self.holder, self.signals = client, holder, signals
+        self.pools = pools
+        self._pruned_for: object = None  # the table whose departed agents' pools were closed
         self.metrics, self.settings, self.clock = metrics, settings, clock
         self._unsupported: dict[str, float] = {}  # url -> when to ask again
         self._gauged: dict[str, str] = {}  # url -> node label of its age gauge
@@ -61,6 +65,11 @@ class SignalPoller:
         due = [u for u in endpoints if self._unsupported.get(u, 0.0) <= now]
         if due:
             await asyncio.gather(*(self._poll(url) for url in due))
+        table = self.holder.current
+        if self.pools is not None and table is not self._pruned_for:
+            # Every poll of this round ended, so no pool is busy: those of agents that left close now.
+            await self.pools.retain(endpoints)
+            self._pruned_for = table
         self.polls += 1
 
     async def _poll(self, url: str) -> None:

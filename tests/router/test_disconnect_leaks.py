@@ -171,9 +171,12 @@ async def test_the_pool_of_an_agent_that_left_is_closed_once_idle(agents, start_
     release: asyncio.Queue[None] = asyncio.Queue()
     stay, leave = await agents("stay"), await agents("leave", release=release, stream_chunks=2)
     router = await start_router(make_table({"m": [("stay", stay.url), ("leave", leave.url)]}),
-                                signals=SignalSettings(interval=0))
-    pools = router.app.state.forwarder.pools
+                                signals=SignalSettings(interval=0.02))
+    pools, poll_pools = router.app.state.forwarder.pools, router.app.state.poller.pools
     assert (await router.complete()).status_code == 200  # round-robin: one to each
+    async with asyncio.timeout(5):  # the signal poller has polled both
+        while len(poll_pools) < 2:
+            await asyncio.sleep(0.01)
     async with router.client.stream("POST", "/v1/completions",
                                     json={"model": "m", "prompt": "hi", "stream": True}) as streaming:
         events = streaming.aiter_lines()
@@ -189,6 +192,6 @@ async def test_the_pool_of_an_agent_that_left_is_closed_once_idle(agents, start_
         assert [line async for line in events if line][-1] == "data: [DONE]"
 
     async with asyncio.timeout(5):  # the stream's end was the last request there: closed
-        while len(pools) > 1:
+        while len(pools) > 1 or len(poll_pools) > 1:  # and the poller's, after its next round
             await asyncio.sleep(0.01)
     assert (await router.complete()).json()["node"] == "stay"
