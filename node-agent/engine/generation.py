@@ -293,8 +293,8 @@ class BatchEngine:
         await self._end_thread(timeout)
         if self._kept is not None:
             kept, self._kept = self._kept, None
-            self._kept_prefix = None
-            await asyncio.to_thread(self._release, kept)
+            prefix, self._kept_prefix = self._kept_prefix, None
+            await asyncio.to_thread(self._release, kept, prefix)
 
     async def park(self, timeout: float = 10.0) -> None:
         """Release the engine but keep the weights in memory (vLLM's sleep level 1): the thread,
@@ -334,10 +334,11 @@ class BatchEngine:
             if self._thread.is_alive():
                 log.warning("engine thread still running after stop path=%s timeout_s=%.1f", self._path, timeout)
 
-    def _release(self, loaded: loading.LoadedModel) -> None:
+    def _release(self, loaded: loading.LoadedModel, prefix: PrefixCache | None = None) -> None:
+        """Drop a parked model's weights and kept prefix cache (off the event loop)."""
         loaded.weights.close()  # unlock the pinned pages before MLX may cache their buffers
         self._drop_books()
-        del loaded
+        del loaded, prefix
         mx.synchronize()
         mx.clear_cache()
 
