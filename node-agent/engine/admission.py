@@ -17,7 +17,9 @@ and which running sequence to pause for an urgent one.
   at once as well (429 `wait_bound`), so an overloaded tier's backlog never ages into
   the critical lane.
 - `tier_waits` and `Outlook`: the predicted wait of a new request of every tier at once
-  (one pass of the same list scheduling, tiers in order), which the engine thread
+  (one pass of the same list scheduling, tiers in order, bounded below by the serial
+  prefill time of every prompt ahead: prompts are processed one forward pass at a time,
+  not in parallel slots), which the engine thread
   publishes after each step so that `refusal` can answer a doomed request on the
   asyncio side without a round trip through the engine thread (429 in well under a
   step's time).
@@ -100,24 +102,33 @@ def choose_victim(priority: Priority, slack_s: float, free_slots: int, running: 
     return max(candidates, key=lambda r: (r.priority.rank, r.remaining_s))
 
 
-def tier_waits(slots: int, running: Sequence[float], waiting: Iterable[tuple[Priority, float]]
-               ) -> dict[Priority, float]:
+def tier_waits(slots: int, running: Sequence[float], waiting: Iterable[tuple[Priority, float, float]],
+               *, prefilling_s: float = 0.0) -> dict[Priority, float]:
     """`predicted_wait` of a new request of each tier: every waiting request of its tier and
-    of more urgent ones goes before it (aging ignored: it only moves old requests up)."""
+    of more urgent ones goes before it (aging ignored: it only moves old requests up).
+
+    `waiting`: (tier, predicted duration, serial prefill seconds) of each waiting request;
+    `prefilling_s`: serial prefill seconds still to do for the running sequences whose
+    prompts are not processed yet. Prefill is serial (one forward pass at a time, whatever
+    the slots), so a new request's prompt starts no sooner than every prompt ahead of it is
+    processed: each tier's wait is at least that sum, the list-scheduling wait otherwise
+    (which treats the slots as parallel and so is far too short when prompts queue up)."""
     if slots <= 0:
         return dict.fromkeys(Priority, math.inf)
     busy = sorted(max(0.0, r) for r in running)[:slots]
     free_at = [0.0] * (slots - len(busy)) + busy
     heapq.heapify(free_at)
-    by_rank: list[list[float]] = [[] for _ in Priority]
-    for priority, duration in waiting:
-        by_rank[priority.rank].append(duration)
+    by_rank: list[list[tuple[float, float]]] = [[] for _ in Priority]
+    for priority, duration, prefill in waiting:
+        by_rank[priority.rank].append((duration, prefill))
     waits: dict[Priority, float] = {}
+    serial = max(0.0, prefilling_s)
     for priority in Priority:
-        for duration in by_rank[priority.rank]:
+        for duration, prefill in by_rank[priority.rank]:
             start = heapq.heappop(free_at)
             heapq.heappush(free_at, start + max(0.0, duration))
-        waits[priority] = free_at[0]
+            serial += max(0.0, prefill)
+        waits[priority] = max(free_at[0], serial)
     return waits
 
 

@@ -245,6 +245,7 @@ class BatchEngine:
         self._by_id: dict[str, _Sequence] = {}
         self._prefilling = 0  # admitted sequences whose prompt is not fully processed yet
         self._prefilling_tokens = 0  # their prompt tokens
+        self._prompt_done: dict[int, int] = {}  # uid -> prompt tokens processed, of those mid-prompt
         self._finished: Counter[str] = Counter()
         self._rejected: Counter[str] = Counter()
         self._prefix = PrefixCache(self._config.prompt_cache_bytes, self._config.prompt_cache_entries)
@@ -505,8 +506,14 @@ class BatchEngine:
             else speed.duration_seconds(len(s.request.prompt_tokens) - s.cached_tokens,
                                         s.request.sampling.max_tokens, batch)
             for s in running.values()]
+        serial = speed.serial_prefill_seconds
+        done = self._prompt_done
+        prefilling = serial(sum(
+            max(0, len(s.request.prompt_tokens) - s.cached_tokens - done.get(uid, 0))
+            for uid, s in running.items() if not s.prefilled and not s.resuming))
         waits = tier_waits(self._config.max_running, remaining,
-                           ((p, f.duration_s) for _, p, f in self._waiting.items()))
+                           ((p, f.duration_s, serial(len(s.request.prompt_tokens)))
+                            for s, p, f in self._waiting.items()), prefilling_s=prefilling)
         outlook = Outlook(self._waiting.counts(), waits, speed.prefill_tps or PRIOR_PREFILL_TPS)
         with self._accepting_lock:
             self._pending -= self._accepted_since  # Counter subtraction drops what reaches 0
@@ -826,6 +833,7 @@ class BatchEngine:
             stats.decode_seconds_total += spent
             stats.decode_only_steps_total += 1
             stats.decode_only_tokens_total += len(responses)
+        self._note_prefill_work(prompt_responses, spent)
         self._note_prefilled(prompt_responses)
         if not responses:
             if self._held:
@@ -844,6 +852,21 @@ class BatchEngine:
         stats.running = len(self._running)  # before delivering: whoever sees the last event sees the slot free
         # A prefill is about to hold up the next step: hand over now rather than after it.
         self._hand_over(deliveries, urgent=bool(ended) or first_token or self._prefilling > 0)
+
+    def _note_prefill_work(self, prompt_responses: list[Any], spent: float) -> None:
+        """The aggregate prefill rate: prompt tokens this step processed (mlx-lm's progress per
+        prompt) over its time; and what each prompt mid-way has done (the outlook's serial bound)."""
+        done = self._prompt_done
+        now: dict[int, int] = {}
+        tokens = 0
+        for progress in prompt_responses:
+            if progress.end_of_prompt or not isinstance(progress.progress, tuple):
+                continue
+            processed = int(progress.progress[0])
+            tokens += max(0, processed - done.get(progress.uid, 0))
+            now[progress.uid] = processed
+        self._prompt_done = now
+        self._speed.observe_prefill_work(tokens, spent)
 
     def _note_prefilled(self, prompt_responses: list[Any]) -> None:
         """Sequences whose whole prompt is now processed leave the prefill bounds."""
@@ -1198,6 +1221,7 @@ class BatchEngine:
         self._running.clear()
         self._waiting.drain()
         self._prefilling = self._prefilling_tokens = 0
+        self._prompt_done = {}
         self._stats.running = self._stats.waiting = 0
         self._stats.waiting_by_priority = {}
         self._stats.queued_prompt_tokens = 0

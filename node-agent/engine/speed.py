@@ -2,7 +2,10 @@
 
 Three measurements, each an exponentially weighted moving average so the model follows
 a machine whose load changes (other processes, thermal limits, a second model):
-- prefill speed, prompt tokens per second (from mlx-lm's own counters per step);
+- prefill speed, prompt tokens per second, twice: per prompt (admission to prefilled,
+  what one prompt's first token waits) and in aggregate (prompt tokens processed per
+  second of the steps that processed them, whatever the number of prompts in them: what
+  a queue of prompts drains at, since prefill is serial);
 - decode step time by batch size, in power-of-two buckets (a step of 32 sequences is
   slower than one of 1; buckets never seen are interpolated between the nearest seen
   ones, or scaled linearly past them), twice: steps that only decoded (what a step of
@@ -43,6 +46,8 @@ def _bucket(batch: int) -> int:
 @dataclass
 class SpeedModel:
     prefill_tps: float | None = None
+    prefill_work_tps: float | None = None
+    """Aggregate prompt tokens per second over the steps that processed prompts."""
     produced_fraction: float | None = None
     alpha: float = ALPHA
 
@@ -61,6 +66,12 @@ class SpeedModel:
             return
         tps = tokens / seconds
         self.prefill_tps = tps if self.prefill_tps is None else (1 - self.alpha) * self.prefill_tps + self.alpha * tps
+
+    def observe_prefill_work(self, tokens: int, seconds: float) -> None:
+        """A step processed `tokens` prompt tokens (of any number of prompts) in `seconds`."""
+        if tokens <= 0 or seconds <= 0:
+            return
+        self.prefill_work_tps = self._average(self.prefill_work_tps, tokens / seconds)
 
     def observe_step(self, batch: int, seconds: float, *, decode_only: bool = True) -> None:
         """A step that produced tokens for `batch` sequences took `seconds`; `decode_only`: no
@@ -87,6 +98,12 @@ class SpeedModel:
 
     def prefill_seconds(self, tokens: int) -> float:
         return max(0, tokens) / (self.prefill_tps or PRIOR_PREFILL_TPS)
+
+    def serial_prefill_seconds(self, tokens: int) -> float:
+        """The share of the serial prefill work `tokens` prompt tokens take: what every prompt
+        behind them in the queue waits for them (the per-prompt rate until the aggregate one
+        is measured)."""
+        return max(0, tokens) / (self.prefill_work_tps or self.prefill_tps or PRIOR_PREFILL_TPS)
 
     def step_seconds(self, batch: int) -> float:
         """Predicted time of one decode-only step with `batch` sequences."""

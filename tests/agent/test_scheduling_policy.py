@@ -215,13 +215,41 @@ def test_shedding_and_retry_after():
 
 def test_tier_waits_are_predicted_wait_for_each_tier_in_one_pass():
     waiting = [(LOW, 3.0), (CRITICAL, 1.0), (NORMAL, 2.0), (CRITICAL, 0.5)]
-    waits = tier_waits(2, [1.0, 4.0], waiting)
+    waits = tier_waits(2, [1.0, 4.0], [(p, d, 0.0) for p, d in waiting])
     for tier in Priority:
         # Tiers in order, arrival order inside one (sorted is stable).
         ahead = [d for p, d in sorted(((p, d) for p, d in waiting if p.rank <= tier.rank), key=lambda x: x[0].rank)]
         assert waits[tier] == predicted_wait(2, [1.0, 4.0], ahead), tier
     assert waits[CRITICAL] == 2.5 and waits[BACKGROUND] >= waits[LOW] >= waits[NORMAL]
     assert tier_waits(0, [], []) == dict.fromkeys(Priority, math.inf)
+
+
+def test_tier_waits_are_bounded_below_by_the_serial_prefill_ahead():
+    # 32 free slots: list scheduling alone says nobody waits, but the 20 prompts ahead of a
+    # low one take 0.5 s each of serial prefill (and 1 s is left of a running one's prompt).
+    waiting = [(CRITICAL, 9.0, 0.5)] * 4 + [(HIGH, 9.0, 0.5)] * 16
+    waits = tier_waits(32, [], waiting, prefilling_s=1.0)
+    assert waits[CRITICAL] == pytest.approx(3.0)  # its own tier's 4 prompts and the running one's rest
+    assert waits[HIGH] == pytest.approx(11.0)
+    assert waits[LOW] == waits[HIGH]
+    # Where the slots are the bottleneck, the list-scheduling wait stands.
+    assert tier_waits(1, [5.0], [(NORMAL, 4.0, 0.1)])[NORMAL] == pytest.approx(9.0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(slots=st.integers(1, 8), running=st.lists(st.floats(0, 50), max_size=10),
+       waiting=st.lists(st.tuples(st.sampled_from(list(Priority)), st.floats(0, 50), st.floats(0, 5)), max_size=20),
+       prefilling=st.floats(0, 5))
+def test_tier_waits_serial_bound_properties(slots, running, waiting, prefilling):
+    waits = tier_waits(slots, running, waiting, prefilling_s=prefilling)
+    plain = tier_waits(slots, running, [(p, d, 0.0) for p, d, _ in waiting])
+    for tier in Priority:
+        ahead = sum(f for p, _, f in waiting if p.rank <= tier.rank)
+        # Never below the slots' wait nor below the serial prefill of what goes first; one of the two.
+        assert waits[tier] >= plain[tier] - 1e-9 and waits[tier] >= prefilling + ahead - 1e-6
+        assert waits[tier] == pytest.approx(max(plain[tier], prefilling + ahead))
+    ranks = [waits[t] for t in Priority]
+    assert ranks == sorted(ranks)  # a less urgent tier never waits less
 
 
 def test_refusal_by_bound_or_unreachable_target_with_retry_after_from_the_wait():
@@ -347,3 +375,13 @@ def test_engine_histograms_export_as_cumulative_le_buckets():
         buckets.observe(value)
     assert buckets.counts == [2, 1, 1] and buckets.total == pytest.approx(3.65)
     assert _cumulative(buckets) == [("0.1", 2.0), ("1.0", 3.0), ("+Inf", 4.0)]
+
+
+def test_serial_prefill_seconds_use_the_aggregate_rate_once_measured():
+    speed = SpeedModel(alpha=1.0)
+    assert speed.serial_prefill_seconds(800) == pytest.approx(800 / PRIOR_PREFILL_TPS)
+    speed.observe_prefill(100, 1.0)  # one prompt: 100 tok/s from admission to prefilled
+    assert speed.serial_prefill_seconds(800) == pytest.approx(8.0)
+    speed.observe_prefill_work(2000, 2.0)  # 16 prompts in one step: 1000 tok/s of work
+    speed.observe_prefill_work(0, 1.0)  # a step with no prompt says nothing
+    assert speed.serial_prefill_seconds(800) == pytest.approx(0.8)
