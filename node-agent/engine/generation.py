@@ -71,6 +71,7 @@ from mlxpool.agent.engine.interface import (
     GenerationRequest,
     ModelInfo,
     SamplingParams,
+    TierTerms,
     TokenEvent,
     TokenLogprob,
 )
@@ -355,7 +356,7 @@ class BatchEngine:
         with self._accepting_lock:
             if not self._accepting:
                 raise EngineError("the engine is not running")
-            self._refuse_early(request)
+            self._refuse(request.priority, request.terms, request.deadline, len(request.prompt_tokens))
             self._pending[request.priority] += 1
             self._commands.put(_Submit(sequence))
         done = False
@@ -374,17 +375,25 @@ class BatchEngine:
             if not done:  # the consumer went away: free the slot now
                 self._commands.put(_Cancel(request.request_id))
 
-    def _refuse_early(self, request: GenerationRequest) -> None:
+    def refuse_early(self, priority: Priority, terms: TierTerms | None, deadline: float | None,
+                     prompt_tokens: int) -> None:
+        """Raise the 429 `submit` would raise for such a request now, from the last outlook:
+        for the data plane to call before tokenizing (`prompt_tokens` an estimate then), so a
+        refusal waits for no tokenizer lane. Waits for nothing but the outlook's lock."""
+        with self._accepting_lock:
+            if self._accepting:
+                self._refuse(priority, terms, deadline, prompt_tokens)
+
+    def _refuse(self, priority: Priority, terms: TierTerms | None, deadline: float | None,
+                prompt_tokens: int) -> None:
         """Raise the 429 of a request its tier's bound or target refuses (caller holds the lock)."""
-        terms = request.terms
-        priority = request.priority
-        deadline_in = None if request.deadline is None else request.deadline - time.monotonic()
+        deadline_in = None if deadline is None else deadline - time.monotonic()
         verdict = refusal(
             self._outlook, priority, pending=self._pending[priority],
             max_waiting=terms.max_waiting if terms is not None else self._config.max_waiting.get(priority),
             sheddable=terms is not None and terms.sheddable,
             ttft_target_s=terms.ttft_target_s if terms is not None else None,
-            prompt_tokens=len(request.prompt_tokens), deadline_in_s=deadline_in,
+            prompt_tokens=prompt_tokens, deadline_in_s=deadline_in,
             max_wait_s=None if terms is None or terms.wait_bound is None else terms.wait_bound[0])
         if verdict is None:
             return

@@ -465,6 +465,12 @@ class Engine(Protocol):
         """False once the generation thread has died."""
         ...
 
+    def refuse_early(self, priority: Priority, terms: TierTerms | None, deadline: float | None,
+                     prompt_tokens: int) -> None:
+        """Raise the 429 `submit` would raise at once for such a request (before it is tokenized:
+        `prompt_tokens` may be an estimate); return when it would be accepted. Never blocks long."""
+        ...
+
     def submit(self, request: GenerationRequest) -> AsyncGenerator[TokenEvent, None]:
         """Generate for `request`; the last event has a finish reason.
 

@@ -95,6 +95,19 @@ class RequestObserver(Protocol):
                      inter_token: list[float], latency: float, ttft_target: float | None = None) -> None: ...
 
 
+CHARS_PER_TOKEN_ESTIMATE = 4
+"""Characters per token to estimate a prompt's tokens before tokenizing (refusals only)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Terms:
+    priority: Priority
+    tenant: str
+    terms: TierTerms
+    deadline: float | None
+    arrival: float
+
+
 @dataclass(frozen=True)
 class Prepared:
     """A validated request, ready for the engine."""
@@ -219,6 +232,8 @@ class DataPlane:
         model = await self._model(body.model)
         prompt = body.text_or_tokens()
         self._check_sizes(body, len(prompt) if isinstance(prompt, str) else 0, "prompt")
+        terms = self._terms(body, hints, model, len(prompt) if isinstance(prompt, str)
+                            else len(prompt) * CHARS_PER_TOKEN_ESTIMATE)
         if isinstance(prompt, str):
             tokens = await model.encoder.encode_text(prompt)
         else:
@@ -228,7 +243,7 @@ class DataPlane:
                     f"prompt: token id {max(tokens)} is outside the vocabulary (size {model.encoder.vocab_size})",
                     param="prompt",
                 )
-        return self._prepare(body, hints, model, tokens, prompt_param="prompt", id_prefix="cmpl")
+        return self._prepare(body, hints, model, tokens, terms, prompt_param="prompt", id_prefix="cmpl")
 
     # ---- chat ----
 
@@ -288,12 +303,14 @@ class DataPlane:
         if len(body.messages) > limits.max_messages:
             raise InvalidRequest(f"messages: {len(body.messages)} messages; this server accepts at most "
                                  f"{limits.max_messages} (limits.max_messages)", param="messages")
-        self._check_sizes(body, sum(len(m.text()) for m in body.messages), "messages")
+        chars = sum(len(m.text()) for m in body.messages)
+        self._check_sizes(body, chars, "messages")
+        terms = self._terms(body, hints, model, chars)
         try:
             tokens = await model.encoder.encode_chat(body.template_messages())
         except PromptError as exc:
             raise InvalidRequest(str(exc), param="messages") from exc
-        return self._prepare(body, hints, model, tokens, prompt_param="messages", id_prefix="chatcmpl")
+        return self._prepare(body, hints, model, tokens, terms, prompt_param="messages", id_prefix="chatcmpl")
 
     def _check_sizes(self, body: api.CompletionRequest | api.ChatCompletionRequest, prompt_chars: int,
                      prompt_param: str) -> None:
@@ -331,7 +348,7 @@ class DataPlane:
 
     def _prepare(
         self, body: api.CompletionRequest | api.ChatCompletionRequest, hints: RequestHints, model: ServedModel,
-        tokens: list[int], *, prompt_param: str, id_prefix: str,
+        tokens: list[int], terms: _Terms, *, prompt_param: str, id_prefix: str,
     ) -> Prepared:
         arrival = time.perf_counter()
         if not tokens:
@@ -358,6 +375,18 @@ class DataPlane:
             repetition_penalty=body.repetition_penalty or 1.0,
             logit_bias=biases,
         )
+        t = terms
+        request = GenerationRequest(
+            request_id=uuid.uuid4().hex, prompt_tokens=tuple(tokens), sampling=sampling, priority=t.priority,
+            deadline=t.deadline, terms=t.terms, arrival=t.arrival, tenant=t.tenant,
+        )
+        return Prepared(model, request, api.new_id(id_prefix), api.now(), arrival)
+
+    def _terms(self, body: api.CompletionRequest | api.ChatCompletionRequest, hints: RequestHints,
+               model: ServedModel, prompt_chars: int) -> _Terms:
+        """The request's tier, tenant, deadline and tier terms, decided before tokenizing, and a 429
+        at once if the engine's last outlook refuses it: the refusal waits for no tokenizer lane
+        (its prompt's tokens estimated from its characters; the exact count only once admitted)."""
         scheduling = self.policies.effective(model.name)
         priority = self._allowed_tier(body.priority or _header_priority(hints.priority) or scheduling.default_priority,
                                       hints, scheduling)
@@ -370,11 +399,15 @@ class DataPlane:
             wait_bound=wait_bound(scheduling, priority),
         )
         now = time.monotonic()
-        request = GenerationRequest(
-            request_id=uuid.uuid4().hex, prompt_tokens=tuple(tokens), sampling=sampling, priority=priority,
-            deadline=None if wait_s is None else now + wait_s, terms=terms, arrival=now, tenant=tenant,
-        )
-        return Prepared(model, request, api.new_id(id_prefix), api.now(), arrival)
+        deadline = None if wait_s is None else now + wait_s
+        try:
+            model.engine.refuse_early(priority, terms, deadline, prompt_chars // CHARS_PER_TOKEN_ESTIMATE)
+        except Refused as refused:  # counted as `generate` counts the refusals `submit` raises
+            if self.observer is not None:
+                self.observer.request_done(model.name, priority, refused.code or "refused", None, [],
+                                           time.monotonic() - now, ttft_target=terms.ttft_target_s)
+            raise
+        return _Terms(priority, tenant, terms, deadline, now)
 
     @staticmethod
     def _allowed_tier(asked: Priority, hints: RequestHints, scheduling: PriorityScheduling) -> Priority:

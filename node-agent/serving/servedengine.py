@@ -21,9 +21,10 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import replace
 
-from mlxpool.agent.engine.interface import Engine, EngineStats, GenerationRequest, TokenEvent
+from mlxpool.agent.engine.interface import Engine, EngineStats, GenerationRequest, TierTerms, TokenEvent
 from mlxpool.agent.serving.lifecycle import Lifecycle
 from mlxpool.agent.serving.promptcache import PromptCache
+from mlxpool.priorities import Priority
 
 
 class ServedEngine:
@@ -57,6 +58,11 @@ class ServedEngine:
         """Requests in flight, or sequences in (or waiting for) the engine's batch."""
         stats = self.engine.stats
         return self.in_flight > 0 or stats.running > 0 or stats.waiting > 0
+
+    def refuse_early(self, priority: Priority, terms: TierTerms | None, deadline: float | None,
+                     prompt_tokens: int) -> None:
+        if not self.asleep:  # parked: no outlook to judge from; `submit` decides once awake
+            self.engine.refuse_early(priority, terms, deadline, prompt_tokens)
 
     async def submit(self, request: GenerationRequest) -> AsyncGenerator[TokenEvent, None]:
         while True:

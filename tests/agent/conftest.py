@@ -90,6 +90,15 @@ class FakeEngine:
     closed_early: list[str] = field(default_factory=list)
     stats: EngineStats = field(default_factory=EngineStats)
 
+    refuse_with: Exception | None = None
+    """Raised by `refuse_early` (the data plane's check before tokenizing)."""
+    refused_estimates: list[int] = field(default_factory=list)
+
+    def refuse_early(self, priority: object, terms: object, deadline: float | None, prompt_tokens: int) -> None:
+        self.refused_estimates.append(prompt_tokens)
+        if self.refuse_with is not None:
+            raise self.refuse_with
+
     async def submit(self, request: GenerationRequest) -> AsyncGenerator[TokenEvent, None]:
         self.requests.append(request)
         if self.fail_with:

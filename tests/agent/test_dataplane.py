@@ -248,6 +248,21 @@ async def test_refusals_surface_before_a_stream_starts(fake_agent, engine_error,
     assert fake_agent.lifecycle.in_flight == 0
 
 
+async def test_a_refusal_is_decided_before_tokenizing(fake_agent, monkeypatch):
+    async def never(*_):
+        raise AssertionError("tokenized a request refused on arrival")
+
+    monkeypatch.setattr(fake_agent.encoder, "encode_text", never)
+    monkeypatch.setattr(fake_agent.encoder, "encode_chat", never)
+    fake_agent.engine.refuse_with = QueueFull(Priority.LOW, 2, 3)
+    with pytest.raises(QueueFull):
+        await fake_agent.plane.stream_completion(completion(stream=True, prompt="x" * 400))
+    with pytest.raises(QueueFull):
+        await fake_agent.plane.chat(chat())
+    assert fake_agent.engine.refused_estimates[0] == 100  # 400 characters, ~4 a token
+    assert fake_agent.engine.requests == [] and fake_agent.lifecycle.in_flight == 0
+
+
 async def test_a_started_stream_holds_a_lease_until_closed_even_unread(fake_agent):
     stream = await fake_agent.plane.stream_completion(completion(stream=True))
     assert fake_agent.lifecycle.in_flight == 1  # started: waiting for its first token already

@@ -352,6 +352,9 @@ class FakeEngine:
         self.resumes += 1
         return ModelInfo(path=self.path, memory_bytes=self.memory_bytes, context_length=64)
 
+    def refuse_early(self, priority: Any, terms: Any, deadline: float | None, prompt_tokens: int) -> None:
+        """Refuses nothing before tokenizing (`fail_with` fails at submit)."""
+
     async def submit(self, request: GenerationRequest) -> AsyncGenerator[TokenEvent, None]:
         if not self.healthy:
             raise EngineError("the engine is not running")
