@@ -327,6 +327,25 @@ def proc_status_kb(pid: int, key: str) -> int:
     return 0
 
 
+def memory_by_kind(pid: int) -> dict[str, dict[str, int]]:
+    """Where `pid`'s memory lies, from /proc/PID/smaps: kB resident, swapped and locked for
+    file-backed mappings (code and data of the interpreter and the libraries), [heap],
+    [stack] and the rest of the anonymous memory (MLX's buffers: weights, KV). Read before
+    the pressure and after the stream, it says which kind the kernel took away (a file
+    page dropped faults back in from the file, an anonymous one from swap)."""
+    kinds: dict[str, dict[str, int]] = {}
+    current = None
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        head = line.split(None, 5)
+        if len(head) >= 5 and "-" in head[0] and not head[0].endswith(":"):
+            name = head[5].strip() if len(head) > 5 else ""
+            kind = "file" if name.startswith("/") else name if name in ("[heap]", "[stack]") else "anon"
+            current = kinds.setdefault(kind, {"rss_kb": 0, "swap_kb": 0, "locked_kb": 0})
+        elif current is not None and head and head[0] in ("Rss:", "Swap:", "Locked:"):
+            current[head[0][:-1].lower() + "_kb"] += int(head[1])
+    return kinds
+
+
 def jitter(model: Path, logs: Path, rounds: int, requests: int, max_tokens: int) -> dict[str, object]:
     """Per-token latency of one stream at a time while a hog in the agent's own memory cgroup
     forces the kernel to reclaim: pin_policy all vs none, alternating. The weights are
@@ -337,6 +356,8 @@ def jitter(model: Path, logs: Path, rounds: int, requests: int, max_tokens: int)
     swapped: dict[str, list[int]] = {"pinned": [], "unpinned": []}
     faults: dict[str, list[int]] = {"pinned": [], "unpinned": []}
     locked: dict[str, list[int]] = {"pinned": [], "unpinned": []}
+    where: dict[str, list[dict[str, dict[str, dict[str, int]]]]] = {"pinned": [], "unpinned": []}
+    out["memory_by_kind_kb"] = where
     weights = weight_bytes(model)
     with swap_file(logs / "swapfile", 1 << 30) as swap:
         out["swap"] = swap
@@ -356,6 +377,7 @@ def jitter(model: Path, logs: Path, rounds: int, requests: int, max_tokens: int)
                         raise RuntimeError(f"agent did not start: {proc.log_tail()}")
                     token_gaps(proc.base_url, "warm up", 8)
                     rss = proc_status_kb(proc.pid, "VmRSS") * 1024
+                    kinds_before = memory_by_kind(proc.pid)
                     # Room for the agent's RSS and 32 MB, and a hog of the weights' size: the
                     # kernel must push about the weights' worth of pages out (to swap).
                     (group / "memory.limit_in_bytes").write_text(str(rss + (32 << 20)))
@@ -371,6 +393,8 @@ def jitter(model: Path, logs: Path, rounds: int, requests: int, max_tokens: int)
                     swapped[kind].append(proc_status_kb(proc.pid, "VmSwap") * 1024 if proc.alive() else -1)
                     faults[kind].append(major_faults(proc.pid) - before if proc.alive() else -1)
                     locked[kind].append(proc_status_kb(proc.pid, "VmLck") * 1024 if proc.alive() else -1)
+                    if proc.alive():
+                        where[kind].append({"before": kinds_before, "after": memory_by_kind(proc.pid)})
                 finally:
                     if hog is not None:
                         hog.kill()
