@@ -192,11 +192,11 @@ class BatchEngine:
                  tensor_share: TensorShare | None = None, tensor_digests: Mapping[str, str] | None = None) -> None:
         self._path = model_path
         self._base = base
+        """Set for a LoRA adapter (`model_path` its directory): the engine of the base model whose
+        weights it shares (`loading.load_adapter`); its own are only the adapter's tensors."""
         self._sharing = (loading.Sharing(tensor_share, name, tensor_digests)
                          if tensor_share is not None and tensor_digests and base is None else None)
         """Where its load looks for tensors another loaded model holds (`engine.tensorshare`)."""
-        """Set for a LoRA adapter (`model_path` its directory): the engine of the base model whose
-        weights it shares (`loading.load_adapter`); its own are only the adapter's tensors."""
         self._current: loading.LoadedModel | None = None
         """The loaded model while the thread serves (what adapters over this engine share)."""
         self._name = name
@@ -1104,9 +1104,10 @@ class BatchEngine:
         info = replace(loaded.info, memory_bytes=loaded.info.memory_bytes - dense.bytes)
         dense.drop()
         mx.clear_cache()
-        if self._gate is not None and self._memory is not None:
-            self._memory.add_weights(self._name, info.memory_bytes)
-        return replace(loaded, info=info, dense=None)
+        loaded = replace(loaded, info=info, dense=None)
+        if self._gate is not None:
+            self._book_weights(loaded)
+        return loaded
 
     def _dense_record(self) -> Path | None:
         """Where a restart finds the measured crossover: beside the compiled kernels (CUDA with
@@ -1180,10 +1181,7 @@ class BatchEngine:
         memory, per_token = self._memory, loaded.info.kv_bytes_per_token
         if memory is None or per_token is None:
             return
-        if loaded.unshared_bytes is None:
-            memory.add_weights(self._name, loaded.info.memory_bytes)
-        else:  # its tensors in the share are counted once, whichever models hold them
-            memory.add_weights(self._name, loaded.unshared_bytes, shared=loaded.shared)
+        self._book_weights(loaded)
         self._gate = MemoryGate(memory, self._name, per_token, self._available_memory,
                                 self._config.memory_wait_s, prefill=loaded.info.prefill,
                                 prefill_step=self._config.prefill_step_size)
@@ -1192,6 +1190,17 @@ class BatchEngine:
         mx.set_memory_limit(max(memory.policy.capacity_bytes - memory.policy.headroom_bytes, 1))
         log.info("memory admission on model=%s kv_bytes_per_token=%d %s", self._name, per_token,
                  " ".join(f"{k}={v}" for k, v in memory.snapshot().items()))
+
+    def _book_weights(self, loaded: loading.LoadedModel) -> None:
+        """Its weights in the node's books: `info.memory_bytes` (dense copies included), or,
+        with a tensor share, its tensors outside the share plus its dense copies, the shared
+        ones counted once whichever models hold them."""
+        assert self._memory is not None
+        if loaded.unshared_bytes is None:
+            self._memory.add_weights(self._name, loaded.info.memory_bytes)
+        else:
+            dense = loaded.dense.bytes if loaded.dense is not None else 0
+            self._memory.add_weights(self._name, loaded.unshared_bytes + dense, shared=loaded.shared)
 
     def _gate_admission(self, admitted: list[_Sequence]) -> list[_Sequence]:
         """What the scheduler picked, less what does not fit: back to wait, or refused."""

@@ -166,3 +166,28 @@ async def test_a_restart_reuses_the_measured_crossover(quantized_model: Path, tm
     await engine.start()
     await engine.stop()
     assert len(measured) == 2
+
+
+@pytest.mark.parametrize("dense_wins_from", [2, None])
+async def test_the_books_count_the_kept_copies_beside_a_tensor_share(quantized_model: Path, monkeypatch,
+                                                                      dense_wins_from):
+    from mlxpool.agent.engine.memory import MemoryBooks, MemoryPolicy
+    from mlxpool.agent.engine.tensorshare import TensorShare
+    from mlxpool.agent.operations.identity import content_identity
+
+    wins = dense_wins_from or math.inf
+    monkeypatch.setattr(densecopies, "measure",
+                        lambda copies, step, widths, repeats=7: {w: (1.0, 0.5 if w >= wins else 2.0) for w in widths})
+    books = MemoryBooks(MemoryPolicy(capacity_bytes=1 << 34, headroom_bytes=0, pressure_free_bytes=0,
+                                     long_request_bytes=0))
+    engine = BatchEngine(str(quantized_model), EngineConfig(max_running=4, load=LoadOptions(
+        dense_copies=DenseCopyPolicy.ON)), name="q", memory=books, tensor_share=TensorShare(),
+        tensor_digests=content_identity(quantized_model).tensors)
+    info = await engine.start()
+    try:
+        # One model alone: every byte it holds counted once, its kept copies included (and
+        # none of theirs once dropped).
+        assert books.weights_bytes == info.memory_bytes
+        assert (engine.stats.dense_copy_bytes > 0) == (dense_wins_from is not None)
+    finally:
+        await engine.stop()
