@@ -18,8 +18,10 @@
 
 Runs alternate between the servers (ours, theirs; the full run adds theirs, ours), only
 one driven at a time. mlx_lm.server ignores `priority` and `x-tenant`.
-Usage: python -m bench.scheduling [--quick] [--model PATH] [--log-dir DIR]
-(--quick: 20 s per phase, about 4 minutes with start-up.) One JSON line last.
+Usage: python -m bench.scheduling [--quick] [--only mixed|overload] [--rate R] [--model PATH] [--log-dir DIR]
+(--quick: 20 s per phase, about 4 minutes with start-up; --only: the unloaded targets and that
+phase alone, both servers still; --rate: the overload's arrival rate, not measured.) One JSON
+line last (the ratios of a phase not run are NaN).
 """
 
 from __future__ import annotations
@@ -149,8 +151,12 @@ def metric(url: str, name: str) -> float:
 
 
 def ours_counters(url: str) -> dict[str, float]:
-    return {k: metric(url, f"mlxpool_{k}_total") for k in
-            ("recomputed_tokens", "prompt_tokens", "generation_tokens", "preemptions")}
+    out = {k: metric(url, f"mlxpool_{k}_total") for k in
+           ("recomputed_tokens", "prompt_tokens", "generation_tokens", "preemptions")}
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    for reason, value in re.findall(r'^mlxpool_requests_rejected_total{[^}]*reason="([^"]+)"[^}]*} (\S+)$', text, re.M):
+        out[f"rejected_{reason}"] = out.get(f"rejected_{reason}", 0.0) + float(value)
+    return out
 
 
 def mixed_summary(results: list[Result], wall: float) -> dict:
@@ -207,31 +213,33 @@ async def run(args: argparse.Namespace, servers: dict[str, tuple[str, str]]) -> 
                                  headers={"authorization": f"Bearer {OPS_TOKEN}"}, timeout=10)
         r.raise_for_status()
         mixed_clients = [("low", LONG_TOKENS)] * 12 + [("critical", SHORT_TOKENS)] * 24
-        for k, name in enumerate(order):
+        for k, name in enumerate(order if args.only in (None, "mixed") else []):
             url, model = servers[name]
             results, wall = await closed_loop(http[name], url, model, seconds, mixed_clients, seed=100 + k // 2)
             summary = mixed_summary(results, wall)
             report["mixed"][name].append(summary)
             print(f"mixed {name}: {summary}", flush=True)
-        saturation = {}
-        for name in order[:2]:
+        saturation: dict[str, float] = {}
+        for name in order[:2] if args.only in (None, "overload") and args.rate is None else []:
             url, model = servers[name]
             sat_clients = [(t, OVERLOAD_TOKENS) for t, w in CLASSES for _ in range(round(32 * w))]
             results, wall = await closed_loop(http[name], url, model, seconds / 2, sat_clients, seed=300)
             saturation[name] = round(sum(1 for r in results if r.status == 200) / wall, 2)
-        rate = 1.5 * max(saturation.values())
+        rate = args.rate or 1.5 * max(saturation.values(), default=0.0)
         print(f"saturation (req/s): {saturation}; overload rate {rate:.2f} req/s", flush=True)
-        for k, name in enumerate(order):
+        for k, name in enumerate(order if args.only in (None, "overload") else []):
             url, model = servers[name]
             before = await asyncio.to_thread(ours_counters, ours_url) if name == OURS else None
             results, wall = await open_loop(http[name], url, model, seconds, rate, seed=500 + k // 2)
             summary = overload_summary(results, wall, targets)
             if before is not None:
                 after = await asyncio.to_thread(ours_counters, ours_url)
-                delta = {k: after[k] - before[k] for k in after}
+                delta = {k: after[k] - before.get(k, 0.0) for k in after}
                 compute = delta["prompt_tokens"] + delta["generation_tokens"]
                 summary["recompute_fraction"] = round(delta["recomputed_tokens"] / compute, 4) if compute else 0.0
                 summary["preemptions"] = int(delta["preemptions"])
+                summary["refused_by_reason"] = {k.removeprefix("rejected_"): int(v) for k, v in delta.items()
+                                                if k.startswith("rejected_") and v}
             report["overload"][name].append(summary)
             print(f"overload {name}: {summary}", flush=True)
         report.update(unloaded_ttft_s=unloaded, targets_s=targets, saturation_req_s=saturation, overload_rate=rate)
@@ -288,6 +296,9 @@ def tables(report: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", choices=("mixed", "overload"), help="run this phase alone (after the targets)")
+    parser.add_argument("--rate", type=float,
+                        help="overload arrivals per second (default: 1.5x the measured saturation)")
     parser.add_argument("--model", type=Path, help="model directory (default: make the bench model)")
     parser.add_argument("--log-dir", type=Path)
     args = parser.parse_args(argv)

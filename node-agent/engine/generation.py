@@ -81,7 +81,7 @@ from mlxpool.agent.engine.memorybudget import MemoryBudget, UnlimitedBudget
 from mlxpool.agent.engine.memorygate import MemoryGate
 from mlxpool.agent.engine.prefixcache import PrefixCache
 from mlxpool.agent.engine.sampling import SamplerFactory, SeededSampler, logits_processors, warm_samplers
-from mlxpool.agent.engine.scheduling import Forecast, PriorityAdmission
+from mlxpool.agent.engine.scheduling import Forecast, PriorityAdmission, lane_floor
 from mlxpool.agent.engine.shapes import Shape, ShapeBook, ShapeKind, ShapePlan, WarmupRun
 from mlxpool.agent.engine.speed import PRIOR_PREFILL_TPS, SpeedModel
 from mlxpool.agent.engine.stopping import StopStringMatcher
@@ -556,16 +556,19 @@ class BatchEngine:
         if self._gate is not None and (refusal := self._gate.refuse_on_arrival(request)) is not None:
             self._refuse_for_memory([(sequence, refusal)])  # it can never fit (or the node is pressed)
             return
-        limit = request.terms.max_waiting if request.terms is not None else None
+        terms = request.terms
+        limit = terms.max_waiting if terms is not None else None
         forecast = self._forecast(request)
+        floor = lane_floor(terms.wait_bound if terms is not None else None)
+        expires = _wait_deadline(request, forecast)
         try:
-            self._waiting.push(request.request_id, sequence, request.priority, request.deadline, limit=limit,
-                               weight=len(request.prompt_tokens), forecast=forecast)
+            self._waiting.push(request.request_id, sequence, request.priority, expires, limit=limit,
+                               weight=len(request.prompt_tokens), forecast=forecast, floor=floor)
         except QueueFull as refusal:
             # The limit is on waiting: a request that the next admission takes anyway does not wait.
             if self._free_slots() > len(self._waiting):
-                self._waiting.push(request.request_id, sequence, request.priority, request.deadline, over_limit=True,
-                                   weight=len(request.prompt_tokens), forecast=forecast)
+                self._waiting.push(request.request_id, sequence, request.priority, expires, over_limit=True,
+                                   weight=len(request.prompt_tokens), forecast=forecast, floor=floor)
             else:
                 self._count_rejected("queue_full")
                 wait = self._outlook.wait_s.get(request.priority, 0.0)
@@ -609,14 +612,35 @@ class BatchEngine:
         log.debug("request cancelled request_id=%s generated=%d", request_id, sequence.generated)
 
     def _expire(self, now: float) -> None:
+        """Fail the waiting requests whose wait deadline passed (`_wait_deadline`): 504 past their
+        own deadline, 429 `target_unreachable` for a sheddable one whose target passed, 429
+        `wait_bound` for one that would otherwise rank with a preempting tier."""
         expired = self._waiting.expire(now)
         if not expired:
             return
+        deliveries: list[Delivery] = []
         for sequence in expired:
             self._by_id.pop(sequence.request.request_id, None)
-        self._count_rejected("deadline", len(expired))
+            error = self._expiry_error(sequence, now)
+            self._count_rejected(error.code if isinstance(error, (TargetUnreachable, WaitBound)) else "deadline")
+            deliveries.append((sequence, error))
         self._count_queues()
-        self._deliver([(s, DeadlineExceeded()) for s in expired])
+        self._deliver(deliveries)
+
+    def _expiry_error(self, sequence: _Sequence, now: float) -> DeadlineExceeded | TargetUnreachable | WaitBound:
+        request, forecast = sequence.request, sequence.forecast or Forecast()
+        terms = request.terms
+        if terms is None or (request.deadline is not None and request.deadline < now):
+            return DeadlineExceeded()
+        retry = retry_after_seconds(self._outlook.wait_s.get(request.priority, 0.0))
+        if terms.sheddable and terms.ttft_target_s is not None and forecast.ttft_deadline is not None \
+                and forecast.ttft_deadline < now:
+            return TargetUnreachable(request.priority, terms.ttft_target_s, now - forecast.arrival + forecast.prefill_s,
+                                     retry)
+        if terms.wait_bound is not None:
+            bound, lane = terms.wait_bound
+            return WaitBound(request.priority, lane, bound, now - forecast.arrival, retry)
+        return DeadlineExceeded()
 
     def _free_slots(self) -> int:
         """Sequences the next admission may start: batch room, and room in the prefill groups.
@@ -779,7 +803,8 @@ class BatchEngine:
         forecast = sequence.forecast or Forecast()
         left = self._speed.remaining_seconds(sequence.generated, request.sampling.max_tokens, len(self._running) + 1)
         self._waiting.push(request.request_id, sequence, request.priority, None, over_limit=True,
-                           forecast=replace(forecast, prefill_s=0.0, duration_s=left))
+                           forecast=replace(forecast, prefill_s=0.0, duration_s=left),
+                           floor=lane_floor(request.terms.wait_bound if request.terms is not None else None))
         self._preempted[request.priority.value] += 1
         self._count_paused()
         log.info("sequence paused request_id=%s priority=%s generated=%d kv_kept=%s kv_bytes=%d", request.request_id,
@@ -1257,6 +1282,21 @@ class BatchEngine:
 
 def _paused_key(request_id: str) -> str:
     return f"paused:{request_id}"
+
+
+def _wait_deadline(request: GenerationRequest, forecast: Forecast) -> float | None:
+    """Until when a request may wait for a slot: its own deadline; for a tier with a wait
+    bound, no longer than the bound (past it, it would rank with a preempting tier's requests);
+    for a sheddable tier, no later than its first-token deadline (it would miss its target
+    for certain; shed then, it costs the machine nothing more). None: it waits as long as it takes."""
+    terms = request.terms
+    ends = [request.deadline] if request.deadline is not None else []
+    if terms is not None:
+        if terms.wait_bound is not None:
+            ends.append(forecast.arrival + terms.wait_bound[0])
+        if terms.sheddable and forecast.ttft_deadline is not None:
+            ends.append(forecast.ttft_deadline)
+    return min(ends) if ends else None
 
 
 def _prefill_cost(sequence: _Sequence) -> int:

@@ -29,8 +29,11 @@ ages into the lane of the tiers above it, and its old requests then go ahead of 
 critical ones. `lane_wait_bound` gives the longest wait a request can be accepted with
 before that happens; admission refuses (429 `wait_bound`) a request of a tier with a
 TTFT target predicted to wait longer, so its backlog stays out of the preempting
-tier's lane. Tiers without a target keep the aging guarantee instead: never refused
-for their wait, never starved.
+tier's lane. A prediction is only a prediction (more urgent requests keep arriving
+after it), so such a request is also pushed with a `floor`: its aged group never goes
+below the group just under the preempting lane, and the engine gives it a wait deadline
+at its lane bound (it is refused then, not served in that lane). Tiers without a target
+keep the aging guarantee instead: never refused for their wait, never starved.
 
 Pure logic, no MLX, no clock of its own (the engine passes `now`); used from the
 engine thread only. The queue is bounded, so `pop` orders it afresh each time
@@ -69,6 +72,12 @@ def lane_wait_bound(priority: Priority, aging_s: float, preempting: Iterable[Pri
     return (priority.rank - lane.rank) * aging_s, lane
 
 
+def lane_floor(wait_bound: tuple[float, Priority] | None) -> int | None:
+    """The lowest aged group of a request with this wait bound (`lane_wait_bound`): the group
+    just under the preempting lane, so that it never ranks with that tier's requests."""
+    return None if wait_bound is None else wait_bound[1].rank + 1
+
+
 @dataclass(frozen=True, slots=True)
 class Forecast:
     """What the scheduler predicts of a waiting request (the engine's `SpeedModel` fills it in)."""
@@ -93,6 +102,8 @@ class _Waiting(Generic[T]):
     deadline: float | None
     forecast: Forecast
     weight: int = 0
+    floor: int | None = None
+    """The lowest aged group it may reach (None: no bound, the aging guarantee)."""
 
 
 class PriorityAdmission(Generic[T]):
@@ -122,12 +133,12 @@ class PriorityAdmission(Generic[T]):
 
     def push(self, request_id: str, item: T, priority: Priority = Priority.NORMAL,
              deadline: float | None = None, *, over_limit: bool = False, limit: int | None = None,
-             forecast: Forecast | None = None, weight: int = 0) -> None:
+             forecast: Forecast | None = None, weight: int = 0, floor: int | None = None) -> None:
         """Queue `item`; QueueFull if its tier is at its limit, ValueError on a duplicate id.
 
         `limit` is the tier's bound as the request's policy says (else the queue's own);
         `over_limit` skips it: for a request the caller admits at once, which does not
-        really wait.
+        really wait. `floor`: the lowest group its aging may reach (`lane_floor`).
         """
         if request_id in self._waiting:
             raise ValueError(f"request {request_id!r} is already waiting")
@@ -137,7 +148,7 @@ class PriorityAdmission(Generic[T]):
             raise QueueFull(priority, limit)
         forecast = forecast or Forecast()
         seq = next(self._seqs)
-        self._waiting[request_id] = _Waiting(seq, item, priority, deadline, forecast, weight)
+        self._waiting[request_id] = _Waiting(seq, item, priority, deadline, forecast, weight, floor)
         self._counts[priority] += 1
         self.weight_total += weight
         key = (priority, forecast.tenant)
@@ -223,18 +234,21 @@ class PriorityAdmission(Generic[T]):
         """The waiting items in the order `pop` would take them (nothing removed)."""
         return [entry.item for _, entry in self._ordered(now)]
 
-    def group(self, priority: Priority, arrival: float, now: float | None) -> int:
-        """The aged tier group of a request: lower goes first; may go below 0 (older than any critical)."""
+    def group(self, priority: Priority, arrival: float, now: float | None, floor: int | None = None) -> int:
+        """The aged tier group of a request: lower goes first; may go below 0 (older than any
+        critical) unless `floor` bounds it."""
         if now is None:
             return priority.rank
-        return priority.rank - math.floor(max(0.0, now - arrival) / self.aging_s)
+        aged = priority.rank - math.floor(max(0.0, now - arrival) / self.aging_s)
+        return aged if floor is None else max(min(floor, priority.rank), aged)
 
     # ---- the order ----
 
     def _ordered(self, now: float | None) -> Iterator[tuple[str, _Waiting[T]]]:
         groups: dict[int, list[tuple[str, _Waiting[T]]]] = {}
         for request_id, entry in self._waiting.items():
-            groups.setdefault(self.group(entry.priority, entry.forecast.arrival, now), []).append((request_id, entry))
+            group = self.group(entry.priority, entry.forecast.arrival, now, entry.floor)
+            groups.setdefault(group, []).append((request_id, entry))
         for key in sorted(groups):
             members = groups[key]
             urgent = [m for m in members if self._urgent(m[1], now)]

@@ -12,16 +12,17 @@ import math
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from mlxpool.agent.engine.admission import Outlook
 from mlxpool.agent.engine.generation import BatchEngine, EngineConfig
-from mlxpool.agent.engine.interface import EngineError, GenerationRequest, SamplingParams, TokenEvent
+from mlxpool.agent.engine.interface import EngineError, GenerationRequest, SamplingParams, TierTerms, TokenEvent
 from mlxpool.agent.engine.prefixcache import MIN_REUSE_TOKENS
 from mlxpool.agent.engine.prompts import PromptEncoder
-from mlxpool.agent.errors import DeadlineExceeded, DeadlineUnreachable, QueueFull
+from mlxpool.agent.errors import DeadlineExceeded, DeadlineUnreachable, QueueFull, TargetUnreachable, WaitBound
 from mlxpool.priorities import Priority
 
 PROMPT = "Once upon a time"
@@ -215,6 +216,31 @@ async def test_a_deadline_that_cannot_be_met_is_refused_at_once_and_one_that_pas
     # A deadline that is met does not matter.
     events = await collect(engine, request("on-time", tokens, deadline=time.monotonic() + 60))
     assert events[-1].finish_reason == "length"
+
+
+async def test_accepted_requests_are_refused_at_their_wait_bound_or_once_their_sheddable_target_passed(
+        make_engine, monkeypatch):
+    """Accepted on a prediction that more urgent arrivals then proved wrong: a targeted tier's
+    request is refused (429 wait_bound, Retry-After) at its wait bound rather than age into the
+    preempting lane, a sheddable one (429 target_unreachable) once its target has passed."""
+    engine = await make_engine(max_running=1, prefill_batch_size=1)
+    tokens = await prompt_tokens(engine)
+    blocker = await hold_the_only_slot(engine, tokens)
+    monkeypatch.setattr(engine, "_outlook", Outlook())  # an outlook that foresaw nothing
+    monkeypatch.setattr(engine, "_publish_outlook", lambda: None)
+    high = replace(request("high", tokens, Priority.HIGH),
+                   terms=TierTerms(ttft_target_s=5.0, wait_bound=(0.3, Priority.CRITICAL)))
+    low = replace(request("low", tokens, Priority.LOW), terms=TierTerms(ttft_target_s=0.15, sheddable=True))
+    started = time.monotonic()
+    results = await asyncio.wait_for(
+        asyncio.gather(collect(engine, high), collect(engine, low), return_exceptions=True), 10)
+    assert isinstance(results[0], WaitBound) and "critical tier's place" in str(results[0])
+    assert isinstance(results[1], TargetUnreachable) and results[1].retry_after_s >= 1
+    assert results[0].status_code == results[1].status_code == 429
+    assert 0.3 <= time.monotonic() - started < 5
+    assert engine.stats.requests_rejected_total == {"wait_bound": 1, "target_unreachable": 1}
+    assert engine.stats.waiting == 0 and engine.stats.running == 1
+    await blocker.aclose()
 
 
 async def test_a_full_tier_refuses_at_once_while_others_queue(make_engine):

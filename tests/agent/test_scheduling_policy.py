@@ -19,7 +19,7 @@ from mlxpool.agent.engine.admission import (
     shed,
     tier_waits,
 )
-from mlxpool.agent.engine.scheduling import Forecast, PriorityAdmission, lane_wait_bound
+from mlxpool.agent.engine.scheduling import Forecast, PriorityAdmission, lane_floor, lane_wait_bound
 from mlxpool.agent.engine.speed import PRIOR_PREFILL_TPS, PRIOR_STEP_S, SpeedModel
 from mlxpool.priorities import Priority
 
@@ -328,6 +328,27 @@ def test_a_request_within_its_wait_bound_never_ranks_with_the_lane_past_it_does(
     q = PriorityAdmission(aging_s=aging)
     assert q.group(tier, 0.0, bound[0] * fraction) > lane.rank  # still behind the lane's fresh requests
     assert q.group(tier, 0.0, bound[0] * (1 + 1e-9) + 1e-9) <= lane.rank  # past it: in the lane
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.sampled_from([HIGH, NORMAL, LOW]), st.floats(0, 1000), st.floats(0, 1000))
+def test_a_request_with_a_wait_bound_never_ages_into_the_preempting_lane(tier, waited, critical_waited):
+    """Pushed with its lane floor, a targeted tier's request stays behind every critical request,
+    however long it waits (the engine refuses it at its bound instead), but still ages into the
+    tiers between (e.g. low into high's group); without the floor it overtakes fresh criticals."""
+    floor = lane_floor(lane_wait_bound(tier, 10.0, [CRITICAL], has_target=True))
+    assert floor == 1
+    now = 1000.0
+    q = queue()
+    q.push("old", "old", tier, forecast=Forecast(arrival=now - waited), floor=floor)
+    q.push("critical", "critical", CRITICAL, forecast=Forecast(arrival=now - min(waited, critical_waited)))
+    assert q.ordered(now=now) == ["critical", "old"]
+    assert q.group(tier, now - waited, now, floor) == max(1, tier.rank - math.floor(waited / 10.0))
+    unbounded = queue()
+    unbounded.push("old", "old", tier, forecast=Forecast(arrival=0.0))
+    unbounded.push("critical", "critical", CRITICAL, forecast=Forecast(arrival=now))
+    assert unbounded.ordered(now=now) == ["old", "critical"]
+    assert lane_floor(None) is None
 
 
 def test_a_wait_past_the_bound_is_refused_with_its_own_reason():
