@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import mlx.core as mx
-from mlx_lm.generate import BatchGenerator
+from mlx_lm.generate import BatchGenerator, GenerationBatch
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
 from mlxpool.agent.engine import blas as _blas  # noqa: F401  (must precede mlx)
@@ -221,6 +221,8 @@ class BatchEngine:
         self._thread = threading.Thread(target=self._run, name=f"engine-{name}", daemon=True)
         self._kept: loading.LoadedModel | None = None
         """The loaded model while parked (`park`): weights in memory, no thread, no running KV."""
+        self._instant_uid = 0
+        """The last uid given to an instant answer (negative: apart from mlx-lm's)."""
         self._kept_prefix: PrefixCache | None = None
         """Its prefix cache while parked: the first requests after a wake reuse what it held
         (still counted in the node's books; dropped with the weights)."""
@@ -672,9 +674,12 @@ class BatchEngine:
         admitted.sort(key=lambda s: (s.request.priority.rank, len(s.request.prompt_tokens)))
         assert self._samplers is not None
         prompts, caches, cached_tokens, max_tokens, samplers = [], [], [], [], []
+        inserted: list[_Sequence] = []
+        instant: list[tuple[_Sequence, mx.array]] = []
         for sequence in admitted:
             if sequence.paused is not None:
                 prompt, cache, done = self._resume_sequence(sequence)
+                inserted.append(sequence)
                 prompts.append(prompt)
                 caches.append(cache)
                 cached_tokens.append(done)
@@ -682,6 +687,10 @@ class BatchEngine:
                 samplers.append(sequence.sampler)
                 continue
             sequence.sampler = self._samplers.sampler(sequence.request.sampling)
+            if (row := self._first_row(sequence.request)) is not None:
+                instant.append((sequence, row))
+                continue
+            inserted.append(sequence)
             samplers.append(sequence.sampler)
             max_tokens.append(sequence.request.sampling.max_tokens)
             tokens = sequence.request.prompt_tokens
@@ -698,29 +707,77 @@ class BatchEngine:
             prompts.append(list(tokens[cached:]))
             caches.append(cache)
             cached_tokens.append(list(tokens[:cached]))
-        self._note_prefill([len(p) for p in prompts])
-        uids = generator.insert(
-            prompts,
-            max_tokens=max_tokens,
-            caches=caches,  # type: ignore[arg-type]  # None entries (no cache) are mlx-lm's own default
-            all_tokens=cached_tokens,
-            samplers=samplers,
-            logits_processors=[logits_processors(s.request.sampling) for s in admitted],
-        )
-        admitted_at = time.perf_counter()
         self._note_waits(admitted)
-        for uid, sequence in zip(uids, admitted, strict=True):
-            sequence.uid = uid
-            sequence.admitted_at = admitted_at
-            self._running[uid] = sequence
-            if sequence.resuming:
-                continue
-            self._stats.prompt_tokens_total += len(sequence.request.prompt_tokens)
-            self._stats.prompt_tokens_cached_total += sequence.cached_tokens
-        self._prefilling += len(admitted)
-        self._prefilling_tokens += sum(s.prefill_tokens for s in admitted)
+        if inserted:
+            self._note_prefill([len(p) for p in prompts])
+            uids = generator.insert(
+                prompts,
+                max_tokens=max_tokens,
+                caches=caches,  # type: ignore[arg-type]  # None entries (no cache) are mlx-lm's own default
+                all_tokens=cached_tokens,
+                samplers=samplers,
+                logits_processors=[logits_processors(s.request.sampling) for s in inserted],
+            )
+            admitted_at = time.perf_counter()
+            for uid, sequence in zip(uids, inserted, strict=True):
+                sequence.uid = uid
+                sequence.admitted_at = admitted_at
+                self._running[uid] = sequence
+                if sequence.resuming:
+                    continue
+                self._stats.prompt_tokens_total += len(sequence.request.prompt_tokens)
+                self._stats.prompt_tokens_cached_total += sequence.cached_tokens
+            self._prefilling += len(inserted)
+            self._prefilling_tokens += sum(s.prefill_tokens for s in inserted)
+        if instant:
+            self._answer_instantly(instant)
         self._count_prefix_cache()
         self._count_queues()
+
+    def _first_row(self, request: GenerationRequest) -> mx.array | None:
+        """The kept first-token log-probabilities of `request`'s prompt, when its one token
+        can be drawn from them (a 1-token completion, no penalty); else None."""
+        if request.sampling.max_tokens != 1 or request.sampling.penalized:
+            return None
+        return self._prefix.first_logprobs(request.prompt_tokens)
+
+    def _answer_instantly(self, instant: list[tuple[_Sequence, mx.array]]) -> None:
+        """1-token completions of prompts that ran here before: each token is drawn (with the
+        request's own sampler) from its prompt's kept log-probabilities, no forward pass, and
+        delivered through the same path as a step's (stop strings, log-probabilities, books)."""
+        stats = self._stats
+        eos = set(self.tokenizer.eos_token_ids) if self.tokenizer is not None else set()
+        responses = []
+        now = time.perf_counter()
+        for sequence, row in instant:
+            self._instant_uid -= 1  # below mlx-lm's uids (>= 0): never one of the batch's
+            uid = sequence.uid = self._instant_uid
+            sequence.admitted_at = now
+            sequence.prefilled = True
+            prompt = len(sequence.request.prompt_tokens)
+            sequence.cached_tokens = prompt
+            self._running[uid] = sequence
+            stats.prompt_tokens_total += prompt
+            stats.prompt_tokens_cached_total += prompt
+            token = int(sequence.sampler(row[None]).item())
+            responses.append(GenerationBatch.Response(uid=uid, token=token, logprobs=row,
+                                                      finish_reason="stop" if token in eos else "length",
+                                                      prompt_cache=None, all_tokens=None))
+        stats.generation_tokens_total += len(responses)
+        stats.instant_answers_total += len(responses)
+        deliveries, ended, _ = self._detokenize(responses, self._read_logprobs(responses))
+        self._note_first_tokens(deliveries)
+        self._retire(ended)
+        stats.running = len(self._running)
+        self._hand_over(deliveries, urgent=True)
+
+    def _keep_first_rows(self, responses: list[Any]) -> None:
+        """Keep the log-probabilities each new sequence's first token came from (prompt → row)."""
+        for response in responses:
+            sequence = self._running.get(response.uid)
+            if (sequence is not None and sequence.generated == 1 and sequence.resumed_at is None
+                    and response.uid >= 0 and not sequence.request.sampling.penalized):
+                self._prefix.keep_first(sequence.request.prompt_tokens, response.logprobs)
 
     # ---- per-tier figures (exported by the agent's /metrics) ----
 
@@ -880,6 +937,7 @@ class BatchEngine:
         deliveries, ended, first_token = self._detokenize(responses, self._read_logprobs(responses))
         if first_token:
             self._note_first_tokens(deliveries)
+            self._keep_first_rows(responses)
         if ended:
             self._retire(ended)
             self._keep_prompts(generator, ended)

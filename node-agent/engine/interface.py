@@ -399,6 +399,9 @@ class EngineStats:
     prompt_cache_lookups_total: int = 0
     prompt_cache_hits_total: int = 0
     """Lookups that reused at least one cached token."""
+    instant_answers_total: int = 0
+    """1-token completions drawn from a repeated prompt's kept first-token log-probabilities
+    (no forward pass; counted as prefix-cache hits too)."""
     prompt_cache_bytes: int = 0
     prompt_cache_max_bytes: int = 0
     prompt_cache_entries: int = 0

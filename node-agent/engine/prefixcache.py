@@ -14,11 +14,19 @@ step), which is what mlx_lm.server's cache does for a repeated short prompt. Suc
 sequences are kept in a small LRU of their own (`SHORT_ENTRIES`, within the byte cap), so
 a stream of distinct short prompts never evicts the long prefixes.
 
+First tokens: the log-probabilities a prompt's first generated token was drawn from are a
+function of the prompt alone (the model's output after its last token, before any
+penalty). They are kept per prompt (`FIRST_ENTRIES`, a small LRU within the short share of
+the cap), so an exact repeat of a prompt that asks for one token (a classification, a
+probe, a retry) draws it from them with its own sampler: no forward pass at all
+(`BatchEngine`'s instant answers). Longer completions still run the prompt's last token.
+
 Engine thread only (imports MLX).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,6 +46,9 @@ SHORT_ENTRIES = 8
 SHORT_BYTES_SHARE = 16
 """The short sequences' LRU may take 1/this of the byte cap (the rest is the long ones')."""
 
+FIRST_ENTRIES = 32
+"""Prompts whose first-token log-probabilities are kept at once (one vocabulary row each)."""
+
 _MODEL_KEY = "model"  # one model per engine
 
 
@@ -48,8 +59,12 @@ class PrefixCache:
         self._lru = LRUPromptCache(max_size=max_entries, max_bytes=max_bytes - short_bytes) if max_bytes > 0 else None
         self._short = (LRUPromptCache(max_size=min(SHORT_ENTRIES, max_entries), max_bytes=short_bytes)
                        if short_bytes > 0 else None)
+        self._first: OrderedDict[tuple[int, ...], mx.array] = OrderedDict()
+        self._first_bytes = 0
+        self._first_cap = short_bytes
         self.lookups = 0
         self.hits = 0
+        self.first_hits = 0
 
     @property
     def enabled(self) -> bool:
@@ -57,10 +72,43 @@ class PrefixCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(lru.nbytes for lru in (self._lru, self._short) if lru is not None)
+        return sum(lru.nbytes for lru in (self._lru, self._short) if lru is not None) + self._first_bytes
 
     def __len__(self) -> int:
+        """Cached KV sequences (the kept first-token rows are in `nbytes`, not here)."""
         return sum(len(lru) for lru in (self._lru, self._short) if lru is not None)
+
+    def first_logprobs(self, tokens: Sequence[int]) -> mx.array | None:
+        """The log-probabilities (one row, before any penalty) that `tokens`' first generated
+        token was drawn from, when this prompt ran here before; None otherwise."""
+        if self._lru is None:
+            return None
+        key = tuple(tokens)
+        row = self._first.get(key)
+        if row is None:
+            return None
+        self._first.move_to_end(key)
+        self.lookups += 1
+        self.hits += 1
+        self.first_hits += 1
+        return row
+
+    def keep_first(self, tokens: Sequence[int], logprobs: mx.array) -> None:
+        """Keep the row `tokens`' first token was drawn from (a copy: not the batch's buffer)."""
+        if self._lru is None or not tokens:
+            return
+        key = tuple(tokens)
+        if key in self._first:
+            self._first.move_to_end(key)
+            return
+        row = logprobs * 1  # its own buffer: a row of the step's [batch, vocab] array would pin all of it
+        mx.async_eval(row)
+        if row.nbytes > self._first_cap:
+            return
+        self._first[key] = row
+        self._first_bytes += row.nbytes
+        while len(self._first) > FIRST_ENTRIES or self._first_bytes > self._first_cap:
+            self._first_bytes -= self._first.popitem(last=False)[1].nbytes
 
     def fetch(self, tokens: Sequence[int]) -> tuple[list[Any] | None, int]:
         """A private copy of the longest usable cached prefix of `tokens`, and its length.
@@ -99,8 +147,10 @@ class PrefixCache:
         if self._lru is None or nbytes <= 0:
             return 0
         before = self.nbytes
+        while self._first and before - self.nbytes < nbytes:  # a row each
+            self._first_bytes -= self._first.popitem(last=False)[1].nbytes
         if self._short is not None:  # the short ones first: each saves a pass, not a long prefill
-            self._short.trim_to(n_bytes=max(self._short.nbytes - nbytes, 0))
+            self._short.trim_to(n_bytes=max(self._short.nbytes - (nbytes - (before - self.nbytes)), 0))
         self._lru.trim_to(n_bytes=max(self._lru.nbytes - (nbytes - (before - self.nbytes)), 0))
         return before - self.nbytes
 

@@ -167,6 +167,9 @@ class _EngineCollector(Collector):
         cache_entries = gauge("mlxpool_prompt_cache_entries", "Sequences held by the prefix cache.")
         lookups = counter("mlxpool_prompt_cache_lookups", "Prefix-cache lookups (one per admitted request).")
         hits = counter("mlxpool_prompt_cache_hits", "Lookups that reused a cached prefix.")
+        instant = counter("mlxpool_instant_answers",
+                          "1-token completions of a repeated prompt drawn from its kept first-token "
+                          "log-probabilities (no forward pass).")
         hit_rate = gauge("mlxpool_prompt_cache_hit_rate", "Hits over lookups since start (0 before any lookup).")
         kv_bytes = gauge("mlxpool_kv_cache_bytes", "Key/value cache bytes of the running batch.")
         memory = gauge("mlxpool_model_memory_bytes", "Bytes of the model's parameters.")
@@ -227,6 +230,7 @@ class _EngineCollector(Collector):
             cache_entries.add_metric(name, stats.prompt_cache_entries)
             lookups.add_metric(name, stats.prompt_cache_lookups_total)
             hits.add_metric(name, stats.prompt_cache_hits_total)
+            instant.add_metric(name, stats.instant_answers_total)
             looked = stats.prompt_cache_lookups_total
             hit_rate.add_metric(name, stats.prompt_cache_hits_total / looked if looked else 0.0)
             kv_bytes.add_metric(name, stats.kv_cache_bytes)
@@ -262,7 +266,7 @@ class _EngineCollector(Collector):
                                  labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"])
         lora.add_metric(["", "", "0"], time.time())
         yield from (running, waiting, waiting_tier, vllm_running, vllm_waiting, vllm_cache, prompt, cached, shared,
-                    generated, steps, finished, rejected, cache_bytes, cache_cap, cache_entries, lookups, hits,
+                    generated, steps, finished, rejected, cache_bytes, cache_cap, cache_entries, lookups, hits, instant,
                     hit_rate, kv_bytes, memory, weight_bytes, load_rate, warmup, unwarmed, device, in_flight,
                     lora, preempted, resumed, recomputed, paused, paused_kv, wait_hist, error_hist)
 

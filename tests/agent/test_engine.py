@@ -395,10 +395,10 @@ async def test_a_repeated_short_prompt_skips_its_prefill_and_a_parked_engine_kee
     short = await prompt_tokens(engine)  # "Once upon a time": shorter than MIN_REUSE_TOKENS
     assert 2 < len(short) < MIN_REUSE_TOKENS
     first = await collect(engine, request("first", short, max_tokens=1))
-    again = await collect(engine, request("again", short, max_tokens=1))
-    # All but its last token came from the cache (no prefill pass), and the token is the same.
+    again = await collect(engine, request("again", short, max_tokens=2))
+    # All but its last token came from the cache (no prefill pass), and the tokens are the same.
     assert (first[-1].cached_tokens, again[-1].cached_tokens) == (0, len(short) - 1)
-    assert [e.token_id for e in again] == [e.token_id for e in first]
+    assert again[0].token_id == first[0].token_id
     # A short match that leaves more than the last token to compute is not reused (not worth a copy).
     other = (*short[:-2], short[0], short[0])
     assert (await collect(engine, request("other", other, max_tokens=1)))[-1].cached_tokens == 0
@@ -407,6 +407,37 @@ async def test_a_repeated_short_prompt_skips_its_prefill_and_a_parked_engine_kee
     woken = await collect(engine, request("woken", short, max_tokens=3))
     assert woken[-1].cached_tokens == len(short) - 1  # what it cached before the park
     assert woken[0].token_id == first[0].token_id
+
+
+async def test_a_repeated_prompt_asking_one_token_is_answered_without_a_forward_pass(make_engine):
+    engine = await make_engine(max_running=2)
+    reference = await make_engine(max_running=2, prompt_cache_bytes=0)
+    tokens = await prompt_tokens(engine, LONG_PROMPT)
+    first = await collect(engine, request("first", tokens, max_tokens=1, logprobs=3))
+    steps = engine.stats.decode_steps_total
+    again = await collect(engine, request("again", tokens, max_tokens=1, logprobs=3))
+    # Drawn from the first one's kept log-probabilities: no step ran, every prompt token counts cached.
+    assert engine.stats.decode_steps_total == steps and engine.stats.instant_answers_total == 1
+    assert (again[-1].cached_tokens, again[-1].finish_reason, again[-1].completion_tokens) == (len(tokens), "length", 1)
+    assert again[0].token_id == first[0].token_id and again[0].text == first[0].text
+    assert [t for t, _ in again[0].logprob.top] == [t for t, _ in first[0].logprob.top]
+    assert again[0].logprob.logprob == pytest.approx(first[0].logprob.logprob, abs=1e-5)
+    # A seeded draw from them is the draw the forward pass would have given (same seed, same row).
+    seeded: dict = {"max_tokens": 1, "temperature": 1.0, "seed": 7}
+    drawn = await collect(engine, request("seeded", tokens, **seeded))
+    assert drawn[0].token_id == (await collect(reference, request("ref", tokens, **seeded)))[0].token_id
+    assert engine.stats.instant_answers_total == 2
+    # Not for a penalty (it changes the row), nor for more than one token (the KV must hold the
+    # prompt's last token): those run as before, from the prefix cache.
+    await collect(engine, request("penalized", tokens, max_tokens=1, repetition_penalty=1.3))
+    longer = await collect(engine, request("longer", tokens, max_tokens=2))
+    assert engine.stats.instant_answers_total == 2 and longer[0].token_id == first[0].token_id
+    assert engine.stats.decode_steps_total > steps
+    # Kept across a park and wake, like the rest of the prefix cache.
+    await engine.park()
+    await engine.resume()
+    woken = await collect(engine, request("woken", tokens, max_tokens=1))
+    assert woken[0].token_id == first[0].token_id and engine.stats.instant_answers_total == 3
 
 
 async def test_the_prefix_cache_byte_cap_holds(make_engine):
